@@ -1,0 +1,98 @@
+//! A client for the public API socket, used by the CLI.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use thiserror::Error;
+use tokio::net::UnixStream;
+use tokio_util::codec::Framed;
+
+use crate::framing::JsonLinesCodec;
+use crate::rpc::{Request, Response, RpcError};
+
+/// How long to wait for the daemon to accept a connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error(
+        "cnsprcy is not running: nothing answers at {socket} ({reason}).\nStart it with `cnspr serve` (or `systemctl --user start cnsprcy.target` where the systemd units are installed)"
+    )]
+    NotRunning { socket: PathBuf, reason: String },
+    #[error("the daemon did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error(
+        "cannot connect to {socket}: permission denied; the daemon's socket belongs to another user, or its directory is closed to you"
+    )]
+    Denied { socket: PathBuf },
+    #[error("lost the connection to the daemon")]
+    Io(#[from] std::io::Error),
+    #[error("the daemon closed the connection without answering")]
+    Closed,
+    #[error("the daemon sent an answer that is not understood: {0}")]
+    BadAnswer(String),
+    #[error("{0}")]
+    Rpc(RpcError),
+}
+
+pub struct Client {
+    framed: Framed<UnixStream, JsonLinesCodec>,
+    next_id: u64,
+}
+
+impl Client {
+    pub async fn connect(socket: &Path) -> Result<Self, ClientError> {
+        let not_running = |reason: String| ClientError::NotRunning {
+            socket: socket.to_owned(),
+            reason,
+        };
+        let stream = match tokio::time::timeout(CONNECT_TIMEOUT, UnixStream::connect(socket)).await
+        {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                return Err(ClientError::Denied {
+                    socket: socket.to_owned(),
+                });
+            }
+            Ok(Err(e)) => return Err(not_running(e.to_string())),
+            Err(_) => return Err(ClientError::Timeout(CONNECT_TIMEOUT)),
+        };
+        Ok(Self {
+            framed: Framed::new(stream, JsonLinesCodec::default()),
+            next_id: 1,
+        })
+    }
+
+    /// Calls `method` and waits up to `timeout` for its result.
+    pub async fn call(
+        &mut self,
+        method: &str,
+        params: Value,
+        timeout: Duration,
+    ) -> Result<Value, ClientError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let line = crate::rpc::to_line(&Request::new(id, method, params));
+        // A daemon that refuses the connection says why and closes it, possibly before the
+        // request is written: read its answer even when writing failed.
+        let sent = self.framed.send(line).await;
+        let answer = tokio::time::timeout(timeout, self.framed.next())
+            .await
+            .map_err(|_| ClientError::Timeout(timeout))?;
+        let line = match answer {
+            None => return Err(sent.err().map_or(ClientError::Closed, ClientError::Io)),
+            Some(Err(e)) => return Err(sent.err().unwrap_or(e).into()),
+            Some(Ok(Err(bad))) => return Err(ClientError::BadAnswer(bad.to_string())),
+            Some(Ok(Ok(line))) => line,
+        };
+        let response: Response =
+            serde_json::from_str(&line).map_err(|e| ClientError::BadAnswer(e.to_string()))?;
+        match (response.result, response.error) {
+            (_, Some(error)) => Err(ClientError::Rpc(error)),
+            (Some(result), None) => Ok(result),
+            (None, None) => Err(ClientError::BadAnswer(line)),
+        }
+    }
+}

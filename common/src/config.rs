@@ -1,0 +1,444 @@
+//! The configuration file: `$XDG_CONFIG_HOME/cnsprcy/config.toml`, or the file `CNSPRCY_CONFIG`
+//! names. Every key is optional; `docs/configuration.md` lists them with their defaults.
+//!
+//! Mistakes are reported with the file, line, column and key, and an unknown key comes with the
+//! nearest valid one, because a daemon that ignores a misspelt `lisen` silently is worse than one
+//! that refuses to start.
+
+use std::fs;
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::identity::DeviceName;
+use crate::paths::{Paths, XdgDirs, expand_home};
+
+/// The TCP port the mesh listens on unless `[mesh] listen` says otherwise.
+pub const DEFAULT_PORT: u16 = 7332;
+
+/// The environment variable that points at another configuration file.
+pub const CONFIG_ENV: &str = "CNSPRCY_CONFIG";
+
+/// Every key the file may hold, by section ("" is the top level). Kept next to the structs below;
+/// a unit test checks that the two agree.
+const SCHEMA: &[(&str, &[&str])] = &[
+    ("", &["name", "mesh", "paths"]),
+    ("mesh", &["listen"]),
+    ("paths", &["state_dir", "runtime_dir", "handlers_dir"]),
+];
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// This device's name as other devices show it. Default: the name given to
+    /// `cnspr manage init --name`, else the hostname.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<DeviceName>,
+    pub mesh: MeshConfig,
+    pub paths: PathsConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MeshConfig {
+    /// Addresses the mesh accepts sessions on.
+    pub listen: Vec<SocketAddr>,
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        Self {
+            listen: vec![
+                SocketAddr::from((Ipv4Addr::UNSPECIFIED, DEFAULT_PORT)),
+                SocketAddr::from((Ipv6Addr::UNSPECIFIED, DEFAULT_PORT)),
+            ],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PathsConfig {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub runtime_dir: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub handlers_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration file {path}: {source}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error(
+        "configuration file {path} does not exist ({CONFIG_ENV} names it); create it or unset {CONFIG_ENV}"
+    )]
+    Missing { path: PathBuf },
+    #[error("{path}:{line}:{column}: {message}{}", hint.as_ref().map(|h| format!("\n  hint: {h}")).unwrap_or_default())]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        /// The key the mistake is at, with its section (`mesh.listen`), where it can be told.
+        key: Option<String>,
+        message: String,
+        hint: Option<String>,
+    },
+    #[error("{path}: {key} must be an absolute path (or start with ~/), but it is {value:?}")]
+    RelativePath {
+        path: PathBuf,
+        key: &'static str,
+        value: PathBuf,
+    },
+}
+
+/// Where the configuration came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigSource {
+    pub path: PathBuf,
+    /// False when the file does not exist and the built-in defaults apply.
+    pub exists: bool,
+}
+
+impl Config {
+    /// Loads the file at `path`. A missing file means "all defaults", unless the user named it
+    /// explicitly (`explicit`), in which case a typo in the path must not go unnoticed.
+    pub fn load(path: &Path, explicit: bool) -> Result<(Self, ConfigSource), ConfigError> {
+        match fs::read_to_string(path) {
+            Ok(text) => {
+                let config = Self::parse(&text, path)?;
+                Ok((
+                    config,
+                    ConfigSource {
+                        path: path.to_owned(),
+                        exists: true,
+                    },
+                ))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !explicit => Ok((
+                Self::default(),
+                ConfigSource {
+                    path: path.to_owned(),
+                    exists: false,
+                },
+            )),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(ConfigError::Missing {
+                path: path.to_owned(),
+            }),
+            Err(source) => Err(ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    /// Parses configuration text; `path` only names the file in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let config: Config =
+            toml::from_str(text).map_err(|e| describe_toml_error(text, path, &e))?;
+        for (key, value) in [
+            ("paths.state_dir", &config.paths.state_dir),
+            ("paths.runtime_dir", &config.paths.runtime_dir),
+            ("paths.handlers_dir", &config.paths.handlers_dir),
+        ] {
+            if let Some(value) = value
+                && !(value.is_absolute() || value.starts_with("~"))
+            {
+                return Err(ConfigError::RelativePath {
+                    path: path.to_owned(),
+                    key,
+                    value: value.clone(),
+                });
+            }
+        }
+        Ok(config)
+    }
+
+    /// The directories this configuration selects, with XDG defaults for those it leaves out.
+    pub fn paths(&self, xdg: &XdgDirs, config_file: PathBuf) -> Paths {
+        let home = std::env::var_os("HOME").map(PathBuf::from);
+        let pick = |configured: &Option<PathBuf>, default: PathBuf| {
+            configured
+                .as_deref()
+                .map(|p| expand_home(p, home.as_deref()))
+                .unwrap_or(default)
+        };
+        Paths {
+            config_file,
+            state_dir: pick(&self.paths.state_dir, xdg.default_state_dir()),
+            runtime_dir: pick(&self.paths.runtime_dir, xdg.default_runtime_dir()),
+            handlers_dir: pick(&self.paths.handlers_dir, xdg.default_handlers_dir()),
+        }
+    }
+}
+
+/// Turns a TOML or serde error into one that names the line, the key and a likely fix.
+fn describe_toml_error(text: &str, path: &Path, err: &toml::de::Error) -> ConfigError {
+    let offset = err.span().map(|s| s.start).unwrap_or(0).min(text.len());
+    let (line, column) = line_and_column(text, offset);
+    let section = section_at(text, offset);
+    let message = err.message().trim().to_owned();
+
+    let (key, hint) = match unknown_field(&message) {
+        Some(unknown) => {
+            let qualified = qualify(&section, unknown);
+            (Some(qualified), suggest_key(&section, unknown))
+        }
+        None => {
+            let key = key_on_line(text, offset).map(|k| qualify(&section, &k));
+            (key, None)
+        }
+    };
+    let message = match (&key, unknown_field(&message)) {
+        (Some(key), Some(_)) => format!("unknown key `{key}`"),
+        (Some(key), None) => format!("bad value for `{key}`: {message}"),
+        (None, _) => message,
+    };
+    ConfigError::Invalid {
+        path: path.to_owned(),
+        line,
+        column,
+        key,
+        message,
+        hint,
+    }
+}
+
+fn qualify(section: &str, key: &str) -> String {
+    if section.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{section}.{key}")
+    }
+}
+
+/// 1-based line and column of a byte offset.
+fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
+    (line, before[line_start..].chars().count() + 1)
+}
+
+/// The `[section]` that the byte at `offset` belongs to ("" for the top level).
+fn section_at(text: &str, offset: usize) -> String {
+    text[..offset]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('[') && !l.starts_with("[["))
+        .and_then(|l| l.strip_prefix('['))
+        .and_then(|l| l.split(']').next())
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// The key written on the line that holds `offset`, for errors that point at a value.
+fn key_on_line(text: &str, offset: usize) -> Option<String> {
+    let line_start = text[..offset].rfind('\n').map(|i| i + 1).unwrap_or(0);
+    let line = text[line_start..].lines().next()?;
+    let (key, _) = line.split_once('=')?;
+    let key = key.trim().trim_matches('"');
+    (!key.is_empty()).then(|| key.to_owned())
+}
+
+/// serde's message for `deny_unknown_fields` is "unknown field `x`, expected ...".
+fn unknown_field(message: &str) -> Option<&str> {
+    let rest = message.strip_prefix("unknown field `")?;
+    rest.split('`').next()
+}
+
+/// The nearest valid key in the same section, or the section where an existing key belongs.
+fn suggest_key(section: &str, unknown: &str) -> Option<String> {
+    let keys = SCHEMA
+        .iter()
+        .find(|(s, _)| *s == section)
+        .map(|(_, k)| *k)?;
+    let nearest = keys
+        .iter()
+        .map(|k| (strsim::damerau_levenshtein(unknown, k), *k))
+        .min()
+        .filter(|(distance, key)| *distance <= (key.len() / 3).max(2));
+    if let Some((_, key)) = nearest {
+        return Some(format!("did you mean `{key}`?"));
+    }
+    let home = SCHEMA
+        .iter()
+        .find(|(s, keys)| *s != section && keys.contains(&unknown))
+        .map(|(s, _)| *s)?;
+    Some(if home.is_empty() {
+        format!("`{unknown}` belongs at the top of the file, before any [section]")
+    } else {
+        format!("`{unknown}` belongs in the [{home}] section")
+    })
+}
+
+/// A fully commented configuration file showing every key with its default.
+pub const EXAMPLE: &str = r#"# cnsprcy configuration: $XDG_CONFIG_HOME/cnsprcy/config.toml (or the file CNSPRCY_CONFIG names).
+# Every key is optional; the values shown are the defaults. Uncomment a line to change it.
+# `cnspr config show` prints the configuration in effect; docs/configuration.md explains each key.
+
+# This device's name as other devices show it: letters, digits, '-', '_' and '.', at most 63
+# characters. Default: the name given to `cnspr manage init --name`, else the hostname.
+# name = "laptop"
+
+[mesh]
+# Addresses (ip:port) the mesh accepts encrypted sessions from other devices on. IPv6 addresses
+# go in brackets. The default listens on port 7332 on every IPv4 and IPv6 address.
+# listen = ["0.0.0.0:7332", "[::]:7332"]
+
+[paths]
+# Where the identity key and the replicated state live. Default: $XDG_DATA_HOME/cnsprcy
+# (~/.local/share/cnsprcy). Paths may start with ~/.
+# state_dir = "~/.local/share/cnsprcy"
+
+# Where the sockets live. Default: $XDG_RUNTIME_DIR/cnsprcy, or $TMPDIR/cnsprcy-UID where
+# XDG_RUNTIME_DIR is not set.
+# runtime_dir = "/run/user/1000/cnsprcy"
+
+# The handler scripts' directory. Default: $XDG_CONFIG_HOME/cnsprcy/handlers.
+# handlers_dir = "~/.config/cnsprcy/handlers"
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/test.toml"))
+    }
+
+    fn invalid(text: &str) -> (usize, usize, Option<String>, String, Option<String>) {
+        match parse(text).unwrap_err() {
+            ConfigError::Invalid {
+                line,
+                column,
+                key,
+                message,
+                hint,
+                ..
+            } => (line, column, key, message, hint),
+            other => panic!("unexpected error {other}"),
+        }
+    }
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        let config = parse("").unwrap();
+        assert_eq!(config, Config::default());
+        assert_eq!(config.mesh.listen.len(), 2);
+        assert!(config.mesh.listen.iter().all(|a| a.port() == DEFAULT_PORT));
+    }
+
+    #[test]
+    fn values_are_read() {
+        let config = parse(
+            "name = \"desk\"\n[mesh]\nlisten = [\"127.0.0.1:9000\"]\n[paths]\nstate_dir = \"/s\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.name.unwrap().as_str(), "desk");
+        assert_eq!(config.mesh.listen, vec!["127.0.0.1:9000".parse().unwrap()]);
+        assert_eq!(config.paths.state_dir, Some(PathBuf::from("/s")));
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_suggests() {
+        let (line, column, key, message, hint) =
+            invalid("name = \"a\"\n\n[mesh]\nlisen = [\"127.0.0.1:1\"]\n");
+        assert_eq!((line, column), (4, 1));
+        assert_eq!(key.as_deref(), Some("mesh.lisen"));
+        assert!(message.contains("unknown key `mesh.lisen`"), "{message}");
+        assert_eq!(hint.as_deref(), Some("did you mean `listen`?"));
+    }
+
+    #[test]
+    fn key_in_wrong_section_is_pointed_home() {
+        let (line, _, _, _, hint) = invalid("listen = [\"127.0.0.1:1\"]\n");
+        assert_eq!(line, 1);
+        assert_eq!(
+            hint.as_deref(),
+            Some("`listen` belongs in the [mesh] section")
+        );
+        let (_, _, key, _, hint) = invalid("[mesh]\nname = \"x\"\n");
+        assert_eq!(key.as_deref(), Some("mesh.name"));
+        assert!(hint.unwrap().contains("top of the file"));
+    }
+
+    #[test]
+    fn bad_value_names_line_and_key() {
+        let (line, _, key, message, _) = invalid("[mesh]\n\nlisten = [\"not an address\"]\n");
+        assert_eq!(line, 3);
+        assert_eq!(key.as_deref(), Some("mesh.listen"));
+        assert!(message.contains("bad value for `mesh.listen`"), "{message}");
+        let (line, _, key, message, _) = invalid("name = \"has space\"\n");
+        assert_eq!(line, 1);
+        assert_eq!(key.as_deref(), Some("name"));
+        assert!(message.contains("letters, digits"), "{message}");
+    }
+
+    #[test]
+    fn syntax_error_has_a_line() {
+        let (line, ..) = invalid("name = \"a\"\n[mesh\n");
+        assert_eq!(line, 2);
+    }
+
+    #[test]
+    fn relative_paths_are_refused() {
+        let err = parse("[paths]\nstate_dir = \"relative\"\n").unwrap_err();
+        assert!(err.to_string().contains("paths.state_dir"), "{err}");
+        parse("[paths]\nstate_dir = \"~/s\"\n").unwrap();
+    }
+
+    #[test]
+    fn error_display_has_file_line_and_hint() {
+        let text = parse("[mesh]\nlisen = []\n").unwrap_err().to_string();
+        assert!(
+            text.starts_with("/etc/test.toml:2:1: unknown key"),
+            "{text}"
+        );
+        assert!(text.contains("hint: did you mean `listen`?"), "{text}");
+    }
+
+    /// The example documents every key: uncommented, it parses, and it names every key of SCHEMA.
+    #[test]
+    fn example_covers_schema_and_parses() {
+        assert_eq!(parse(EXAMPLE).unwrap(), Config::default());
+        let uncommented: String = EXAMPLE
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest) if rest.contains(" = ") => rest,
+                _ => l,
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let config = parse(&uncommented).unwrap();
+        assert_eq!(config.mesh, MeshConfig::default());
+        for (section, keys) in SCHEMA {
+            for key in *keys {
+                let written = if section.is_empty() {
+                    uncommented.contains(&format!("\n{key} = "))
+                        || uncommented.contains(&format!("[{key}]"))
+                } else {
+                    uncommented.contains(&format!("[{section}]"))
+                        && uncommented.contains(&format!("\n{key} = "))
+                };
+                assert!(written, "example does not show {section}.{key}");
+            }
+        }
+    }
+
+    #[test]
+    fn missing_file_is_defaults_unless_named_explicitly() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("none.toml");
+        let (config, source) = Config::load(&path, false).unwrap();
+        assert_eq!(config, Config::default());
+        assert!(!source.exists);
+        let err = Config::load(&path, true).unwrap_err();
+        assert!(err.to_string().contains(CONFIG_ENV), "{err}");
+    }
+}

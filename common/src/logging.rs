@@ -1,0 +1,61 @@
+//! Logging with `tracing`: to journald when the process runs as a systemd unit, else
+//! human-readable lines on stderr. `RUST_LOG` filters as usual (default: `info`).
+
+use std::io::IsTerminal;
+use std::os::unix::fs::MetadataExt;
+
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::prelude::*;
+
+/// Where log lines go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogTarget {
+    Journald,
+    Stderr,
+}
+
+/// systemd sets `JOURNAL_STREAM` to the device and inode of the journal stream it connected to
+/// stderr. Checking that stderr is still that stream keeps a shell started from a unit (which
+/// inherits the variable but not the stream) logging to its terminal.
+pub fn detect_target() -> LogTarget {
+    let Some(value) = std::env::var_os("JOURNAL_STREAM") else {
+        return LogTarget::Stderr;
+    };
+    let Some((dev, ino)) = value.to_str().and_then(|v| v.split_once(':')) else {
+        return LogTarget::Stderr;
+    };
+    let stderr_matches = std::fs::metadata("/proc/self/fd/2")
+        .map(|m| m.dev().to_string() == dev && m.ino().to_string() == ino)
+        .unwrap_or(false);
+    if stderr_matches {
+        LogTarget::Journald
+    } else {
+        LogTarget::Stderr
+    }
+}
+
+/// Installs the global subscriber. `service` names the syslog identifier in the journal.
+pub fn init(service: &str) {
+    let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    if detect_target() == LogTarget::Journald {
+        match tracing_journald::layer() {
+            Ok(layer) => {
+                let layer = layer.with_syslog_identifier(service.to_owned());
+                let _ = tracing_subscriber::registry()
+                    .with(filter())
+                    .with(layer)
+                    .try_init();
+                return;
+            }
+            Err(e) => eprintln!("cannot connect to journald ({e}); logging to stderr"),
+        }
+    }
+    let stderr = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false);
+    let _ = tracing_subscriber::registry()
+        .with(filter())
+        .with(stderr)
+        .try_init();
+}

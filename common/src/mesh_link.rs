@@ -1,0 +1,80 @@
+//! The connection a helper service (netwatch, discovery) keeps to the mesh service's internal
+//! socket. It registers, stays connected, and when the mesh service goes away (restart, crash)
+//! reconnects by itself with a short, capped backoff: the socket is local, so retrying is cheap,
+//! and under socket activation a connect is queued until the mesh service is back.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::net::UnixStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::framing::{FrameError, JsonConnection};
+use crate::ipc::{FromMesh, ServiceKind, ToMesh};
+
+const FIRST_RETRY: Duration = Duration::from_millis(100);
+const MAX_RETRY: Duration = Duration::from_secs(2);
+
+/// Keeps `service` registered with the mesh service at `socket` until `shutdown` fires.
+pub async fn keep_registered(service: ServiceKind, socket: PathBuf, shutdown: CancellationToken) {
+    let mut delay = FIRST_RETRY;
+    let mut was_connected = true;
+    loop {
+        let attempt = async {
+            let stream = UnixStream::connect(&socket).await.map_err(FrameError::Io)?;
+            let mut conn = JsonConnection::new(stream);
+            conn.send(&ToMesh::Register {
+                service,
+                pid: std::process::id(),
+                version: crate::VERSION.to_owned(),
+            })
+            .await?;
+            match conn.recv::<FromMesh>().await? {
+                Some(FromMesh::Welcome { device, .. }) => {
+                    tracing::info!(%device, "registered with the mesh service");
+                }
+                Some(FromMesh::Refused { reason }) => {
+                    tracing::warn!("the mesh service refused registration: {reason}");
+                    return Ok(false);
+                }
+                None => return Ok(false),
+            }
+            // Nothing more to say yet; wait for the mesh service to go away.
+            loop {
+                match conn.recv::<FromMesh>().await? {
+                    Some(message) => tracing::debug!(?message, "from mesh"),
+                    None => return Ok::<bool, FrameError>(true),
+                }
+            }
+        };
+        let outcome = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            outcome = attempt => outcome,
+        };
+        match outcome {
+            Ok(true) => {
+                tracing::info!("lost the connection to the mesh service; reconnecting");
+                delay = FIRST_RETRY;
+                was_connected = true;
+            }
+            Ok(false) => {}
+            Err(e) => {
+                // Log once per outage, not once per retry.
+                if was_connected {
+                    tracing::info!(
+                        socket = %socket.display(),
+                        "cannot reach the mesh service ({e}); retrying until it is back"
+                    );
+                    was_connected = false;
+                } else {
+                    tracing::debug!("mesh service still unreachable: {e}");
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(MAX_RETRY);
+    }
+}
