@@ -1,0 +1,6 @@
+fn main() -> std::process::ExitCode {
+    cnsprcy::service::main(
+        cnsprcy::ipc::ServiceKind::Discovery,
+        cnsprcy_discovery::start,
+    )
+}

@@ -1,0 +1,3 @@
+fn main() -> std::process::ExitCode {
+    cnsprcy::service::main(cnsprcy::ipc::ServiceKind::Handlers, cnsprcy_handlers::start)
+}

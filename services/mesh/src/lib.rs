@@ -1,0 +1,222 @@
+//! The mesh service: owns the device's identity, the public JSON-RPC socket and the internal
+//! `mesh.sock` that the helper services register on; talks to the handler service on demand.
+
+mod api;
+mod handlers_link;
+mod registry;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use cnsprcy::env::DeviceEnv;
+use cnsprcy::framing::{BadLine, JsonConnection, JsonLinesCodec};
+use cnsprcy::identity::{DeviceName, Identity, effective_name};
+use cnsprcy::ipc::{FromMesh, ServiceKind, ToMesh};
+use cnsprcy::rpc;
+use cnsprcy::service::Running;
+use cnsprcy::sockets::{bind_private, check_peer_uid, remove_socket};
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Semaphore;
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::handlers_link::HandlersLink;
+use crate::registry::Registry;
+
+/// Public API connections served at once; more wait in the socket's backlog.
+const MAX_API_CONNECTIONS: usize = 64;
+/// A helper service must say who it is this quickly after connecting.
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the API handlers and the internal socket share.
+struct Mesh {
+    env: DeviceEnv,
+    identity: Identity,
+    name: DeviceName,
+    started: Instant,
+    registry: Registry,
+    handlers: HandlersLink,
+}
+
+/// Loads (or creates) the identity, binds both sockets and starts serving them. Returns once the
+/// sockets accept connections.
+pub async fn start(env: DeviceEnv, shutdown: CancellationToken) -> anyhow::Result<Running> {
+    let (identity, created) = Identity::load_or_create(&env.paths.state_dir)?;
+    let name = effective_name(env.config.name.as_ref(), &env.paths.state_dir)?;
+    if created {
+        tracing::info!(
+            id = %identity.device_id(),
+            dir = %env.paths.state_dir.display(),
+            "created a new identity for this device"
+        );
+    }
+    let public = bind_private(&env.paths.public_socket())?;
+    let internal = bind_private(&env.paths.mesh_socket())?;
+    tracing::info!(
+        %name,
+        id = %identity.device_id(),
+        socket = %env.paths.public_socket().display(),
+        "mesh service ready"
+    );
+    let mesh = Arc::new(Mesh {
+        handlers: HandlersLink::new(env.paths.handlers_socket()),
+        env,
+        identity,
+        name,
+        started: Instant::now(),
+        registry: Registry::default(),
+    });
+    Ok(cnsprcy::service::spawn(
+        ServiceKind::Mesh,
+        serve(mesh, public, internal, shutdown),
+    ))
+}
+
+async fn serve(
+    mesh: Arc<Mesh>,
+    public: UnixListener,
+    internal: UnixListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let tasks = TaskTracker::new();
+    let limit = Arc::new(Semaphore::new(MAX_API_CONNECTIONS));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = public.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let permit = limit.clone().acquire_owned().await.context("connection limit")?;
+                    let (mesh, shutdown) = (mesh.clone(), shutdown.clone());
+                    tasks.spawn(async move {
+                        serve_api(mesh, stream, shutdown).await;
+                        drop(permit);
+                    });
+                }
+                Err(e) => accept_failed("public", e).await,
+            },
+            accepted = internal.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let (mesh, shutdown) = (mesh.clone(), shutdown.clone());
+                    tasks.spawn(serve_internal(mesh, stream, shutdown));
+                }
+                Err(e) => accept_failed("internal", e).await,
+            },
+        }
+    }
+    tasks.close();
+    tasks.wait().await;
+    remove_socket(&mesh.env.paths.public_socket());
+    remove_socket(&mesh.env.paths.mesh_socket());
+    tracing::info!("mesh service stopped");
+    Ok(())
+}
+
+/// accept() fails for reasons like running out of file descriptors; pause instead of spinning.
+async fn accept_failed(which: &str, e: std::io::Error) {
+    tracing::warn!("cannot accept on the {which} socket: {e}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+/// One client of the public API: JSON-RPC requests, one per line, until it hangs up.
+async fn serve_api(mesh: Arc<Mesh>, stream: UnixStream, shutdown: CancellationToken) {
+    let refused = check_peer_uid(&stream).err();
+    let mut framed = Framed::new(stream, JsonLinesCodec::default());
+    if let Some(reason) = refused {
+        tracing::warn!("public socket: {reason}");
+        let error = rpc::RpcError::new(rpc::code::PERMISSION_DENIED, reason);
+        let _ = framed
+            .send(rpc::to_line(&rpc::Response::failure(
+                serde_json::Value::Null,
+                error,
+            )))
+            .await;
+        return;
+    }
+    let api = api::Api { mesh: &mesh };
+    loop {
+        let line = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            line = framed.next() => line,
+        };
+        let answer = match line {
+            None => return,
+            Some(Err(e)) => {
+                tracing::debug!("API client connection failed: {e}");
+                return;
+            }
+            Some(Ok(Err(bad))) => {
+                let code = match bad {
+                    BadLine::TooLong { .. } => rpc::code::INVALID_REQUEST,
+                    BadLine::NotUtf8 => rpc::code::PARSE_ERROR,
+                };
+                let error = rpc::RpcError::new(code, format!("cannot read request: {bad}"));
+                Some(rpc::to_line(&rpc::Response::failure(
+                    serde_json::Value::Null,
+                    error,
+                )))
+            }
+            Some(Ok(Ok(line))) if line.trim().is_empty() => None,
+            Some(Ok(Ok(line))) => rpc::handle_line(&api, &line).await,
+        };
+        if let Some(answer) = answer
+            && framed.send(answer).await.is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// One helper service on `mesh.sock`: it registers, then stays connected while it runs.
+async fn serve_internal(mesh: Arc<Mesh>, stream: UnixStream, shutdown: CancellationToken) {
+    if let Err(reason) = check_peer_uid(&stream) {
+        tracing::warn!("internal socket: {reason}");
+        return;
+    }
+    let mut conn = JsonConnection::new(stream);
+    let first = tokio::time::timeout(REGISTER_TIMEOUT, conn.recv::<ToMesh>()).await;
+    let (service, pid, version) = match first {
+        Ok(Ok(Some(ToMesh::Register {
+            service,
+            pid,
+            version,
+        }))) => (service, pid, version),
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            tracing::warn!("internal socket: bad registration: {e}");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!("internal socket: a client connected but did not register in time");
+            return;
+        }
+    };
+    let welcome = FromMesh::Welcome {
+        device: mesh.name.clone(),
+        version: cnsprcy::VERSION.to_owned(),
+    };
+    if conn.send(&welcome).await.is_err() {
+        return;
+    }
+    let ticket = mesh.registry.register(service, pid);
+    tracing::info!(%service, pid, %version, "service registered");
+    loop {
+        let message = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            message = conn.recv::<ToMesh>() => message,
+        };
+        match message {
+            Ok(Some(other)) => tracing::debug!(%service, ?other, "unexpected message"),
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!(%service, "internal connection failed: {e}");
+                break;
+            }
+        }
+    }
+    if mesh.registry.unregister(ticket) && !shutdown.is_cancelled() {
+        tracing::info!(%service, pid, "service disconnected");
+    }
+}

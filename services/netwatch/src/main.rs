@@ -1,0 +1,3 @@
+fn main() -> std::process::ExitCode {
+    cnsprcy::service::main(cnsprcy::ipc::ServiceKind::Netwatch, cnsprcy_netwatch::start)
+}
