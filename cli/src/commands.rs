@@ -1,0 +1,282 @@
+//! The client commands: each reads this device's files or asks the daemon, and prints for people
+//! or, with --json, for scripts.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::CommandFactory;
+use cnsprcy::api::Status;
+use cnsprcy::client::{Client, ClientError};
+use cnsprcy::config::EXAMPLE;
+use cnsprcy::env::DeviceEnv;
+use cnsprcy::identity::{self, DeviceName, Identity, IdentityError};
+use cnsprcy::ipc::ServiceKind;
+use cnsprcy::lock::InstanceLock;
+use serde_json::{Value, json};
+
+use crate::EXIT_NOT_RUNNING;
+use crate::cli::{Cli, Command, ConfigCommand, ManageCommand};
+
+/// How long a command waits for the daemon's answer.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
+    let env = DeviceEnv::load()?;
+    match command {
+        Command::Status { json } => status(&env, json).await,
+        Command::Config(ConfigCommand::Show { json }) => config_show(&env, json),
+        Command::Config(ConfigCommand::Path { json }) => config_path(&env, json),
+        Command::Config(ConfigCommand::Example) => {
+            print!("{EXAMPLE}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Manage(ManageCommand::Init { name, force, json }) => {
+            manage_init(&env, name, force, json)
+        }
+        Command::Manage(ManageCommand::Id { json }) => manage_id(&env, json),
+        Command::Serve | Command::Completions { .. } | Command::Manpages { .. } => {
+            unreachable!("handled in main")
+        }
+    }
+}
+
+fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+async fn status(env: &DeviceEnv, as_json: bool) -> anyhow::Result<ExitCode> {
+    let socket = env.paths.public_socket();
+    let answer = async {
+        let mut client = Client::connect(&socket).await?;
+        client.call("status", Value::Null, CALL_TIMEOUT).await
+    }
+    .await;
+    let value = match answer {
+        Ok(value) => value,
+        Err(e @ ClientError::NotRunning { .. }) => {
+            if as_json {
+                print_json(&json!({ "running": false, "socket": socket, "error": e.to_string() }))?;
+            } else {
+                eprintln!("{e}");
+            }
+            return Ok(ExitCode::from(EXIT_NOT_RUNNING));
+        }
+        Err(e) => return Err(e).context("cannot get the status"),
+    };
+    if as_json {
+        print_json(&value)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let status: Status =
+        serde_json::from_value(value).context("the daemon's status is not understood")?;
+    print!("{}", format_status(&status));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn format_status(status: &Status) -> String {
+    let listen: Vec<String> = status.listen.iter().map(|a| a.to_string()).collect();
+    let mut out = format!(
+        "cnsprcy {} running (pid {}, up {})\n\
+         device      {}\n\
+         id          {}\n\
+         public key  {}\n\
+         listen      {}\n\
+         socket      {}\n\
+         services\n",
+        status.version,
+        status.pid,
+        format_duration(status.uptime_secs),
+        status.name,
+        status.id,
+        status.public_key,
+        if listen.is_empty() {
+            "-".to_owned()
+        } else {
+            listen.join(", ")
+        },
+        status.socket.display(),
+    );
+    for service in &status.services {
+        let pid = service.pid.map(|p| format!("pid {p}")).unwrap_or_default();
+        out.push_str(&format!(
+            "  {:<10}  {:<12}  {pid}",
+            service.name.as_str(),
+            service.state.as_str()
+        ));
+        if let Some(detail) = &service.detail {
+            out.push_str(&format!("  ({detail})"));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+fn format_duration(secs: u64) -> String {
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m {}s", s / 60, s % 60),
+        s if s < 86400 => format!("{}h {}m", s / 3600, (s % 3600) / 60),
+        s => format!("{}d {}h", s / 86400, (s % 86400) / 3600),
+    }
+}
+
+fn config_show(env: &DeviceEnv, as_json: bool) -> anyhow::Result<ExitCode> {
+    let name = identity::effective_name(env.config.name.as_ref(), &env.paths.state_dir)?;
+    let effective = json!({
+        "name": name,
+        "mesh": { "listen": env.config.mesh.listen },
+        "paths": {
+            "state_dir": env.paths.state_dir,
+            "runtime_dir": env.paths.runtime_dir,
+            "handlers_dir": env.paths.handlers_dir,
+        },
+    });
+    if as_json {
+        print_json(&effective)?;
+    } else {
+        let origin = if env.source.exists {
+            format!(
+                "# from {}, with defaults for keys it does not set",
+                env.source.path.display()
+            )
+        } else {
+            format!(
+                "# built-in defaults: {} does not exist",
+                env.source.path.display()
+            )
+        };
+        println!("{origin}\n{}", toml::to_string(&effective)?.trim_end());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn config_path(env: &DeviceEnv, as_json: bool) -> anyhow::Result<ExitCode> {
+    let p = &env.paths;
+    if as_json {
+        print_json(&json!({
+            "config_file": p.config_file,
+            "config_file_exists": env.source.exists,
+            "state_dir": p.state_dir,
+            "runtime_dir": p.runtime_dir,
+            "handlers_dir": p.handlers_dir,
+            "socket": p.public_socket(),
+        }))?;
+    } else {
+        let missing = if env.source.exists {
+            ""
+        } else {
+            "  (does not exist: defaults apply)"
+        };
+        println!("config file   {}{missing}", p.config_file.display());
+        println!("state dir     {}", p.state_dir.display());
+        println!("runtime dir   {}", p.runtime_dir.display());
+        println!("handlers dir  {}", p.handlers_dir.display());
+        println!("socket        {}", p.public_socket().display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_identity(name: &DeviceName, identity: &Identity, as_json: bool) -> anyhow::Result<()> {
+    if as_json {
+        print_json(&json!({
+            "name": name,
+            "id": identity.device_id(),
+            "public_key": identity.public_key(),
+        }))
+    } else {
+        println!("name        {name}");
+        println!("id          {}", identity.device_id());
+        println!("public key  {}", identity.public_key());
+        Ok(())
+    }
+}
+
+fn manage_init(
+    env: &DeviceEnv,
+    name: Option<DeviceName>,
+    force: bool,
+    as_json: bool,
+) -> anyhow::Result<ExitCode> {
+    let state = &env.paths.state_dir;
+    if force && InstanceLock::is_held(&env.paths.lock_file(ServiceKind::Mesh.as_str())) {
+        bail!(
+            "the daemon is running and uses the current identity; stop it before replacing the identity"
+        );
+    }
+    let identity = match Identity::create(state, force) {
+        Ok(identity) => identity,
+        Err(e @ IdentityError::Exists { .. }) => bail!(e),
+        Err(e) => return Err(e.into()),
+    };
+    if let Some(name) = &name {
+        identity::store_name(state, name)?;
+        if let Some(configured) = &env.config.name
+            && configured != name
+        {
+            eprintln!(
+                "note: {} sets name = {configured:?}, which takes precedence over {name:?}",
+                env.source.path.display()
+            );
+        }
+    }
+    let effective = identity::effective_name(env.config.name.as_ref(), state)?;
+    if !as_json {
+        println!(
+            "Created a new identity in {}",
+            Identity::key_path(state).display()
+        );
+    }
+    print_identity(&effective, &identity, as_json)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn manage_id(env: &DeviceEnv, as_json: bool) -> anyhow::Result<ExitCode> {
+    let identity = Identity::load(&env.paths.state_dir)?;
+    let name = identity::effective_name(env.config.name.as_ref(), &env.paths.state_dir)?;
+    print_identity(&name, &identity, as_json)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn completions(shell: clap_complete::Shell) -> anyhow::Result<ExitCode> {
+    clap_complete::generate(shell, &mut Cli::command(), "cnspr", &mut std::io::stdout());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Writes `cnspr.1` and one page per subcommand (`cnspr-config-show.1`, ...) into `dir`.
+pub fn manpages(dir: &Path) -> anyhow::Result<ExitCode> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut written = 0;
+    let mut pending = vec![(String::from("cnspr"), Cli::command())];
+    while let Some((name, command)) = pending.pop() {
+        if command.is_hide_set() {
+            continue;
+        }
+        let command = command.name(name.clone());
+        for sub in command.get_subcommands() {
+            pending.push((format!("{name}-{}", sub.get_name()), sub.clone()));
+        }
+        let path = dir.join(format!("{name}.1"));
+        let mut page = Vec::new();
+        clap_mangen::Man::new(command).render(&mut page)?;
+        std::fs::write(&path, page).with_context(|| format!("cannot write {}", path.display()))?;
+        written += 1;
+    }
+    eprintln!("wrote {written} man pages to {}", dir.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_naturally() {
+        assert_eq!(format_duration(5), "5s");
+        assert_eq!(format_duration(125), "2m 5s");
+        assert_eq!(format_duration(7300), "2h 1m");
+        assert_eq!(format_duration(90000), "1d 1h");
+    }
+}

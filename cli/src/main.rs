@@ -1,0 +1,44 @@
+//! `cnspr`: the command-line interface of cnsprcy, and `cnspr serve`, the whole daemon in one
+//! process.
+
+mod cli;
+mod commands;
+mod serve;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::cli::{Cli, Command};
+
+/// Exit status when the daemon is not running (as `systemctl status` uses 3 for "inactive").
+pub const EXIT_NOT_RUNNING: u8 = 3;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve => serve::run(),
+        Command::Completions { shell } => commands::completions(shell),
+        Command::Manpages { dir } => commands::manpages(&dir),
+        command => {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    eprintln!("cnspr: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            runtime.block_on(commands::run(command))
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("cnspr: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

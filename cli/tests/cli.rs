@@ -1,0 +1,65 @@
+//! The `cnspr` binary's help, completions and man pages. (Also makes `cargo test --workspace`
+//! build `cnspr` for the multi-process tests in `tests/`.)
+
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_cnspr");
+
+fn run(args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .env_remove("CNSPRCY_CONFIG")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn help_lists_the_commands() {
+    let out = run(&["--help"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for command in ["serve", "status", "config", "manage", "completions"] {
+        assert!(text.contains(command), "help lacks {command}:\n{text}");
+    }
+    assert!(
+        !text.contains("manpages"),
+        "the packaging command is hidden"
+    );
+    assert_eq!(run(&["no-such-command"]).status.code(), Some(2));
+}
+
+#[test]
+fn completions_for_every_shell() {
+    for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+        let out = run(&["completions", shell]);
+        assert!(out.status.success(), "{shell}");
+        let script = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            script.contains("cnspr") && script.contains("status"),
+            "{shell}"
+        );
+    }
+}
+
+#[test]
+fn man_pages_for_every_visible_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(&["manpages", dir.path().to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for page in [
+        "cnspr.1",
+        "cnspr-serve.1",
+        "cnspr-config-show.1",
+        "cnspr-manage-init.1",
+    ] {
+        let text = std::fs::read_to_string(dir.path().join(page)).unwrap();
+        assert!(text.starts_with(".ie") || text.contains(".TH"), "{page}");
+    }
+    assert!(!dir.path().join("cnspr-manpages.1").exists());
+    let man = std::fs::read_to_string(dir.path().join("cnspr-manage-init.1")).unwrap();
+    assert!(man.contains("force"));
+}
