@@ -57,3 +57,66 @@ impl ServiceState {
         }
     }
 }
+
+/// A peer's status, as `cnspr peers` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PeerStatus {
+    /// An encrypted session with this device is up.
+    Direct,
+    /// No session, but a member with a session to it passes messages on.
+    Relayed,
+    Unreachable,
+    /// In the roster, but switched off by the user.
+    Disabled,
+}
+
+impl PeerStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PeerStatus::Direct => "direct",
+            PeerStatus::Relayed => "relayed",
+            PeerStatus::Unreachable => "unreachable",
+            PeerStatus::Disabled => "disabled",
+        }
+    }
+}
+
+/// One element of the result of `peers`, and the result of `peer`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerInfo {
+    pub name: DeviceName,
+    pub id: DeviceId,
+    pub public_key: PublicKey,
+    pub status: PeerStatus,
+    /// Known addresses (`ip:port`); for a direct peer, the session's address comes first.
+    pub addresses: Vec<SocketAddr>,
+    /// Smoothed round-trip time; through the relay for a relayed peer.
+    pub latency_ms: Option<f64>,
+    /// The member that relays to this peer.
+    pub via: Option<DeviceName>,
+    /// When the peer was last reachable (RFC 3339, UTC); `null` if never.
+    pub last_seen: Option<String>,
+}
+
+/// The result of `ping`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PingResult {
+    pub name: DeviceName,
+    pub id: DeviceId,
+    /// `direct` or `relayed`.
+    pub path: PeerStatus,
+    pub via: Option<DeviceName>,
+    /// The session's address, for a direct path.
+    pub address: Option<SocketAddr>,
+    pub rtt_ms: f64,
+}
+
+/// The result of `members.add` and `members.remove`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemberInfo {
+    pub name: DeviceName,
+    pub id: DeviceId,
+    pub public_key: PublicKey,
+    pub addresses: Vec<SocketAddr>,
+}

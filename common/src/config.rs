@@ -9,6 +9,7 @@ use std::fs;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -26,7 +27,10 @@ pub const CONFIG_ENV: &str = "CNSPRCY_CONFIG";
 /// a unit test checks that the two agree.
 const SCHEMA: &[(&str, &[&str])] = &[
     ("", &["name", "mesh", "paths"]),
-    ("mesh", &["listen"]),
+    (
+        "mesh",
+        &["listen", "keepalive_interval", "keepalive_timeout"],
+    ),
     ("paths", &["state_dir", "runtime_dir", "handlers_dir"]),
 ];
 
@@ -46,6 +50,12 @@ pub struct Config {
 pub struct MeshConfig {
     /// Addresses the mesh accepts sessions on.
     pub listen: Vec<SocketAddr>,
+    /// A session that received nothing for this long sends a ping.
+    #[serde(with = "duration_text")]
+    pub keepalive_interval: Duration,
+    /// A session that then still receives nothing for this long is declared dead.
+    #[serde(with = "duration_text")]
+    pub keepalive_timeout: Duration,
 }
 
 impl Default for MeshConfig {
@@ -55,7 +65,39 @@ impl Default for MeshConfig {
                 SocketAddr::from((Ipv4Addr::UNSPECIFIED, DEFAULT_PORT)),
                 SocketAddr::from((Ipv6Addr::UNSPECIFIED, DEFAULT_PORT)),
             ],
+            keepalive_interval: Duration::from_secs(20),
+            keepalive_timeout: Duration::from_secs(10),
         }
+    }
+}
+
+/// Durations as people write them: "20s", "1m 30s", "500ms".
+mod duration_text {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Shorter intervals would keep devices awake for nothing; they only make sense in tests.
+    const MIN: Duration = Duration::from_millis(100);
+
+    pub fn serialize<S: Serializer>(value: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(*value))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        let value = humantime::parse_duration(&text).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "{text:?} is not a duration ({e}); write it like \"20s\" or \"1m 30s\""
+            ))
+        })?;
+        if value < MIN {
+            return Err(serde::de::Error::custom(format!(
+                "{text:?} is too short; the minimum is {}",
+                humantime::format_duration(MIN)
+            )));
+        }
+        Ok(value)
     }
 }
 
@@ -291,6 +333,13 @@ pub const EXAMPLE: &str = r#"# cnsprcy configuration: $XDG_CONFIG_HOME/cnsprcy/c
 # go in brackets. The default listens on port 7332 on every IPv4 and IPv6 address.
 # listen = ["0.0.0.0:7332", "[::]:7332"]
 
+# A session that has received nothing for keepalive_interval sends an encrypted ping; one that
+# then receives nothing for keepalive_timeout more is declared dead and redialled. A silently
+# dead link (cable pulled, packets dropped) is so noticed at most interval + timeout after the
+# last frame arrived. Shorter values notice sooner but wake the device more often.
+# keepalive_interval = "20s"
+# keepalive_timeout = "10s"
+
 [paths]
 # Where the identity key and the replicated state live. Default: $XDG_DATA_HOME/cnsprcy
 # (~/.local/share/cnsprcy). Paths may start with ~/.
@@ -378,6 +427,18 @@ mod tests {
         assert_eq!(line, 1);
         assert_eq!(key.as_deref(), Some("name"));
         assert!(message.contains("letters, digits"), "{message}");
+    }
+
+    #[test]
+    fn durations_are_read_and_checked() {
+        let config = parse("[mesh]\nkeepalive_interval = \"1m 30s\"\n").unwrap();
+        assert_eq!(config.mesh.keepalive_interval, Duration::from_secs(90));
+        let (line, _, key, message, _) = invalid("[mesh]\nkeepalive_timeout = \"soon\"\n");
+        assert_eq!(line, 2);
+        assert_eq!(key.as_deref(), Some("mesh.keepalive_timeout"));
+        assert!(message.contains("is not a duration"), "{message}");
+        let (_, _, _, message, _) = invalid("[mesh]\nkeepalive_timeout = \"1ms\"\n");
+        assert!(message.contains("too short"), "{message}");
     }
 
     #[test]

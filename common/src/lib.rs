@@ -15,6 +15,7 @@ pub mod paths;
 pub mod rpc;
 pub mod service;
 pub mod sockets;
+pub mod wire;
 
 /// The version of every cnsprcy binary, from the workspace manifest.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

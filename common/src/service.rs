@@ -26,12 +26,13 @@ pub fn span(kind: ServiceKind) -> tracing::Span {
     tracing::info_span!("service", service = kind.as_str())
 }
 
-/// Spawns a service's main task inside its span.
-pub fn spawn<F>(kind: ServiceKind, task: F) -> Running
+/// Spawns a service's main task in the current span: `start` functions run inside the service's
+/// span, so the task's lines say whose they are too.
+pub fn spawn<F>(task: F) -> Running
 where
     F: Future<Output = anyhow::Result<()>> + Send + 'static,
 {
-    tokio::spawn(task.instrument(span(kind)))
+    tokio::spawn(task.in_current_span())
 }
 
 /// Creates the runtime directory and takes the instance lock of each of `services`, all or none,

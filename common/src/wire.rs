@@ -1,0 +1,250 @@
+//! The messages devices exchange inside an encrypted session, and how they are cut into Noise
+//! transport messages. `docs/protocol.md` is the prose version of this file.
+//!
+//! Layers, outermost first:
+//! 1. TCP carries frames of a 2-byte big-endian length and that many bytes (at most 65535).
+//! 2. The first two frames are the Noise IK handshake; every later frame is one Noise transport
+//!    message (ChaCha20-Poly1305, 16-byte tag).
+//! 3. A decrypted transport message is one flag byte (`MORE` = another chunk of the same message
+//!    follows) and a chunk; chunks are joined until one without `MORE`, at most
+//!    `MAX_MESSAGE_BYTES` in all.
+//! 4. A joined message is one `Message`, encoded with postcard. Variants are only ever appended,
+//!    so a device can skip a message type it does not know yet.
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// Names protocol and version in the Noise prologue: devices speaking another version cannot
+/// complete a handshake, instead of misreading each other.
+pub const PROLOGUE: &[u8] = b"cnsprcy/1";
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// The largest Noise message (and so TCP frame).
+pub const MAX_NOISE_MESSAGE: usize = 65535;
+/// ChaCha20-Poly1305's authentication tag.
+pub const TAG_LEN: usize = 16;
+/// Plaintext bytes one transport message carries besides its flag byte.
+pub const MAX_CHUNK: usize = MAX_NOISE_MESSAGE - TAG_LEN - 1;
+/// The largest message after joining chunks. A peer that sends more loses its session.
+pub const MAX_MESSAGE_BYTES: usize = 32 * 1024 * 1024;
+
+/// Flag byte of a chunk: another chunk of the same message follows.
+pub const FLAG_MORE: u8 = 1;
+
+/// A device's public key on the wire: its 32 raw bytes.
+pub type KeyBytes = [u8; 32];
+
+/// What the two sides tell each other inside the handshake itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandshakePayload {
+    pub version: u16,
+    /// Random per daemon start: a session from a new incarnation of a device replaces any
+    /// session left over from the previous one.
+    pub incarnation: u64,
+}
+
+/// One message in a session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    /// Sent first by both sides: who I am and where I listen.
+    Hello(Hello),
+    /// Answered at once by `Pong` with the same nonce. `rtt_us` is the sender's smoothed
+    /// round-trip time to the receiver, so the side that does not ping still learns it.
+    Ping {
+        nonce: u64,
+        rtt_us: Option<u32>,
+    },
+    Pong {
+        nonce: u64,
+    },
+    /// The members the sender has a direct session with, and at what round-trip time.
+    Neighbors(Vec<Neighbor>),
+    /// A message for a device the sender has no direct session with, passed on by this one.
+    Relay(Relay),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub name: String,
+    /// The addresses the sender listens on, as configured (an unspecified IP such as `0.0.0.0`
+    /// means "the address you reached me at").
+    pub listen: Vec<std::net::SocketAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Neighbor {
+    pub key: KeyBytes,
+    /// Smoothed round-trip time in microseconds, once measured.
+    pub rtt_us: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Relay {
+    pub from: KeyBytes,
+    pub to: KeyBytes,
+    /// Relays passed so far; a relay drops what has passed `MAX_RELAY_HOPS`.
+    pub hops: u8,
+    pub body: RelayBody,
+}
+
+/// Relays go through at most this many devices.
+pub const MAX_RELAY_HOPS: u8 = 2;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RelayBody {
+    Ping { nonce: u64 },
+    Pong { nonce: u64 },
+}
+
+#[derive(Debug, Error)]
+#[error("cannot decode message: {0}")]
+pub struct DecodeError(#[from] postcard::Error);
+
+impl Message {
+    pub fn encode(&self) -> Vec<u8> {
+        // Encoding into a growable Vec cannot fail for these plain types.
+        postcard::to_stdvec(self).expect("message encodes")
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        Ok(postcard::from_bytes(bytes)?)
+    }
+}
+
+impl HandshakePayload {
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).expect("payload encodes")
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        Ok(postcard::from_bytes(bytes)?)
+    }
+}
+
+/// Joins chunks into messages, refusing to hold more than `MAX_MESSAGE_BYTES`.
+#[derive(Debug, Default)]
+pub struct Reassembler {
+    partial: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ChunkError {
+    #[error("empty transport message")]
+    Empty,
+    #[error("message longer than {MAX_MESSAGE_BYTES} bytes")]
+    TooLong,
+    #[error("unknown chunk flags {0:#04x}")]
+    BadFlags(u8),
+}
+
+impl Reassembler {
+    /// Takes one decrypted transport message; returns a whole message once its last chunk came.
+    pub fn push(&mut self, plaintext: &[u8]) -> Result<Option<Vec<u8>>, ChunkError> {
+        let (&flags, chunk) = plaintext.split_first().ok_or(ChunkError::Empty)?;
+        if flags & !FLAG_MORE != 0 {
+            return Err(ChunkError::BadFlags(flags));
+        }
+        if self.partial.len() + chunk.len() > MAX_MESSAGE_BYTES {
+            self.partial = Vec::new();
+            return Err(ChunkError::TooLong);
+        }
+        self.partial.extend_from_slice(chunk);
+        if flags & FLAG_MORE != 0 {
+            Ok(None)
+        } else {
+            Ok(Some(std::mem::take(&mut self.partial)))
+        }
+    }
+}
+
+/// Cuts an encoded message into plaintext chunks, each with its flag byte.
+pub fn chunks(message: &[u8]) -> impl Iterator<Item = Vec<u8>> + '_ {
+    let count = message.len().div_ceil(MAX_CHUNK).max(1);
+    (0..count).map(move |i| {
+        let start = i * MAX_CHUNK;
+        let end = (start + MAX_CHUNK).min(message.len());
+        let mut chunk = Vec::with_capacity(end - start + 1);
+        chunk.push(if i + 1 < count { FLAG_MORE } else { 0 });
+        chunk.extend_from_slice(&message[start..end]);
+        chunk
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip() {
+        let messages = [
+            Message::Hello(Hello {
+                name: "laptop".into(),
+                listen: vec!["0.0.0.0:7332".parse().unwrap()],
+            }),
+            Message::Ping {
+                nonce: 7,
+                rtt_us: Some(3),
+            },
+            Message::Neighbors(vec![Neighbor {
+                key: [3; 32],
+                rtt_us: Some(800),
+            }]),
+            Message::Relay(Relay {
+                from: [1; 32],
+                to: [2; 32],
+                hops: 1,
+                body: RelayBody::Pong { nonce: 9 },
+            }),
+        ];
+        for message in messages {
+            assert_eq!(Message::decode(&message.encode()).unwrap(), message);
+        }
+        assert!(Message::decode(&[200, 1, 2]).is_err());
+        assert!(Message::decode(&[]).is_err());
+    }
+
+    #[test]
+    fn chunks_join_back_at_every_size() {
+        for len in [
+            0,
+            1,
+            MAX_CHUNK - 1,
+            MAX_CHUNK,
+            MAX_CHUNK + 1,
+            3 * MAX_CHUNK + 5,
+        ] {
+            let message: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let mut joined = None;
+            let mut reassembler = Reassembler::default();
+            for chunk in chunks(&message) {
+                assert!(chunk.len() <= MAX_NOISE_MESSAGE - TAG_LEN);
+                assert!(joined.is_none(), "a message ended early");
+                joined = reassembler.push(&chunk).unwrap();
+            }
+            assert_eq!(joined.unwrap(), message, "len {len}");
+        }
+    }
+
+    #[test]
+    fn reassembly_is_bounded_and_checks_flags() {
+        let mut reassembler = Reassembler::default();
+        let chunk = {
+            let mut c = vec![FLAG_MORE];
+            c.extend(std::iter::repeat_n(0u8, MAX_CHUNK));
+            c
+        };
+        let mut result = Ok(None);
+        for _ in 0..(MAX_MESSAGE_BYTES / MAX_CHUNK + 2) {
+            result = reassembler.push(&chunk);
+            if result.is_err() {
+                break;
+            }
+        }
+        assert_eq!(result, Err(ChunkError::TooLong));
+        assert_eq!(reassembler.push(&[]), Err(ChunkError::Empty));
+        assert_eq!(
+            reassembler.push(&[0x80, 1]),
+            Err(ChunkError::BadFlags(0x80))
+        );
+    }
+}
