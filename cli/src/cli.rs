@@ -1,10 +1,11 @@
 //! The command line, as clap reads it. Man pages and shell completions are generated from it.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use clap_complete::Shell;
-use cnsprcy::identity::DeviceName;
+use cnsprcy::identity::{DeviceName, PublicKey};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -45,6 +46,48 @@ when the daemon is not running."
         #[arg(long)]
         json: bool,
     },
+
+    /// List the members and where each stands: direct, relayed, unreachable
+    #[command(
+        visible_alias = "members",
+        long_about = "List every member of this device's roster with its status \
+(direct: an encrypted session is up; relayed: reachable through another member; unreachable), \
+round-trip latency, address (or the relaying member) and when it was last reachable. \
+`cnspr members` is the same command, for serf users."
+    )]
+    Peers {
+        /// Print a JSON array of peer objects instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+
+    /// Measure round trips to a member over the mesh
+    #[command(
+        long_about = "Send encrypted pings to the member NAME (a name or device ID) \
+over its session, or through the member that relays to it, and print each round-trip time and \
+the path taken. Exits with status 1 if no pong came back."
+    )]
+    Ping {
+        /// Member name or device ID
+        name: String,
+        /// How many pings to send, one per second
+        #[arg(short = 'c', long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        count: u32,
+        /// How long to wait for each pong
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+        /// Print a JSON array of ping results (failed rounds as {"error": ...})
+        #[arg(long)]
+        json: bool,
+    },
+
+    /// Dial every unreachable member now, forgetting their backoff
+    #[command(
+        long_about = "Dial every member without a session right away, as if the \
+network had just changed (for example after resuming from suspend). Normally not needed: the \
+daemon redials by itself with a capped exponential backoff."
+    )]
+    Reconnect,
 
     /// Show the configuration and the files it comes from
     #[command(subcommand)]
@@ -105,6 +148,32 @@ first start; use this to choose the name first, or to start over."
         #[arg(long)]
         force: bool,
         /// Print the new identity as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a member: a device this one accepts sessions from and dials
+    #[command(
+        long_about = "Add the device NAME with PUBLIC_KEY (as `cnspr manage id` prints \
+it on that device) to this device's roster, with the addresses (ip:port) it may be reached at, \
+if known. It takes effect at once; run the same on the other device with this device's key, so \
+each accepts the other. Until pairing exists, this is how devices are linked."
+    )]
+    Add {
+        /// The member's name on this device
+        name: DeviceName,
+        /// The member's public key (44 characters of base64)
+        public_key: PublicKey,
+        /// Addresses (ip:port) where the member listens, e.g. 192.168.1.20:7332
+        addresses: Vec<SocketAddr>,
+        /// Print the new member as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a member: its session is closed and it can no longer connect
+    Remove {
+        /// Member name or device ID
+        name: String,
+        /// Print the removed member as JSON
         #[arg(long)]
         json: bool,
     },

@@ -18,6 +18,7 @@ use serde_json::{Value, json};
 
 use crate::EXIT_NOT_RUNNING;
 use crate::cli::{Cli, Command, ConfigCommand, ManageCommand};
+use crate::peers;
 
 /// How long a command waits for the daemon's answer.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -26,6 +27,23 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
     let env = DeviceEnv::load()?;
     match command {
         Command::Status { json } => status(&env, json).await,
+        Command::Peers { json } => peers::list(&env, json).await,
+        Command::Ping {
+            name,
+            count,
+            timeout,
+            json,
+        } => peers::ping(&env, &name, count, timeout, json).await,
+        Command::Reconnect => peers::reconnect(&env).await,
+        Command::Manage(ManageCommand::Add {
+            name,
+            public_key,
+            addresses,
+            json,
+        }) => peers::add(&env, name, public_key, addresses, json).await,
+        Command::Manage(ManageCommand::Remove { name, json }) => {
+            peers::remove(&env, &name, json).await
+        }
         Command::Config(ConfigCommand::Show { json }) => config_show(&env, json),
         Command::Config(ConfigCommand::Path { json }) => config_path(&env, json),
         Command::Config(ConfigCommand::Example) => {
@@ -42,29 +60,67 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+pub fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }
 
-async fn status(env: &DeviceEnv, as_json: bool) -> anyhow::Result<ExitCode> {
-    let socket = env.paths.public_socket();
+/// Why a command that needs the daemon did not get an answer.
+pub enum CallError {
+    /// Not running: the caller says so (with exit status 3).
+    NotRunning(ClientError),
+    Other(anyhow::Error),
+}
+
+impl From<anyhow::Error> for CallError {
+    fn from(e: anyhow::Error) -> Self {
+        CallError::Other(e)
+    }
+}
+
+/// Calls one API method on the daemon.
+pub async fn call(env: &DeviceEnv, method: &str, params: Value) -> Result<Value, CallError> {
+    call_with_timeout(env, method, params, CALL_TIMEOUT).await
+}
+
+pub async fn call_with_timeout(
+    env: &DeviceEnv,
+    method: &str,
+    params: Value,
+    timeout: Duration,
+) -> Result<Value, CallError> {
     let answer = async {
-        let mut client = Client::connect(&socket).await?;
-        client.call("status", Value::Null, CALL_TIMEOUT).await
+        let mut client = Client::connect(&env.paths.public_socket()).await?;
+        client.call(method, params, timeout).await
     }
     .await;
-    let value = match answer {
+    match answer {
+        Ok(value) => Ok(value),
+        Err(e @ ClientError::NotRunning { .. }) => Err(CallError::NotRunning(e)),
+        Err(ClientError::Rpc(e)) => Err(CallError::Other(anyhow::anyhow!(e.message))),
+        Err(e) => Err(CallError::Other(e.into())),
+    }
+}
+
+/// The exit for "daemon not running": the message (or JSON) and status 3.
+pub fn not_running(env: &DeviceEnv, error: ClientError, as_json: bool) -> anyhow::Result<ExitCode> {
+    if as_json {
+        print_json(&json!({
+            "running": false,
+            "socket": env.paths.public_socket(),
+            "error": error.to_string(),
+        }))?;
+    } else {
+        eprintln!("{error}");
+    }
+    Ok(ExitCode::from(EXIT_NOT_RUNNING))
+}
+
+async fn status(env: &DeviceEnv, as_json: bool) -> anyhow::Result<ExitCode> {
+    let value = match call(env, "status", Value::Null).await {
         Ok(value) => value,
-        Err(e @ ClientError::NotRunning { .. }) => {
-            if as_json {
-                print_json(&json!({ "running": false, "socket": socket, "error": e.to_string() }))?;
-            } else {
-                eprintln!("{e}");
-            }
-            return Ok(ExitCode::from(EXIT_NOT_RUNNING));
-        }
-        Err(e) => return Err(e).context("cannot get the status"),
+        Err(CallError::NotRunning(e)) => return not_running(env, e, as_json),
+        Err(CallError::Other(e)) => return Err(e.context("cannot get the status")),
     };
     if as_json {
         print_json(&value)?;
@@ -127,7 +183,7 @@ fn config_show(env: &DeviceEnv, as_json: bool) -> anyhow::Result<ExitCode> {
     let name = identity::effective_name(env.config.name.as_ref(), &env.paths.state_dir)?;
     let effective = json!({
         "name": name,
-        "mesh": { "listen": env.config.mesh.listen },
+        "mesh": env.config.mesh,
         "paths": {
             "state_dir": env.paths.state_dir,
             "runtime_dir": env.paths.runtime_dir,

@@ -9,11 +9,8 @@ use tokio_util::sync::CancellationToken;
 
 pub async fn start(env: DeviceEnv, shutdown: CancellationToken) -> anyhow::Result<Running> {
     let socket = env.paths.mesh_socket();
-    Ok(cnsprcy::service::spawn(
-        ServiceKind::Discovery,
-        async move {
-            keep_registered(ServiceKind::Discovery, socket, shutdown).await;
-            Ok(())
-        },
-    ))
+    Ok(cnsprcy::service::spawn(async move {
+        keep_registered(ServiceKind::Discovery, socket, shutdown).await;
+        Ok(())
+    }))
 }

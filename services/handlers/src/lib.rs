@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use cnsprcy::env::DeviceEnv;
 use cnsprcy::framing::JsonConnection;
-use cnsprcy::ipc::ServiceKind;
 use cnsprcy::ipc::{FromHandlers, ToHandlers};
 use cnsprcy::service::Running;
 use cnsprcy::sockets::{bind_private, check_peer_uid, remove_socket};
@@ -18,10 +17,7 @@ pub async fn start(env: DeviceEnv, shutdown: CancellationToken) -> anyhow::Resul
     let socket = env.paths.handlers_socket();
     let listener = bind_private(&socket)?;
     tracing::info!(socket = %socket.display(), "handler service ready");
-    Ok(cnsprcy::service::spawn(
-        ServiceKind::Handlers,
-        serve(env, listener, shutdown),
-    ))
+    Ok(cnsprcy::service::spawn(serve(env, listener, shutdown)))
 }
 
 async fn serve(

@@ -1,33 +1,134 @@
-//! The public API's methods.
+//! The public API's methods. `docs/api.md` documents each with examples.
+
+use std::net::SocketAddr;
+use std::time::Duration;
 
 use cnsprcy::api::{ServiceState, ServiceStatus, Status};
+use cnsprcy::identity::{DeviceName, PublicKey};
 use cnsprcy::ipc::ServiceKind;
 use cnsprcy::rpc::{self, Methods, RpcError};
 use serde::Deserialize;
 use serde_json::Value;
+use tokio::sync::oneshot;
 
 use crate::Mesh;
+use crate::node::Request;
+use crate::roster::Member;
+
+/// `ping` waits this long for the pong unless told otherwise.
+const DEFAULT_PING_TIMEOUT_MS: u64 = 5000;
+const MAX_PING_TIMEOUT_MS: u64 = 60_000;
 
 pub struct Api<'a> {
     pub mesh: &'a Mesh,
 }
 
-/// `status` takes no parameters.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct NoParams {}
 
+/// A member named by name or device ID (or the unambiguous start of one).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NameParams {
+    name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PingParams {
+    name: String,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddParams {
+    name: DeviceName,
+    public_key: PublicKey,
+    #[serde(default)]
+    addresses: Vec<SocketAddr>,
+}
+
+fn to_value<T: serde::Serialize>(value: T) -> Result<Value, RpcError> {
+    serde_json::to_value(value).map_err(|e| RpcError::internal(e.to_string()))
+}
+
 impl Methods for Api<'_> {
     fn names(&self) -> &[&'static str] {
-        &["status"]
+        &[
+            "status",
+            "peers",
+            "peer",
+            "ping",
+            "members.add",
+            "members.remove",
+            "retry",
+        ]
     }
 
     async fn call(&self, method: &str, params: Value) -> Result<Value, RpcError> {
         match method {
             "status" => {
                 rpc::params::<NoParams>(params)?;
-                let status = self.status().await;
-                serde_json::to_value(status).map_err(|e| RpcError::internal(e.to_string()))
+                to_value(self.status().await)
+            }
+            "peers" => {
+                rpc::params::<NoParams>(params)?;
+                to_value(self.ask(Request::Peers).await?)
+            }
+            "peer" => {
+                let NameParams { name } = rpc::params(params)?;
+                to_value(self.ask(|reply| Request::Peer { name, reply }).await??)
+            }
+            "ping" => {
+                let PingParams { name, timeout_ms } = rpc::params(params)?;
+                let timeout_ms = timeout_ms.unwrap_or(DEFAULT_PING_TIMEOUT_MS);
+                if timeout_ms == 0 || timeout_ms > MAX_PING_TIMEOUT_MS {
+                    return Err(RpcError::invalid_params(format!(
+                        "invalid params: timeout_ms must be between 1 and {MAX_PING_TIMEOUT_MS}"
+                    )));
+                }
+                let asked = self.ask(|reply| Request::Ping {
+                    name: name.clone(),
+                    reply,
+                });
+                match tokio::time::timeout(Duration::from_millis(timeout_ms), asked).await {
+                    Ok(result) => to_value(result??),
+                    Err(_) => Err(RpcError::new(
+                        crate::node::code::UNREACHABLE,
+                        format!("no pong from {name} within {timeout_ms} ms"),
+                    )),
+                }
+            }
+            "members.add" => {
+                let AddParams {
+                    name,
+                    public_key,
+                    addresses,
+                } = rpc::params(params)?;
+                let member = Member {
+                    name,
+                    public_key,
+                    addresses,
+                };
+                to_value(
+                    self.ask(|reply| Request::AddMember { member, reply })
+                        .await??,
+                )
+            }
+            "members.remove" => {
+                let NameParams { name } = rpc::params(params)?;
+                to_value(
+                    self.ask(|reply| Request::RemoveMember { name, reply })
+                        .await??,
+                )
+            }
+            "retry" => {
+                rpc::params::<NoParams>(params)?;
+                let dialling = self.ask(Request::Retry).await?;
+                Ok(serde_json::json!({ "dialling": dialling }))
             }
             other => Err(RpcError::internal(format!(
                 "method {other:?} has no handler"
@@ -37,6 +138,23 @@ impl Methods for Api<'_> {
 }
 
 impl Api<'_> {
+    /// Sends a request to the node and waits for its answer.
+    async fn ask<T>(
+        &self,
+        request: impl FnOnce(oneshot::Sender<T>) -> Request,
+    ) -> Result<T, RpcError> {
+        let (reply, answer) = oneshot::channel();
+        self.mesh
+            .node
+            .requests
+            .send(request(reply))
+            .await
+            .map_err(|_| RpcError::new(rpc::code::UNAVAILABLE, "the mesh is shutting down"))?;
+        answer
+            .await
+            .map_err(|_| RpcError::new(rpc::code::UNAVAILABLE, "the mesh is shutting down"))
+    }
+
     async fn status(&self) -> Status {
         let mesh = self.mesh;
         let mut services = vec![ServiceStatus {
@@ -85,7 +203,7 @@ impl Api<'_> {
             version: cnsprcy::VERSION.to_owned(),
             pid: std::process::id(),
             uptime_secs: mesh.started.elapsed().as_secs(),
-            listen: mesh.env.config.mesh.listen.clone(),
+            listen: mesh.listening.clone(),
             socket: mesh.env.paths.public_socket(),
             services,
         }

@@ -1,9 +1,19 @@
-//! The mesh service: owns the device's identity, the public JSON-RPC socket and the internal
-//! `mesh.sock` that the helper services register on; talks to the handler service on demand.
+//! The mesh service: owns the device's identity, the roster, the encrypted sessions with other
+//! members, the public JSON-RPC socket and the internal `mesh.sock` that the helper services
+//! register on; talks to the handler service on demand.
 
 mod api;
+mod backoff;
 mod handlers_link;
+mod listener;
+mod liveness;
+mod node;
+mod peers;
+mod ratelimit;
 mod registry;
+pub mod roster;
+mod session;
+pub mod transport;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,11 +22,12 @@ use anyhow::Context;
 use cnsprcy::env::DeviceEnv;
 use cnsprcy::framing::{BadLine, JsonConnection, JsonLinesCodec};
 use cnsprcy::identity::{DeviceName, Identity, effective_name};
-use cnsprcy::ipc::{FromMesh, ServiceKind, ToMesh};
+use cnsprcy::ipc::{FromMesh, ToMesh};
 use cnsprcy::rpc;
 use cnsprcy::service::Running;
 use cnsprcy::sockets::{bind_private, check_peer_uid, remove_socket};
 use futures_util::{SinkExt, StreamExt};
+use std::net::SocketAddr;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 use tokio_util::codec::Framed;
@@ -24,7 +35,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::handlers_link::HandlersLink;
+use crate::node::{Node, NodeHandle};
 use crate::registry::Registry;
+use crate::roster::Roster;
 
 /// Public API connections served at once; more wait in the socket's backlog.
 const MAX_API_CONNECTIONS: usize = 64;
@@ -34,17 +47,21 @@ const REGISTER_TIMEOUT: Duration = Duration::from_secs(5);
 /// What the API handlers and the internal socket share.
 struct Mesh {
     env: DeviceEnv,
-    identity: Identity,
+    identity: Arc<Identity>,
     name: DeviceName,
+    /// Where this device accepts sessions (the bound addresses, ports resolved).
+    listening: Vec<SocketAddr>,
+    node: NodeHandle,
     started: Instant,
     registry: Registry,
     handlers: HandlersLink,
 }
 
-/// Loads (or creates) the identity, binds both sockets and starts serving them. Returns once the
-/// sockets accept connections.
+/// Loads (or creates) the identity, loads the roster, binds the TCP and UNIX sockets and starts
+/// serving them. Returns once every socket accepts connections.
 pub async fn start(env: DeviceEnv, shutdown: CancellationToken) -> anyhow::Result<Running> {
     let (identity, created) = Identity::load_or_create(&env.paths.state_dir)?;
+    let identity = Arc::new(identity);
     let name = effective_name(env.config.name.as_ref(), &env.paths.state_dir)?;
     if created {
         tracing::info!(
@@ -53,11 +70,22 @@ pub async fn start(env: DeviceEnv, shutdown: CancellationToken) -> anyhow::Resul
             "created a new identity for this device"
         );
     }
+    let roster = Roster::load(&env.paths.state_dir)?;
+    let tcp = listener::bind_all(&env.config.mesh.listen)?;
+    let listening: Vec<SocketAddr> = tcp.iter().filter_map(|l| l.local_addr().ok()).collect();
     let public = bind_private(&env.paths.public_socket())?;
     let internal = bind_private(&env.paths.mesh_socket())?;
+    let (node, handle) = Node::new(
+        identity.clone(),
+        name.clone(),
+        env.config.mesh.clone(),
+        listening.clone(),
+        roster,
+    );
     tracing::info!(
         %name,
         id = %identity.device_id(),
+        listen = ?listening,
         socket = %env.paths.public_socket().display(),
         "mesh service ready"
     );
@@ -66,13 +94,27 @@ pub async fn start(env: DeviceEnv, shutdown: CancellationToken) -> anyhow::Resul
         env,
         identity,
         name,
+        listening,
+        node: handle.clone(),
         started: Instant::now(),
         registry: Registry::default(),
     });
-    Ok(cnsprcy::service::spawn(
-        ServiceKind::Mesh,
-        serve(mesh, public, internal, shutdown),
-    ))
+    let serving = async move {
+        let tasks = TaskTracker::new();
+        tasks.spawn(node.run(shutdown.clone()));
+        for tcp in tcp {
+            tasks.spawn(listener::accept_sessions(
+                tcp,
+                handle.clone(),
+                shutdown.clone(),
+            ));
+        }
+        tasks.close();
+        let result = serve(mesh, public, internal, shutdown).await;
+        tasks.wait().await;
+        result
+    };
+    Ok(cnsprcy::service::spawn(serving))
 }
 
 async fn serve(

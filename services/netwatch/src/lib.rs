@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 pub async fn start(env: DeviceEnv, shutdown: CancellationToken) -> anyhow::Result<Running> {
     let socket = env.paths.mesh_socket();
-    Ok(cnsprcy::service::spawn(ServiceKind::Netwatch, async move {
+    Ok(cnsprcy::service::spawn(async move {
         keep_registered(ServiceKind::Netwatch, socket, shutdown).await;
         Ok(())
     }))

@@ -1,0 +1,255 @@
+//! The commands about other devices: `peers`, `ping`, `reconnect`, `manage add|remove`.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use cnsprcy::api::{MemberInfo, PeerInfo, PeerStatus, PingResult};
+use cnsprcy::env::DeviceEnv;
+use cnsprcy::identity::{DeviceName, PublicKey};
+use serde_json::{Value, json};
+
+use crate::commands::{CallError, call, call_with_timeout, not_running, print_json};
+
+/// Runs `call`, turning "not running" into its exit.
+macro_rules! call_or_exit {
+    ($env:expr, $json:expr, $call:expr) => {
+        match $call.await {
+            Ok(value) => value,
+            Err(CallError::NotRunning(e)) => return not_running($env, e, $json),
+            Err(CallError::Other(e)) => return Err(e),
+        }
+    };
+}
+
+pub async fn list(env: &DeviceEnv, as_json: bool) -> anyhow::Result<ExitCode> {
+    let value = call_or_exit!(env, as_json, call(env, "peers", Value::Null));
+    if as_json {
+        print_json(&value)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let peers: Vec<PeerInfo> = serde_json::from_value(value)?;
+    if peers.is_empty() {
+        println!(
+            "No members yet. Add one with `cnspr manage add NAME PUBLIC_KEY [ADDRESS...]`;\n\
+             `cnspr manage id` on the other device prints its public key."
+        );
+    } else {
+        print!("{}", format_table(&peers, SystemTime::now()));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn format_table(peers: &[PeerInfo], now: SystemTime) -> String {
+    let header = ["NAME", "ID", "STATUS", "LATENCY", "ADDRESS", "LAST SEEN"].map(String::from);
+    let mut rows = vec![header];
+    for peer in peers {
+        let address = match (&peer.via, peer.addresses.first()) {
+            (Some(via), _) => format!("via {via}"),
+            (None, Some(addr)) => addr.to_string(),
+            (None, None) => "-".into(),
+        };
+        let last_seen = match (peer.status, &peer.last_seen) {
+            (PeerStatus::Direct | PeerStatus::Relayed, _) => "now".into(),
+            (_, Some(seen)) => ago(seen, now),
+            (_, None) => "never".into(),
+        };
+        rows.push([
+            peer.name.to_string(),
+            format!("{}-…", peer.id.short()),
+            peer.status.as_str().into(),
+            peer.latency_ms.map(format_ms).unwrap_or_else(|| "-".into()),
+            address,
+            last_seen,
+        ]);
+    }
+    let widths: Vec<usize> = (0..6)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn format_ms(ms: f64) -> String {
+    if ms < 10.0 {
+        format!("{ms:.1} ms")
+    } else {
+        format!("{ms:.0} ms")
+    }
+}
+
+/// "3 h ago" from an RFC 3339 time.
+fn ago(rfc3339: &str, now: SystemTime) -> String {
+    let Ok(then) = humantime::parse_rfc3339(rfc3339) else {
+        return rfc3339.to_owned();
+    };
+    let secs = now.duration_since(then).unwrap_or_default().as_secs();
+    match secs {
+        s if s < 60 => format!("{s} s ago"),
+        s if s < 3600 => format!("{} min ago", s / 60),
+        s if s < 86400 => format!("{} h ago", s / 3600),
+        s => format!("{} d ago", s / 86400),
+    }
+}
+
+pub async fn ping(
+    env: &DeviceEnv,
+    name: &str,
+    count: u32,
+    timeout: Duration,
+    as_json: bool,
+) -> anyhow::Result<ExitCode> {
+    let timeout_ms = timeout.as_millis().clamp(1, 60_000) as u64;
+    let mut results = Vec::new();
+    let mut answered = 0;
+    for round in 0..count {
+        if round > 0 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let params = json!({ "name": name, "timeout_ms": timeout_ms });
+        let answer = call_with_timeout(env, "ping", params, timeout + Duration::from_secs(5)).await;
+        match answer {
+            Ok(value) => {
+                answered += 1;
+                if !as_json {
+                    let pong: PingResult = serde_json::from_value(value.clone())?;
+                    println!("{}", describe_pong(&pong));
+                }
+                results.push(value);
+            }
+            Err(CallError::NotRunning(e)) => return not_running(env, e, as_json),
+            Err(CallError::Other(e)) => {
+                if !as_json {
+                    eprintln!("{e}");
+                }
+                results.push(json!({ "error": e.to_string() }));
+            }
+        }
+    }
+    if as_json {
+        print_json(&results)?;
+    }
+    Ok(if answered > 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn describe_pong(pong: &PingResult) -> String {
+    let path = match (&pong.via, pong.address) {
+        (Some(via), _) => format!("via {via} (relayed)"),
+        (None, Some(addr)) => format!("via {addr}"),
+        (None, None) => "direct".into(),
+    };
+    format!(
+        "pong from {} ({}) {path} in {}",
+        pong.name,
+        pong.id,
+        format_ms(pong.rtt_ms)
+    )
+}
+
+pub async fn reconnect(env: &DeviceEnv) -> anyhow::Result<ExitCode> {
+    let value = call_or_exit!(env, false, call(env, "retry", Value::Null));
+    let count = value["dialling"].as_u64().unwrap_or(0);
+    println!("dialling {count} member(s) without a session now");
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn add(
+    env: &DeviceEnv,
+    name: DeviceName,
+    public_key: PublicKey,
+    addresses: Vec<SocketAddr>,
+    as_json: bool,
+) -> anyhow::Result<ExitCode> {
+    let params = json!({ "name": name, "public_key": public_key, "addresses": addresses });
+    let value = call_or_exit!(env, as_json, call(env, "members.add", params));
+    print_member("added", value, as_json)
+}
+
+pub async fn remove(env: &DeviceEnv, name: &str, as_json: bool) -> anyhow::Result<ExitCode> {
+    let value = call_or_exit!(
+        env,
+        as_json,
+        call(env, "members.remove", json!({ "name": name }))
+    );
+    print_member("removed", value, as_json)
+}
+
+fn print_member(verb: &str, value: Value, as_json: bool) -> anyhow::Result<ExitCode> {
+    if as_json {
+        print_json(&value)?;
+    } else {
+        let member: MemberInfo = serde_json::from_value(value)?;
+        println!("{verb} member {} ({})", member.name, member.id);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cnsprcy::identity::Identity;
+
+    #[test]
+    fn table_matches_the_documented_shape() {
+        let now = humantime::parse_rfc3339("2026-01-01T12:00:00Z").unwrap();
+        let peer =
+            |name: &str, seed: u8, status, latency, via: Option<&str>, seen: Option<&str>| {
+                let key = Identity::from_secret([seed; 32]).public_key();
+                PeerInfo {
+                    name: DeviceName::new(name).unwrap(),
+                    id: key.device_id(),
+                    public_key: key,
+                    status,
+                    addresses: vec!["192.168.1.20:7332".parse().unwrap()],
+                    latency_ms: latency,
+                    via: via.map(|v| DeviceName::new(v).unwrap()),
+                    last_seen: seen.map(String::from),
+                }
+            };
+        let table = format_table(
+            &[
+                peer("laptop", 1, PeerStatus::Direct, Some(0.8), None, None),
+                peer(
+                    "phone",
+                    2,
+                    PeerStatus::Relayed,
+                    Some(14.2),
+                    Some("laptop"),
+                    None,
+                ),
+                peer(
+                    "tv-box",
+                    3,
+                    PeerStatus::Unreachable,
+                    None,
+                    None,
+                    Some("2026-01-01T09:00:00Z"),
+                ),
+            ],
+            now,
+        );
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[0].starts_with("NAME    ID"), "{table}");
+        assert!(
+            lines[1].contains("direct") && lines[1].contains("0.8 ms") && lines[1].ends_with("now")
+        );
+        assert!(lines[2].contains("via laptop") && lines[2].contains("14 ms"));
+        assert!(
+            lines[3].contains("unreachable") && lines[3].ends_with("3 h ago"),
+            "{table}"
+        );
+    }
+}

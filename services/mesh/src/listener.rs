@@ -1,0 +1,111 @@
+//! The TCP side: listening sockets, and the accept path that runs the Noise handshake for each
+//! connection before the node hears of it. Everything here faces strangers, so work per
+//! connection is bounded (handshakes at once, handshake time) and logging is rate-limited.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::bail;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::liveness::Role;
+use crate::node::{Event, NodeHandle};
+use crate::ratelimit::RateLimitedLog;
+use crate::transport;
+
+/// Handshakes in progress at once; connections beyond are closed at once.
+pub const MAX_HANDSHAKES: usize = 64;
+const LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Binds every address. One that fails is logged and skipped (a default `[::]` on a machine
+/// without IPv6, say); none at all is an error.
+pub fn bind_all(addresses: &[SocketAddr]) -> anyhow::Result<Vec<TcpListener>> {
+    let mut listeners = Vec::new();
+    let mut errors = Vec::new();
+    for addr in addresses {
+        match bind(*addr) {
+            Ok(listener) => listeners.push(listener),
+            Err(e) => {
+                tracing::warn!("cannot listen on {addr}: {e}");
+                errors.push(format!("{addr}: {e}"));
+            }
+        }
+    }
+    if listeners.is_empty() && !addresses.is_empty() {
+        bail!(
+            "cannot listen on any of the [mesh] listen addresses ({}); is another program using the port?",
+            errors.join("; ")
+        );
+    }
+    Ok(listeners)
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // `[::]` beside `0.0.0.0` on the same port: each family gets its own socket.
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+pub async fn accept_sessions(listener: TcpListener, node: NodeHandle, shutdown: CancellationToken) {
+    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    let log = Arc::new(RateLimitedLog::new(LOG_INTERVAL));
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, addr) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                log.warn("accept", || format!("cannot accept a connection: {e}"));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+            log.warn("busy", || {
+                format!("{MAX_HANDSHAKES} handshakes in progress; dropped a connection from {addr}")
+            });
+            continue;
+        };
+        let (node, log, shutdown) = (node.clone(), log.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _ = stream.set_nodelay(true);
+            let handshake =
+                transport::respond(stream, &node.identity, |k| node.is_member(k), &node.payload);
+            let outcome = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                outcome = handshake => outcome,
+            };
+            match outcome {
+                Ok(session) => {
+                    let _ = node
+                        .events
+                        .send(Event::Established {
+                            session: Box::new(session),
+                            role: Role::Responder,
+                            addr,
+                        })
+                        .await;
+                }
+                Err(e) => {
+                    log.warn("handshake", || {
+                        format!("dropped a connection from {addr}: {e}")
+                    });
+                }
+            }
+        });
+    }
+}

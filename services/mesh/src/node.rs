@@ -1,0 +1,853 @@
+//! The node: one task that owns the roster, the peer table and the live sessions. Dialling,
+//! accepting and running sessions happen in other tasks, which report here as `Event`s; the API
+//! asks through `Request`s. Keeping all state in one task keeps its rules in one place.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use cnsprcy::api::{MemberInfo, PeerInfo, PeerStatus, PingResult};
+use cnsprcy::config::MeshConfig;
+use cnsprcy::identity::{DeviceName, Identity, PublicKey};
+use cnsprcy::rpc::RpcError;
+use cnsprcy::wire::{
+    self, HandshakePayload, Hello, MAX_RELAY_HOPS, Message, Neighbor, Relay, RelayBody,
+};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::liveness::Role;
+use crate::peers::{PeerTable, Reach};
+use crate::roster::{Member, Roster, RosterError};
+use crate::session::{OUTBOUND_QUEUE, SessionTask};
+use crate::transport::{self, Session};
+
+/// How long one TCP connect may take before that address counts as failed.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pings not answered within this time are forgotten.
+const PING_FORGET: Duration = Duration::from_secs(60);
+/// An RTT change larger than this fraction is announced to peers (for their relay choice).
+const RTT_ANNOUNCE_CHANGE: f64 = 0.25;
+
+/// Error codes of the peer methods (JSON-RPC implementation-defined range).
+pub mod code {
+    pub const NOT_FOUND: i64 = -32004;
+    pub const CONFLICT: i64 = -32005;
+    pub const UNREACHABLE: i64 = -32006;
+    pub const STORAGE: i64 = -32007;
+}
+
+/// What the tasks around the node report.
+pub enum Event {
+    /// A handshake completed, dialled by us (`Role::Initiator`) or accepted.
+    Established {
+        session: Box<Session>,
+        role: Role,
+        addr: SocketAddr,
+    },
+    DialFailed {
+        key: PublicKey,
+        error: String,
+    },
+    Message {
+        key: PublicKey,
+        session: u64,
+        message: Message,
+    },
+    Rtt {
+        key: PublicKey,
+        session: u64,
+        rtt: Duration,
+    },
+    Closed {
+        key: PublicKey,
+        session: u64,
+        reason: String,
+    },
+}
+
+/// What the API asks of the node.
+pub enum Request {
+    Peers(oneshot::Sender<Vec<PeerInfo>>),
+    Peer {
+        name: String,
+        reply: oneshot::Sender<Result<PeerInfo, RpcError>>,
+    },
+    Ping {
+        name: String,
+        reply: oneshot::Sender<Result<PingResult, RpcError>>,
+    },
+    AddMember {
+        member: Member,
+        reply: oneshot::Sender<Result<MemberInfo, RpcError>>,
+    },
+    RemoveMember {
+        name: String,
+        reply: oneshot::Sender<Result<MemberInfo, RpcError>>,
+    },
+    /// Redial everyone now (the network changed).
+    Retry(oneshot::Sender<usize>),
+}
+
+/// The node's public face: where to send events and requests, and the member set the accept
+/// path checks handshakes against without a round trip through the node.
+#[derive(Clone)]
+pub struct NodeHandle {
+    pub events: mpsc::Sender<Event>,
+    pub requests: mpsc::Sender<Request>,
+    pub members: Arc<RwLock<HashSet<PublicKey>>>,
+    pub identity: Arc<Identity>,
+    pub payload: HandshakePayload,
+}
+
+impl NodeHandle {
+    pub fn is_member(&self, key: &PublicKey) -> bool {
+        self.members
+            .read()
+            .map(|m| m.contains(key))
+            .unwrap_or(false)
+    }
+}
+
+/// One live session, as the node sees it.
+struct Live {
+    id: u64,
+    tx: mpsc::Sender<Message>,
+    cancel: CancellationToken,
+    we_initiated: bool,
+    incarnation: u64,
+    addr: SocketAddr,
+}
+
+struct PendingPing {
+    key: PublicKey,
+    sent: Instant,
+    path: PeerStatus,
+    via: Option<PublicKey>,
+    address: Option<SocketAddr>,
+    reply: oneshot::Sender<Result<PingResult, RpcError>>,
+}
+
+pub struct Node {
+    handle: NodeHandle,
+    name: DeviceName,
+    config: MeshConfig,
+    listening: Vec<SocketAddr>,
+    roster: Roster,
+    table: PeerTable,
+    sessions: HashMap<PublicKey, Live>,
+    next_session_id: u64,
+    events: mpsc::Receiver<Event>,
+    requests: mpsc::Receiver<Request>,
+    pending_pings: HashMap<u64, PendingPing>,
+    /// RTTs last announced in `Neighbors`, to announce again only on real change.
+    announced: Vec<(PublicKey, Option<Duration>)>,
+    /// Status last logged per member.
+    logged: HashMap<PublicKey, (PeerStatus, Option<PublicKey>)>,
+    /// Members whose failed dials were logged since they were last reachable.
+    quiet_dials: HashSet<PublicKey>,
+    tasks: TaskTracker,
+}
+
+/// Decides which of two sessions with the same peer survives, the same way on both sides:
+/// - a session from a new incarnation of the peer replaces one from the old (it restarted);
+/// - a new session dialled by the same side as the old one replaces it (that side thinks the old
+///   one is gone, and only it can know);
+/// - of two sessions dialled by opposite sides at once, the one whose initiator has the smaller
+///   public key survives.
+fn keep_new_session(
+    own: &PublicKey,
+    remote: &PublicKey,
+    old: (bool, u64),
+    new: (bool, u64),
+) -> bool {
+    let (old_we_initiated, old_incarnation) = old;
+    let (new_we_initiated, new_incarnation) = new;
+    if old_incarnation != new_incarnation || old_we_initiated == new_we_initiated {
+        return true;
+    }
+    let initiator = |we: bool| if we { own } else { remote };
+    initiator(new_we_initiated).as_bytes() < initiator(old_we_initiated).as_bytes()
+}
+
+fn rpc_error(code: i64, message: impl Into<String>) -> RpcError {
+    RpcError::new(code, message)
+}
+
+fn roster_error(e: RosterError) -> RpcError {
+    match e {
+        RosterError::NotFound(_) => rpc_error(code::NOT_FOUND, e.to_string()),
+        RosterError::NameTaken(_) | RosterError::KeyTaken(_) | RosterError::OwnKey => {
+            rpc_error(code::CONFLICT, e.to_string())
+        }
+        other => rpc_error(code::STORAGE, other.to_string()),
+    }
+}
+
+fn millis(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+impl Node {
+    /// `listening` is where this device accepts sessions, as announced to peers.
+    pub fn new(
+        identity: Arc<Identity>,
+        name: DeviceName,
+        config: MeshConfig,
+        listening: Vec<SocketAddr>,
+        roster: Roster,
+    ) -> (Self, NodeHandle) {
+        let (events_tx, events) = mpsc::channel(1024);
+        let (requests_tx, requests) = mpsc::channel(64);
+        let members: HashSet<PublicKey> = roster.members().iter().map(|m| m.public_key).collect();
+        let handle = NodeHandle {
+            events: events_tx,
+            requests: requests_tx,
+            members: Arc::new(RwLock::new(members)),
+            identity,
+            payload: HandshakePayload {
+                version: wire::PROTOCOL_VERSION,
+                incarnation: rand::random(),
+            },
+        };
+        let mut table = PeerTable::default();
+        table.sync_members(
+            roster.members().iter().map(|m| m.public_key),
+            Instant::now().into_std(),
+        );
+        let node = Self {
+            handle: handle.clone(),
+            name,
+            config,
+            listening,
+            roster,
+            table,
+            sessions: HashMap::new(),
+            next_session_id: 0,
+            events,
+            requests,
+            pending_pings: HashMap::new(),
+            announced: Vec::new(),
+            logged: HashMap::new(),
+            quiet_dials: HashSet::new(),
+            tasks: TaskTracker::new(),
+        };
+        (node, handle)
+    }
+
+    fn own_key(&self) -> PublicKey {
+        self.handle.identity.public_key()
+    }
+
+    fn member_name(&self, key: &PublicKey) -> String {
+        self.roster
+            .get(key)
+            .map(|m| m.name.to_string())
+            .unwrap_or_else(|| key.device_id().to_string())
+    }
+
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut prune = tokio::time::interval(PING_FORGET);
+        loop {
+            self.dial_due();
+            let wake = self
+                .table
+                .next_dial_at()
+                .map(Instant::from_std)
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                Some(event) = self.events.recv() => self.on_event(event),
+                Some(request) = self.requests.recv() => self.on_request(request),
+                _ = tokio::time::sleep_until(wake) => {}
+                _ = prune.tick() => self.forget_old_pings(),
+            }
+            self.after_change();
+        }
+        for live in self.sessions.values() {
+            live.cancel.cancel();
+        }
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    fn jitter() -> f64 {
+        rand::random::<f64>()
+    }
+
+    fn dial_due(&mut self) {
+        let now = Instant::now().into_std();
+        for key in self.table.take_due_dials(now) {
+            let addresses = self
+                .roster
+                .get(&key)
+                .map(|m| m.addresses.clone())
+                .unwrap_or_default();
+            if addresses.is_empty() {
+                // Nothing to dial yet; the member may dial us, or discovery may find it.
+                self.table.dial_failed(&key, now, Self::jitter());
+                continue;
+            }
+            let handle = self.handle.clone();
+            self.tasks.spawn(dial(handle, key, addresses));
+        }
+    }
+
+    fn on_event(&mut self, event: Event) {
+        match event {
+            Event::Established {
+                session,
+                role,
+                addr,
+            } => self.on_established(*session, role, addr),
+            Event::DialFailed { key, error } => {
+                let name = self.member_name(&key);
+                if let Some(delay) =
+                    self.table
+                        .dial_failed(&key, Instant::now().into_std(), Self::jitter())
+                {
+                    if self.quiet_dials.insert(key) {
+                        tracing::info!(peer = %name, "cannot reach {name}: {error}; retrying with backoff");
+                    } else {
+                        tracing::debug!(peer = %name, "still cannot reach {name}: {error}; next try in {delay:?}");
+                    }
+                }
+            }
+            Event::Message {
+                key,
+                session,
+                message,
+            } => {
+                if self.sessions.get(&key).is_some_and(|l| l.id == session) {
+                    self.on_message(key, message);
+                }
+            }
+            Event::Rtt { key, session, rtt } => {
+                if self.sessions.get(&key).is_some_and(|l| l.id == session) {
+                    self.table.set_rtt(&key, rtt);
+                }
+            }
+            Event::Closed {
+                key,
+                session,
+                reason,
+            } => {
+                if self.sessions.get(&key).is_some_and(|l| l.id == session) {
+                    self.sessions.remove(&key);
+                    let name = self.member_name(&key);
+                    tracing::info!(peer = %name, "session with {name} ended: {reason}");
+                    self.table
+                        .session_down(&key, Instant::now().into_std(), Self::jitter());
+                }
+            }
+        }
+    }
+
+    fn on_established(&mut self, session: Session, role: Role, addr: SocketAddr) {
+        let key = session.remote_key;
+        if !self.table.contains(&key) {
+            return;
+        }
+        let we_initiated = role == Role::Initiator;
+        let incarnation = session.remote.incarnation;
+        if let Some(old) = self.sessions.get(&key) {
+            let own = self.own_key();
+            if !keep_new_session(
+                &own,
+                &key,
+                (old.we_initiated, old.incarnation),
+                (we_initiated, incarnation),
+            ) {
+                tracing::debug!(peer = %self.member_name(&key), "dropped a duplicate session");
+                return;
+            }
+            old.cancel.cancel();
+        }
+        self.next_session_id += 1;
+        let id = self.next_session_id;
+        let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
+        let cancel = CancellationToken::new();
+        let task = SessionTask {
+            session,
+            id,
+            role,
+            interval: self.config.keepalive_interval,
+            timeout: self.config.keepalive_timeout,
+            outbound_tx: tx.clone(),
+            outbound: rx,
+            events: self.handle.events.clone(),
+            cancel: cancel.clone(),
+        };
+        self.tasks.spawn(task.run());
+        let hello = Message::Hello(Hello {
+            name: self.name.to_string(),
+            listen: self.listening.clone(),
+        });
+        let _ = tx.try_send(hello);
+        let _ = tx.try_send(self.neighbors_message());
+        self.sessions.insert(
+            key,
+            Live {
+                id,
+                tx,
+                cancel,
+                we_initiated,
+                incarnation,
+                addr,
+            },
+        );
+        self.table.session_up(&key, addr, Instant::now().into_std());
+        self.quiet_dials.remove(&key);
+        if we_initiated {
+            self.learn_address(&key, addr);
+        }
+    }
+
+    fn learn_address(&mut self, key: &PublicKey, addr: SocketAddr) {
+        if let Err(e) = self.roster.learn_address(key, addr) {
+            tracing::warn!("{e}");
+        }
+    }
+
+    fn on_message(&mut self, key: PublicKey, message: Message) {
+        match message {
+            Message::Hello(hello) => {
+                let Some(observed) = self.sessions.get(&key).map(|l| l.addr) else {
+                    return;
+                };
+                // Where the peer listens, at the address it reached us from.
+                for listen in hello.listen {
+                    let ip = listen.ip();
+                    if (ip.is_unspecified() && ip.is_ipv4() == observed.is_ipv4())
+                        || ip == observed.ip()
+                    {
+                        self.learn_address(&key, SocketAddr::new(observed.ip(), listen.port()));
+                    }
+                }
+            }
+            Message::Neighbors(neighbors) => {
+                let list = neighbors
+                    .into_iter()
+                    .map(|n| {
+                        (
+                            PublicKey::from_bytes(n.key),
+                            n.rtt_us.map(|us| Duration::from_micros(us.into())),
+                        )
+                    })
+                    .filter(|(k, _)| self.table.contains(k))
+                    .collect();
+                self.table.set_report(&key, list);
+            }
+            Message::Relay(relay) => self.on_relay(relay),
+            Message::Pong { nonce } => self.complete_ping(nonce),
+            // Answered by the session task itself.
+            Message::Ping { .. } => {}
+        }
+    }
+
+    fn on_relay(&mut self, relay: Relay) {
+        let own = *self.own_key().as_bytes();
+        let from = PublicKey::from_bytes(relay.from);
+        if !self.table.contains(&from) && relay.from != own {
+            return;
+        }
+        if relay.to == own {
+            match relay.body {
+                RelayBody::Ping { nonce } => {
+                    let pong = Relay {
+                        from: own,
+                        to: relay.from,
+                        hops: 0,
+                        body: RelayBody::Pong { nonce },
+                    };
+                    self.route(&from, Message::Relay(pong));
+                }
+                RelayBody::Pong { nonce } => self.complete_ping(nonce),
+            }
+        } else if relay.hops < MAX_RELAY_HOPS {
+            let to = PublicKey::from_bytes(relay.to);
+            if let Some(live) = self.sessions.get(&to) {
+                let _ = live.tx.try_send(Message::Relay(Relay {
+                    hops: relay.hops + 1,
+                    ..relay
+                }));
+            }
+        }
+    }
+
+    /// Sends `message` to `to` directly, or to the member that relays to it.
+    fn route(&self, to: &PublicKey, message: Message) -> bool {
+        let next = match self.table.reach(to) {
+            Reach::Direct { .. } => *to,
+            Reach::Relayed { via, .. } => via,
+            Reach::Unreachable => return false,
+        };
+        self.sessions
+            .get(&next)
+            .is_some_and(|live| live.tx.try_send(message).is_ok())
+    }
+
+    fn complete_ping(&mut self, nonce: u64) {
+        let Some(pending) = self.pending_pings.remove(&nonce) else {
+            return;
+        };
+        let Some(member) = self.roster.get(&pending.key) else {
+            return;
+        };
+        let result = PingResult {
+            name: member.name.clone(),
+            id: member.id(),
+            path: pending.path,
+            via: pending
+                .via
+                .and_then(|v| self.roster.get(&v).map(|m| m.name.clone())),
+            address: pending.address,
+            rtt_ms: millis(pending.sent.elapsed()),
+        };
+        let _ = pending.reply.send(Ok(result));
+    }
+
+    fn forget_old_pings(&mut self) {
+        self.pending_pings
+            .retain(|_, p| p.sent.elapsed() < PING_FORGET && !p.reply.is_closed());
+    }
+
+    fn neighbors_message(&self) -> Message {
+        Message::Neighbors(
+            self.table
+                .direct_neighbors()
+                .into_iter()
+                .map(|(key, rtt)| Neighbor {
+                    key: *key.as_bytes(),
+                    rtt_us: rtt.map(|d| d.as_micros().min(u32::MAX.into()) as u32),
+                })
+                .collect(),
+        )
+    }
+
+    /// After every event: tell peers about changed direct sessions, log status changes, and
+    /// note who is reachable.
+    fn after_change(&mut self) {
+        let neighbors = self.table.direct_neighbors();
+        if announcement_differs(&self.announced, &neighbors) {
+            let message = self.neighbors_message();
+            for live in self.sessions.values() {
+                let _ = live.tx.try_send(message.clone());
+            }
+            self.announced = neighbors;
+        }
+        for member in self.roster.members() {
+            let key = member.public_key;
+            let reach = self.table.reach(&key);
+            let now = match reach {
+                Reach::Direct { .. } => (PeerStatus::Direct, None),
+                Reach::Relayed { via, .. } => (PeerStatus::Relayed, Some(via)),
+                Reach::Unreachable => (PeerStatus::Unreachable, None),
+            };
+            let before = self.logged.insert(key, now);
+            let first = before.is_none();
+            if before == Some(now) || (first && now.0 == PeerStatus::Unreachable) {
+                continue;
+            }
+            let name = &member.name;
+            match reach {
+                Reach::Direct { addr, .. } => {
+                    tracing::info!(peer = %name, status = "direct", "{name} is direct at {addr}")
+                }
+                Reach::Relayed { via, .. } => {
+                    let via = self.member_name(&via);
+                    tracing::info!(peer = %name, status = "relayed", "{name} is relayed via {via}")
+                }
+                Reach::Unreachable => {
+                    tracing::info!(peer = %name, status = "unreachable", "{name} is unreachable")
+                }
+            }
+        }
+        self.table.touch_reachable(SystemTime::now());
+    }
+
+    fn on_request(&mut self, request: Request) {
+        match request {
+            Request::Peers(reply) => {
+                let peers = self
+                    .roster
+                    .members()
+                    .iter()
+                    .map(|m| self.peer_info(m))
+                    .collect();
+                let _ = reply.send(peers);
+            }
+            Request::Peer { name, reply } => {
+                let result = self
+                    .roster
+                    .find(&name)
+                    .map(|m| self.peer_info(m))
+                    .map_err(roster_error);
+                let _ = reply.send(result);
+            }
+            Request::Ping { name, reply } => self.start_ping(&name, reply),
+            Request::AddMember { member, reply } => {
+                let own = self.own_key();
+                let info = member_info(&member);
+                let name = member.name.clone();
+                let result = self.roster.add(member, &own).map_err(roster_error);
+                if result.is_ok() {
+                    tracing::info!(peer = %name, "added member {name} ({})", info.id);
+                    self.sync_members();
+                }
+                let _ = reply.send(result.map(|()| info));
+            }
+            Request::RemoveMember { name, reply } => {
+                let result = self.roster.remove(&name).map_err(roster_error);
+                if let Ok(member) = &result {
+                    tracing::info!(peer = %member.name, "removed member {}", member.name);
+                    if let Some(live) = self.sessions.remove(&member.public_key) {
+                        live.cancel.cancel();
+                    }
+                    self.logged.remove(&member.public_key);
+                    self.sync_members();
+                }
+                let _ = reply.send(result.map(|m| member_info(&m)));
+            }
+            Request::Retry(reply) => {
+                let count = self.table.retry_all(Instant::now().into_std());
+                let _ = reply.send(count);
+            }
+        }
+    }
+
+    fn sync_members(&mut self) {
+        let keys: HashSet<PublicKey> = self.roster.members().iter().map(|m| m.public_key).collect();
+        self.table
+            .sync_members(keys.iter().copied(), Instant::now().into_std());
+        if let Ok(mut members) = self.handle.members.write() {
+            *members = keys;
+        }
+    }
+
+    fn start_ping(&mut self, name: &str, reply: oneshot::Sender<Result<PingResult, RpcError>>) {
+        let member = match self.roster.find(name) {
+            Ok(member) => member.clone(),
+            Err(e) => {
+                let _ = reply.send(Err(roster_error(e)));
+                return;
+            }
+        };
+        let key = member.public_key;
+        let nonce: u64 = rand::random();
+        let own = *self.own_key().as_bytes();
+        let (path, via, address, message) = match self.table.reach(&key) {
+            Reach::Direct { addr, .. } => (
+                PeerStatus::Direct,
+                None,
+                Some(addr),
+                Message::Ping {
+                    nonce,
+                    rtt_us: None,
+                },
+            ),
+            Reach::Relayed { via, .. } => (
+                PeerStatus::Relayed,
+                Some(via),
+                None,
+                Message::Relay(Relay {
+                    from: own,
+                    to: *key.as_bytes(),
+                    hops: 0,
+                    body: RelayBody::Ping { nonce },
+                }),
+            ),
+            Reach::Unreachable => {
+                let _ = reply.send(Err(rpc_error(
+                    code::UNREACHABLE,
+                    format!(
+                        "{} is unreachable: no session with it, and no member reports one",
+                        member.name
+                    ),
+                )));
+                return;
+            }
+        };
+        self.pending_pings.insert(
+            nonce,
+            PendingPing {
+                key,
+                sent: Instant::now(),
+                path,
+                via,
+                address,
+                reply,
+            },
+        );
+        if !self.route(&key, message)
+            && let Some(pending) = self.pending_pings.remove(&nonce)
+        {
+            let _ = pending.reply.send(Err(rpc_error(
+                code::UNREACHABLE,
+                format!("cannot send to {} now (its queue is full)", member.name),
+            )));
+        }
+    }
+
+    fn peer_info(&self, member: &Member) -> PeerInfo {
+        let key = member.public_key;
+        let reach = self.table.reach(&key);
+        let mut addresses = Vec::new();
+        let (status, latency, via) = match reach {
+            Reach::Direct { addr, rtt } => {
+                addresses.push(addr);
+                (PeerStatus::Direct, rtt, None)
+            }
+            Reach::Relayed { via, rtt } => (
+                PeerStatus::Relayed,
+                rtt,
+                self.roster.get(&via).map(|m| m.name.clone()),
+            ),
+            Reach::Unreachable => (PeerStatus::Unreachable, None, None),
+        };
+        for addr in &member.addresses {
+            if !addresses.contains(addr) {
+                addresses.push(*addr);
+            }
+        }
+        let last_seen = if reach.is_reachable() {
+            Some(SystemTime::now())
+        } else {
+            self.table.last_seen(&key)
+        };
+        PeerInfo {
+            name: member.name.clone(),
+            id: member.id(),
+            public_key: key,
+            status,
+            addresses,
+            latency_ms: latency.map(millis),
+            via,
+            last_seen: last_seen.map(rfc3339),
+        }
+    }
+}
+
+fn member_info(member: &Member) -> MemberInfo {
+    MemberInfo {
+        name: member.name.clone(),
+        id: member.id(),
+        public_key: member.public_key,
+        addresses: member.addresses.clone(),
+    }
+}
+
+/// Whether the direct set changed, or an RTT moved by more than `RTT_ANNOUNCE_CHANGE`.
+fn announcement_differs(
+    old: &[(PublicKey, Option<Duration>)],
+    new: &[(PublicKey, Option<Duration>)],
+) -> bool {
+    if old.len() != new.len() {
+        return true;
+    }
+    old.iter().zip(new).any(|((ka, ra), (kb, rb))| {
+        ka != kb
+            || match (ra, rb) {
+                (Some(a), Some(b)) => {
+                    let (a, b) = (a.as_secs_f64(), b.as_secs_f64());
+                    (a - b).abs() > RTT_ANNOUNCE_CHANGE * a.max(b)
+                }
+                (a, b) => a.is_some() != b.is_some(),
+            }
+    })
+}
+
+/// Dials all of a member's addresses at once; the first completed handshake wins and the other
+/// attempts are dropped.
+async fn dial(handle: NodeHandle, key: PublicKey, addresses: Vec<SocketAddr>) {
+    let mut attempts = JoinSet::new();
+    for addr in addresses {
+        let (identity, payload) = (handle.identity.clone(), handle.payload.clone());
+        attempts.spawn(async move {
+            let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+                .await
+                .map_err(|_| format!("{addr}: connect timed out"))?
+                .map_err(|e| format!("{addr}: {e}"))?;
+            let _ = stream.set_nodelay(true);
+            let session = transport::initiate(stream, &identity, &key, &payload)
+                .await
+                .map_err(|e| format!("{addr}: {e}"))?;
+            Ok::<_, String>((session, addr))
+        });
+    }
+    let mut errors = Vec::new();
+    while let Some(outcome) = attempts.join_next().await {
+        match outcome {
+            Ok(Ok((session, addr))) => {
+                let _ = handle
+                    .events
+                    .send(Event::Established {
+                        session: Box::new(session),
+                        role: Role::Initiator,
+                        addr,
+                    })
+                    .await;
+                return;
+            }
+            Ok(Err(error)) => errors.push(error),
+            Err(join) => errors.push(join.to_string()),
+        }
+    }
+    let _ = handle
+        .events
+        .send(Event::DialFailed {
+            key,
+            error: errors.join("; "),
+        })
+        .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(seed: u8) -> PublicKey {
+        Identity::from_secret([seed; 32]).public_key()
+    }
+
+    #[test]
+    fn both_sides_keep_the_same_session() {
+        let (a, b) = (key(1), key(2));
+        let (low, high) = if a.as_bytes() < b.as_bytes() {
+            (a, b)
+        } else {
+            (b, a)
+        };
+        // Crossing dials: each side holds one it dialled and one it accepted, in either order.
+        // The session dialled by `low` survives on both sides.
+        // On `low`: old = dialled by high (we_initiated=false), new = dialled by low (true).
+        assert!(keep_new_session(&low, &high, (false, 7), (true, 7)));
+        assert!(!keep_new_session(&low, &high, (true, 7), (false, 7)));
+        // On `high`: old = dialled by low (false), new = dialled by high (true): keep old.
+        assert!(!keep_new_session(&high, &low, (false, 7), (true, 7)));
+        assert!(keep_new_session(&high, &low, (true, 7), (false, 7)));
+        // A redial by the same side, or a restarted peer, always replaces.
+        assert!(keep_new_session(&high, &low, (false, 7), (false, 7)));
+        assert!(keep_new_session(&low, &high, (true, 7), (false, 8)));
+    }
+
+    #[test]
+    fn announcements_ignore_small_rtt_changes() {
+        let ms = Duration::from_millis;
+        let a = key(1);
+        let old = vec![(a, Some(ms(10)))];
+        assert!(!announcement_differs(&old, &[(a, Some(ms(11)))]));
+        assert!(announcement_differs(&old, &[(a, Some(ms(20)))]));
+        assert!(announcement_differs(&old, &[(a, None)]));
+        assert!(announcement_differs(&old, &[]));
+    }
+}

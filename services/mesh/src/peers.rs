@@ -1,0 +1,348 @@
+//! Where every member stands, seen from this device, without I/O: direct sessions, what direct
+//! peers report about their own sessions (for `relayed` status), and when to dial whom.
+//!
+//! Invariants:
+//! - every roster member has exactly one entry here, and nothing else has one;
+//! - a member with a direct session is never dialled; one being dialled is not dialled twice;
+//! - a report from a peer counts only while this device has a direct session with it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant, SystemTime};
+
+use cnsprcy::identity::PublicKey;
+
+use crate::backoff::Backoff;
+
+/// A session must last this long before its end resets the member's backoff; a peer that
+/// accepts and immediately drops sessions is otherwise redialled in a tight loop.
+pub const STABLE_SESSION: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Reach {
+    Direct {
+        addr: SocketAddr,
+        rtt: Option<Duration>,
+    },
+    /// Reachable through `via`, which has a direct session with it.
+    Relayed {
+        via: PublicKey,
+        rtt: Option<Duration>,
+    },
+    Unreachable,
+}
+
+impl Reach {
+    pub fn is_reachable(&self) -> bool {
+        !matches!(self, Reach::Unreachable)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Direct {
+    addr: SocketAddr,
+    since: Instant,
+    rtt: Option<Duration>,
+}
+
+#[derive(Debug, Clone)]
+struct Peer {
+    direct: Option<Direct>,
+    last_seen: Option<SystemTime>,
+    backoff: Backoff,
+    next_dial: Instant,
+    dialing: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct PeerTable {
+    peers: HashMap<PublicKey, Peer>,
+    /// What each direct peer said it is directly connected to, with its RTT.
+    reports: HashMap<PublicKey, Vec<(PublicKey, Option<Duration>)>>,
+}
+
+impl PeerTable {
+    /// Makes the table's members exactly `members`; new ones are due for dialling at once.
+    pub fn sync_members(&mut self, members: impl IntoIterator<Item = PublicKey>, now: Instant) {
+        let members: Vec<PublicKey> = members.into_iter().collect();
+        self.peers.retain(|key, _| members.contains(key));
+        self.reports.retain(|key, _| members.contains(key));
+        for key in members {
+            self.peers.entry(key).or_insert_with(|| Peer {
+                direct: None,
+                last_seen: None,
+                backoff: Backoff::default(),
+                next_dial: now,
+                dialing: false,
+            });
+        }
+    }
+
+    pub fn contains(&self, key: &PublicKey) -> bool {
+        self.peers.contains_key(key)
+    }
+
+    /// Members to dial now; they are marked as being dialled.
+    pub fn take_due_dials(&mut self, now: Instant) -> Vec<PublicKey> {
+        let mut due = Vec::new();
+        for (key, peer) in &mut self.peers {
+            if peer.direct.is_none() && !peer.dialing && peer.next_dial <= now {
+                peer.dialing = true;
+                due.push(*key);
+            }
+        }
+        due.sort_by_key(|k| *k.as_bytes());
+        due
+    }
+
+    /// All dial attempts to `key` failed; `jitter` in [0, 1).
+    pub fn dial_failed(&mut self, key: &PublicKey, now: Instant, jitter: f64) -> Option<Duration> {
+        let peer = self.peers.get_mut(key)?;
+        peer.dialing = false;
+        if peer.direct.is_some() {
+            return None;
+        }
+        let delay = peer.backoff.next_delay(jitter);
+        peer.next_dial = now + delay;
+        Some(delay)
+    }
+
+    pub fn session_up(&mut self, key: &PublicKey, addr: SocketAddr, now: Instant) {
+        if let Some(peer) = self.peers.get_mut(key) {
+            peer.dialing = false;
+            peer.direct = Some(Direct {
+                addr,
+                since: now,
+                rtt: None,
+            });
+        }
+    }
+
+    /// The direct session ended; the next dial waits for the backoff (reset first if the
+    /// session had been stable).
+    pub fn session_down(&mut self, key: &PublicKey, now: Instant, jitter: f64) {
+        self.reports.remove(key);
+        let Some(peer) = self.peers.get_mut(key) else {
+            return;
+        };
+        if let Some(direct) = peer.direct.take()
+            && now.saturating_duration_since(direct.since) >= STABLE_SESSION
+        {
+            peer.backoff.reset();
+        }
+        peer.next_dial = now + peer.backoff.next_delay(jitter);
+    }
+
+    pub fn set_rtt(&mut self, key: &PublicKey, rtt: Duration) {
+        if let Some(direct) = self.peers.get_mut(key).and_then(|p| p.direct.as_mut()) {
+            direct.rtt = Some(rtt);
+        }
+    }
+
+    /// `reporter` says it has direct sessions with `neighbors`.
+    pub fn set_report(
+        &mut self,
+        reporter: &PublicKey,
+        neighbors: Vec<(PublicKey, Option<Duration>)>,
+    ) {
+        if self.peers.get(reporter).is_some_and(|p| p.direct.is_some()) {
+            self.reports.insert(*reporter, neighbors);
+        }
+    }
+
+    /// Dial every unconnected member now and start their backoff afresh: the network changed,
+    /// so old failures say nothing about the next attempt.
+    pub fn retry_all(&mut self, now: Instant) -> usize {
+        let mut count = 0;
+        for peer in self.peers.values_mut() {
+            peer.backoff.reset();
+            if peer.direct.is_none() {
+                peer.next_dial = now;
+                count += 1;
+            }
+        }
+        count
+    }
+
+    pub fn reach(&self, key: &PublicKey) -> Reach {
+        let Some(peer) = self.peers.get(key) else {
+            return Reach::Unreachable;
+        };
+        if let Some(direct) = &peer.direct {
+            return Reach::Direct {
+                addr: direct.addr,
+                rtt: direct.rtt,
+            };
+        }
+        // The relay with the lowest total RTT; unmeasured legs count as slow but usable.
+        const UNKNOWN: Duration = Duration::from_secs(10);
+        self.reports
+            .iter()
+            .filter(|(reporter, _)| *reporter != key)
+            .filter_map(|(reporter, neighbors)| {
+                let first = self.peers.get(reporter)?.direct.as_ref()?.rtt;
+                let second = neighbors.iter().find(|(k, _)| k == key)?.1;
+                let total = first.zip(second).map(|(a, b)| a + b);
+                let cost = first.unwrap_or(UNKNOWN) + second.unwrap_or(UNKNOWN);
+                Some((cost, *reporter.as_bytes(), *reporter, total))
+            })
+            .min_by_key(|(cost, bytes, _, _)| (*cost, *bytes))
+            .map_or(Reach::Unreachable, |(_, _, via, rtt)| Reach::Relayed {
+                via,
+                rtt,
+            })
+    }
+
+    /// Records "seen now" for every member that is reachable, so an unreachable member shows when
+    /// it was last reachable.
+    pub fn touch_reachable(&mut self, wall: SystemTime) {
+        let reachable: Vec<PublicKey> = self
+            .peers
+            .keys()
+            .filter(|k| self.reach(k).is_reachable())
+            .copied()
+            .collect();
+        for key in reachable {
+            if let Some(peer) = self.peers.get_mut(&key) {
+                peer.last_seen = Some(wall);
+            }
+        }
+    }
+
+    pub fn last_seen(&self, key: &PublicKey) -> Option<SystemTime> {
+        self.peers.get(key).and_then(|p| p.last_seen)
+    }
+
+    /// This device's direct sessions, as told to peers in `Neighbors`.
+    pub fn direct_neighbors(&self) -> Vec<(PublicKey, Option<Duration>)> {
+        let mut list: Vec<_> = self
+            .peers
+            .iter()
+            .filter_map(|(k, p)| p.direct.as_ref().map(|d| (*k, d.rtt)))
+            .collect();
+        list.sort_by_key(|(k, _)| *k.as_bytes());
+        list
+    }
+
+    /// When the next dial falls due, if any member waits for one.
+    pub fn next_dial_at(&self) -> Option<Instant> {
+        self.peers
+            .values()
+            .filter(|p| p.direct.is_none() && !p.dialing)
+            .map(|p| p.next_dial)
+            .min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cnsprcy::identity::Identity;
+
+    fn key(seed: u8) -> PublicKey {
+        Identity::from_secret([seed; 32]).public_key()
+    }
+
+    fn addr(n: u8) -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, n], 7332))
+    }
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn new_members_are_dialled_once_then_backed_off() {
+        let t0 = Instant::now();
+        let mut table = PeerTable::default();
+        table.sync_members([key(1), key(2)], t0);
+        assert_eq!(table.take_due_dials(t0).len(), 2);
+        assert!(table.take_due_dials(t0).is_empty(), "no double dial");
+        let delay = table.dial_failed(&key(1), t0, 0.0).unwrap();
+        assert_eq!(table.next_dial_at(), Some(t0 + delay));
+        assert!(table.take_due_dials(t0 + delay - MS).is_empty());
+        assert_eq!(table.take_due_dials(t0 + delay), vec![key(1)]);
+        let second = table.dial_failed(&key(1), t0 + delay, 0.0).unwrap();
+        assert!(second > delay, "backoff grows");
+        assert_eq!(table.retry_all(t0 + delay), 2);
+        assert_eq!(table.take_due_dials(t0 + delay), vec![key(1)]);
+    }
+
+    #[test]
+    fn connected_members_are_not_dialled_and_flapping_sessions_keep_backing_off() {
+        let t0 = Instant::now();
+        let mut table = PeerTable::default();
+        table.sync_members([key(1)], t0);
+        table.take_due_dials(t0);
+        table.session_up(&key(1), addr(1), t0);
+        assert!(
+            table
+                .take_due_dials(t0 + Duration::from_secs(100))
+                .is_empty()
+        );
+        assert_eq!(table.next_dial_at(), None);
+        // A session that drops at once does not reset the backoff.
+        table.session_down(&key(1), t0 + MS, 0.0);
+        table.session_up(&key(1), addr(1), t0 + MS * 2);
+        table.session_down(&key(1), t0 + MS * 3, 0.0);
+        let after_flaps = table.next_dial_at().unwrap() - (t0 + MS * 3);
+        // A stable session resets it.
+        table.session_up(&key(1), addr(1), t0);
+        table.session_down(&key(1), t0 + STABLE_SESSION, 0.0);
+        let after_stable = table.next_dial_at().unwrap() - (t0 + STABLE_SESSION);
+        assert!(
+            after_stable < after_flaps,
+            "{after_stable:?} vs {after_flaps:?}"
+        );
+    }
+
+    #[test]
+    fn relayed_through_the_cheapest_direct_peer_only_while_connected_to_it() {
+        let t0 = Instant::now();
+        let (b, c, d) = (key(2), key(3), key(4));
+        let mut table = PeerTable::default();
+        table.sync_members([b, c, d], t0);
+        table.session_up(&b, addr(2), t0);
+        table.session_up(&d, addr(4), t0);
+        table.set_rtt(&b, 5 * MS);
+        table.set_rtt(&d, 1 * MS);
+        assert_eq!(table.reach(&c), Reach::Unreachable);
+        table.set_report(&b, vec![(c, Some(2 * MS))]);
+        table.set_report(&d, vec![(c, Some(9 * MS))]);
+        assert_eq!(
+            table.reach(&c),
+            Reach::Relayed {
+                via: b,
+                rtt: Some(7 * MS)
+            }
+        );
+        table.session_down(&b, t0, 0.5);
+        assert_eq!(
+            table.reach(&c),
+            Reach::Relayed {
+                via: d,
+                rtt: Some(10 * MS)
+            }
+        );
+        table.session_down(&d, t0, 0.5);
+        assert_eq!(table.reach(&c), Reach::Unreachable);
+        // Reports from peers without a session are ignored.
+        table.set_report(&b, vec![(c, None)]);
+        assert_eq!(table.reach(&c), Reach::Unreachable);
+    }
+
+    #[test]
+    fn last_seen_stays_when_a_member_becomes_unreachable() {
+        let t0 = Instant::now();
+        let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+        let mut table = PeerTable::default();
+        table.sync_members([key(1)], t0);
+        table.touch_reachable(wall);
+        assert_eq!(table.last_seen(&key(1)), None);
+        table.session_up(&key(1), addr(1), t0);
+        table.touch_reachable(wall);
+        table.session_down(&key(1), t0, 0.5);
+        table.touch_reachable(wall + Duration::from_secs(60));
+        assert_eq!(table.last_seen(&key(1)), Some(wall));
+        table.sync_members([], t0);
+        assert!(!table.contains(&key(1)));
+    }
+}

@@ -1,0 +1,256 @@
+//! The roster: the members this device accepts sessions from and dials, persisted as
+//! `roster.json` in the state directory. Until pairing exists (a later issue) members are added on
+//! the user's word with `cnspr manage add`.
+
+use std::fs;
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use cnsprcy::identity::{DeviceId, DeviceName, PublicKey};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+pub const ROSTER_FILE: &str = "roster.json";
+const FORMAT_VERSION: u32 = 1;
+/// Addresses kept per member; the most recently confirmed come first.
+pub const MAX_ADDRESSES: usize = 8;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub name: DeviceName,
+    pub public_key: PublicKey,
+    /// Where the member was last reached or said it listens, most recent first.
+    #[serde(default)]
+    pub addresses: Vec<SocketAddr>,
+}
+
+impl Member {
+    pub fn id(&self) -> DeviceId {
+        self.public_key.device_id()
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct RosterFile {
+    version: u32,
+    members: Vec<Member>,
+}
+
+#[derive(Debug, Error)]
+pub enum RosterError {
+    #[error("cannot read the roster {path}: {source}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error(
+        "the roster {path} is damaged ({source}); fix or move it away (members must then be added again)"
+    )]
+    Damaged {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error(
+        "the roster {path} has format version {found}; this cnsprcy reads version {FORMAT_VERSION}"
+    )]
+    Version { path: PathBuf, found: u32 },
+    #[error("cannot save the roster {path}: {source}")]
+    Write { path: PathBuf, source: io::Error },
+    #[error("a member named {0} already exists; remove it first or choose another name")]
+    NameTaken(DeviceName),
+    #[error("that key already belongs to member {0}")]
+    KeyTaken(DeviceName),
+    #[error("that is this device's own key; a device is not a member of its own roster")]
+    OwnKey,
+    #[error("no member named or with ID {0:?}; `cnspr peers` lists the members")]
+    NotFound(String),
+}
+
+#[derive(Debug)]
+pub struct Roster {
+    path: PathBuf,
+    members: Vec<Member>,
+}
+
+impl Roster {
+    /// Loads the roster from `state_dir`; a missing file is an empty roster.
+    pub fn load(state_dir: &Path) -> Result<Self, RosterError> {
+        let path = state_dir.join(ROSTER_FILE);
+        let members = match fs::read(&path) {
+            Ok(bytes) => {
+                let file: RosterFile =
+                    serde_json::from_slice(&bytes).map_err(|source| RosterError::Damaged {
+                        path: path.clone(),
+                        source,
+                    })?;
+                if file.version != FORMAT_VERSION {
+                    return Err(RosterError::Version {
+                        path,
+                        found: file.version,
+                    });
+                }
+                file.members
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+            Err(source) => return Err(RosterError::Read { path, source }),
+        };
+        Ok(Self { path, members })
+    }
+
+    pub fn members(&self) -> &[Member] {
+        &self.members
+    }
+
+    pub fn get(&self, key: &PublicKey) -> Option<&Member> {
+        self.members.iter().find(|m| m.public_key == *key)
+    }
+
+    /// Finds a member by name, full ID or the unambiguous start of an ID.
+    pub fn find(&self, name_or_id: &str) -> Result<&Member, RosterError> {
+        if let Some(member) = self.members.iter().find(|m| m.name.as_str() == name_or_id) {
+            return Ok(member);
+        }
+        let wanted: String = name_or_id.chars().filter(|c| *c != '-').collect();
+        let mut matches = self.members.iter().filter(|m| {
+            !wanted.is_empty() && m.id().to_string().replace('-', "").starts_with(&wanted)
+        });
+        match (matches.next(), matches.next()) {
+            (Some(member), None) => Ok(member),
+            _ => Err(RosterError::NotFound(name_or_id.to_owned())),
+        }
+    }
+
+    pub fn add(&mut self, member: Member, own_key: &PublicKey) -> Result<(), RosterError> {
+        if member.public_key == *own_key {
+            return Err(RosterError::OwnKey);
+        }
+        if let Some(existing) = self.get(&member.public_key) {
+            return Err(RosterError::KeyTaken(existing.name.clone()));
+        }
+        if self.members.iter().any(|m| m.name == member.name) {
+            return Err(RosterError::NameTaken(member.name));
+        }
+        self.members.push(member);
+        self.save()
+    }
+
+    pub fn remove(&mut self, name_or_id: &str) -> Result<Member, RosterError> {
+        let key = self.find(name_or_id)?.public_key;
+        let index = self
+            .members
+            .iter()
+            .position(|m| m.public_key == key)
+            .ok_or_else(|| RosterError::NotFound(name_or_id.to_owned()))?;
+        let member = self.members.remove(index);
+        self.save()?;
+        Ok(member)
+    }
+
+    /// Puts `addr` first in the member's addresses. Returns whether anything changed (and was
+    /// saved).
+    pub fn learn_address(
+        &mut self,
+        key: &PublicKey,
+        addr: SocketAddr,
+    ) -> Result<bool, RosterError> {
+        let Some(member) = self.members.iter_mut().find(|m| m.public_key == *key) else {
+            return Ok(false);
+        };
+        if member.addresses.first() == Some(&addr) {
+            return Ok(false);
+        }
+        member.addresses.retain(|a| *a != addr);
+        member.addresses.insert(0, addr);
+        member.addresses.truncate(MAX_ADDRESSES);
+        self.save()?;
+        Ok(true)
+    }
+
+    /// Writes the roster next to the old one and renames it over, so a crash leaves either the
+    /// old or the new roster, never half of one.
+    fn save(&self) -> Result<(), RosterError> {
+        let write_err = |source| RosterError::Write {
+            path: self.path.clone(),
+            source,
+        };
+        let file = RosterFile {
+            version: FORMAT_VERSION,
+            members: self.members.clone(),
+        };
+        // Members hold only strings and addresses: serializing cannot fail.
+        let text = serde_json::to_vec_pretty(&file).expect("roster serializes");
+        let tmp = self.path.with_extension("json.new");
+        let mut out = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(write_err)?;
+        out.write_all(&text).map_err(write_err)?;
+        out.sync_all().map_err(write_err)?;
+        fs::rename(&tmp, &self.path).map_err(write_err)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cnsprcy::identity::Identity;
+
+    fn member(name: &str, seed: u8) -> Member {
+        Member {
+            name: DeviceName::new(name).unwrap(),
+            public_key: Identity::from_secret([seed; 32]).public_key(),
+            addresses: vec![],
+        }
+    }
+
+    #[test]
+    fn add_find_learn_remove_and_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let own = Identity::from_secret([1; 32]).public_key();
+        let mut roster = Roster::load(dir.path()).unwrap();
+        roster.add(member("laptop", 2), &own).unwrap();
+        roster.add(member("phone", 3), &own).unwrap();
+        assert!(matches!(
+            roster.add(member("laptop", 4), &own),
+            Err(RosterError::NameTaken(_))
+        ));
+        assert!(matches!(
+            roster.add(member("other", 2), &own),
+            Err(RosterError::KeyTaken(_))
+        ));
+        assert!(matches!(
+            roster.add(member("me", 1), &own),
+            Err(RosterError::OwnKey)
+        ));
+
+        let phone = roster.find("phone").unwrap().clone();
+        let id = phone.id().to_string();
+        assert_eq!(roster.find(&id).unwrap().name, phone.name);
+        assert_eq!(roster.find(&id[..4]).unwrap().name, phone.name);
+        assert!(roster.find("nobody").is_err());
+
+        let a: SocketAddr = "10.0.0.1:7332".parse().unwrap();
+        let b: SocketAddr = "10.0.0.2:7332".parse().unwrap();
+        assert!(roster.learn_address(&phone.public_key, a).unwrap());
+        assert!(roster.learn_address(&phone.public_key, b).unwrap());
+        assert!(!roster.learn_address(&phone.public_key, b).unwrap());
+        assert!(roster.learn_address(&phone.public_key, a).unwrap());
+
+        let reloaded = Roster::load(dir.path()).unwrap();
+        assert_eq!(reloaded.find("phone").unwrap().addresses, vec![a, b]);
+        let mut reloaded = reloaded;
+        reloaded.remove("laptop").unwrap();
+        assert_eq!(Roster::load(dir.path()).unwrap().members().len(), 1);
+    }
+
+    #[test]
+    fn a_damaged_roster_is_an_error_not_an_empty_roster() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(ROSTER_FILE), b"{not json").unwrap();
+        let err = Roster::load(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("damaged"), "{err}");
+    }
+}
