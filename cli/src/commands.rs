@@ -24,6 +24,11 @@ use crate::peers;
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
+    // The example helps fix a broken configuration, so it must not need a working one.
+    if let Command::Config(ConfigCommand::Example) = command {
+        print!("{EXAMPLE}");
+        return Ok(ExitCode::SUCCESS);
+    }
     let env = DeviceEnv::load()?;
     match command {
         Command::Status { json } => status(&env, json).await,
@@ -46,15 +51,14 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Config(ConfigCommand::Show { json }) => config_show(&env, json),
         Command::Config(ConfigCommand::Path { json }) => config_path(&env, json),
-        Command::Config(ConfigCommand::Example) => {
-            print!("{EXAMPLE}");
-            Ok(ExitCode::SUCCESS)
-        }
         Command::Manage(ManageCommand::Init { name, force, json }) => {
             manage_init(&env, name, force, json)
         }
         Command::Manage(ManageCommand::Id { json }) => manage_id(&env, json),
-        Command::Serve | Command::Completions { .. } | Command::Manpages { .. } => {
+        Command::Serve
+        | Command::Completions { .. }
+        | Command::Manpages { .. }
+        | Command::Config(ConfigCommand::Example) => {
             unreachable!("handled in main")
         }
     }
@@ -157,14 +161,15 @@ fn format_status(status: &Status) -> String {
     );
     for service in &status.services {
         let pid = service.pid.map(|p| format!("pid {p}")).unwrap_or_default();
-        out.push_str(&format!(
+        let mut line = format!(
             "  {:<10}  {:<12}  {pid}",
             service.name.as_str(),
             service.state.as_str()
-        ));
+        );
         if let Some(detail) = &service.detail {
-            out.push_str(&format!("  ({detail})"));
+            line = format!("{}  ({detail})", line.trim_end());
         }
+        out.push_str(&line);
         out.push('\n');
     }
     out
@@ -273,7 +278,7 @@ fn manage_init(
             && configured != name
         {
             eprintln!(
-                "note: {} sets name = {configured:?}, which takes precedence over {name:?}",
+                "note: {} sets name = \"{configured}\", which takes precedence over \"{name}\"",
                 env.source.path.display()
             );
         }

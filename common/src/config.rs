@@ -114,8 +114,8 @@ pub struct PathsConfig {
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
-    #[error("cannot read configuration file {path}: {source}")]
-    Read { path: PathBuf, source: io::Error },
+    #[error("cannot read configuration file {path}: {error}")]
+    Read { path: PathBuf, error: io::Error },
     #[error(
         "configuration file {path} does not exist ({CONFIG_ENV} names it); create it or unset {CONFIG_ENV}"
     )]
@@ -130,9 +130,12 @@ pub enum ConfigError {
         message: String,
         hint: Option<String>,
     },
-    #[error("{path}: {key} must be an absolute path (or start with ~/), but it is {value:?}")]
+    #[error(
+        "{path}:{line}: {key} must be an absolute path (or start with ~/), but it is {value:?}"
+    )]
     RelativePath {
         path: PathBuf,
+        line: usize,
         key: &'static str,
         value: PathBuf,
     },
@@ -171,9 +174,9 @@ impl Config {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Err(ConfigError::Missing {
                 path: path.to_owned(),
             }),
-            Err(source) => Err(ConfigError::Read {
+            Err(error) => Err(ConfigError::Read {
                 path: path.to_owned(),
-                source,
+                error,
             }),
         }
     }
@@ -190,8 +193,10 @@ impl Config {
             if let Some(value) = value
                 && !(value.is_absolute() || value.starts_with("~"))
             {
+                let bare = key.rsplit('.').next().unwrap_or(key);
                 return Err(ConfigError::RelativePath {
                     path: path.to_owned(),
+                    line: line_of_key(text, bare),
                     key,
                     value: value.clone(),
                 });
@@ -256,6 +261,17 @@ fn qualify(section: &str, key: &str) -> String {
     } else {
         format!("{section}.{key}")
     }
+}
+
+/// The 1-based line where `key` is set (1 if it cannot be found).
+fn line_of_key(text: &str, key: &str) -> usize {
+    text.lines()
+        .position(|l| {
+            l.trim_start()
+                .strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+        })
+        .map_or(1, |i| i + 1)
 }
 
 /// 1-based line and column of a byte offset.
@@ -451,6 +467,7 @@ mod tests {
     fn relative_paths_are_refused() {
         let err = parse("[paths]\nstate_dir = \"relative\"\n").unwrap_err();
         assert!(err.to_string().contains("paths.state_dir"), "{err}");
+        assert!(err.to_string().starts_with("/etc/test.toml:2: "), "{err}");
         parse("[paths]\nstate_dir = \"~/s\"\n").unwrap();
     }
 

@@ -28,9 +28,10 @@ impl DeviceEnv {
     /// Loads from the process environment (XDG variables, `CNSPRCY_CONFIG`).
     pub fn load() -> Result<Self, EnvError> {
         let xdg = XdgDirs::from_env()?;
+        // A relative CNSPRCY_CONFIG is taken against the current directory, and shown absolute.
         let explicit = std::env::var_os(CONFIG_ENV)
             .filter(|v| !v.is_empty())
-            .map(PathBuf::from);
+            .map(|v| std::path::absolute(PathBuf::from(&v)).unwrap_or_else(|_| PathBuf::from(v)));
         let is_explicit = explicit.is_some();
         let config_file = xdg.config_file(explicit);
         let (config, source) = Config::load(&config_file, is_explicit)?;

@@ -18,7 +18,7 @@ use curve25519_dalek::montgomery::MontgomeryPoint;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::paths::{PathError, ensure_private_dir};
+use crate::paths::{PathError, check_private_dir, ensure_private_dir};
 
 /// File names in the state directory.
 pub const KEY_FILE: &str = "identity.key";
@@ -53,12 +53,12 @@ pub enum IdentityError {
     KeyWrongLength { path: PathBuf, len: u64 },
     #[error("identity key {path} belongs to uid {owner}, not to you (uid {uid})")]
     KeyWrongOwner { path: PathBuf, owner: u32, uid: u32 },
-    #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: io::Error },
-    #[error("cannot write {path}: {source}")]
-    Write { path: PathBuf, source: io::Error },
-    #[error("{path}: {source}")]
-    BadName { path: PathBuf, source: NameError },
+    #[error("cannot read {path}: {error}")]
+    Read { path: PathBuf, error: io::Error },
+    #[error("cannot write {path}: {error}")]
+    Write { path: PathBuf, error: io::Error },
+    #[error("{path}: {error}")]
+    BadName { path: PathBuf, error: NameError },
     #[error(transparent)]
     Dir(#[from] PathError),
 }
@@ -70,7 +70,7 @@ pub enum NameError {
     #[error("a device name has at most {NAME_MAX_LEN} characters, but {0:?} has {1}")]
     TooLong(String, usize),
     #[error(
-        "a device name may hold only letters, digits, '-', '_' and '.', and must start with a letter or digit; {0:?} does not"
+        "a device name may hold only ASCII letters, digits, '-', '_' and '.', and must start with a letter or digit; {0:?} does not"
     )]
     BadCharacter(String),
 }
@@ -91,8 +91,8 @@ impl DeviceName {
             return Err(NameError::TooLong(name.to_owned(), len));
         }
         let mut chars = name.chars();
-        let first_ok = chars.next().is_some_and(char::is_alphanumeric);
-        if !first_ok || !chars.all(|c| c.is_alphanumeric() || matches!(c, '-' | '_' | '.')) {
+        let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric());
+        if !first_ok || !chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) {
             return Err(NameError::BadCharacter(name.to_owned()));
         }
         Ok(Self(name.to_owned()))
@@ -103,13 +103,13 @@ impl DeviceName {
         let mut name: String = raw
             .chars()
             .map(|c| {
-                if c.is_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
                     c
                 } else {
                     '-'
                 }
             })
-            .skip_while(|c| !c.is_alphanumeric())
+            .skip_while(|c| !c.is_ascii_alphanumeric())
             .take(NAME_MAX_LEN)
             .collect();
         if name.is_empty() {
@@ -338,12 +338,15 @@ impl Identity {
     /// Loads the identity from `state_dir`, checking the key file's owner, mode and size.
     pub fn load(state_dir: &Path) -> Result<Self, IdentityError> {
         let path = Self::key_path(state_dir);
+        if state_dir.exists() {
+            check_private_dir(state_dir)?;
+        }
         let meta = match fs::metadata(&path) {
             Ok(meta) => meta,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Err(IdentityError::Missing { path });
             }
-            Err(source) => return Err(IdentityError::Read { path, source }),
+            Err(error) => return Err(IdentityError::Read { path, error }),
         };
         let uid = nix::unistd::getuid().as_raw();
         if meta.uid() != uid {
@@ -366,9 +369,9 @@ impl Identity {
         let mut secret = [0u8; KEY_LEN];
         fs::File::open(&path)
             .and_then(|mut f| f.read_exact(&mut secret))
-            .map_err(|source| IdentityError::Read {
+            .map_err(|error| IdentityError::Read {
                 path: path.clone(),
-                source,
+                error,
             })?;
         Ok(Self::from_secret(secret))
     }
@@ -388,23 +391,9 @@ impl Identity {
             };
         }
         let identity = Self::generate();
-        // Write beside the old file and rename, so a crash never leaves a half-written key.
-        let tmp = state_dir.join(format!(".{KEY_FILE}.new"));
-        let _ = fs::remove_file(&tmp);
-        let write = || -> io::Result<()> {
-            let mut file = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            file.write_all(&identity.secret)?;
-            file.sync_all()?;
-            fs::rename(&tmp, &path)?;
-            fs::File::open(state_dir)?.sync_all()
-        };
-        write().map_err(|source| IdentityError::Write {
+        write_private(&path, &identity.secret).map_err(|error| IdentityError::Write {
             path: path.clone(),
-            source,
+            error,
         })?;
         Ok(identity)
     }
@@ -419,22 +408,44 @@ impl Identity {
     }
 }
 
+/// Writes `bytes` to `path` with mode 0600: beside it first, then renamed over it, so a crash
+/// leaves the old file or the new one, never half of one.
+fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.new"));
+    let _ = fs::remove_file(&tmp);
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    fs::rename(&tmp, path)?;
+    fs::File::open(dir)?.sync_all()
+}
+
 /// The name stored by `cnspr manage init --name`, if any.
 pub fn stored_name(state_dir: &Path) -> Result<Option<DeviceName>, IdentityError> {
     let path = state_dir.join(NAME_FILE);
     match fs::read_to_string(&path) {
         Ok(text) => DeviceName::new(text.trim())
             .map(Some)
-            .map_err(|source| IdentityError::BadName { path, source }),
+            .map_err(|error| IdentityError::BadName { path, error }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(IdentityError::Read { path, source }),
+        Err(error) => Err(IdentityError::Read { path, error }),
     }
 }
 
 pub fn store_name(state_dir: &Path, name: &DeviceName) -> Result<(), IdentityError> {
     ensure_private_dir(state_dir)?;
     let path = state_dir.join(NAME_FILE);
-    fs::write(&path, format!("{name}\n")).map_err(|source| IdentityError::Write { path, source })
+    write_private(&path, format!("{name}\n").as_bytes())
+        .map_err(|error| IdentityError::Write { path, error })
 }
 
 /// The device name in effect: the config file's `name`, else the stored name, else the hostname.

@@ -22,8 +22,8 @@ pub enum LockError {
         pid: Option<u32>,
         path: PathBuf,
     },
-    #[error("cannot open lock file {path}: {source}")]
-    Open { path: PathBuf, source: io::Error },
+    #[error("cannot open lock file {path}: {error}")]
+    Open { path: PathBuf, error: io::Error },
 }
 
 /// Held for the life of the service; dropping it releases the lock.
@@ -34,9 +34,9 @@ pub struct InstanceLock {
 
 impl InstanceLock {
     pub fn acquire(path: &Path, service: &str) -> Result<Self, LockError> {
-        let open_err = |source| LockError::Open {
+        let open_err = |error| LockError::Open {
             path: path.to_owned(),
-            source,
+            error,
         };
         let file = OpenOptions::new()
             .read(true)

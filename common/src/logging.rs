@@ -14,12 +14,20 @@ pub enum LogTarget {
     Stderr,
 }
 
-/// systemd sets `JOURNAL_STREAM` to the device and inode of the journal stream it connected to
-/// stderr. Checking that stderr is still that stream keeps a shell started from a unit (which
-/// inherits the variable but not the stream) logging to its terminal.
+/// Journald when the process runs as a systemd unit: systemd sets `JOURNAL_STREAM` to the device
+/// and inode of the journal stream on stderr (checking that stderr still is that stream keeps a
+/// shell started from a unit, which inherits the variable, logging to its terminal); a unit whose
+/// stderr goes elsewhere is told by `INVOCATION_ID` with the journald socket present. A terminal
+/// running `cnspr serve` gets stderr, even where journald runs.
 pub fn detect_target() -> LogTarget {
     let Some(value) = std::env::var_os("JOURNAL_STREAM") else {
-        return LogTarget::Stderr;
+        let in_unit = std::env::var_os("INVOCATION_ID").is_some();
+        let journald = std::path::Path::new("/run/systemd/journal/socket").exists();
+        return if in_unit && journald {
+            LogTarget::Journald
+        } else {
+            LogTarget::Stderr
+        };
     };
     let Some((dev, ino)) = value.to_str().and_then(|v| v.split_once(':')) else {
         return LogTarget::Stderr;

@@ -20,6 +20,7 @@ pub async fn keep_registered(service: ServiceKind, socket: PathBuf, shutdown: Ca
     let mut delay = FIRST_RETRY;
     let mut was_connected = true;
     loop {
+        let mut registered = false;
         let attempt = async {
             let stream = UnixStream::connect(&socket).await.map_err(FrameError::Io)?;
             let mut conn = JsonConnection::new(stream);
@@ -32,43 +33,42 @@ pub async fn keep_registered(service: ServiceKind, socket: PathBuf, shutdown: Ca
             match conn.recv::<FromMesh>().await? {
                 Some(FromMesh::Welcome { device, .. }) => {
                     tracing::info!(%device, "registered with the mesh service");
+                    registered = true;
                 }
                 Some(FromMesh::Refused { reason }) => {
                     tracing::warn!("the mesh service refused registration: {reason}");
-                    return Ok(false);
+                    return Ok(());
                 }
-                None => return Ok(false),
+                None => return Ok(()),
             }
             // Nothing more to say yet; wait for the mesh service to go away.
-            loop {
-                match conn.recv::<FromMesh>().await? {
-                    Some(message) => tracing::debug!(?message, "from mesh"),
-                    None => return Ok::<bool, FrameError>(true),
-                }
+            while let Some(message) = conn.recv::<FromMesh>().await? {
+                tracing::debug!(?message, "from mesh");
             }
+            Ok::<(), FrameError>(())
         };
         let outcome = tokio::select! {
             _ = shutdown.cancelled() => return,
             outcome = attempt => outcome,
         };
-        match outcome {
-            Ok(true) => {
-                tracing::info!("lost the connection to the mesh service; reconnecting");
-                delay = FIRST_RETRY;
-                was_connected = true;
+        if registered {
+            // However the connection ended, the next outage starts afresh.
+            tracing::info!("lost the connection to the mesh service; reconnecting");
+            delay = FIRST_RETRY;
+            was_connected = true;
+            if let Err(e) = outcome {
+                tracing::debug!("the connection ended with: {e}");
             }
-            Ok(false) => {}
-            Err(e) => {
-                // Log once per outage, not once per retry.
-                if was_connected {
-                    tracing::info!(
-                        socket = %socket.display(),
-                        "cannot reach the mesh service ({e}); retrying until it is back"
-                    );
-                    was_connected = false;
-                } else {
-                    tracing::debug!("mesh service still unreachable: {e}");
-                }
+        } else if let Err(e) = outcome {
+            // Log once per outage, not once per retry.
+            if was_connected {
+                tracing::info!(
+                    socket = %socket.display(),
+                    "cannot reach the mesh service ({e}); retrying until it is back"
+                );
+                was_connected = false;
+            } else {
+                tracing::debug!("mesh service still unreachable: {e}");
             }
         }
         tokio::select! {

@@ -28,10 +28,10 @@ pub enum PathError {
     NoHome(&'static str),
     #[error("{var} must be an absolute path, but it is {value:?}")]
     NotAbsolute { var: &'static str, value: String },
-    #[error("cannot create directory {path}: {source}")]
-    Create { path: PathBuf, source: io::Error },
-    #[error("cannot read directory {path}: {source}")]
-    Inspect { path: PathBuf, source: io::Error },
+    #[error("cannot create directory {path}: {error}")]
+    Create { path: PathBuf, error: io::Error },
+    #[error("cannot read directory {path}: {error}")]
+    Inspect { path: PathBuf, error: io::Error },
     #[error("{path} is not a directory")]
     NotADirectory { path: PathBuf },
     #[error(
@@ -162,22 +162,22 @@ pub fn ensure_private_dir(path: &Path) -> Result<(), PathError> {
                 .recursive(true)
                 .mode(0o700)
                 .create(path)
-                .map_err(|source| PathError::Create {
+                .map_err(|error| PathError::Create {
                     path: path.to_owned(),
-                    source,
+                    error,
                 })?;
             // `mode` is filtered by the umask; make sure the leaf is exactly 0700.
-            fs::set_permissions(path, fs::Permissions::from_mode(0o700)).map_err(|source| {
+            fs::set_permissions(path, fs::Permissions::from_mode(0o700)).map_err(|error| {
                 PathError::Create {
                     path: path.to_owned(),
-                    source,
+                    error,
                 }
             })?;
         }
-        Err(source) => {
+        Err(error) => {
             return Err(PathError::Inspect {
                 path: path.to_owned(),
-                source,
+                error,
             });
         }
     }
@@ -186,9 +186,9 @@ pub fn ensure_private_dir(path: &Path) -> Result<(), PathError> {
 
 /// Checks that `path` is a directory owned by this user with no access for group or others.
 pub fn check_private_dir(path: &Path) -> Result<(), PathError> {
-    let meta = fs::metadata(path).map_err(|source| PathError::Inspect {
+    let meta = fs::metadata(path).map_err(|error| PathError::Inspect {
         path: path.to_owned(),
-        source,
+        error,
     })?;
     if !meta.is_dir() {
         return Err(PathError::NotADirectory {

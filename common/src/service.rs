@@ -128,13 +128,16 @@ where
         let shutdown = CancellationToken::new();
         cancel_on_signals(shutdown.clone())?;
         let running = start(env, shutdown.clone()).instrument(span(kind)).await?;
-        // A service that ends by itself (an error) takes the process down with it.
-        let outcome = running.await;
-        shutdown.cancel();
-        match outcome {
-            Ok(result) => result,
-            Err(join) => Err(anyhow::anyhow!("the {kind} service crashed: {join}")),
-        }
+        let stopped = shutdown.clone();
+        // A service that ends by itself (an error) takes the process down with it; one asked to
+        // stop gets SHUTDOWN_GRACE to do so.
+        let running = tokio::spawn(async move {
+            let outcome = running.await;
+            stopped.cancel();
+            outcome.unwrap_or_else(|join| Err(anyhow::anyhow!("crashed: {join}")))
+        });
+        shutdown.cancelled().await;
+        join_all(vec![(kind, running)]).await
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -12,8 +12,8 @@ use tokio::net::{UnixListener, UnixStream};
 
 #[derive(Debug, Error)]
 pub enum SocketError {
-    #[error("cannot listen on {path}: {source}")]
-    Bind { path: PathBuf, source: io::Error },
+    #[error("cannot listen on {path}: {error}")]
+    Bind { path: PathBuf, error: io::Error },
     #[error("{path} exists and is not a socket; move it away")]
     NotASocket { path: PathBuf },
 }
@@ -32,9 +32,9 @@ pub fn bind_private(path: &Path) -> Result<UnixListener, SocketError> {
         }
         Err(_) => {}
     }
-    let bind_err = |source| SocketError::Bind {
+    let bind_err = |error| SocketError::Bind {
         path: path.to_owned(),
-        source,
+        error,
     };
     let listener = UnixListener::bind(path).map_err(bind_err)?;
     // The directory is 0700, so nobody else can reach the socket in the moment before this chmod.

@@ -11,6 +11,7 @@ use cnsprcy::sockets::{bind_private, check_peer_uid, remove_socket};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 /// Binds `handlers.sock` and starts serving it. Returns once the socket accepts connections.
 pub async fn start(env: DeviceEnv, shutdown: CancellationToken) -> anyhow::Result<Running> {
@@ -31,7 +32,7 @@ async fn serve(
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    tasks.spawn(serve_connection(stream, shutdown.clone()));
+                    tasks.spawn(serve_connection(stream, shutdown.clone()).in_current_span());
                 }
                 Err(e) => {
                     tracing::warn!("cannot accept on the handler socket: {e}");

@@ -18,7 +18,6 @@ pub mod transport;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use cnsprcy::env::DeviceEnv;
 use cnsprcy::framing::{BadLine, JsonConnection, JsonLinesCodec};
 use cnsprcy::identity::{DeviceName, Identity, effective_name};
@@ -33,6 +32,7 @@ use tokio::sync::Semaphore;
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::handlers_link::HandlersLink;
 use crate::node::{Node, NodeHandle};
@@ -130,19 +130,22 @@ async fn serve(
             _ = shutdown.cancelled() => break,
             accepted = public.accept() => match accepted {
                 Ok((stream, _)) => {
-                    let permit = limit.clone().acquire_owned().await.context("connection limit")?;
+                    let Ok(permit) = limit.clone().try_acquire_owned() else {
+                        tasks.spawn(refuse_busy(stream).in_current_span());
+                        continue;
+                    };
                     let (mesh, shutdown) = (mesh.clone(), shutdown.clone());
                     tasks.spawn(async move {
                         serve_api(mesh, stream, shutdown).await;
                         drop(permit);
-                    });
+                    }.in_current_span());
                 }
                 Err(e) => accept_failed("public", e).await,
             },
             accepted = internal.accept() => match accepted {
                 Ok((stream, _)) => {
                     let (mesh, shutdown) = (mesh.clone(), shutdown.clone());
-                    tasks.spawn(serve_internal(mesh, stream, shutdown));
+                    tasks.spawn(serve_internal(mesh, stream, shutdown).in_current_span());
                 }
                 Err(e) => accept_failed("internal", e).await,
             },
@@ -160,6 +163,22 @@ async fn serve(
 async fn accept_failed(which: &str, e: std::io::Error) {
     tracing::warn!("cannot accept on the {which} socket: {e}");
     tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+/// Tells a client over the connection limit to come back later, instead of leaving it hanging.
+async fn refuse_busy(stream: UnixStream) {
+    tracing::warn!("{MAX_API_CONNECTIONS} API clients connected; refused one more");
+    let mut framed = Framed::new(stream, JsonLinesCodec::default());
+    let error = rpc::RpcError::new(
+        rpc::code::UNAVAILABLE,
+        format!("too many connections ({MAX_API_CONNECTIONS}); try again"),
+    );
+    let _ = framed
+        .send(rpc::to_line(&rpc::Response::failure(
+            serde_json::Value::Null,
+            error,
+        )))
+        .await;
 }
 
 /// One client of the public API: JSON-RPC requests, one per line, until it hangs up.

@@ -48,9 +48,9 @@ impl Liveness {
         }
     }
 
-    /// Anything at all arrived from the peer.
-    pub fn on_receive(&mut self, now: Instant) {
-        self.last_rx = now;
+    /// Anything at all arrived from the peer at `at` (never moves backwards).
+    pub fn on_receive(&mut self, at: Instant) {
+        self.last_rx = self.last_rx.max(at);
     }
 
     /// A pong arrived; returns whether it answered our keepalive ping (else it is someone

@@ -405,7 +405,18 @@ impl Node {
                 addr,
             },
         );
-        self.table.session_up(&key, addr, Instant::now().into_std());
+        // For an accepted session, show the address the member listens on at that IP, if known,
+        // until its Hello says for sure.
+        let shown = if we_initiated {
+            addr
+        } else {
+            self.roster
+                .get(&key)
+                .and_then(|m| m.addresses.iter().find(|a| a.ip() == addr.ip()).copied())
+                .unwrap_or(addr)
+        };
+        self.table
+            .session_up(&key, shown, Instant::now().into_std());
         self.quiet_dials.remove(&key);
         if we_initiated {
             self.learn_address(&key, addr);
@@ -421,7 +432,9 @@ impl Node {
     fn on_message(&mut self, key: PublicKey, message: Message) {
         match message {
             Message::Hello(hello) => {
-                let Some(observed) = self.sessions.get(&key).map(|l| l.addr) else {
+                let Some((observed, we_initiated)) =
+                    self.sessions.get(&key).map(|l| (l.addr, l.we_initiated))
+                else {
                     return;
                 };
                 // Where the peer listens, at the address it reached us from.
@@ -430,7 +443,11 @@ impl Node {
                     if (ip.is_unspecified() && ip.is_ipv4() == observed.is_ipv4())
                         || ip == observed.ip()
                     {
-                        self.learn_address(&key, SocketAddr::new(observed.ip(), listen.port()));
+                        let addr = SocketAddr::new(observed.ip(), listen.port());
+                        self.learn_address(&key, addr);
+                        if !we_initiated {
+                            self.table.set_address(&key, addr);
+                        }
                     }
                 }
             }

@@ -133,6 +133,14 @@ impl PeerTable {
         peer.next_dial = now + peer.backoff.next_delay(jitter);
     }
 
+    /// Where the peer of a direct session listens, once known (an accepted session's own address
+    /// has the peer's ephemeral port, which is no use to anyone).
+    pub fn set_address(&mut self, key: &PublicKey, addr: SocketAddr) {
+        if let Some(direct) = self.peers.get_mut(key).and_then(|p| p.direct.as_mut()) {
+            direct.addr = addr;
+        }
+    }
+
     pub fn set_rtt(&mut self, key: &PublicKey, rtt: Duration) {
         if let Some(direct) = self.peers.get_mut(key).and_then(|p| p.direct.as_mut()) {
             direct.rtt = Some(rtt);

@@ -40,21 +40,21 @@ struct RosterFile {
 
 #[derive(Debug, Error)]
 pub enum RosterError {
-    #[error("cannot read the roster {path}: {source}")]
-    Read { path: PathBuf, source: io::Error },
+    #[error("cannot read the roster {path}: {error}")]
+    Read { path: PathBuf, error: io::Error },
     #[error(
-        "the roster {path} is damaged ({source}); fix or move it away (members must then be added again)"
+        "the roster {path} is damaged ({error}); fix or move it away (members must then be added again)"
     )]
     Damaged {
         path: PathBuf,
-        source: serde_json::Error,
+        error: serde_json::Error,
     },
     #[error(
         "the roster {path} has format version {found}; this cnsprcy reads version {FORMAT_VERSION}"
     )]
     Version { path: PathBuf, found: u32 },
-    #[error("cannot save the roster {path}: {source}")]
-    Write { path: PathBuf, source: io::Error },
+    #[error("cannot save the roster {path}: {error}")]
+    Write { path: PathBuf, error: io::Error },
     #[error("a member named {0} already exists; remove it first or choose another name")]
     NameTaken(DeviceName),
     #[error("that key already belongs to member {0}")]
@@ -78,9 +78,9 @@ impl Roster {
         let members = match fs::read(&path) {
             Ok(bytes) => {
                 let file: RosterFile =
-                    serde_json::from_slice(&bytes).map_err(|source| RosterError::Damaged {
+                    serde_json::from_slice(&bytes).map_err(|error| RosterError::Damaged {
                         path: path.clone(),
-                        source,
+                        error,
                     })?;
                 if file.version != FORMAT_VERSION {
                     return Err(RosterError::Version {
@@ -91,7 +91,7 @@ impl Roster {
                 file.members
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
-            Err(source) => return Err(RosterError::Read { path, source }),
+            Err(error) => return Err(RosterError::Read { path, error }),
         };
         Ok(Self { path, members })
     }
@@ -168,9 +168,9 @@ impl Roster {
     /// Writes the roster next to the old one and renames it over, so a crash leaves either the
     /// old or the new roster, never half of one.
     fn save(&self) -> Result<(), RosterError> {
-        let write_err = |source| RosterError::Write {
+        let write_err = |error| RosterError::Write {
             path: self.path.clone(),
-            source,
+            error,
         };
         let file = RosterFile {
             version: FORMAT_VERSION,

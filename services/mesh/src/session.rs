@@ -113,6 +113,8 @@ impl ReadLoop {
             tokio::select! {
                 _ = cancel.cancelled() => return "closed by this device".into(),
                 _ = tokio::time::sleep_until(deadline) => {
+                    // Chunks of a message still being received count as traffic.
+                    self.liveness.on_receive(reader.last_frame());
                     match self.liveness.poll(Instant::now().into_std(), rand::random()) {
                         Action::Ping { nonce, rtt } => {
                             let rtt_us = rtt.map(|d| d.as_micros().min(u32::MAX.into()) as u32);

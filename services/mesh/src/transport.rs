@@ -74,6 +74,8 @@ pub struct Session {
 
 pub struct SessionReader {
     frames: FramedRead<OwnedReadHalf, LengthDelimitedCodec>,
+    /// When the last frame arrived: a long message in many chunks is traffic too.
+    last_frame: std::time::Instant,
     noise: Arc<snow::StatelessTransportState>,
     nonce: u64,
     reassembler: Reassembler,
@@ -162,6 +164,7 @@ impl Session {
         Ok(Self {
             reader: SessionReader {
                 frames,
+                last_frame: std::time::Instant::now(),
                 noise: noise.clone(),
                 nonce: 0,
                 reassembler: Reassembler::default(),
@@ -209,6 +212,10 @@ impl SessionWriter {
 }
 
 impl SessionReader {
+    pub fn last_frame(&self) -> std::time::Instant {
+        self.last_frame
+    }
+
     /// Reads transport messages until a whole message is in. `Ok(None)` is a message of a kind
     /// this version does not know (skipped); errors end the session. Cancel-safe: it only waits
     /// for the next frame, and keeps partial messages across calls.
@@ -218,6 +225,7 @@ impl SessionReader {
                 Some(frame) => frame?,
                 None => return Err(TransportError::Closed),
             };
+            self.last_frame = std::time::Instant::now();
             let len = self
                 .noise
                 .read_message(self.nonce, &frame, &mut self.buffer)?;
