@@ -56,7 +56,9 @@ round-trip latency, address (or the relaying member) and when it was last reacha
 `cnspr members` is the same command, for serf users."
     )]
     Peers {
-        /// Print a JSON array of peer objects instead of a table
+        /// Show only this member (a name, a device ID or the start of one)
+        name: Option<String>,
+        /// Print JSON (an array of peer objects; one object with NAME) instead of a table
         #[arg(long)]
         json: bool,
     },

@@ -32,7 +32,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
     let env = DeviceEnv::load()?;
     match command {
         Command::Status { json } => status(&env, json).await,
-        Command::Peers { json } => peers::list(&env, json).await,
+        Command::Peers { name, json } => peers::list(&env, name.as_deref(), json).await,
         Command::Ping {
             name,
             count,

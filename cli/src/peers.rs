@@ -22,13 +22,20 @@ macro_rules! call_or_exit {
     };
 }
 
-pub async fn list(env: &DeviceEnv, as_json: bool) -> anyhow::Result<ExitCode> {
-    let value = call_or_exit!(env, as_json, call(env, "peers", Value::Null));
+pub async fn list(env: &DeviceEnv, name: Option<&str>, as_json: bool) -> anyhow::Result<ExitCode> {
+    let value = match name {
+        Some(name) => call_or_exit!(env, as_json, call(env, "peer", json!({ "name": name }))),
+        None => call_or_exit!(env, as_json, call(env, "peers", Value::Null)),
+    };
     if as_json {
         print_json(&value)?;
         return Ok(ExitCode::SUCCESS);
     }
-    let peers: Vec<PeerInfo> = serde_json::from_value(value)?;
+    let peers: Vec<PeerInfo> = if name.is_some() {
+        vec![serde_json::from_value(value)?]
+    } else {
+        serde_json::from_value(value)?
+    };
     if peers.is_empty() {
         println!(
             "No members yet. Add one with `cnspr manage add NAME PUBLIC_KEY [ADDRESS...]`;\n\
