@@ -18,6 +18,10 @@ use nix::unistd::Pid;
 use serde_json::Value;
 use tempfile::TempDir;
 
+use crate::netns::NetNs;
+
+pub mod netns;
+
 /// Generous: the CI machines are shared and slow.
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -178,6 +182,71 @@ impl Device {
         let pid = child.id();
         self.processes.push((label.to_owned(), child));
         pid
+    }
+
+    /// Starts `program ARGS` as a daemon process of this device inside `ns` (shared with other
+    /// devices of the same test), with its log in `<label>.log`. Returns its pid.
+    pub fn spawn_in(&mut self, ns: &NetNs, label: &str, program: &Path, args: &[&str]) -> u32 {
+        let log = fs::File::create(self.log_path(label)).expect("create log file");
+        let mut cmd = self.command(program);
+        cmd.args(args)
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log);
+        ns.enter(&mut cmd);
+        let child = cmd.spawn().expect("spawn daemon");
+        let pid = child.id();
+        self.processes.push((label.to_owned(), child));
+        pid
+    }
+
+    /// Starts `cnspr serve` inside `ns` and waits until it answers `status`.
+    pub fn start_in(&mut self, ns: &NetNs) -> u32 {
+        let pid = self.spawn_in(ns, "serve", &bin("cnspr"), &["serve"]);
+        self.wait_ready("serve");
+        pid
+    }
+
+    /// Writes a config file naming the device, listening on `listen`, with a short keepalive so
+    /// that dead links are noticed within seconds.
+    pub fn configure(&self, listen: &str) {
+        self.write_config(&format!(
+            "name = \"{}\"\n[mesh]\nlisten = [\"{listen}\"]\nkeepalive_interval = \"1s\"\nkeepalive_timeout = \"2s\"\n",
+            self.name
+        ));
+    }
+
+    /// This device's public key, as `cnspr manage id` prints it.
+    pub fn public_key(&self) -> String {
+        let id = self.cnspr_json(&["manage", "id"]);
+        id["public_key"].as_str().expect("public_key").to_owned()
+    }
+
+    /// `cnspr peers --json` as a map from name to peer object.
+    pub fn peers(&self) -> std::collections::BTreeMap<String, Value> {
+        let peers = self.cnspr_json(&["peers"]);
+        peers
+            .as_array()
+            .expect("peers is an array")
+            .iter()
+            .map(|p| (p["name"].as_str().unwrap_or("?").to_owned(), p.clone()))
+            .collect()
+    }
+
+    /// Waits until `cnspr peers` shows `peer` with `status` (and `via`, for relayed); panics
+    /// with the peer table and the log otherwise.
+    pub fn wait_status(&mut self, peer: &str, status: &str, timeout: Duration) -> Value {
+        let mut last = Value::Null;
+        let reached = wait_until(timeout, || {
+            last = self.peers().get(peer).cloned().unwrap_or(Value::Null);
+            last["status"] == status
+        });
+        assert!(
+            reached,
+            "{}: {peer} did not become {status} within {timeout:?}; last: {last}\n{}",
+            self.name,
+            self.log("serve")
+        );
+        last
     }
 
     /// Starts `cnspr serve` and waits until it answers `status`.

@@ -1,0 +1,263 @@
+//! Several devices as real processes, each with its own XDG directories and port, in a network
+//! namespace made by the test: sessions, status, relays, ping, members coming and going.
+
+use std::time::Duration;
+
+use cnsprcy_tests::netns::NetNs;
+use cnsprcy_tests::{Device, wait_until};
+use nix::sys::signal::Signal;
+
+/// Generous bound for anything that should take a second or two.
+const SOON: Duration = Duration::from_secs(20);
+
+/// Adds `member` to `device`'s roster, with the address it listens on if given.
+fn add(device: &Device, member: &Device, address: Option<&str>) {
+    let key = member.public_key();
+    let mut args = vec!["manage", "add", member.name.as_str(), key.as_str()];
+    args.extend(address);
+    device.cnspr(&args).success();
+}
+
+/// Devices listening on 127.0.0.1:17001, :17002, ... in one namespace, each started.
+fn loopback_devices(ns: &NetNs, names: &[&str]) -> Vec<Device> {
+    names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let mut device = Device::new(name);
+            device.configure(&format!("127.0.0.1:{}", 17001 + i));
+            device.start_in(ns);
+            device
+        })
+        .collect()
+}
+
+fn addr(i: usize) -> String {
+    format!("127.0.0.1:{}", 17001 + i)
+}
+
+/// Established TCP connections between the devices, counted once per connection.
+fn sessions_in(ns: &NetNs) -> usize {
+    let out = ns.run(&["ss", "-Htn", "state", "established"]);
+    // On loopback both ends of a connection are listed; each session has one end on a listening
+    // port (1700x) as its local address.
+    out.lines()
+        .filter(|l| {
+            l.split_whitespace()
+                .nth(2)
+                .is_some_and(|local| local.starts_with("127.0.0.1:1700"))
+        })
+        .count()
+}
+
+#[test]
+fn three_devices_form_one_session_per_pair() {
+    let ns = NetNs::new();
+    let mut devices = loopback_devices(&ns, &["alpha", "beta", "gamma"]);
+    // Everyone knows everyone's address, so all of them dial at once and sessions cross.
+    for (i, device) in devices.iter().enumerate() {
+        for (j, other) in devices.iter().enumerate() {
+            if i != j {
+                add(device, other, Some(&addr(j)));
+            }
+        }
+    }
+    for i in 0..3 {
+        for j in 0..3 {
+            if i != j {
+                let name = devices[j].name.clone();
+                let peer = devices[i].wait_status(&name, "direct", SOON);
+                assert!(peer["id"].as_str().unwrap().len() == 19);
+                assert_eq!(peer["via"], serde_json::Value::Null);
+                assert!(peer["last_seen"].as_str().unwrap().ends_with('Z'));
+            }
+        }
+    }
+    // Crossing dials settle on exactly one session per pair.
+    assert!(
+        wait_until(SOON, || sessions_in(&ns) == 3),
+        "expected 3 sessions, have {}: {}",
+        sessions_in(&ns),
+        ns.run(&["ss", "-Htn", "state", "established"])
+    );
+    // Latency gets measured, and the table has the documented columns.
+    let alpha = &mut devices[0];
+    assert!(wait_until(SOON, || alpha.peers()["beta"]["latency_ms"].is_number()));
+    let table = alpha.cnspr(&["peers"]).success().stdout;
+    assert!(table.starts_with("NAME"), "{table}");
+    assert!(
+        table.contains("LAST SEEN") && table.contains("direct"),
+        "{table}"
+    );
+    assert_eq!(
+        alpha.cnspr(&["members"]).success().stdout.lines().count(),
+        table.lines().count(),
+        "`members` is `peers`"
+    );
+    let one = alpha.cnspr_json(&["peers", "gamma"]);
+    assert_eq!(one["name"], "gamma");
+    let by_id = one["id"].as_str().unwrap()[..4].to_owned();
+    assert_eq!(alpha.cnspr_json(&["peers", &by_id])["name"], "gamma");
+    alpha
+        .cnspr(&["peers", "nobody"])
+        .code(1)
+        .stderr_has("no member named");
+    let ping = alpha.cnspr(&["ping", "beta", "-c", "2"]).success().stdout;
+    assert_eq!(ping.lines().count(), 2, "{ping}");
+    assert!(
+        ping.contains("pong from beta") && ping.contains(&addr(1)),
+        "{ping}"
+    );
+    let json = alpha.cnspr_json(&["ping", "gamma", "-c", "1"]);
+    assert_eq!(json[0]["path"], "direct");
+    assert!(json[0]["rtt_ms"].as_f64().unwrap() > 0.0);
+    // A status change is logged with the peer's name.
+    assert!(alpha.log("serve").contains("beta is direct at"));
+}
+
+#[test]
+fn a_peer_without_a_path_is_relayed_and_pinged_through_the_relay() {
+    let ns = NetNs::new();
+    let mut devices = loopback_devices(&ns, &["a", "b", "c"]);
+    // a and c know each other's keys, but neither knows where the other listens: only b links
+    // them.
+    add(&devices[0], &devices[1], Some(&addr(1)));
+    add(&devices[1], &devices[0], None);
+    add(&devices[1], &devices[2], Some(&addr(2)));
+    add(&devices[2], &devices[1], None);
+    add(&devices[0], &devices[2], None);
+    add(&devices[2], &devices[0], None);
+
+    let peer = devices[0].wait_status("c", "relayed", SOON);
+    assert_eq!(peer["via"], "b");
+    devices[2].wait_status("a", "relayed", SOON);
+    let a = &mut devices[0];
+    assert!(wait_until(SOON, || a.peers()["c"]["latency_ms"].is_number()));
+    let table = a.cnspr(&["peers"]).success().stdout;
+    assert!(table.contains("via b"), "{table}");
+
+    let out = a.cnspr(&["ping", "c", "-c", "1"]).success().stdout;
+    assert!(
+        out.contains("pong from c") && out.contains("via b (relayed)"),
+        "{out}"
+    );
+    let json = a.cnspr_json(&["ping", "c", "-c", "1"]);
+    assert_eq!(json[0]["path"], "relayed");
+    assert_eq!(json[0]["via"], "b");
+
+    // Without the relay, c is unreachable, and ping says so.
+    devices[1].stop_with("serve", Signal::SIGTERM);
+    devices[0].wait_status("c", "unreachable", SOON);
+    devices[0]
+        .cnspr(&["ping", "c", "-c", "1"])
+        .code(1)
+        .stderr_has("unreachable");
+}
+
+#[test]
+fn a_killed_device_is_unreachable_at_once_and_comes_back_after_restart() {
+    let ns = NetNs::new();
+    let mut devices = loopback_devices(&ns, &["a", "b", "c"]);
+    for (i, device) in devices.iter().enumerate() {
+        for (j, other) in devices.iter().enumerate() {
+            if i != j {
+                add(device, other, Some(&addr(j)));
+            }
+        }
+    }
+    devices[0].wait_status("c", "direct", SOON);
+    devices[1].wait_status("c", "direct", SOON);
+
+    devices[2].stop_with("serve", Signal::SIGKILL);
+    let started = std::time::Instant::now();
+    let peer = devices[0].wait_status("c", "unreachable", SOON);
+    devices[1].wait_status("c", "unreachable", SOON);
+    // The kernel closes a killed process's connections: no keepalive timeout is needed.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(peer["last_seen"].is_string());
+    assert!(
+        devices[0]
+            .cnspr(&["peers"])
+            .success()
+            .stdout
+            .contains("unreachable")
+    );
+
+    // Restarted with the same identity and roster, it dials the others itself.
+    devices[2].start_in(&ns);
+    devices[0].wait_status("c", "direct", SOON);
+    devices[2].wait_status("a", "direct", SOON);
+    devices[2].wait_status("b", "direct", SOON);
+}
+
+#[test]
+fn a_removed_member_loses_its_session_and_cannot_come_back() {
+    let ns = NetNs::new();
+    let mut devices = loopback_devices(&ns, &["a", "b"]);
+    add(&devices[0], &devices[1], Some(&addr(1)));
+    add(&devices[1], &devices[0], Some(&addr(0)));
+    devices[0].wait_status("b", "direct", SOON);
+
+    let removed = devices[0].cnspr_json(&["manage", "remove", "b"]);
+    assert_eq!(removed["name"], "b");
+    assert!(devices[0].peers().is_empty());
+    devices[1].wait_status("a", "unreachable", SOON);
+    // b keeps redialling; a refuses every handshake, and says so in its log.
+    let a = &devices[0];
+    assert!(
+        wait_until(SOON, || a.log("serve").contains("not a member")),
+        "{}",
+        a.log("serve")
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(devices[1].peers()["a"]["status"], "unreachable");
+
+    // Bad input to the member commands is refused with a reason.
+    let key = devices[1].public_key();
+    devices[0]
+        .cnspr(&["manage", "add", "b", "not-a-key"])
+        .code(2)
+        .stderr_has("not a public key");
+    devices[0]
+        .cnspr(&["manage", "add", "b", &key, "nowhere"])
+        .code(2);
+    devices[0]
+        .cnspr(&["manage", "add", "b", &key, &addr(1)])
+        .success();
+    devices[0]
+        .cnspr(&["manage", "add", "b2", &key])
+        .code(1)
+        .stderr_has("already belongs to member b");
+    let own = devices[0].public_key();
+    devices[0]
+        .cnspr(&["manage", "add", "self", &own])
+        .code(1)
+        .stderr_has("own key");
+    devices[0]
+        .cnspr(&["manage", "remove", "nobody"])
+        .code(1)
+        .stderr_has("no member named");
+    // Added back, b is let in again.
+    devices[0].wait_status("b", "direct", SOON);
+}
+
+#[test]
+fn members_survive_a_restart() {
+    let ns = NetNs::new();
+    let mut devices = loopback_devices(&ns, &["a", "b"]);
+    add(&devices[0], &devices[1], Some(&addr(1)));
+    add(&devices[1], &devices[0], None);
+    devices[0].wait_status("b", "direct", SOON);
+    // b learned where a listens from a's announcement.
+    devices[1].stop_with("serve", Signal::SIGTERM);
+    devices[0].stop_with("serve", Signal::SIGTERM);
+    devices[1].start_in(&ns);
+    devices[0].start_in(&ns);
+    devices[0].wait_status("b", "direct", SOON);
+    let b_peers = devices[1].peers();
+    assert_eq!(b_peers["a"]["addresses"][0], addr(0));
+}

@@ -1,0 +1,114 @@
+//! Devices on separate hosts: network namespaces joined by a bridge, made by the test. Links are
+//! cut and restored from the bridge side, and partitions are nft rules on the bridge, so the
+//! devices see what they would see on a real LAN: silence, not errors.
+
+use std::time::{Duration, Instant};
+
+use cnsprcy_tests::Device;
+use cnsprcy_tests::netns::Lan;
+
+const PORT: u16 = 7332;
+/// Generous: reconnecting may wait for a grown backoff plus a connect timeout.
+const RECOVERY: Duration = Duration::from_secs(45);
+const SOON: Duration = Duration::from_secs(20);
+
+/// One device per node of `lan`, every one a member of every other with its address.
+fn full_mesh(lan: &Lan, names: &[&str]) -> Vec<Device> {
+    let mut devices: Vec<Device> = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let mut device = Device::new(name);
+            device.configure(&format!("{}:{PORT}", lan.addr(i)));
+            device.start_in(lan.node(i));
+            device
+        })
+        .collect();
+    let keys: Vec<String> = devices.iter().map(|d| d.public_key()).collect();
+    for i in 0..devices.len() {
+        for j in 0..devices.len() {
+            if i != j {
+                let addr = format!("{}:{PORT}", lan.addr(j));
+                let name = devices[j].name.clone();
+                devices[i]
+                    .cnspr(&["manage", "add", &name, &keys[j], &addr])
+                    .success();
+            }
+        }
+    }
+    for i in 0..devices.len() {
+        for j in 0..devices.len() {
+            if i != j {
+                let name = devices[j].name.clone();
+                devices[i].wait_status(&name, "direct", SOON);
+            }
+        }
+    }
+    devices
+}
+
+#[test]
+fn a_cut_link_is_noticed_within_the_keepalive_bound_and_the_session_returns() {
+    let lan = Lan::new(3);
+    let mut devices = full_mesh(&lan, &["a", "b", "c"]);
+
+    lan.cut(2);
+    let cut_at = Instant::now();
+    devices[0].wait_status("c", "unreachable", SOON);
+    devices[1].wait_status("c", "unreachable", SOON);
+    // keepalive_interval 1 s + keepalive_timeout 2 s in the test configuration.
+    let noticed = cut_at.elapsed();
+    assert!(noticed < Duration::from_secs(10), "took {noticed:?}");
+    devices[2].wait_status("a", "unreachable", SOON);
+    // a and b still have their session.
+    assert_eq!(devices[0].peers()["b"]["status"], "direct");
+
+    std::thread::sleep(Duration::from_secs(3));
+    lan.restore(2);
+    for (i, peer) in [(0, "c"), (1, "c"), (2, "a"), (2, "b")] {
+        devices[i].wait_status(peer, "direct", RECOVERY);
+    }
+}
+
+#[test]
+fn a_partitioned_pair_is_relayed_and_pings_go_through_the_relay() {
+    let lan = Lan::new(3);
+    let mut devices = full_mesh(&lan, &["a", "b", "c"]);
+
+    lan.partition(0, 2);
+    let peer = devices[0].wait_status("c", "relayed", SOON);
+    assert_eq!(peer["via"], "b");
+    let peer = devices[2].wait_status("a", "relayed", SOON);
+    assert_eq!(peer["via"], "b");
+    let out = devices[0].cnspr(&["ping", "c", "-c", "2"]).success().stdout;
+    assert!(
+        out.contains("pong from c") && out.contains("via b (relayed)"),
+        "{out}"
+    );
+    let table = devices[0].cnspr(&["peers"]).success().stdout;
+    assert!(
+        table.contains("relayed") && table.contains("via b"),
+        "{table}"
+    );
+
+    // Healed, and told the network changed, the pair is direct again.
+    lan.heal(0, 2);
+    devices[0].cnspr(&["reconnect"]).success();
+    devices[0].wait_status("c", "direct", RECOVERY);
+    devices[2].wait_status("a", "direct", RECOVERY);
+}
+
+#[test]
+fn packet_loss_does_not_break_sessions() {
+    let lan = Lan::new(2);
+    let mut devices = full_mesh(&lan, &["a", "b"]);
+    lan.loss(1, 10);
+    // TCP retransmits: with 10 % loss each way pings still get through.
+    let out = devices[0].cnspr(&["ping", "b", "-c", "5"]).success().stdout;
+    assert!(
+        out.lines().filter(|l| l.contains("pong from b")).count() >= 2,
+        "{out}"
+    );
+    lan.loss(1, 0);
+    devices[0].wait_status("b", "direct", SOON);
+}
