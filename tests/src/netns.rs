@@ -104,7 +104,8 @@ impl NetNs {
     /// Makes `cmd` run inside this namespace, and die (`SIGKILL`) when the thread that spawns it
     /// exits. The child joins the namespace between fork and exec (`setns`), so there is no
     /// wrapper process: the pid of the spawned `Child` is the program's own pid. Everything else
-    /// about `cmd` (environment, directory, stdio) is left as it is.
+    /// about `cmd` (environment, directory, stdio) is left as it is. `cmd` keeps the namespace's
+    /// fd open until it is dropped.
     pub fn enter<'a>(&self, cmd: &'a mut Command) -> &'a mut Command {
         let fd = Arc::clone(&self.fd);
         let parent = std::process::id();
@@ -145,6 +146,8 @@ impl NetNs {
     /// Runs `f` on a thread that has joined this namespace, and returns its result. Sockets made
     /// in `f` belong to this namespace for their whole life and can be used from any thread
     /// afterwards, so a test can listen and connect inside a node with `std::net` directly.
+    /// Each such socket holds a reference to the namespace: it (and its interfaces) outlives
+    /// the holder until the socket is closed.
     pub fn run_in<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
         let fd = self.fd.as_raw_fd();
         std::thread::scope(|scope| {

@@ -11,14 +11,14 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use cnsprcy_tests::netns::{Lan, NetNs};
-use cnsprcy_tests::wait_until;
+use cnsprcy_tests::{STARTUP_TIMEOUT, wait_until};
 use nix::sys::signal::Signal;
 
 /// How long a working path may take to come up: generous, the CI machine is shared.
 const SETTLE: Duration = Duration::from_secs(10);
 /// How long a connect may hang before a path counts as blocked. A working path answers within
 /// milliseconds, so this only bounds how long a blocked probe costs.
-const BLOCKED_AFTER: Duration = Duration::from_millis(700);
+const BLOCKED_AFTER: Duration = Duration::from_millis(300);
 /// The port each node listens on in [`listen_everywhere`]; ports are per namespace.
 const PORT: u16 = 7000;
 
@@ -504,15 +504,21 @@ fn a_killed_test_process_leaves_nothing_behind() {
         });
     }
     let mut child = KillOnDrop(cmd.spawn().expect("spawn the child test"));
+    // Read on a thread, so that a child that never reports fails the test instead of hanging it.
     let stdout = BufReader::new(child.0.stdout.take().unwrap());
-    let line = stdout
-        .lines()
-        .map_while(Result::ok)
-        .find(|line| line.starts_with(LAN_MARKER));
-    let Some(line) = line else {
+    let (report, reported) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let line = stdout
+            .lines()
+            .map_while(Result::ok)
+            .find(|line| line.starts_with(LAN_MARKER));
+        let _ = report.send(line);
+    });
+    let Ok(Some(line)) = reported.recv_timeout(STARTUP_TIMEOUT) else {
+        let _ = child.0.kill();
         let mut stderr = String::new();
         let _ = child.0.stderr.take().unwrap().read_to_string(&mut stderr);
-        panic!("the child test made no Lan:\n{stderr}");
+        panic!("the child test did not report its Lan:\n{stderr}");
     };
     let mut words = line.split_whitespace().skip(1);
     let prefix = words.next().expect("prefix").to_owned();
