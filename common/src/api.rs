@@ -120,3 +120,76 @@ pub struct MemberInfo {
     pub public_key: PublicKey,
     pub addresses: Vec<SocketAddr>,
 }
+
+/// The result of `send`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SendResult {
+    /// The message ID (32 hex digits), as handlers see it in `CNSPRCY_MESSAGE_ID`.
+    pub id: String,
+    /// The devices the message is for.
+    pub recipients: Vec<DeviceName>,
+    /// Those without a path now: the message waits for them until its TTL runs out.
+    pub queued: Vec<DeviceName>,
+    /// With `wait`: one reply per recipient, in the order they came.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replies: Option<Vec<HandlerReply>>,
+}
+
+/// How one recipient's handler ended, for `send` with `wait`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HandlerReply {
+    pub name: DeviceName,
+    pub id: DeviceId,
+    /// `ok` (exit 0), `failed` (other exit or signal), `timeout` (the handler's own time-out),
+    /// `no_handler`, `refused`, `error` (could not run), or `no_reply` (nothing came back
+    /// before the wait ended).
+    pub status: String,
+    pub exit_code: Option<i32>,
+    /// The handler file that ran, relative to the handler directory.
+    pub handler: Option<String>,
+    /// The handler's standard output, if it is UTF-8 text.
+    pub stdout: Option<String>,
+    /// The same, in base64, always (binary-safe).
+    pub stdout_base64: String,
+    /// Why it did not run or failed, in words.
+    pub error: Option<String>,
+    pub duration_ms: Option<u64>,
+}
+
+impl HandlerReply {
+    pub fn succeeded(&self) -> bool {
+        self.status == "ok"
+    }
+}
+
+/// A notification of `subscribe`: `{"jsonrpc":"2.0","method":"event","params":WatchEvent}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum WatchEvent {
+    /// A message arrived for this device and its handler finished.
+    Message {
+        id: String,
+        tag: String,
+        from: DeviceName,
+        from_id: DeviceId,
+        size: usize,
+        status: String,
+        handler: Option<String>,
+    },
+    /// This device accepted a message to send.
+    Sent {
+        id: String,
+        tag: String,
+        recipients: Vec<DeviceName>,
+        size: usize,
+    },
+    /// A peer's status changed.
+    Peer {
+        name: DeviceName,
+        id: DeviceId,
+        status: PeerStatus,
+        via: Option<DeviceName>,
+    },
+    /// This subscriber fell behind and missed `missed` events.
+    Lagged { missed: u64 },
+}

@@ -65,6 +65,24 @@ impl Client {
         })
     }
 
+    /// The next notification (after `subscribe`): its params. `None` when the daemon closed the
+    /// connection.
+    pub async fn next_notification(&mut self) -> Result<Option<Value>, ClientError> {
+        loop {
+            let line = match self.framed.next().await {
+                None => return Ok(None),
+                Some(Err(e)) => return Err(e.into()),
+                Some(Ok(Err(bad))) => return Err(ClientError::BadAnswer(bad.to_string())),
+                Some(Ok(Ok(line))) => line,
+            };
+            let value: Value =
+                serde_json::from_str(&line).map_err(|e| ClientError::BadAnswer(e.to_string()))?;
+            if value.get("method").is_some() {
+                return Ok(value.get("params").cloned());
+            }
+        }
+    }
+
     /// Calls `method` and waits up to `timeout` for its result.
     pub async fn call(
         &mut self,

@@ -26,11 +26,12 @@ pub const CONFIG_ENV: &str = "CNSPRCY_CONFIG";
 /// Every key the file may hold, by section ("" is the top level). Kept next to the structs below;
 /// a unit test checks that the two agree.
 const SCHEMA: &[(&str, &[&str])] = &[
-    ("", &["name", "mesh", "paths"]),
+    ("", &["name", "mesh", "handlers", "paths"]),
     (
         "mesh",
         &["listen", "keepalive_interval", "keepalive_timeout"],
     ),
+    ("handlers", &["timeout", "max_running", "max_queued"]),
     ("paths", &["state_dir", "runtime_dir", "handlers_dir"]),
 ];
 
@@ -42,6 +43,7 @@ pub struct Config {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<DeviceName>,
     pub mesh: MeshConfig,
+    pub handlers: HandlersConfig,
     pub paths: PathsConfig,
 }
 
@@ -67,6 +69,29 @@ impl Default for MeshConfig {
             ],
             keepalive_interval: Duration::from_secs(20),
             keepalive_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// How the handler service runs handlers; `docs/event_handlers.md` explains each key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HandlersConfig {
+    /// A handler still running after this long is killed with its whole process group.
+    #[serde(with = "duration_text")]
+    pub timeout: Duration,
+    /// At most this many handlers run at once; further runs wait in a queue.
+    pub max_running: std::num::NonZeroUsize,
+    /// At most this many runs wait for a free slot; a run beyond it fails at once.
+    pub max_queued: usize,
+}
+
+impl Default for HandlersConfig {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(30),
+            max_running: std::num::NonZeroUsize::new(16).unwrap_or(std::num::NonZeroUsize::MIN),
+            max_queued: 256,
         }
     }
 }
@@ -356,6 +381,19 @@ pub const EXAMPLE: &str = r#"# cnsprcy configuration: $XDG_CONFIG_HOME/cnsprcy/c
 # keepalive_interval = "20s"
 # keepalive_timeout = "10s"
 
+[handlers]
+# A handler (see docs/event_handlers.md) still running after timeout is sent SIGTERM with its
+# whole process group, and SIGKILL shortly after; the sender learns it timed out.
+# timeout = "30s"
+
+# At most max_running handlers run at once. Runs of one tag from one sender always run one
+# after the other, in the order they came; other tags run alongside.
+# max_running = 16
+
+# Runs waiting for a free slot, over all tags. A run that finds the queue full is not run, and
+# its sender is told so.
+# max_queued = 256
+
 [paths]
 # Where the identity key and the replicated state live. Default: $XDG_DATA_HOME/cnsprcy
 # (~/.local/share/cnsprcy). Paths may start with ~/.
@@ -458,6 +496,21 @@ mod tests {
     }
 
     #[test]
+    fn handler_settings_are_read_and_checked() {
+        let config =
+            parse("[handlers]\ntimeout = \"2s\"\nmax_running = 2\nmax_queued = 0\n").unwrap();
+        assert_eq!(config.handlers.timeout, Duration::from_secs(2));
+        assert_eq!(config.handlers.max_running.get(), 2);
+        assert_eq!(config.handlers.max_queued, 0);
+        let (line, _, key, _, _) = invalid("[handlers]\n\nmax_running = 0\n");
+        assert_eq!(line, 3);
+        assert_eq!(key.as_deref(), Some("handlers.max_running"));
+        let (_, _, key, _, hint) = invalid("[handlers]\ntimout = \"1s\"\n");
+        assert_eq!(key.as_deref(), Some("handlers.timout"));
+        assert_eq!(hint.as_deref(), Some("did you mean `timeout`?"));
+    }
+
+    #[test]
     fn syntax_error_has_a_line() {
         let (line, ..) = invalid("name = \"a\"\n[mesh\n");
         assert_eq!(line, 2);
@@ -495,6 +548,7 @@ mod tests {
             .collect();
         let config = parse(&uncommented).unwrap();
         assert_eq!(config.mesh, MeshConfig::default());
+        assert_eq!(config.handlers, HandlersConfig::default());
         for (section, keys) in SCHEMA {
             for key in *keys {
                 let written = if section.is_empty() {

@@ -15,8 +15,12 @@ use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::codec::{Decoder, Encoder, Framed, LinesCodec, LinesCodecError};
 
-/// The longest line accepted on the public API socket and the internal sockets.
-pub const MAX_LINE_BYTES: usize = 1024 * 1024;
+/// The longest line accepted on the public API socket: a largest message payload (16 MiB) in
+/// base64, with room for the rest of the request.
+pub const MAX_LINE_BYTES: usize = 24 * 1024 * 1024;
+/// The longest line on the internal sockets: a largest payload and a largest reply, each in
+/// base64, fit with room to spare.
+pub const MAX_INTERNAL_LINE_BYTES: usize = 64 * 1024 * 1024;
 
 /// A line that could not be read as text; its bytes were discarded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
@@ -116,9 +120,10 @@ pub struct JsonConnection<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> JsonConnection<S> {
+    /// A connection on an internal socket (lines up to `MAX_INTERNAL_LINE_BYTES`).
     pub fn new(stream: S) -> Self {
         Self {
-            framed: Framed::new(stream, JsonLinesCodec::default()),
+            framed: Framed::new(stream, JsonLinesCodec::new(MAX_INTERNAL_LINE_BYTES)),
         }
     }
 

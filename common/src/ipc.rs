@@ -91,6 +91,9 @@ pub enum FromMesh {
 pub enum ToHandlers {
     /// Are you there? Answered by `Pong`.
     Ping,
+    /// Run the handler for a message or a built-in event. Answered by `Done` with the same
+    /// `run_id`, when the handler finished (runs overlap: answers come in any order).
+    Run(Run),
 }
 
 /// What the handler service answers on `handlers.sock`.
@@ -98,6 +101,91 @@ pub enum ToHandlers {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum FromHandlers {
     Pong { pid: u32, version: String },
+    Done { run_id: u64, result: RunResult },
+}
+
+/// The event name of a tagged message; built-in events have names of their own.
+pub const EVENT_MESSAGE: &str = "message";
+
+/// One handler run, as the mesh service asks for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Run {
+    /// Chosen by the mesh service, unique per connection.
+    pub run_id: u64,
+    /// `message`, or a built-in event such as `peer-up`.
+    pub event: String,
+    /// The message's tag (for a built-in event, the event name).
+    pub tag: String,
+    /// The sending device, for messages (`None` for events this device raises itself).
+    pub from: Option<Sender>,
+    pub message_id: Option<String>,
+    /// This device's name, for `CNSPRCY_DEVICE`.
+    pub device: String,
+    /// Extra environment variables for the handler (`CNSPRCY_PEER`, ... for peer events).
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+    /// The handler's standard input.
+    #[serde(with = "base64_bytes")]
+    pub payload: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sender {
+    pub name: String,
+    pub id: String,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunResult {
+    /// The handler file, relative to the handler directory, once one was chosen.
+    pub handler: Option<String>,
+    pub outcome: Outcome,
+    /// The handler's standard output: the reply (cut at `MAX_REPLY_BYTES`).
+    #[serde(with = "base64_bytes")]
+    pub stdout: Vec<u8>,
+    pub duration_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Outcome {
+    /// The handler exited by itself with this status.
+    Exited { code: i32 },
+    /// The handler was killed by a signal it did not get from us.
+    Signalled { signal: i32 },
+    /// The handler ran past its time-out; its whole process group was killed.
+    TimedOut { after_ms: u64 },
+    /// No handler file matches the tag (nor a directory fallback).
+    NoHandler,
+    /// A handler exists but may not run: not executable, not the user's, writable by others,
+    /// or the sender is not allowed. `reason` says which.
+    Refused { reason: String },
+    /// The handler could not be started (or the service is shutting down).
+    Failed { reason: String },
+}
+
+/// The largest payload a message may carry.
+pub const MAX_PAYLOAD_BYTES: usize = 16 * 1024 * 1024;
+/// The largest reply kept from a handler's standard output.
+pub const MAX_REPLY_BYTES: usize = 16 * 1024 * 1024;
+
+/// Byte strings in JSON as standard base64 text.
+pub mod base64_bytes {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        STANDARD
+            .decode(text.as_bytes())
+            .map_err(|e| serde::de::Error::custom(format!("bad base64: {e}")))
+    }
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ pub mod paths;
 pub mod rpc;
 pub mod service;
 pub mod sockets;
+pub mod tag;
 pub mod wire;
 
 /// The version of every cnsprcy binary, from the workspace manifest.

@@ -61,6 +61,50 @@ pub enum Message {
     Neighbors(Vec<Neighbor>),
     /// A message for a device the sender has no direct session with, passed on by this one.
     Relay(Relay),
+    /// A tagged message from a script, for the devices in `targets` that this hop serves.
+    Data(Data),
+    /// A target got a `Data` message (sent back to its origin, which then stops resending).
+    Ack(Ack),
+    /// A target's handler finished, for an origin that waits for replies.
+    Reply(Reply),
+}
+
+/// A message id: random, chosen by the origin.
+pub type MessageId = [u8; 16];
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Data {
+    pub id: MessageId,
+    pub origin: KeyBytes,
+    /// When the origin accepted the message (Unix milliseconds) and how long it stays valid.
+    pub sent_ms: u64,
+    pub ttl_ms: u64,
+    pub tag: String,
+    /// The devices this copy is for: the receiver delivers it to itself if listed, and passes
+    /// it on to the rest.
+    pub targets: Vec<KeyBytes>,
+    pub want_reply: bool,
+    pub hops: u8,
+    pub payload: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    pub id: MessageId,
+    pub from: KeyBytes,
+    pub to: KeyBytes,
+    pub hops: u8,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reply {
+    pub id: MessageId,
+    pub from: KeyBytes,
+    pub to: KeyBytes,
+    pub hops: u8,
+    /// The handler's outcome, as the handler service reported it, JSON-encoded (the same
+    /// `RunResult` the internal socket carries).
+    pub result: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
