@@ -1,77 +1,590 @@
-//! The handler service: listens on `handlers.sock` for the mesh service. It will run handler
-//! scripts; for now it answers pings so the mesh service can report it.
+//! The handler service: listens on `handlers.sock` for the mesh service and runs the handler
+//! programs of tagged messages and built-in events (`docs/event_handlers.md`).
+//!
+//! One connection carries many runs at once, answered in any order. Reading and writing are
+//! independent tasks, because the mesh service may be writing a large run while a result is on
+//! its way back. Runs go through a scheduler: a limited number at once, those of one sender and
+//! tag in order, everything else alongside.
 
-use std::time::Duration;
+pub mod allow;
+pub mod resolve;
+pub mod runner;
+pub mod scan;
+pub mod sched;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use cnsprcy::env::DeviceEnv;
-use cnsprcy::framing::JsonConnection;
-use cnsprcy::ipc::{FromHandlers, ToHandlers};
+use cnsprcy::framing::{BadLine, JsonLinesCodec, MAX_INTERNAL_LINE_BYTES};
+use cnsprcy::ipc::{
+    EVENT_MESSAGE, FromHandlers, MAX_PAYLOAD_BYTES, Outcome, Run, RunResult, ToHandlers,
+};
 use cnsprcy::service::Running;
 use cnsprcy::sockets::{bind_private, check_peer_uid, remove_socket};
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf, SocketAddr};
 use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
+
+pub use scan::{Report, scan};
+
+use crate::resolve::{Resolution, resolve};
+use crate::sched::{Admit, Limits, Scheduler};
+
+/// Runs waiting behind one sender and tag; more means the sender floods that tag.
+const MAX_QUEUED_PER_KEY: usize = 64;
+/// Payload bytes held by waiting runs: sixteen largest payloads.
+const MAX_QUEUED_BYTES: usize = 16 * MAX_PAYLOAD_BYTES;
+/// Answers waiting to be written to one connection.
+const WRITE_QUEUE: usize = 256;
+/// After the stop signal, how long the service still serves, so the mesh service can have the
+/// `daemon-stop` handler run and running handlers can finish. Then what still runs is killed.
+/// With `runner::KILL_GRACE` it stays within `cnsprcy::service::SHUTDOWN_GRACE`.
+pub const STOP_GRACE: Duration = Duration::from_secs(2);
+/// The one event that still starts after the stop signal.
+const STOP_EVENT: &str = "daemon-stop";
+/// At the end, how long one answer may take to write before the connection is given up.
+const FLUSH_GRACE: Duration = Duration::from_millis(500);
+/// The environment variable of peer events that names the peer (it orders their runs).
+const PEER_ENV: &str = "CNSPRCY_PEER";
 
 /// Binds `handlers.sock` and starts serving it. Returns once the socket accepts connections.
 pub async fn start(env: DeviceEnv, shutdown: CancellationToken) -> anyhow::Result<Running> {
     let socket = env.paths.handlers_socket();
     let listener = bind_private(&socket)?;
-    tracing::info!(socket = %socket.display(), "handler service ready");
-    Ok(cnsprcy::service::spawn(serve(env, listener, shutdown)))
+    let config = &env.config.handlers;
+    tracing::info!(
+        socket = %socket.display(),
+        handlers_dir = %env.paths.handlers_dir.display(),
+        timeout = %secs_text(config.timeout),
+        max_running = config.max_running.get(),
+        "handler service ready"
+    );
+    let shared = Arc::new(Shared {
+        handlers_dir: env.paths.handlers_dir.clone(),
+        timeout: config.timeout,
+        state: Mutex::new(State {
+            scheduler: Scheduler::new(Limits {
+                max_running: config.max_running.get(),
+                max_queued: config.max_queued,
+                max_queued_per_key: MAX_QUEUED_PER_KEY,
+                max_queued_bytes: MAX_QUEUED_BYTES,
+            }),
+            stopping: false,
+            connections: 0,
+        }),
+        tasks: TaskTracker::new(),
+        kill: CancellationToken::new(),
+    });
+    Ok(cnsprcy::service::spawn(serve(
+        shared, socket, listener, shutdown,
+    )))
+}
+
+fn secs_text(d: Duration) -> String {
+    format!("{:.1}s", d.as_secs_f64())
+}
+
+/// What the runs of one key have in common: they run one at a time, in order.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Key {
+    /// Messages of one tag from one sender ("" for a message without one).
+    Message { sender: String, tag: String },
+    /// Built-in events about one peer ("" for the daemon's own), so that a peer's up, address
+    /// change and down reach the handlers in the order they happened.
+    Event { peer: String },
+}
+
+fn key_of(run: &Run) -> Key {
+    if run.event == EVENT_MESSAGE {
+        Key::Message {
+            sender: run.from.as_ref().map(|f| f.id.clone()).unwrap_or_default(),
+            tag: run.tag.clone(),
+        }
+    } else {
+        let peer = run
+            .env
+            .iter()
+            .find(|(k, _)| k == PEER_ENV)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
+        Key::Event { peer }
+    }
+}
+
+/// A run with the way back to its connection.
+struct Job {
+    run: Run,
+    reply: mpsc::Sender<FromHandlers>,
+}
+
+struct State {
+    scheduler: Scheduler<Key, Job>,
+    /// The service is stopping: only `daemon-stop` still starts.
+    stopping: bool,
+    /// Open connections, to know when stopping can end early.
+    connections: usize,
+}
+
+struct Shared {
+    handlers_dir: PathBuf,
+    timeout: Duration,
+    state: Mutex<State>,
+    tasks: TaskTracker,
+    /// Fires at the end of the stop grace: running handlers are killed, connections closed.
+    kill: CancellationToken,
+}
+
+impl Shared {
+    /// The state is plain bookkeeping, consistent after every call, so a panic elsewhere while
+    /// it was locked leaves nothing half-done: a poisoned lock is used as it is.
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 async fn serve(
-    env: DeviceEnv,
+    shared: Arc<Shared>,
+    socket: PathBuf,
     listener: UnixListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let tasks = TaskTracker::new();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    tasks.spawn(serve_connection(stream, shutdown.clone()).in_current_span());
-                }
-                Err(e) => {
-                    tracing::warn!("cannot accept on the handler socket: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
+            accepted = listener.accept() => accept(&shared, accepted).await,
         }
     }
-    tasks.close();
-    tasks.wait().await;
-    remove_socket(&env.paths.handlers_socket());
+    // Runs that have not started are answered now. Running ones, and a `daemon-stop` the mesh
+    // service may still send, get the stop grace; it ends early once every connection closed
+    // and nothing runs.
+    let waiting = {
+        let mut state = shared.state();
+        state.stopping = true;
+        state.scheduler.drain()
+    };
+    if !waiting.is_empty() {
+        tracing::info!(
+            "{} waiting handler runs not started: shutting down",
+            waiting.len()
+        );
+    }
+    for job in waiting {
+        let result = failed(
+            None,
+            "the handler service is stopping; the run was not started",
+        );
+        answer(&shared, job.reply, job.run.run_id, result);
+    }
+    let grace = tokio::time::sleep(STOP_GRACE);
+    tokio::pin!(grace);
+    let mut idle_check = tokio::time::interval(Duration::from_millis(50));
+    loop {
+        tokio::select! {
+            _ = &mut grace => break,
+            accepted = listener.accept() => accept(&shared, accepted).await,
+            _ = idle_check.tick() => {
+                let state = shared.state();
+                if state.connections == 0 && state.scheduler.running() == 0 {
+                    break;
+                }
+            }
+        }
+    }
+    drop(listener);
+    let running = shared.state().scheduler.running();
+    if running > 0 {
+        tracing::info!("stopping {running} running handlers");
+    }
+    shared.kill.cancel();
+    shared.tasks.close();
+    shared.tasks.wait().await;
+    remove_socket(&socket);
     tracing::info!("handler service stopped");
     Ok(())
 }
 
-async fn serve_connection(stream: UnixStream, shutdown: CancellationToken) {
+async fn accept(shared: &Arc<Shared>, accepted: std::io::Result<(UnixStream, SocketAddr)>) {
+    match accepted {
+        Ok((stream, _)) => {
+            shared
+                .tasks
+                .spawn(serve_connection(shared.clone(), stream).in_current_span());
+        }
+        Err(e) => {
+            tracing::warn!("cannot accept on the handler socket: {e}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+async fn serve_connection(shared: Arc<Shared>, stream: UnixStream) {
     if let Err(reason) = check_peer_uid(&stream) {
         tracing::warn!("handler socket: {reason}");
         return;
     }
-    let mut conn = JsonConnection::new(stream);
+    let (read, write) = stream.into_split();
+    let (tx, rx) = mpsc::channel(WRITE_QUEUE);
+    shared
+        .tasks
+        .spawn(write_answers(write, rx, shared.kill.clone()).in_current_span());
+    shared.state().connections += 1;
+    read_requests(&shared, read, tx).await;
+    shared.state().connections -= 1;
+}
+
+/// Reads requests until the other side closes or the service stops. Never waits for a run:
+/// runs are handed to the scheduler, and their answers go out through `tx`.
+async fn read_requests(shared: &Arc<Shared>, read: OwnedReadHalf, tx: mpsc::Sender<FromHandlers>) {
+    let mut lines = FramedRead::new(read, JsonLinesCodec::new(MAX_INTERNAL_LINE_BYTES));
     loop {
-        let message = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            message = conn.recv::<ToHandlers>() => message,
+        let line = tokio::select! {
+            _ = shared.kill.cancelled() => return,
+            line = lines.next() => line,
         };
-        let reply = match message {
-            Ok(Some(ToHandlers::Ping)) => FromHandlers::Pong {
-                pid: std::process::id(),
-                version: cnsprcy::VERSION.to_owned(),
-            },
-            Ok(None) => return,
-            Err(e) => {
+        let line = match line {
+            None => return,
+            Some(Err(e)) => {
                 tracing::warn!("handler socket: {e}");
                 return;
             }
+            // The line was skipped whole; the connection goes on. Its run (if it was one) cannot
+            // be answered, since its id is unknown.
+            Some(Ok(Err(bad @ BadLine::TooLong { .. })))
+            | Some(Ok(Err(bad @ BadLine::NotUtf8))) => {
+                tracing::warn!("handler socket: skipped a {bad} from the mesh service");
+                continue;
+            }
+            Some(Ok(Ok(line))) => line,
         };
-        if conn.send(&reply).await.is_err() {
+        match serde_json::from_str::<ToHandlers>(&line) {
+            Ok(ToHandlers::Ping) => {
+                let pong = FromHandlers::Pong {
+                    pid: std::process::id(),
+                    version: cnsprcy::VERSION.to_owned(),
+                };
+                if tx.send(pong).await.is_err() {
+                    return;
+                }
+            }
+            Ok(ToHandlers::Run(run)) => submit(shared, run, tx.clone()),
+            Err(e) => {
+                // A run this version cannot read still gets an answer, so its sender does not
+                // wait forever: the id is usually readable even when the rest is not.
+                let run_id = serde_json::from_str::<serde_json::Value>(&line)
+                    .ok()
+                    .and_then(|v| v.get("run_id").and_then(|id| id.as_u64()));
+                tracing::warn!(
+                    ?run_id,
+                    "handler socket: a request that is not understood: {e}"
+                );
+                if let Some(run_id) = run_id {
+                    let result = failed(
+                        None,
+                        &format!("the handler service did not understand the run: {e}"),
+                    );
+                    answer(shared, tx.clone(), run_id, result);
+                }
+            }
+        }
+    }
+}
+
+/// Writes answers until every sender is gone (the reader and all runs of the connection ended).
+/// After the stop grace, an answer the other side does not take within `FLUSH_GRACE` ends it.
+async fn write_answers(
+    write: OwnedWriteHalf,
+    mut rx: mpsc::Receiver<FromHandlers>,
+    kill: CancellationToken,
+) {
+    let mut sink = FramedWrite::new(write, JsonLinesCodec::new(MAX_INTERNAL_LINE_BYTES));
+    while let Some(message) = rx.recv().await {
+        let line = match serde_json::to_string(&message) {
+            Ok(line) => line,
+            Err(e) => {
+                tracing::error!("cannot encode an answer: {e}");
+                continue;
+            }
+        };
+        let give_up = async {
+            kill.cancelled().await;
+            tokio::time::sleep(FLUSH_GRACE).await;
+        };
+        let written = tokio::select! {
+            written = sink.send(line) => written.map_err(|e| e.to_string()),
+            _ = give_up => Err("the mesh service did not take the answer in time".into()),
+        };
+        if let Err(e) = written {
+            tracing::warn!("handler socket: cannot write an answer: {e}");
+            // Dropping the receiver makes the runs' answers fail fast instead of piling up.
             return;
         }
+    }
+}
+
+fn failed(handler: Option<String>, reason: &str) -> RunResult {
+    RunResult {
+        handler,
+        outcome: Outcome::Failed {
+            reason: reason.to_owned(),
+        },
+        stdout: Vec::new(),
+        duration_ms: 0,
+    }
+}
+
+/// Sends the answer of `run_id` without making the caller wait for the connection's writer.
+fn answer(shared: &Shared, reply: mpsc::Sender<FromHandlers>, run_id: u64, result: RunResult) {
+    shared.tasks.spawn(async move {
+        // The connection may be gone; the result is then lost, as the mesh service expects.
+        let _ = reply.send(FromHandlers::Done { run_id, result }).await;
+    });
+}
+
+/// Hands a run to the scheduler: it starts now, waits, or is answered at once.
+fn submit(shared: &Arc<Shared>, run: Run, reply: mpsc::Sender<FromHandlers>) {
+    let run_id = run.run_id;
+    if run.payload.len() > MAX_PAYLOAD_BYTES {
+        let reason = format!(
+            "the payload is {} bytes; the limit is {MAX_PAYLOAD_BYTES}",
+            run.payload.len()
+        );
+        tracing::warn!(tag = %run.tag, "run refused: {reason}");
+        return answer(shared, reply, run_id, failed(None, &reason));
+    }
+    let key = key_of(&run);
+    let bytes = run.payload.len();
+    let tag = run.tag.clone();
+    let admitted = {
+        let mut state = shared.state();
+        if state.stopping && run.event != STOP_EVENT {
+            Err(Job { run, reply })
+        } else {
+            Ok(state
+                .scheduler
+                .submit(key.clone(), Job { run, reply }, bytes))
+        }
+    };
+    let admitted = match admitted {
+        Ok(admitted) => admitted,
+        Err(job) => {
+            tracing::debug!(%tag, "run not started: the service is stopping");
+            let reason = "the handler service is stopping; the run was not started";
+            return answer(shared, job.reply, run_id, failed(None, reason));
+        }
+    };
+    match admitted {
+        Admit::Start(job) => start_job(shared.clone(), key, job),
+        Admit::Queued => tracing::debug!(%tag, "run queued"),
+        Admit::Full(job, reason) => {
+            tracing::warn!(%tag, "run not accepted: {reason}");
+            answer(shared, job.reply, run_id, failed(None, &reason));
+        }
+    }
+}
+
+/// Runs `job` in a task of its own; when it ends, starts what the scheduler lets start next.
+fn start_job(shared: Arc<Shared>, key: Key, mut job: Job) {
+    let tasks = shared.tasks.clone();
+    tasks.spawn(
+        async move {
+            // Moved, not copied: up to 16 MiB per run.
+            let payload = std::mem::take(&mut job.run.payload);
+            let result = execute(&shared, &job.run, payload).await;
+            let next = shared.state().scheduler.finish(&key);
+            for (key, job) in next {
+                start_job(shared.clone(), key, job);
+            }
+            let _ = job
+                .reply
+                .send(FromHandlers::Done {
+                    run_id: job.run.run_id,
+                    result,
+                })
+                .await;
+        }
+        .in_current_span(),
+    );
+}
+
+/// Finds the handler, checks it and the sender, and runs it.
+async fn execute(shared: &Shared, run: &Run, payload: Vec<u8>) -> RunResult {
+    let started = Instant::now();
+    if shared.kill.is_cancelled() {
+        return failed(
+            None,
+            "the handler service is stopping; the run was not started",
+        );
+    }
+    let root = shared.handlers_dir.clone();
+    let (event, tag) = (run.event.clone(), run.tag.clone());
+    // A few stat and readdir calls, but on a hung network home directory they could block: not
+    // on the runtime's threads.
+    let resolution = tokio::task::spawn_blocking(move || resolve(&root, &event, &tag))
+        .await
+        .unwrap_or_else(|e| Resolution::Refused {
+            handler: None,
+            reason: format!("looking up the handler failed: {e}"),
+        });
+    let what = if run.event == EVENT_MESSAGE {
+        format!("tag {}", run.tag)
+    } else {
+        format!("event {}", run.event)
+    };
+    let quick = |handler: Option<String>, outcome: Outcome| RunResult {
+        handler,
+        outcome,
+        stdout: Vec::new(),
+        duration_ms: started.elapsed().as_millis() as u64,
+    };
+    let handler = match resolution {
+        Resolution::Found(handler) => handler,
+        Resolution::NoHandler => {
+            tracing::info!(tag = %run.tag, "no handler for {what}");
+            return quick(None, Outcome::NoHandler);
+        }
+        Resolution::Refused { handler, reason } => {
+            tracing::warn!(
+                handler = handler.as_deref().unwrap_or("-"),
+                tag = %run.tag,
+                handlers_dir = %shared.handlers_dir.display(),
+                "handler for {what} refused: {reason}"
+            );
+            return quick(handler, Outcome::Refused { reason });
+        }
+    };
+    if let Err(reason) = handler.allows(run.from.as_ref()) {
+        tracing::warn!(handler = %handler.rel, tag = %run.tag, "handler for {what} refused: {reason}");
+        return quick(Some(handler.rel), Outcome::Refused { reason });
+    }
+    tracing::debug!(handler = %handler.rel, tag = %run.tag, kind = handler.kind.describe(), "running the handler for {what}");
+    let spec = runner::Spec {
+        env: handler_env(run, &handler.rel),
+        path: handler.path,
+        dir: handler.dir,
+        name: handler.rel.clone(),
+        tag: run.tag.clone(),
+        payload,
+        timeout: shared.timeout,
+    };
+    let finished = runner::run(spec, &shared.kill).await;
+    RunResult {
+        handler: Some(handler.rel),
+        outcome: finished.outcome,
+        stdout: finished.stdout,
+        duration_ms: finished.duration.as_millis() as u64,
+    }
+}
+
+/// The variables a handler gets on top of the service's own environment: the run's extra ones
+/// first, then those that describe the run (which they may not override).
+fn handler_env(run: &Run, handler: &str) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = Vec::new();
+    for (name, value) in &run.env {
+        if is_env_name(name) && !value.contains('\0') {
+            env.push((name.clone(), value.clone()));
+        } else {
+            tracing::warn!(tag = %run.tag, "not passing the variable {name:?} to the handler: not a valid name or value");
+        }
+    }
+    let from = run.from.as_ref();
+    let own = [
+        ("CNSPRCY_EVENT", run.event.as_str()),
+        ("CNSPRCY_TAG", run.tag.as_str()),
+        ("CNSPRCY_FROM", from.map_or("", |f| f.name.as_str())),
+        ("CNSPRCY_FROM_ID", from.map_or("", |f| f.id.as_str())),
+        (
+            "CNSPRCY_MESSAGE_ID",
+            run.message_id.as_deref().unwrap_or(""),
+        ),
+        ("CNSPRCY_DEVICE", run.device.as_str()),
+        ("CNSPRCY_HANDLER", handler),
+    ];
+    for (name, value) in own {
+        // A NUL cannot be passed in the environment; such a value (from a broken peer) is
+        // dropped rather than failing the run.
+        let value = if value.contains('\0') { "" } else { value };
+        env.push((name.to_owned(), value.to_owned()));
+    }
+    env
+}
+
+fn is_env_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cnsprcy::ipc::Sender;
+
+    fn run(event: &str, tag: &str) -> Run {
+        Run {
+            run_id: 1,
+            event: event.into(),
+            tag: tag.into(),
+            from: Some(Sender {
+                name: "laptop".into(),
+                id: "aaaa-bbbb-cccc-dddd".into(),
+            }),
+            message_id: Some("m1".into()),
+            device: "desk".into(),
+            env: vec![
+                ("CNSPRCY_TAG".into(), "spoofed".into()),
+                ("EXTRA".into(), "1".into()),
+                ("BAD=NAME".into(), "x".into()),
+            ],
+            payload: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn environment_describes_the_run_and_cannot_be_spoofed() {
+        let env = handler_env(&run(EVENT_MESSAGE, "clipboard/set"), "clipboard/set.sh");
+        let get = |name: &str| {
+            env.iter()
+                .rev()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(get("CNSPRCY_TAG"), Some("clipboard/set"));
+        assert_eq!(get("CNSPRCY_FROM"), Some("laptop"));
+        assert_eq!(get("CNSPRCY_FROM_ID"), Some("aaaa-bbbb-cccc-dddd"));
+        assert_eq!(get("CNSPRCY_MESSAGE_ID"), Some("m1"));
+        assert_eq!(get("CNSPRCY_DEVICE"), Some("desk"));
+        assert_eq!(get("CNSPRCY_EVENT"), Some("message"));
+        assert_eq!(get("CNSPRCY_HANDLER"), Some("clipboard/set.sh"));
+        assert_eq!(get("EXTRA"), Some("1"));
+        assert_eq!(get("BAD=NAME"), None);
+    }
+
+    #[test]
+    fn keys_order_by_sender_and_tag_and_events_by_peer() {
+        let a = run(EVENT_MESSAGE, "a");
+        let mut b = run(EVENT_MESSAGE, "a");
+        assert_eq!(key_of(&a), key_of(&b));
+        b.from.as_mut().unwrap().id = "other".into();
+        assert_ne!(key_of(&a), key_of(&b));
+        let mut up = run("peer-up", "peer-up");
+        up.env = vec![(PEER_ENV.into(), "phone".into())];
+        let mut down = run("peer-down", "peer-down");
+        down.env = vec![(PEER_ENV.into(), "phone".into())];
+        assert_eq!(key_of(&up), key_of(&down));
+        assert_eq!(
+            key_of(&up),
+            Key::Event {
+                peer: "phone".into()
+            }
+        );
     }
 }

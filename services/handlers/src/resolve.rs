@@ -1,0 +1,713 @@
+//! Which file handles a tag or a built-in event, and whether it may run.
+//!
+//! The mapping (documented in `docs/event_handlers.md`): for the tag `a/b/c`, the handler is
+//! `a/b/c` or `a/b/c.EXT` (one extension, any); failing that the nearest directory fallback,
+//! `a/b/_default[.EXT]`, then `a/_default[.EXT]`, then `_default[.EXT]` at the top. A built-in
+//! event `peer-up` runs `_events/peer-up[.EXT]`, else `_events/_default[.EXT]`. The first level
+//! with a candidate decides: two candidates there (`c` and `c.sh`) are ambiguous and refused, and
+//! a candidate that may not run is refused, rather than quietly falling back to a broader handler.
+//!
+//! Nothing is cached: every run looks at the directory afresh, so edits apply at once.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use cnsprcy::ipc::{EVENT_MESSAGE, Sender};
+use cnsprcy::tag::{
+    ALLOW_LIST_EXTENSION, DEFAULT_STEM, EVENTS_DIR, split_extension, validate_event, validate_tag,
+};
+use serde::Serialize;
+
+use crate::allow::AllowList;
+
+/// Why a file handles what it handles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MatchKind {
+    /// Named exactly like the tag: `clipboard/set`.
+    Exact,
+    /// Named like the tag plus one extension: `clipboard/set.sh`.
+    Extension,
+    /// `_default` in one of the tag's directories: `clipboard/_default`.
+    DirectoryDefault,
+    /// `_default` at the top of the handler directory: every tag without a closer handler.
+    Default,
+    /// `_events/NAME` for the built-in event NAME.
+    Event,
+    /// `_events/_default`: every built-in event without a handler of its own.
+    EventDefault,
+}
+
+impl MatchKind {
+    /// How `cnspr handlers list` explains the match.
+    pub fn describe(self) -> &'static str {
+        match self {
+            MatchKind::Exact => "exact name",
+            MatchKind::Extension => "name with extension",
+            MatchKind::DirectoryDefault => "directory fallback",
+            MatchKind::Default => "top-level fallback",
+            MatchKind::Event => "built-in event",
+            MatchKind::EventDefault => "built-in event fallback",
+        }
+    }
+}
+
+/// A handler file chosen for a run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Handler {
+    /// The file to execute.
+    pub path: PathBuf,
+    /// The file relative to the handler directory, `/`-separated: the handler's name in logs
+    /// and replies.
+    pub rel: String,
+    /// The directory holding the file: the handler's working directory.
+    pub dir: PathBuf,
+    pub kind: MatchKind,
+    /// The sender allow list that applies (`STEM.from` next to the file), if there is one.
+    pub allow: Option<AllowList>,
+}
+
+/// The answer to "which handler runs this?".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolution {
+    Found(Handler),
+    NoHandler,
+    /// A handler exists (or several do) but may not run; `reason` says why and how to fix it.
+    Refused {
+        handler: Option<String>,
+        reason: String,
+    },
+}
+
+/// One place where a handler may be: the files `STEM` and `STEM.EXT` in `dir`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Level {
+    /// The directory, as segments below the handler directory.
+    pub dir: Vec<String>,
+    pub stem: String,
+    /// The kind of a candidate without an extension (with one, `Exact` becomes `Extension`).
+    pub kind: MatchKind,
+}
+
+/// The places to look for the handler of `tag` (a message) or of the built-in `event`, most
+/// specific first.
+pub(crate) fn levels(event: &str, tag: &str) -> Result<Vec<Level>, String> {
+    if event != EVENT_MESSAGE {
+        validate_event(event)?;
+        let dir = vec![EVENTS_DIR.to_owned()];
+        return Ok(vec![
+            Level {
+                dir: dir.clone(),
+                stem: event.to_owned(),
+                kind: MatchKind::Event,
+            },
+            Level {
+                dir,
+                stem: DEFAULT_STEM.to_owned(),
+                kind: MatchKind::EventDefault,
+            },
+        ]);
+    }
+    validate_tag(tag)?;
+    let segments: Vec<String> = tag.split('/').map(str::to_owned).collect();
+    let (name, dirs) = match segments.split_last() {
+        Some((name, dirs)) => (name.clone(), dirs.to_vec()),
+        // validate_tag refuses the empty tag.
+        None => return Err("tag is empty".into()),
+    };
+    let mut levels = vec![Level {
+        dir: dirs.clone(),
+        stem: name,
+        kind: MatchKind::Exact,
+    }];
+    for depth in (0..=dirs.len()).rev() {
+        levels.push(Level {
+            dir: dirs[..depth].to_vec(),
+            stem: DEFAULT_STEM.to_owned(),
+            kind: if depth == 0 {
+                MatchKind::Default
+            } else {
+                MatchKind::DirectoryDefault
+            },
+        });
+    }
+    Ok(levels)
+}
+
+/// Joins segments with '/' for names in messages ("" is the handler directory itself).
+pub(crate) fn rel_name(dir: &[String], file: Option<&str>) -> String {
+    let mut parts: Vec<&str> = dir.iter().map(String::as_str).collect();
+    parts.extend(file);
+    parts.join("/")
+}
+
+/// A file in a directory that is a candidate for `stem`: `stem` itself or `stem.EXT` (never
+/// `stem.from`, the allow list). Directories are not candidates: `a/` holds the handlers of
+/// `a/...`, it does not handle `a`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Candidate {
+    pub file_name: String,
+    pub extension: Option<String>,
+}
+
+pub(crate) fn is_candidate_name<'a>(file_name: &'a str, stem: &str) -> Option<Option<&'a str>> {
+    if file_name == stem {
+        return Some(None);
+    }
+    match split_extension(file_name) {
+        (s, Some(ext)) if s == stem && ext != ALLOW_LIST_EXTENSION => Some(Some(ext)),
+        _ => None,
+    }
+}
+
+/// The candidates for `stem` in `dir`, sorted by name. A missing directory has none.
+fn candidates(dir: &Path, stem: &str) -> io::Result<Vec<Candidate>> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e)
+            if e.kind() == io::ErrorKind::NotFound || e.kind() == io::ErrorKind::NotADirectory =>
+        {
+            return Ok(Vec::new());
+        }
+        Err(e) => return Err(e),
+    };
+    let mut found = Vec::new();
+    for entry in entries {
+        let entry = entry?;
+        // Names that are not UTF-8 cannot be made from a tag.
+        let Ok(file_name) = entry.file_name().into_string() else {
+            continue;
+        };
+        let Some(extension) = is_candidate_name(&file_name, stem) else {
+            continue;
+        };
+        // Followed through symbolic links; a dangling link stays a candidate, to be refused.
+        if fs::metadata(entry.path()).is_ok_and(|m| m.is_dir()) {
+            continue;
+        }
+        found.push(Candidate {
+            extension: extension.map(str::to_owned),
+            file_name,
+        });
+    }
+    found.sort_by(|a, b| a.file_name.cmp(&b.file_name));
+    Ok(found)
+}
+
+/// What may be wrong with a handler file, its allow list or a directory above it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FileProblem {
+    /// A symbolic link whose target does not exist.
+    Dangling,
+    /// Not a regular file (a FIFO, a device, a socket).
+    NotRegular,
+    NotExecutable {
+        mode: u32,
+    },
+    /// Owned by someone other than this user (or root).
+    WrongOwner {
+        uid: u32,
+    },
+    /// Group or others may write it: they could make it run anything.
+    Writable {
+        mode: u32,
+    },
+    /// It could not be inspected.
+    Unreadable {
+        error: String,
+    },
+}
+
+impl FileProblem {
+    /// A sentence about `what` (such as "clipboard/set.sh" or "directory clipboard"), with the fix.
+    pub fn describe(&self, what: &str, own_uid: u32) -> String {
+        match self {
+            FileProblem::Dangling => {
+                format!("{what} is a symbolic link to a file that does not exist")
+            }
+            FileProblem::NotRegular => format!("{what} is not a regular file"),
+            FileProblem::NotExecutable { mode } => {
+                format!("{what} is not executable (mode {mode:04o}); fix: chmod u+x")
+            }
+            FileProblem::WrongOwner { uid } => format!(
+                "{what} belongs to uid {uid}, not to you (uid {own_uid}) or root; fix: chown it or remove it"
+            ),
+            FileProblem::Writable { mode } => format!(
+                "{what} is writable by group or others (mode {mode:04o}), who could make it run anything; fix: chmod go-w"
+            ),
+            FileProblem::Unreadable { error } => format!("{what} cannot be inspected: {error}"),
+        }
+    }
+
+    /// A short code for JSON output.
+    pub fn code(&self) -> &'static str {
+        match self {
+            FileProblem::Dangling => "dangling_link",
+            FileProblem::NotRegular => "not_a_file",
+            FileProblem::NotExecutable { .. } => "not_executable",
+            FileProblem::WrongOwner { .. } => "wrong_owner",
+            FileProblem::Writable { .. } => "writable_by_others",
+            FileProblem::Unreadable { .. } => "unreadable",
+        }
+    }
+}
+
+/// The owner and mode a check looks at, apart from the file system so the rules are testable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stat {
+    pub uid: u32,
+    pub mode: u32,
+    pub is_file: bool,
+    pub is_dir: bool,
+}
+
+impl Stat {
+    pub fn of(meta: &fs::Metadata) -> Self {
+        Self {
+            uid: meta.uid(),
+            mode: meta.mode() & 0o7777,
+            is_file: meta.is_file(),
+            is_dir: meta.is_dir(),
+        }
+    }
+}
+
+/// Root may already change anything of this user's, so a file of root's (typically a link to a
+/// system program) is as trustworthy as the user's own.
+fn trusted_owner(uid: u32, own_uid: u32) -> bool {
+    uid == own_uid || uid == 0
+}
+
+/// The problems of a file that is to be executed: every one, for `cnspr handlers check`.
+pub fn check_handler_stat(stat: Stat, own_uid: u32) -> Vec<FileProblem> {
+    let mut problems = check_data_stat(stat, own_uid);
+    // Only the owner's bit counts for the user's own files; for root's, any execute bit (what
+    // `access(X_OK)` would say for another user depends on the groups, so stay simple).
+    let executable = if stat.uid == own_uid {
+        stat.mode & 0o100 != 0
+    } else {
+        stat.mode & 0o111 != 0
+    };
+    if stat.is_file && !executable {
+        problems.insert(0, FileProblem::NotExecutable { mode: stat.mode });
+    }
+    problems
+}
+
+/// The problems of a file that is read as configuration (an allow list).
+pub fn check_data_stat(stat: Stat, own_uid: u32) -> Vec<FileProblem> {
+    let mut problems = Vec::new();
+    if !stat.is_file {
+        problems.push(FileProblem::NotRegular);
+    }
+    if !trusted_owner(stat.uid, own_uid) {
+        problems.push(FileProblem::WrongOwner { uid: stat.uid });
+    }
+    if stat.mode & 0o022 != 0 {
+        problems.push(FileProblem::Writable { mode: stat.mode });
+    }
+    problems
+}
+
+/// The problems of a directory that holds handlers (or directories of them).
+pub fn check_dir_stat(stat: Stat, own_uid: u32) -> Vec<FileProblem> {
+    let mut problems = Vec::new();
+    if !trusted_owner(stat.uid, own_uid) {
+        problems.push(FileProblem::WrongOwner { uid: stat.uid });
+    }
+    if stat.mode & 0o022 != 0 {
+        problems.push(FileProblem::Writable { mode: stat.mode });
+    }
+    problems
+}
+
+/// This process's user id, as the file checks compare it.
+pub fn own_uid() -> u32 {
+    nix::unistd::getuid().as_raw()
+}
+
+/// Inspects `path` (following links): its `Stat`, or the problem that it cannot be inspected.
+pub(crate) fn stat_path(path: &Path) -> Result<Stat, FileProblem> {
+    match fs::metadata(path) {
+        Ok(meta) => Ok(Stat::of(&meta)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound && fs::symlink_metadata(path).is_ok() => {
+            Err(FileProblem::Dangling)
+        }
+        Err(e) => Err(FileProblem::Unreadable {
+            error: e.to_string(),
+        }),
+    }
+}
+
+/// Describes a directory for messages: "the handler directory" or "directory a/b".
+pub(crate) fn dir_label(segments: &[String]) -> String {
+    if segments.is_empty() {
+        "the handler directory".to_owned()
+    } else {
+        format!("directory {}", segments.join("/"))
+    }
+}
+
+/// The first problem of the handler directory and each directory down to `segments`.
+fn first_dir_problem(root: &Path, segments: &[String], own_uid: u32) -> Option<String> {
+    let mut dir = root.to_owned();
+    for depth in 0..=segments.len() {
+        if depth > 0 {
+            dir.push(&segments[depth - 1]);
+        }
+        let label = dir_label(&segments[..depth]);
+        let problem = match stat_path(&dir) {
+            Ok(stat) => check_dir_stat(stat, own_uid).into_iter().next(),
+            Err(problem) => Some(problem),
+        };
+        if let Some(problem) = problem {
+            return Some(problem.describe(&label, own_uid));
+        }
+    }
+    None
+}
+
+/// Finds the handler for a run of `event` with `tag` in the handler directory `root`, and checks
+/// that it may run (but not yet whether the sender is allowed: see `Handler::allows`).
+pub fn resolve(root: &Path, event: &str, tag: &str) -> Resolution {
+    let levels = match levels(event, tag) {
+        Ok(levels) => levels,
+        Err(reason) => {
+            return Resolution::Refused {
+                handler: None,
+                reason,
+            };
+        }
+    };
+    let own_uid = own_uid();
+    for level in levels {
+        let dir = level.dir.iter().fold(root.to_owned(), |d, s| d.join(s));
+        let found = match candidates(&dir, &level.stem) {
+            Ok(found) => found,
+            Err(e) => {
+                return Resolution::Refused {
+                    handler: None,
+                    reason: format!("cannot read {}: {e}", dir_label(&level.dir)),
+                };
+            }
+        };
+        let candidate = match found.as_slice() {
+            [] => continue,
+            [one] => one,
+            [first, second, ..] => {
+                return Resolution::Refused {
+                    handler: Some(rel_name(&level.dir, Some(&first.file_name))),
+                    reason: format!(
+                        "ambiguous: both {} and {} would handle it; remove or rename one",
+                        rel_name(&level.dir, Some(&first.file_name)),
+                        rel_name(&level.dir, Some(&second.file_name)),
+                    ),
+                };
+            }
+        };
+        let rel = rel_name(&level.dir, Some(&candidate.file_name));
+        let refuse = |reason: String| Resolution::Refused {
+            handler: Some(rel.clone()),
+            reason,
+        };
+        if let Some(reason) = first_dir_problem(root, &level.dir, own_uid) {
+            return refuse(reason);
+        }
+        let path = dir.join(&candidate.file_name);
+        let problem = match stat_path(&path) {
+            Ok(stat) => check_handler_stat(stat, own_uid).into_iter().next(),
+            Err(problem) => Some(problem),
+        };
+        if let Some(problem) = problem {
+            return refuse(problem.describe(&rel, own_uid));
+        }
+        // Built-in events have no sender, so an allow list has nothing to limit there.
+        let allow = if event == EVENT_MESSAGE {
+            let allow_path = dir.join(format!("{}.{ALLOW_LIST_EXTENSION}", level.stem));
+            let allow_rel = rel_name(
+                &level.dir,
+                Some(&format!("{}.{ALLOW_LIST_EXTENSION}", level.stem)),
+            );
+            match AllowList::load(&allow_path, &allow_rel, own_uid) {
+                Ok(allow) => allow,
+                // An allow list that cannot be trusted allows nobody.
+                Err(reason) => return refuse(reason),
+            }
+        } else {
+            None
+        };
+        let kind = match (level.kind, &candidate.extension) {
+            (MatchKind::Exact, Some(_)) => MatchKind::Extension,
+            (kind, _) => kind,
+        };
+        return Resolution::Found(Handler {
+            path,
+            rel,
+            dir,
+            kind,
+            allow,
+        });
+    }
+    Resolution::NoHandler
+}
+
+impl Handler {
+    /// Whether `from` may run this handler: `Err` has the reason for the sender.
+    pub fn allows(&self, from: Option<&Sender>) -> Result<(), String> {
+        let Some(allow) = &self.allow else {
+            return Ok(());
+        };
+        match from {
+            Some(sender) if allow.allows(sender) => Ok(()),
+            Some(sender) => Err(format!(
+                "{} is not in {}, which limits who may run {}",
+                sender.name, allow.file, self.rel
+            )),
+            None => Err(format!(
+                "{} limits who may run {}, and the message has no sender",
+                allow.file, self.rel
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{PermissionsExt, symlink};
+
+    pub(crate) fn write(root: &Path, rel: &str, mode: u32) {
+        let path = root.join(rel);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(&path, "#!/bin/sh\n").unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    fn found(root: &Path, event: &str, tag: &str) -> (String, MatchKind) {
+        match resolve(root, event, tag) {
+            Resolution::Found(h) => (h.rel, h.kind),
+            other => panic!("{event} {tag}: {other:?}"),
+        }
+    }
+
+    fn refused(root: &Path, tag: &str) -> String {
+        match resolve(root, EVENT_MESSAGE, tag) {
+            Resolution::Refused { reason, .. } => reason,
+            other => panic!("{tag}: {other:?}"),
+        }
+    }
+
+    fn tree() -> tempfile::TempDir {
+        let tmp = tempfile::tempdir().unwrap();
+        fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o700)).unwrap();
+        tmp
+    }
+
+    #[test]
+    fn levels_go_from_exact_to_top_default() {
+        let described: Vec<(String, String, MatchKind)> = levels(EVENT_MESSAGE, "a/b/c")
+            .unwrap()
+            .into_iter()
+            .map(|l| (l.dir.join("/"), l.stem, l.kind))
+            .collect();
+        assert_eq!(
+            described,
+            vec![
+                ("a/b".into(), "c".into(), MatchKind::Exact),
+                ("a/b".into(), "_default".into(), MatchKind::DirectoryDefault),
+                ("a".into(), "_default".into(), MatchKind::DirectoryDefault),
+                ("".into(), "_default".into(), MatchKind::Default),
+            ]
+        );
+        let events = levels("peer-up", "peer-up").unwrap();
+        assert_eq!(events[0].dir, vec!["_events".to_owned()]);
+        assert_eq!(events[1].kind, MatchKind::EventDefault);
+        assert!(levels(EVENT_MESSAGE, "../x").is_err());
+        assert!(levels("../x", "x").is_err());
+    }
+
+    #[test]
+    fn exact_extension_and_fallbacks() {
+        let tmp = tree();
+        let root = tmp.path();
+        write(root, "clipboard/set", 0o700);
+        write(root, "clipboard/get.sh", 0o700);
+        write(root, "clipboard/_default.py", 0o700);
+        write(root, "notify/deep/x", 0o700);
+        write(root, "_default", 0o755);
+        write(root, "_events/peer-up.sh", 0o700);
+        write(root, "_events/_default", 0o700);
+        // Not candidates: the allow list, a longer name, a directory named like the tag.
+        write(root, "clipboard/set.from", 0o600);
+        write(root, "clipboard/setter", 0o700);
+        fs::create_dir_all(root.join("clip")).unwrap();
+
+        assert_eq!(
+            found(root, EVENT_MESSAGE, "clipboard/set"),
+            ("clipboard/set".into(), MatchKind::Exact)
+        );
+        assert_eq!(
+            found(root, EVENT_MESSAGE, "clipboard/get"),
+            ("clipboard/get.sh".into(), MatchKind::Extension)
+        );
+        assert_eq!(
+            found(root, EVENT_MESSAGE, "clipboard/other/deeper"),
+            ("clipboard/_default.py".into(), MatchKind::DirectoryDefault)
+        );
+        assert_eq!(
+            found(root, EVENT_MESSAGE, "notify/deep"),
+            ("_default".into(), MatchKind::Default)
+        );
+        assert_eq!(
+            found(root, EVENT_MESSAGE, "clip"),
+            ("_default".into(), MatchKind::Default)
+        );
+        assert_eq!(
+            found(root, EVENT_MESSAGE, "notify/deep/x"),
+            ("notify/deep/x".into(), MatchKind::Exact)
+        );
+        assert_eq!(
+            found(root, "peer-up", "peer-up"),
+            ("_events/peer-up.sh".into(), MatchKind::Event)
+        );
+        assert_eq!(
+            found(root, "daemon-stop", "daemon-stop"),
+            ("_events/_default".into(), MatchKind::EventDefault)
+        );
+        // A message never reaches the events directory, even through the top-level fallback.
+        fs::remove_file(root.join("_default")).unwrap();
+        assert_eq!(
+            resolve(root, EVENT_MESSAGE, "peer-up"),
+            Resolution::NoHandler
+        );
+        assert_eq!(
+            resolve(root, EVENT_MESSAGE, "nothing/here"),
+            Resolution::NoHandler
+        );
+    }
+
+    #[test]
+    fn two_candidates_are_ambiguous_and_do_not_fall_back() {
+        let tmp = tree();
+        let root = tmp.path();
+        write(root, "a/b", 0o700);
+        write(root, "a/b.sh", 0o700);
+        write(root, "_default", 0o700);
+        let reason = refused(root, "a/b");
+        assert!(reason.contains("ambiguous"), "{reason}");
+        assert!(reason.contains("a/b and a/b.sh"), "{reason}");
+    }
+
+    #[test]
+    fn permissions_are_refused_with_the_fix() {
+        let tmp = tree();
+        let root = tmp.path();
+        write(root, "plain", 0o600);
+        write(root, "open", 0o777);
+        write(root, "group", 0o770);
+        write(root, "_default", 0o700);
+        symlink(root.join("missing"), root.join("dangling")).unwrap();
+        let reason = refused(root, "plain");
+        assert!(
+            reason.contains("plain is not executable (mode 0600)"),
+            "{reason}"
+        );
+        assert!(reason.contains("chmod u+x"), "{reason}");
+        assert!(refused(root, "open").contains("writable by group or others"));
+        assert!(refused(root, "group").contains("chmod go-w"));
+        assert!(refused(root, "dangling").contains("does not exist"));
+
+        write(root, "sub/x", 0o700);
+        fs::set_permissions(root.join("sub"), fs::Permissions::from_mode(0o777)).unwrap();
+        let reason = refused(root, "sub/x");
+        assert!(reason.contains("directory sub is writable"), "{reason}");
+        fs::set_permissions(root, fs::Permissions::from_mode(0o757)).unwrap();
+        let reason = refused(root, "anything");
+        assert!(
+            reason.contains("the handler directory is writable"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn stat_rules() {
+        let me = 1000;
+        let file = |uid, mode| Stat {
+            uid,
+            mode,
+            is_file: true,
+            is_dir: false,
+        };
+        assert_eq!(check_handler_stat(file(me, 0o700), me), vec![]);
+        assert_eq!(check_handler_stat(file(me, 0o755), me), vec![]);
+        assert_eq!(check_handler_stat(file(0, 0o755), me), vec![]);
+        assert_eq!(
+            check_handler_stat(file(me, 0o644), me),
+            vec![FileProblem::NotExecutable { mode: 0o644 }]
+        );
+        // The group's execute bit does not make the owner's file executable for the owner.
+        assert_eq!(
+            check_handler_stat(file(me, 0o610), me),
+            vec![FileProblem::NotExecutable { mode: 0o610 }]
+        );
+        assert_eq!(
+            check_handler_stat(file(1001, 0o775), me),
+            vec![
+                FileProblem::WrongOwner { uid: 1001 },
+                FileProblem::Writable { mode: 0o775 }
+            ]
+        );
+        let fifo = Stat {
+            is_file: false,
+            ..file(me, 0o700)
+        };
+        assert_eq!(check_handler_stat(fifo, me), vec![FileProblem::NotRegular]);
+        let dir = |uid, mode| Stat {
+            uid,
+            mode,
+            is_file: false,
+            is_dir: true,
+        };
+        assert_eq!(check_dir_stat(dir(me, 0o755), me), vec![]);
+        assert_eq!(check_dir_stat(dir(0, 0o755), me), vec![]);
+        assert_eq!(
+            check_dir_stat(dir(me, 0o1777), me),
+            vec![FileProblem::Writable { mode: 0o1777 }]
+        );
+        assert_eq!(
+            check_dir_stat(dir(7, 0o700), me),
+            vec![FileProblem::WrongOwner { uid: 7 }]
+        );
+    }
+
+    #[test]
+    fn allow_lists_limit_senders() {
+        let tmp = tree();
+        let root = tmp.path();
+        write(root, "lock", 0o700);
+        fs::write(
+            root.join("lock.from"),
+            "# only these\nlaptop\n\nphone # mine\n",
+        )
+        .unwrap();
+        fs::set_permissions(root.join("lock.from"), fs::Permissions::from_mode(0o600)).unwrap();
+        let Resolution::Found(handler) = resolve(root, EVENT_MESSAGE, "lock") else {
+            panic!()
+        };
+        let sender = |name: &str| Sender {
+            name: name.into(),
+            id: "0000-0000-0000-0000".into(),
+        };
+        assert_eq!(handler.allows(Some(&sender("laptop"))), Ok(()));
+        assert_eq!(handler.allows(Some(&sender("phone"))), Ok(()));
+        let reason = handler.allows(Some(&sender("desk"))).unwrap_err();
+        assert!(reason.contains("desk is not in lock.from"), "{reason}");
+        assert!(handler.allows(None).unwrap_err().contains("no sender"));
+
+        // An allow list others may write is refused: it could let anyone in.
+        fs::set_permissions(root.join("lock.from"), fs::Permissions::from_mode(0o666)).unwrap();
+        assert!(refused(root, "lock").contains("lock.from is writable"));
+    }
+}
