@@ -9,7 +9,12 @@ use cnsprcy::ipc::ServiceKind;
 use cnsprcy::rpc::{self, Methods, RpcError};
 use serde::Deserialize;
 use serde_json::Value;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use base64::Engine;
 use tokio::sync::oneshot;
+
+use crate::delivery::SendRequest;
 
 use crate::Mesh;
 use crate::node::Request;
@@ -21,6 +26,8 @@ const MAX_PING_TIMEOUT_MS: u64 = 60_000;
 
 pub struct Api<'a> {
     pub mesh: &'a Mesh,
+    /// Set by `subscribe`: the connection then also streams events.
+    pub subscribed: AtomicBool,
 }
 
 #[derive(Deserialize)]
@@ -40,6 +47,76 @@ struct PingParams {
     name: String,
     #[serde(default)]
     timeout_ms: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SendParams {
+    tag: String,
+    /// Member names or IDs; absent: every member.
+    #[serde(default)]
+    to: Option<Vec<String>>,
+    /// The payload in base64 (binary-safe).
+    #[serde(default)]
+    payload: Option<String>,
+    /// The payload as text, for scripts that send text (instead of `payload`).
+    #[serde(default)]
+    payload_text: Option<String>,
+    #[serde(default)]
+    wait: bool,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+    #[serde(default)]
+    ttl_ms: Option<u64>,
+}
+
+/// `send --wait` waits this long unless told otherwise.
+const DEFAULT_WAIT_MS: u64 = 10_000;
+const MAX_WAIT_MS: u64 = 3_600_000;
+const MAX_TTL_MS: u64 = 30 * 24 * 3_600_000;
+
+fn send_request(params: SendParams) -> Result<SendRequest, RpcError> {
+    cnsprcy::tag::validate_tag(&params.tag).map_err(RpcError::invalid_params)?;
+    let payload = match (params.payload, params.payload_text) {
+        (Some(_), Some(_)) => {
+            return Err(RpcError::invalid_params(
+                "give either payload (base64) or payload_text, not both",
+            ));
+        }
+        (Some(b64), None) => base64::engine::general_purpose::STANDARD
+            .decode(b64.as_bytes())
+            .map_err(|e| RpcError::invalid_params(format!("payload is not base64: {e}")))?,
+        (None, Some(text)) => text.into_bytes(),
+        (None, None) => Vec::new(),
+    };
+    let wait_ms = params.timeout_ms.unwrap_or(DEFAULT_WAIT_MS);
+    if params.wait && (wait_ms == 0 || wait_ms > MAX_WAIT_MS) {
+        return Err(RpcError::invalid_params(format!(
+            "timeout_ms must be between 1 and {MAX_WAIT_MS}"
+        )));
+    }
+    let ttl_ms = params
+        .ttl_ms
+        .unwrap_or(crate::delivery::DEFAULT_TTL.as_millis() as u64);
+    if ttl_ms == 0 || ttl_ms > MAX_TTL_MS {
+        return Err(RpcError::invalid_params(format!(
+            "ttl_ms must be between 1 and {MAX_TTL_MS} (30 days)"
+        )));
+    }
+    if let Some(to) = &params.to
+        && to.is_empty()
+    {
+        return Err(RpcError::invalid_params(
+            "\"to\" is empty; leave it out to send to every member",
+        ));
+    }
+    Ok(SendRequest {
+        tag: params.tag,
+        to: params.to,
+        payload,
+        wait: params.wait.then(|| Duration::from_millis(wait_ms)),
+        ttl: Duration::from_millis(ttl_ms),
+    })
 }
 
 #[derive(Deserialize)]
@@ -65,6 +142,8 @@ impl Methods for Api<'_> {
             "members.add",
             "members.remove",
             "retry",
+            "send",
+            "subscribe",
         ]
     }
 
@@ -124,6 +203,15 @@ impl Methods for Api<'_> {
                     self.ask(|reply| Request::RemoveMember { name, reply })
                         .await??,
                 )
+            }
+            "send" => {
+                let send = send_request(rpc::params(params)?)?;
+                to_value(self.ask(|reply| Request::Send { send, reply }).await??)
+            }
+            "subscribe" => {
+                rpc::params::<NoParams>(params)?;
+                self.subscribed.store(true, Ordering::Relaxed);
+                Ok(serde_json::json!({ "subscribed": true }))
             }
             "retry" => {
                 rpc::params::<NoParams>(params)?;

@@ -1,19 +1,36 @@
 //! The mesh service's connection to the handler service, opened on first use (under systemd the
 //! connect is what starts the handler service) and reopened when the handler service restarted.
+//!
+//! One task owns the connection: it writes requests and matches answers to their callers, so
+//! many handler runs can be in flight at once and finish in any order.
 
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use cnsprcy::framing::{FrameError, JsonConnection};
-use cnsprcy::ipc::{FromHandlers, ToHandlers};
+use cnsprcy::framing::JsonConnection;
+use cnsprcy::ipc::{FromHandlers, Run, RunResult, ToHandlers};
 use tokio::net::UnixStream;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, mpsc, oneshot};
 
-const TIMEOUT: Duration = Duration::from_secs(3);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+const PING_TIMEOUT: Duration = Duration::from_secs(3);
 
 pub struct HandlersLink {
     socket: PathBuf,
-    conn: Mutex<Option<JsonConnection<UnixStream>>>,
+    conn: Mutex<Option<Conn>>,
+}
+
+/// The open connection, as callers see it.
+#[derive(Clone)]
+struct Conn {
+    requests: mpsc::Sender<Pending>,
+}
+
+/// A request with the way to answer its caller.
+enum Pending {
+    Ping(oneshot::Sender<u32>),
+    Run(Box<Run>, oneshot::Sender<RunResult>),
 }
 
 impl HandlersLink {
@@ -24,49 +41,109 @@ impl HandlersLink {
         }
     }
 
-    /// Asks the handler service whether it is there; returns its pid.
+    /// The open connection, connecting first if there is none (or the last one died).
+    async fn conn(&self) -> Result<Conn, String> {
+        let mut slot = self.conn.lock().await;
+        if let Some(conn) = slot.as_ref()
+            && !conn.requests.is_closed()
+        {
+            return Ok(conn.clone());
+        }
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, UnixStream::connect(&self.socket))
+            .await
+            .map_err(|_| "the handler service did not accept a connection in time".to_owned())?
+            .map_err(|e| format!("cannot reach the handler service: {e}"))?;
+        let (requests, rx) = mpsc::channel(256);
+        tokio::spawn(own_connection(JsonConnection::new(stream), rx));
+        let conn = Conn { requests };
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Asks the handler service whether it is there; returns its pid. A kept connection may be
+    /// to a handler service that has since restarted: on failure, try once more afresh.
     pub async fn ping(&self) -> Result<u32, String> {
-        let mut conn = self.conn.lock().await;
-        // A kept connection may be to a handler service that has since restarted: on failure,
-        // try once more on a fresh connection before reporting the service as away.
-        let reused = conn.is_some();
-        match self.ping_on(&mut conn).await {
+        match self.ping_once().await {
             Ok(pid) => Ok(pid),
-            Err(_) if reused => self.ping_on(&mut conn).await.map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
+            Err(_) => self.ping_once().await,
         }
     }
 
-    async fn ping_on(
-        &self,
-        slot: &mut Option<JsonConnection<UnixStream>>,
-    ) -> Result<u32, FrameError> {
-        let result = tokio::time::timeout(TIMEOUT, async {
-            if slot.is_none() {
-                let stream = UnixStream::connect(&self.socket).await?;
-                *slot = Some(JsonConnection::new(stream));
-            }
-            // Just filled in above when it was empty.
-            let conn = slot.as_mut().expect("connection present");
-            conn.send(&ToHandlers::Ping).await?;
-            match conn.recv::<FromHandlers>().await? {
-                Some(FromHandlers::Pong { pid, .. }) => Ok(pid),
-                None => Err(FrameError::Io(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "the handler service closed the connection",
-                ))),
-            }
-        })
-        .await
-        .unwrap_or_else(|_| {
-            Err(FrameError::Io(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "the handler service did not answer in time",
-            )))
-        });
-        if result.is_err() {
-            *slot = None;
+    async fn ping_once(&self) -> Result<u32, String> {
+        let conn = self.conn().await?;
+        let (tx, rx) = oneshot::channel();
+        conn.requests
+            .send(Pending::Ping(tx))
+            .await
+            .map_err(|_| "the handler service connection closed".to_owned())?;
+        match tokio::time::timeout(PING_TIMEOUT, rx).await {
+            Ok(Ok(pid)) => Ok(pid),
+            Ok(Err(_)) => Err("the handler service connection closed".into()),
+            Err(_) => Err("the handler service did not answer in time".into()),
         }
-        result
+    }
+
+    /// Has the handler service run `run` and waits for the result. The run is handed over at
+    /// most once: if the connection breaks afterwards, the result is lost, not the run repeated.
+    pub async fn run(&self, run: Run) -> Result<RunResult, String> {
+        let conn = self.conn().await?;
+        let (tx, rx) = oneshot::channel();
+        conn.requests
+            .send(Pending::Run(Box::new(run), tx))
+            .await
+            .map_err(|_| "the handler service connection closed".to_owned())?;
+        rx.await
+            .map_err(|_| "lost the connection to the handler service during the run".into())
+    }
+}
+
+/// Writes requests, reads answers, and hands each answer to its caller; ends when either side
+/// closes. Dropping the callers' senders tells them the connection is gone.
+async fn own_connection(
+    mut conn: JsonConnection<UnixStream>,
+    mut requests: mpsc::Receiver<Pending>,
+) {
+    let mut next_run_id = 0u64;
+    let mut runs: HashMap<u64, oneshot::Sender<RunResult>> = HashMap::new();
+    let mut pings: VecDeque<oneshot::Sender<u32>> = VecDeque::new();
+    loop {
+        tokio::select! {
+            request = requests.recv() => {
+                let Some(request) = request else { return };
+                let message = match request {
+                    Pending::Ping(tx) => {
+                        pings.push_back(tx);
+                        ToHandlers::Ping
+                    }
+                    Pending::Run(mut run, tx) => {
+                        next_run_id += 1;
+                        run.run_id = next_run_id;
+                        runs.insert(next_run_id, tx);
+                        ToHandlers::Run(*run)
+                    }
+                };
+                if let Err(e) = conn.send(&message).await {
+                    tracing::warn!("lost the connection to the handler service: {e}");
+                    return;
+                }
+            }
+            answer = conn.recv::<FromHandlers>() => match answer {
+                Ok(Some(FromHandlers::Pong { pid, .. })) => {
+                    if let Some(tx) = pings.pop_front() {
+                        let _ = tx.send(pid);
+                    }
+                }
+                Ok(Some(FromHandlers::Done { run_id, result })) => {
+                    if let Some(tx) = runs.remove(&run_id) {
+                        let _ = tx.send(result);
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::warn!("bad answer from the handler service: {e}");
+                    return;
+                }
+            },
+        }
     }
 }

@@ -4,20 +4,24 @@
 
 mod api;
 mod backoff;
+mod delivery;
 mod handlers_link;
 mod listener;
 mod liveness;
+mod messaging;
 mod node;
 mod peers;
 mod ratelimit;
 mod registry;
 pub mod roster;
+mod routing;
 mod session;
 pub mod transport;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cnsprcy::api::WatchEvent;
 use cnsprcy::env::DeviceEnv;
 use cnsprcy::framing::{BadLine, JsonConnection, JsonLinesCodec};
 use cnsprcy::identity::{DeviceName, Identity, effective_name};
@@ -29,12 +33,14 @@ use futures_util::{SinkExt, StreamExt};
 use std::net::SocketAddr;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
+use tokio::sync::broadcast::error::RecvError;
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::handlers_link::HandlersLink;
+use crate::messaging::{Delivered, Outbox};
 use crate::node::{Node, NodeHandle};
 use crate::registry::Registry;
 use crate::roster::Roster;
@@ -54,7 +60,7 @@ struct Mesh {
     node: NodeHandle,
     started: Instant,
     registry: Registry,
-    handlers: HandlersLink,
+    handlers: Arc<HandlersLink>,
 }
 
 /// Loads (or creates) the identity, loads the roster, binds the TCP and UNIX sockets and starts
@@ -75,12 +81,28 @@ pub async fn start(env: DeviceEnv, shutdown: CancellationToken) -> anyhow::Resul
     let listening: Vec<SocketAddr> = tcp.iter().filter_map(|l| l.local_addr().ok()).collect();
     let public = bind_private(&env.paths.public_socket())?;
     let internal = bind_private(&env.paths.mesh_socket())?;
+    let outbox = Outbox::load(&env.paths.state_dir).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot open the outbox in {}: {e}",
+            env.paths.state_dir.display()
+        )
+    })?;
+    let delivered = Delivered::load(&env.paths.state_dir).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot open the delivery record in {}: {e}",
+            env.paths.state_dir.display()
+        )
+    })?;
+    let handlers = Arc::new(HandlersLink::new(env.paths.handlers_socket()));
     let (node, handle) = Node::new(
         identity.clone(),
         name.clone(),
         env.config.mesh.clone(),
         listening.clone(),
         roster,
+        handlers.clone(),
+        outbox,
+        delivered,
     );
     tracing::info!(
         %name,
@@ -90,7 +112,7 @@ pub async fn start(env: DeviceEnv, shutdown: CancellationToken) -> anyhow::Resul
         "mesh service ready"
     );
     let mesh = Arc::new(Mesh {
-        handlers: HandlersLink::new(env.paths.handlers_socket()),
+        handlers,
         env,
         identity,
         name,
@@ -181,7 +203,8 @@ async fn refuse_busy(stream: UnixStream) {
         .await;
 }
 
-/// One client of the public API: JSON-RPC requests, one per line, until it hangs up.
+/// One client of the public API: JSON-RPC requests, one per line, until it hangs up; after
+/// `subscribe`, also event notifications.
 async fn serve_api(mesh: Arc<Mesh>, stream: UnixStream, shutdown: CancellationToken) {
     let refused = check_peer_uid(&stream).err();
     let mut framed = Framed::new(stream, JsonLinesCodec::default());
@@ -196,10 +219,32 @@ async fn serve_api(mesh: Arc<Mesh>, stream: UnixStream, shutdown: CancellationTo
             .await;
         return;
     }
-    let api = api::Api { mesh: &mesh };
+    let api = api::Api {
+        mesh: &mesh,
+        subscribed: Default::default(),
+    };
+    let mut events: Option<tokio::sync::broadcast::Receiver<WatchEvent>> = None;
     loop {
+        let next_event = async {
+            match events.as_mut() {
+                Some(rx) => rx.recv().await,
+                None => std::future::pending().await,
+            }
+        };
         let line = tokio::select! {
             _ = shutdown.cancelled() => return,
+            event = next_event => {
+                let event = match event {
+                    Ok(event) => event,
+                    Err(RecvError::Lagged(missed)) => WatchEvent::Lagged { missed },
+                    Err(RecvError::Closed) => return,
+                };
+                let note = serde_json::json!({"jsonrpc": "2.0", "method": "event", "params": event});
+                if framed.send(note.to_string()).await.is_err() {
+                    return;
+                }
+                continue;
+            }
             line = framed.next() => line,
         };
         let answer = match line {
@@ -226,6 +271,9 @@ async fn serve_api(mesh: Arc<Mesh>, stream: UnixStream, shutdown: CancellationTo
             && framed.send(answer).await.is_err()
         {
             return;
+        }
+        if events.is_none() && api.subscribed.load(std::sync::atomic::Ordering::Relaxed) {
+            events = Some(mesh.node.watch.subscribe());
         }
     }
 }

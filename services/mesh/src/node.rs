@@ -7,21 +7,25 @@ use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
-use cnsprcy::api::{MemberInfo, PeerInfo, PeerStatus, PingResult};
+use cnsprcy::api::{MemberInfo, PeerInfo, PeerStatus, PingResult, SendResult, WatchEvent};
 use cnsprcy::config::MeshConfig;
 use cnsprcy::identity::{DeviceName, Identity, PublicKey};
+use cnsprcy::ipc::RunResult;
 use cnsprcy::rpc::RpcError;
 use cnsprcy::wire::{
-    self, HandshakePayload, Hello, MAX_RELAY_HOPS, Message, Neighbor, Relay, RelayBody,
+    self, Data, HandshakePayload, Hello, MAX_RELAY_HOPS, Message, MessageId, Neighbor, Relay,
+    RelayBody,
 };
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::handlers_link::HandlersLink;
 use crate::liveness::Role;
+use crate::messaging::{Delivered, Outbox, Wait};
 use crate::peers::{PeerTable, Reach};
 use crate::roster::{Member, Roster, RosterError};
 use crate::session::{OUTBOUND_QUEUE, SessionTask};
@@ -69,6 +73,13 @@ pub enum Event {
         session: u64,
         reason: String,
     },
+    /// The handler for a message delivered here finished (or could not run).
+    HandlerDone {
+        data: Box<Data>,
+        /// The payload's size (the payload itself is not kept).
+        size: usize,
+        result: Result<RunResult, String>,
+    },
 }
 
 /// What the API asks of the node.
@@ -92,6 +103,10 @@ pub enum Request {
     },
     /// Redial everyone now (the network changed).
     Retry(oneshot::Sender<usize>),
+    Send {
+        send: crate::delivery::SendRequest,
+        reply: oneshot::Sender<Result<SendResult, RpcError>>,
+    },
 }
 
 /// The node's public face: where to send events and requests, and the member set the accept
@@ -103,6 +118,8 @@ pub struct NodeHandle {
     pub members: Arc<RwLock<HashSet<PublicKey>>>,
     pub identity: Arc<Identity>,
     pub payload: HandshakePayload,
+    /// What `subscribe` streams.
+    pub watch: broadcast::Sender<WatchEvent>,
 }
 
 impl NodeHandle {
@@ -115,9 +132,9 @@ impl NodeHandle {
 }
 
 /// One live session, as the node sees it.
-struct Live {
+pub(crate) struct Live {
     id: u64,
-    tx: mpsc::Sender<Message>,
+    pub(crate) tx: mpsc::Sender<Message>,
     cancel: CancellationToken,
     we_initiated: bool,
     incarnation: u64,
@@ -134,13 +151,13 @@ struct PendingPing {
 }
 
 pub struct Node {
-    handle: NodeHandle,
-    name: DeviceName,
+    pub(crate) handle: NodeHandle,
+    pub(crate) name: DeviceName,
     config: MeshConfig,
     listening: Vec<SocketAddr>,
-    roster: Roster,
-    table: PeerTable,
-    sessions: HashMap<PublicKey, Live>,
+    pub(crate) roster: Roster,
+    pub(crate) table: PeerTable,
+    pub(crate) sessions: HashMap<PublicKey, Live>,
     next_session_id: u64,
     events: mpsc::Receiver<Event>,
     requests: mpsc::Receiver<Request>,
@@ -151,7 +168,11 @@ pub struct Node {
     logged: HashMap<PublicKey, (PeerStatus, Option<PublicKey>)>,
     /// Members whose failed dials were logged since they were last reachable.
     quiet_dials: HashSet<PublicKey>,
-    tasks: TaskTracker,
+    pub(crate) tasks: TaskTracker,
+    pub(crate) handlers: Arc<HandlersLink>,
+    pub(crate) outbox: Outbox,
+    pub(crate) delivered: Delivered,
+    pub(crate) waits: HashMap<MessageId, (Wait, crate::delivery::PendingSend)>,
 }
 
 /// Decides which of two sessions with the same peer survives, the same way on both sides:
@@ -175,11 +196,11 @@ fn keep_new_session(
     initiator(new_we_initiated).as_bytes() < initiator(old_we_initiated).as_bytes()
 }
 
-fn rpc_error(code: i64, message: impl Into<String>) -> RpcError {
+pub(crate) fn rpc_error(code: i64, message: impl Into<String>) -> RpcError {
     RpcError::new(code, message)
 }
 
-fn roster_error(e: RosterError) -> RpcError {
+pub(crate) fn roster_error(e: RosterError) -> RpcError {
     match e {
         RosterError::NotFound(_) => rpc_error(code::NOT_FOUND, e.to_string()),
         RosterError::NameTaken(_) | RosterError::KeyTaken(_) | RosterError::OwnKey => {
@@ -199,12 +220,16 @@ fn rfc3339(t: SystemTime) -> String {
 
 impl Node {
     /// `listening` is where this device accepts sessions, as announced to peers.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         identity: Arc<Identity>,
         name: DeviceName,
         config: MeshConfig,
         listening: Vec<SocketAddr>,
         roster: Roster,
+        handlers: Arc<HandlersLink>,
+        outbox: Outbox,
+        delivered: Delivered,
     ) -> (Self, NodeHandle) {
         let (events_tx, events) = mpsc::channel(1024);
         let (requests_tx, requests) = mpsc::channel(64);
@@ -218,6 +243,7 @@ impl Node {
                 version: wire::PROTOCOL_VERSION,
                 incarnation: rand::random(),
             },
+            watch: broadcast::channel(1024).0,
         };
         let mut table = PeerTable::default();
         table.sync_members(
@@ -240,15 +266,19 @@ impl Node {
             logged: HashMap::new(),
             quiet_dials: HashSet::new(),
             tasks: TaskTracker::new(),
+            handlers,
+            outbox,
+            delivered,
+            waits: HashMap::new(),
         };
         (node, handle)
     }
 
-    fn own_key(&self) -> PublicKey {
+    pub(crate) fn own_key(&self) -> PublicKey {
         self.handle.identity.public_key()
     }
 
-    fn member_name(&self, key: &PublicKey) -> String {
+    pub(crate) fn member_name(&self, key: &PublicKey) -> String {
         self.roster
             .get(key)
             .map(|m| m.name.to_string())
@@ -257,22 +287,34 @@ impl Node {
 
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut prune = tokio::time::interval(PING_FORGET);
+        let mut housekeeping = tokio::time::interval(crate::delivery::HOUSEKEEPING);
+        self.raise_event("daemon-start", Vec::new());
         loop {
             self.dial_due();
-            let wake = self
-                .table
-                .next_dial_at()
-                .map(Instant::from_std)
-                .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            let wake = [
+                self.table.next_dial_at().map(Instant::from_std),
+                self.next_wait_deadline(),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 Some(event) = self.events.recv() => self.on_event(event),
                 Some(request) = self.requests.recv() => self.on_request(request),
                 _ = tokio::time::sleep_until(wake) => {}
                 _ = prune.tick() => self.forget_old_pings(),
+                _ = housekeeping.tick() => self.expire_messages(),
             }
             self.after_change();
+            self.flush_outbox();
+            self.finish_waits(false);
         }
+        self.finish_waits(true);
+        // The daemon-stop handler gets a moment to run before the sessions close.
+        let stop = self.event_run("daemon-stop", Vec::new());
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.handlers.run(stop)).await;
         for live in self.sessions.values() {
             live.cancel.cancel();
         }
@@ -280,7 +322,7 @@ impl Node {
         self.tasks.wait().await;
     }
 
-    fn jitter() -> f64 {
+    pub(crate) fn jitter() -> f64 {
         rand::random::<f64>()
     }
 
@@ -336,6 +378,7 @@ impl Node {
                     self.table.set_rtt(&key, rtt);
                 }
             }
+            Event::HandlerDone { data, size, result } => self.on_handler_done(*data, size, result),
             Event::Closed {
                 key,
                 session,
@@ -418,6 +461,7 @@ impl Node {
         self.table
             .session_up(&key, shown, Instant::now().into_std());
         self.quiet_dials.remove(&key);
+        self.outbox.reset_pacing(key.as_bytes());
         if we_initiated {
             self.learn_address(&key, addr);
         }
@@ -465,6 +509,9 @@ impl Node {
                 self.table.set_report(&key, list);
             }
             Message::Relay(relay) => self.on_relay(relay),
+            Message::Data(data) => self.on_data(data),
+            Message::Ack(ack) => self.on_ack(ack),
+            Message::Reply(reply) => self.on_reply(reply),
             Message::Pong { nonce } => self.complete_ping(nonce),
             // Answered by the session task itself.
             Message::Ping { .. } => {}
@@ -502,7 +549,7 @@ impl Node {
     }
 
     /// Sends `message` to `to` directly, or to the member that relays to it.
-    fn route(&self, to: &PublicKey, message: Message) -> bool {
+    pub(crate) fn route(&self, to: &PublicKey, message: Message) -> bool {
         let next = match self.table.reach(to) {
             Reach::Direct { .. } => *to,
             Reach::Relayed { via, .. } => via,
@@ -554,6 +601,7 @@ impl Node {
     /// After every event: tell peers about changed direct sessions, log status changes, and
     /// note who is reachable.
     fn after_change(&mut self) {
+        let mut changes = Vec::new();
         let neighbors = self.table.direct_neighbors();
         if announcement_differs(&self.announced, &neighbors) {
             let message = self.neighbors_message();
@@ -575,6 +623,8 @@ impl Node {
             if before == Some(now) || (first && now.0 == PeerStatus::Unreachable) {
                 continue;
             }
+            let was_reachable = before.is_some_and(|(s, _)| s != PeerStatus::Unreachable);
+            changes.push((member.clone(), reach, was_reachable));
             let name = &member.name;
             match reach {
                 Reach::Direct { addr, .. } => {
@@ -590,6 +640,9 @@ impl Node {
             }
         }
         self.table.touch_reachable(SystemTime::now());
+        for (member, reach, was_reachable) in changes {
+            self.peer_changed(&member, reach, was_reachable);
+        }
     }
 
     fn on_request(&mut self, request: Request) {
@@ -627,6 +680,7 @@ impl Node {
                 let result = self.roster.remove(&name).map_err(roster_error);
                 if let Ok(member) = &result {
                     tracing::info!(peer = %member.name, "removed member {}", member.name);
+                    self.outbox.forget_target(member.public_key.as_bytes());
                     if let Some(live) = self.sessions.remove(&member.public_key) {
                         live.cancel.cancel();
                     }
@@ -639,6 +693,7 @@ impl Node {
                 let count = self.table.retry_all(Instant::now().into_std());
                 let _ = reply.send(count);
             }
+            Request::Send { send, reply } => self.start_send(send, reply),
         }
     }
 
@@ -715,7 +770,7 @@ impl Node {
         }
     }
 
-    fn peer_info(&self, member: &Member) -> PeerInfo {
+    pub(crate) fn peer_info(&self, member: &Member) -> PeerInfo {
         let key = member.public_key;
         let reach = self.table.reach(&key);
         let mut addresses = Vec::new();

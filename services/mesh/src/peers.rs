@@ -232,6 +232,13 @@ impl PeerTable {
         list
     }
 
+    /// Whether `reporter` (a direct peer) reports a direct session with `target`.
+    pub fn reports_direct(&self, reporter: &PublicKey, target: &PublicKey) -> bool {
+        self.reports
+            .get(reporter)
+            .is_some_and(|list| list.iter().any(|(k, _)| k == target))
+    }
+
     /// When the next dial falls due, if any member waits for one.
     pub fn next_dial_at(&self) -> Option<Instant> {
         self.peers
