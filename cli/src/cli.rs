@@ -7,6 +7,8 @@ use clap::{Parser, Subcommand};
 use clap_complete::Shell;
 use cnsprcy::identity::{DeviceName, PublicKey};
 
+use crate::handlers_cmd::HandlersCommand;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "cnspr",
@@ -83,6 +85,53 @@ the path taken. Exits with status 1 if no pong came back."
         json: bool,
     },
 
+    /// Send a tagged message to other devices, whose handlers run with it
+    #[command(
+        long_about = "Send a message with TAG to the members named with --to (or to every \
+member: --all, the default). On each, the handler for TAG runs with PAYLOAD on its standard input \
+(`-` reads the payload from standard input, binary-safe, up to 16 MiB). A member that is \
+unreachable now gets the message when it comes back, until --ttl runs out. Without --wait, \
+returns once the local daemon has stored the message; with --wait, waits for every recipient's \
+handler and prints each reply (its standard output), and the exit status says whether all \
+handlers succeeded."
+    )]
+    Send {
+        /// The message's tag, which picks the handler (e.g. clipboard/set)
+        tag: String,
+        /// The payload; `-` reads it from standard input. Default: empty
+        payload: Option<String>,
+        /// Send to this member (name or device ID); repeat for several
+        #[arg(long = "to", value_name = "NAME")]
+        to: Vec<String>,
+        /// Send to every member (the default without --to)
+        #[arg(long, conflicts_with = "to")]
+        all: bool,
+        /// Wait for every recipient's handler and print the replies
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+        /// How long the message waits for members that are unreachable
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
+    },
+
+    /// Show messages and peer events as they happen
+    #[command(
+        long_about = "Stream what the daemon sees: messages handled on this device, \
+messages sent from it, and peers changing status, one line each, until interrupted. With \
+--json, one JSON object per line (the `subscribe` API's event objects)."
+    )]
+    Watch {
+        /// One JSON object per line
+        #[arg(long)]
+        json: bool,
+    },
+
     /// Dial every unreachable member now, forgetting their backoff
     #[command(
         long_about = "Dial every member without a session right away, as if the \
@@ -94,6 +143,10 @@ daemon redials by itself with a capped exponential backoff."
     /// Show the configuration and the files it comes from
     #[command(subcommand)]
     Config(ConfigCommand),
+
+    /// Inspect the handler scripts that run for tagged messages and events
+    #[command(subcommand)]
+    Handlers(HandlersCommand),
 
     /// Manage this device's identity
     #[command(subcommand)]

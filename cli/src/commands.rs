@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 
 use crate::EXIT_NOT_RUNNING;
 use crate::cli::{Cli, Command, ConfigCommand, ManageCommand};
-use crate::peers;
+use crate::{messages, peers};
 
 /// How long a command waits for the daemon's answer.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -40,6 +40,27 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             json,
         } => peers::ping(&env, &name, count, timeout, json).await,
         Command::Reconnect => peers::reconnect(&env).await,
+        Command::Send {
+            tag,
+            payload,
+            to,
+            all: _,
+            wait,
+            timeout,
+            ttl,
+            json,
+        } => {
+            let args = messages::SendArgs {
+                tag,
+                payload,
+                to,
+                wait,
+                timeout,
+                ttl,
+            };
+            messages::send(&env, args, json).await
+        }
+        Command::Watch { json } => messages::watch(&env, json).await,
         Command::Manage(ManageCommand::Add {
             name,
             public_key,
@@ -51,6 +72,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Config(ConfigCommand::Show { json }) => config_show(&env, json),
         Command::Config(ConfigCommand::Path { json }) => config_path(&env, json),
+        Command::Handlers(command) => crate::handlers_cmd::run(&env, command),
         Command::Manage(ManageCommand::Init { name, force, json }) => {
             manage_init(&env, name, force, json)
         }
@@ -189,6 +211,7 @@ fn config_show(env: &DeviceEnv, as_json: bool) -> anyhow::Result<ExitCode> {
     let effective = json!({
         "name": name,
         "mesh": env.config.mesh,
+        "handlers": env.config.handlers,
         "paths": {
             "state_dir": env.paths.state_dir,
             "runtime_dir": env.paths.runtime_dir,

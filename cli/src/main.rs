@@ -3,6 +3,8 @@
 
 mod cli;
 mod commands;
+mod handlers_cmd;
+mod messages;
 mod peers;
 mod serve;
 

@@ -26,6 +26,8 @@ async fn serve() -> anyhow::Result<()> {
     let _locks = lock_services(&env, &ServiceKind::ALL)?;
     let shutdown = CancellationToken::new();
     cancel_on_signals(shutdown.clone())?;
+    // The handler service stops last, so the mesh service's daemon-stop handler can still run.
+    let handlers_shutdown = CancellationToken::new();
 
     // The handler service listens before the mesh service may call it; netwatch and discovery
     // come last because they connect to the mesh service.
@@ -36,7 +38,11 @@ async fn serve() -> anyhow::Result<()> {
         ServiceKind::Netwatch,
         ServiceKind::Discovery,
     ] {
-        let (env, token) = (env.clone(), shutdown.clone());
+        let token = match kind {
+            ServiceKind::Handlers => handlers_shutdown.clone(),
+            _ => shutdown.clone(),
+        };
+        let env = env.clone();
         let started = match kind {
             ServiceKind::Handlers => {
                 cnsprcy_handlers::start(env, token)
@@ -59,6 +65,7 @@ async fn serve() -> anyhow::Result<()> {
             Ok(handle) => running.push((kind, stop_all_when_done(handle, shutdown.clone()))),
             Err(e) => {
                 shutdown.cancel();
+                handlers_shutdown.cancel();
                 let _ = join_all(running).await;
                 return Err(e.context(format!("cannot start the {kind} service")));
             }
@@ -68,7 +75,12 @@ async fn serve() -> anyhow::Result<()> {
         "cnsprcy is running; `cnspr status` in another terminal shows it, Ctrl-C stops it"
     );
     shutdown.cancelled().await;
-    join_all(running).await
+    // `running` starts with the handler service: stop the others first.
+    let handlers = running.remove(0);
+    let others = join_all(running).await;
+    handlers_shutdown.cancel();
+    let handlers = join_all(vec![handlers]).await;
+    others.and(handlers)
 }
 
 /// A service that ends by itself (it failed) stops the whole process rather than leaving a

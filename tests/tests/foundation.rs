@@ -317,7 +317,7 @@ fn malformed_api_input_gets_errors_and_the_connection_stays() {
     );
     let v = client.send(br#"{"jsonrpc":"2.0","id":3,"method":"status","params":{"x":1}}"#);
     assert_eq!(code(&v), -32602);
-    let huge = vec![b'x'; 3 * 1024 * 1024];
+    let huge = vec![b'x'; 25 * 1024 * 1024];
     assert_eq!(code(&client.send(&huge)), -32600);
 
     // After all that, the same connection still works, in a batch too.

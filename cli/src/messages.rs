@@ -1,0 +1,216 @@
+//! `cnspr send` and `cnspr watch`.
+
+use std::io::Read;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use cnsprcy::api::{SendResult, WatchEvent};
+use cnsprcy::client::{Client, ClientError};
+use cnsprcy::env::DeviceEnv;
+use cnsprcy::ipc::MAX_PAYLOAD_BYTES;
+use serde_json::json;
+
+use crate::commands::{CallError, call_with_timeout, not_running, print_json};
+
+pub struct SendArgs {
+    pub tag: String,
+    pub payload: Option<String>,
+    pub to: Vec<String>,
+    pub wait: bool,
+    pub timeout: Duration,
+    pub ttl: Duration,
+}
+
+/// The payload from the argument, or from standard input for `-`, checked against the limit.
+fn read_payload(payload: Option<String>) -> anyhow::Result<Vec<u8>> {
+    match payload.as_deref() {
+        None => Ok(Vec::new()),
+        Some("-") => {
+            let mut bytes = Vec::new();
+            std::io::stdin()
+                .take(MAX_PAYLOAD_BYTES as u64 + 1)
+                .read_to_end(&mut bytes)
+                .context("cannot read the payload from standard input")?;
+            if bytes.len() > MAX_PAYLOAD_BYTES {
+                bail!(
+                    "the payload on standard input is larger than the limit of {MAX_PAYLOAD_BYTES} bytes (16 MiB); send a path or a link to it instead"
+                );
+            }
+            Ok(bytes)
+        }
+        Some(text) => {
+            if text.len() > MAX_PAYLOAD_BYTES {
+                bail!("the payload is larger than the limit of {MAX_PAYLOAD_BYTES} bytes (16 MiB)");
+            }
+            Ok(text.as_bytes().to_vec())
+        }
+    }
+}
+
+pub async fn send(env: &DeviceEnv, args: SendArgs, as_json: bool) -> anyhow::Result<ExitCode> {
+    use base64::Engine;
+    let payload = read_payload(args.payload)?;
+    let mut params = json!({
+        "tag": args.tag,
+        "payload": base64::engine::general_purpose::STANDARD.encode(&payload),
+        "wait": args.wait,
+        "timeout_ms": args.timeout.as_millis() as u64,
+        "ttl_ms": args.ttl.as_millis() as u64,
+    });
+    if !args.to.is_empty() {
+        params["to"] = json!(args.to);
+    }
+    let limit = if args.wait {
+        args.timeout + Duration::from_secs(15)
+    } else {
+        Duration::from_secs(30)
+    };
+    if args.wait && !as_json {
+        eprintln!(
+            "waiting up to {} for the handlers…",
+            humantime::format_duration(args.timeout)
+        );
+    }
+    let value = match call_with_timeout(env, "send", params, limit).await {
+        Ok(value) => value,
+        Err(CallError::NotRunning(e)) => return not_running(env, e, as_json),
+        Err(CallError::Other(e)) => return Err(e),
+    };
+    let result: SendResult = serde_json::from_value(value.clone())?;
+    let all_ok = result
+        .replies
+        .as_ref()
+        .is_none_or(|replies| replies.iter().all(|r| r.succeeded()));
+    if as_json {
+        print_json(&value)?;
+    } else {
+        print_send_result(&result, args.ttl);
+    }
+    Ok(if all_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn print_send_result(result: &SendResult, ttl: Duration) {
+    let names = |list: &[cnsprcy::identity::DeviceName]| {
+        list.iter()
+            .map(|n| n.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match &result.replies {
+        None => {
+            println!("sent {} to {}", result.id, names(&result.recipients));
+            if !result.queued.is_empty() {
+                println!(
+                    "queued for {} until reachable (at most {})",
+                    names(&result.queued),
+                    humantime::format_duration(ttl)
+                );
+            }
+        }
+        Some(replies) => {
+            for reply in replies {
+                let mut head = format!("{}: {}", reply.name, reply.status);
+                if let Some(code) = reply.exit_code {
+                    head.push_str(&format!(" (exit {code}"));
+                    if let Some(ms) = reply.duration_ms {
+                        head.push_str(&format!(", {ms} ms"));
+                    }
+                    head.push(')');
+                }
+                if let Some(error) = &reply.error {
+                    head.push_str(&format!(": {error}"));
+                }
+                println!("{head}");
+                match &reply.stdout {
+                    Some(text) if !text.is_empty() => {
+                        print!("{text}");
+                        if !text.ends_with('\n') {
+                            println!();
+                        }
+                    }
+                    Some(_) => {}
+                    None => println!(
+                        "({} bytes of binary output; --json shows them in base64)",
+                        reply.stdout_base64.len() / 4 * 3
+                    ),
+                }
+            }
+        }
+    }
+}
+
+pub async fn watch(env: &DeviceEnv, as_json: bool) -> anyhow::Result<ExitCode> {
+    let mut client = match Client::connect(&env.paths.public_socket()).await {
+        Ok(client) => client,
+        Err(e @ ClientError::NotRunning { .. }) => return not_running(env, e, as_json),
+        Err(e) => return Err(e.into()),
+    };
+    client
+        .call(
+            "subscribe",
+            serde_json::Value::Null,
+            Duration::from_secs(10),
+        )
+        .await
+        .context("cannot subscribe")?;
+    if !as_json {
+        eprintln!("watching messages and peers; Ctrl-C stops");
+    }
+    while let Some(params) = client.next_notification().await? {
+        if as_json {
+            println!("{params}");
+            continue;
+        }
+        let time = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+        match serde_json::from_value::<WatchEvent>(params.clone()) {
+            Ok(event) => println!("{time}  {}", describe(&event)),
+            Err(_) => println!("{time}  {params}"),
+        }
+    }
+    eprintln!("the daemon closed the connection");
+    Ok(ExitCode::FAILURE)
+}
+
+fn describe(event: &WatchEvent) -> String {
+    match event {
+        WatchEvent::Message {
+            tag,
+            from,
+            size,
+            status,
+            handler,
+            ..
+        } => format!(
+            "message {tag} from {from} ({size} bytes): {status}{}",
+            handler
+                .as_ref()
+                .map(|h| format!(" ({h})"))
+                .unwrap_or_default()
+        ),
+        WatchEvent::Sent {
+            tag,
+            recipients,
+            size,
+            ..
+        } => format!(
+            "sent {tag} ({size} bytes) to {}",
+            recipients
+                .iter()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        WatchEvent::Peer {
+            name, status, via, ..
+        } => match via {
+            Some(via) => format!("peer {name} is {} via {via}", status.as_str()),
+            None => format!("peer {name} is {}", status.as_str()),
+        },
+        WatchEvent::Lagged { missed } => format!("(missed {missed} events: too slow to keep up)"),
+    }
+}

@@ -1,0 +1,322 @@
+//! Tagged messages between devices as real processes, with real handler scripts: broadcast
+//! through a relay, each handler once, replies with --wait, store and forward with TTL, the
+//! payload limit, and `cnspr watch`.
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use cnsprcy_tests::netns::NetNs;
+use cnsprcy_tests::{Device, bin, wait_until};
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+const SOON: Duration = Duration::from_secs(20);
+
+fn addr(i: usize) -> String {
+    format!("127.0.0.1:{}", 17101 + i)
+}
+
+/// Writes an executable handler script for `tag` (as `tag.sh`) in the device's handler directory.
+fn handler(device: &Device, tag: &str, script: &str) {
+    let path = device
+        .root()
+        .join("config/cnsprcy/handlers")
+        .join(format!("{tag}.sh"));
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    fs::write(&path, format!("#!/bin/sh\n{script}\n")).unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// A handler for `note` that appends one line per run to `log` (outside every device).
+fn note_handler(device: &Device, log: &Path) {
+    handler(
+        device,
+        "note",
+        &format!(
+            "printf '%s %s %s %s\\n' \"$CNSPRCY_DEVICE\" \"$CNSPRCY_FROM\" \"$CNSPRCY_EVENT\" \"$(cat)\" >> {}",
+            log.display()
+        ),
+    );
+}
+
+fn lines(path: &Path) -> Vec<String> {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+fn add(device: &Device, member: &Device, address: Option<&str>) {
+    let key = member.public_key();
+    let mut args = vec!["manage", "add", member.name.as_str(), key.as_str()];
+    args.extend(address);
+    device.cnspr(&args).success();
+}
+
+/// Devices started on 127.0.0.1:17101... in `ns`, all members of each other, every one with the
+/// others' addresses except where `no_path` says the pair cannot dial each other.
+fn devices(ns: &NetNs, names: &[&str]) -> Vec<Device> {
+    let devices: Vec<Device> = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let mut device = Device::new(name);
+            device.configure(&addr(i));
+            device.start_in(ns);
+            device
+        })
+        .collect();
+    devices
+}
+
+fn link_all(devices: &[Device], no_path: &[(usize, usize)]) {
+    for (i, device) in devices.iter().enumerate() {
+        for (j, other) in devices.iter().enumerate() {
+            if i == j {
+                continue;
+            }
+            let blocked = no_path.contains(&(i, j)) || no_path.contains(&(j, i));
+            add(device, other, (!blocked).then(|| addr(j)).as_deref());
+        }
+    }
+}
+
+fn shared_dir() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
+}
+
+#[test]
+fn a_broadcast_reaches_everyone_once_including_a_relayed_only_device() {
+    let ns = NetNs::new();
+    let mut devices = devices(&ns, &["a", "b", "c", "d"]);
+    // d can only be reached through c (nobody else knows where d listens, nor d where they do).
+    link_all(&devices, &[(0, 3), (1, 3)]);
+    devices[0].wait_status("d", "relayed", SOON);
+    devices[0].wait_status("c", "direct", SOON);
+    let out = shared_dir();
+    let log = out.path().join("notes");
+    for device in &devices[1..] {
+        note_handler(device, &log);
+    }
+
+    let sent = devices[0].cnspr_json(&["send", "note", "hello"]);
+    assert_eq!(sent["recipients"].as_array().unwrap().len(), 3);
+    assert!(
+        wait_until(SOON, || lines(&log).len() == 3),
+        "{:?}",
+        lines(&log)
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let mut got = lines(&log);
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            "b a message hello",
+            "c a message hello",
+            "d a message hello"
+        ]
+    );
+}
+
+#[test]
+fn wait_collects_every_reply_and_the_exit_status_says_if_all_succeeded() {
+    let ns = NetNs::new();
+    let devices = devices(&ns, &["a", "b", "c", "d"]);
+    link_all(&devices, &[]);
+    let [mut a0, b, c, d]: [Device; 4] = devices.try_into().ok().unwrap();
+    for peer in ["b", "c", "d"] {
+        a0.wait_status(peer, "direct", SOON);
+    }
+    handler(
+        &b,
+        "echo",
+        "printf 'hi %s from %s' \"$(cat)\" \"$CNSPRCY_DEVICE\"",
+    );
+    handler(&c, "echo", "echo 'something broke' >&2; exit 3");
+    // d has no handler for echo.
+
+    let run = a0.cnspr(&[
+        "send",
+        "--wait",
+        "--timeout",
+        "10s",
+        "echo",
+        "there",
+        "--json",
+    ]);
+    assert_eq!(run.status.code(), Some(1), "not every handler succeeded");
+    let result = run.json();
+    let replies: Vec<&Value> = result["replies"].as_array().unwrap().iter().collect();
+    let by_name = |name: &str| {
+        replies
+            .iter()
+            .find(|r| r["name"] == name)
+            .unwrap_or_else(|| panic!("no reply from {name}: {result}"))
+    };
+    assert_eq!(by_name("b")["status"], "ok");
+    assert_eq!(by_name("b")["exit_code"], 0);
+    assert_eq!(by_name("b")["stdout"], "hi there from b");
+    assert_eq!(by_name("c")["status"], "failed");
+    assert_eq!(by_name("c")["exit_code"], 3);
+    assert_eq!(by_name("d")["status"], "no_handler");
+    assert!(
+        by_name("d")["error"]
+            .as_str()
+            .unwrap()
+            .contains("no handler for")
+    );
+    // Only b: everything succeeds; the human output shows the reply.
+    let run = a0
+        .cnspr(&["send", "--wait", "--to", "b", "echo", "you"])
+        .success();
+    assert!(run.stdout.contains("b: ok (exit 0"), "{}", run.stdout);
+    assert!(run.stdout.contains("hi you from b"), "{}", run.stdout);
+    // c's handler's stderr went to c's log.
+    assert!(
+        c.log("serve").contains("something broke"),
+        "{}",
+        c.log("serve")
+    );
+    let _ = d;
+}
+
+#[test]
+fn a_message_for_a_device_that_is_down_arrives_when_it_returns_but_not_after_its_ttl() {
+    let ns = NetNs::new();
+    let mut devices = devices(&ns, &["a", "b"]);
+    link_all(&devices, &[]);
+    devices[0].wait_status("b", "direct", SOON);
+    let out = shared_dir();
+    let log = out.path().join("notes");
+    note_handler(&devices[1], &log);
+
+    devices[1].stop_with("serve", Signal::SIGTERM);
+    devices[0].wait_status("b", "unreachable", SOON);
+    let sent = devices[0].cnspr_json(&["send", "--to", "b", "note", "kept"]);
+    assert_eq!(sent["queued"][0], "b");
+    devices[0]
+        .cnspr(&["send", "--to", "b", "--ttl", "1s", "note", "expired"])
+        .success();
+    // The sender restarts too: the queued message is on disk.
+    devices[0].stop_with("serve", Signal::SIGTERM);
+    std::thread::sleep(Duration::from_secs(2));
+    devices[0].start_in(&ns);
+    devices[1].start_in(&ns);
+    assert!(wait_until(SOON, || !lines(&log).is_empty()));
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(lines(&log), ["b a message kept"]);
+}
+
+#[test]
+fn a_payload_at_the_limit_arrives_intact_and_one_over_is_refused() {
+    let ns = NetNs::new();
+    let devices = devices(&ns, &["a", "b"]);
+    link_all(&devices, &[]);
+    let mut devices = devices;
+    devices[0].wait_status("b", "direct", SOON);
+    handler(&devices[1], "sum", "sha256sum | cut -d' ' -f1");
+
+    let dir = shared_dir();
+    let file = dir.path().join("payload");
+    let payload: Vec<u8> = (0..16 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    fs::write(&file, &payload).unwrap();
+    let expected = String::from_utf8(
+        std::process::Command::new("sha256sum")
+            .arg(&file)
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap()
+    .split_whitespace()
+    .next()
+    .unwrap()
+    .to_owned();
+    let send = |path: &PathBuf| {
+        devices[0]
+            .command(bin("cnspr"))
+            .args([
+                "send",
+                "--to",
+                "b",
+                "--wait",
+                "--timeout",
+                "60s",
+                "--json",
+                "sum",
+                "-",
+            ])
+            .stdin(fs::File::open(path).unwrap())
+            .output()
+            .unwrap()
+    };
+    let output = send(&file);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let result: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        result["replies"][0]["stdout"].as_str().unwrap().trim(),
+        expected
+    );
+
+    let mut bigger = payload;
+    bigger.push(0);
+    fs::write(&file, &bigger).unwrap();
+    let output = send(&file);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("larger than the limit"));
+}
+
+#[test]
+fn watch_streams_messages_and_peer_changes() {
+    let ns = NetNs::new();
+    let mut devices = devices(&ns, &["a", "b"]);
+    let mut watch = devices[1]
+        .command(bin("cnspr"))
+        .args(["watch", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = watch.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    link_all(&devices, &[]);
+    devices[0].wait_status("b", "direct", SOON);
+    handler(&devices[1], "hello", "cat > /dev/null");
+    devices[0].cnspr(&["send", "hello", "x"]).success();
+    let mut seen = Vec::new();
+    let found = wait_until(SOON, || {
+        while let Ok(line) = rx.try_recv() {
+            seen.push(serde_json::from_str::<Value>(&line).unwrap());
+        }
+        seen.iter()
+            .any(|e| e["event"] == "message" && e["tag"] == "hello")
+            && seen
+                .iter()
+                .any(|e| e["event"] == "peer" && e["name"] == "a" && e["status"] == "direct")
+    });
+    let _ = watch.kill();
+    let _ = watch.wait();
+    assert!(found, "{seen:?}");
+    let message = seen.iter().find(|e| e["event"] == "message").unwrap();
+    assert_eq!(message["from"], "a");
+    assert_eq!(message["status"], "ok");
+}
