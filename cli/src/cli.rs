@@ -148,7 +148,7 @@ daemon redials by itself with a capped exponential backoff."
     #[command(subcommand)]
     Handlers(HandlersCommand),
 
-    /// Manage this device's identity
+    /// Manage this device's identity and its members
     #[command(subcommand)]
     Manage(ManageCommand),
 

@@ -246,6 +246,37 @@ fn a_removed_member_loses_its_session_and_cannot_come_back() {
 }
 
 #[test]
+fn a_member_known_at_two_addresses_keeps_one_stable_session() {
+    let ns = NetNs::new();
+    let mut a = Device::new("a");
+    let mut b = Device::new("b");
+    a.configure("127.0.0.1:17001");
+    b.write_config(
+        "name = \"b\"\n[mesh]\nlisten = [\"127.0.0.1:17002\", \"[::1]:17002\"]\nkeepalive_interval = \"1s\"\nkeepalive_timeout = \"2s\"\n",
+    );
+    a.start_in(&ns);
+    b.start_in(&ns);
+    add(&b, &a, None);
+    let key = b.public_key();
+    a.cnspr(&["manage", "add", "b", &key, "127.0.0.1:17002", "[::1]:17002"])
+        .success();
+    a.wait_status("b", "direct", SOON);
+    // Both addresses answer at once; still exactly one session, and it stays.
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(a.peers()["b"]["status"], "direct");
+    assert!(
+        !a.log("serve").contains("session with b ended"),
+        "{}",
+        a.log("serve")
+    );
+    assert!(
+        !b.log("serve").contains("session with a ended"),
+        "{}",
+        b.log("serve")
+    );
+}
+
+#[test]
 fn members_survive_a_restart() {
     let ns = NetNs::new();
     let mut devices = loopback_devices(&ns, &["a", "b"]);

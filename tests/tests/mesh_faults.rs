@@ -84,6 +84,14 @@ fn member_identity(a: &Device) -> Identity {
     identity
 }
 
+/// What a real device sends first; the daemon counts an accepted session only once it arrived.
+fn hello() -> wire::Message {
+    wire::Message::Hello(wire::Hello {
+        name: "m".into(),
+        listen: vec![],
+    })
+}
+
 fn payload() -> HandshakePayload {
     HandshakePayload {
         version: wire::PROTOCOL_VERSION,
@@ -182,6 +190,7 @@ fn frames_over_the_limit_end_the_connection() {
                 .await
                 .expect("member handshake");
             let (mut reader, mut writer) = (session.reader, session.writer);
+            writer.send(&hello()).await.expect("hello");
             let mut chunk = vec![FLAG_MORE];
             chunk.resize(MAX_CHUNK + 1, 0);
             let send = async {
@@ -221,6 +230,7 @@ fn a_member_that_goes_silent_is_dropped_after_the_keepalive_timeout() {
             let mut session = transport::initiate(stream, &identity, &a_key, &payload())
                 .await
                 .expect("member handshake");
+            session.writer.send(&hello()).await.expect("hello");
             // Read (pings arrive) but never answer.
             let started = Instant::now();
             let read = async { while session.reader.recv().await.is_ok() {} };

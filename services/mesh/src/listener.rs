@@ -83,20 +83,35 @@ pub async fn accept_sessions(listener: TcpListener, node: NodeHandle, shutdown: 
         tokio::spawn(async move {
             let _permit = permit;
             let _ = stream.set_nodelay(true);
-            let handshake =
-                transport::respond(stream, &node.identity, |k| node.is_member(k), &node.payload);
+            // The session counts once the initiator's first message arrived: whoever replays a
+            // recorded handshake gets this far, but cannot encrypt that message.
+            let handshake = async {
+                let mut session = transport::respond(
+                    stream,
+                    &node.identity,
+                    |k| node.is_member(k),
+                    &node.payload,
+                )
+                .await?;
+                let first =
+                    tokio::time::timeout(transport::HANDSHAKE_TIMEOUT, session.reader.recv())
+                        .await
+                        .map_err(|_| transport::TransportError::HandshakeTimeout)??;
+                Ok::<_, transport::TransportError>((session, first))
+            };
             let outcome = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 outcome = handshake => outcome,
             };
             match outcome {
-                Ok(session) => {
+                Ok((session, first)) => {
                     let _ = node
                         .events
                         .send(Event::Established {
                             session: Box::new(session),
                             role: Role::Responder,
                             addr,
+                            first,
                         })
                         .await;
                 }

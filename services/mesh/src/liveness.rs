@@ -2,9 +2,11 @@
 //! receives and the clock, and it says when to ping and when the session is dead.
 //!
 //! The initiator of a session pings every `interval` and reports its smoothed RTT in each ping,
-//! so the responder learns the RTT without pinging. The responder pings only when it heard
-//! nothing for `interval`. Each side declares the session dead when it has received nothing for
-//! `interval + timeout`. An idle session so costs one ping and one pong per interval.
+//! so the responder learns the RTT without pinging. The responder pings once at the start and
+//! then only when it heard nothing for `interval + timeout / 2` (later than the initiator's next
+//! ping is due, so the two do not race). Each side declares the session dead when it has
+//! received nothing for `interval + timeout`. An idle session so costs one ping and one pong per
+//! interval.
 
 use std::time::{Duration, Instant};
 
@@ -85,6 +87,11 @@ impl Liveness {
         self.srtt
     }
 
+    /// How long the responder waits for the initiator's ping before pinging itself.
+    fn responder_idle(&self) -> Duration {
+        self.interval + self.timeout / 2
+    }
+
     /// What to do now. `nonce` is used if a ping is due.
     pub fn poll(&mut self, now: Instant, nonce: u64) -> Action {
         if now >= self.last_rx + self.interval + self.timeout {
@@ -94,7 +101,7 @@ impl Liveness {
             Role::Initiator => self.last_ping.is_none_or(|at| now >= at + self.interval),
             Role::Responder => match self.last_ping {
                 None => true,
-                Some(at) => now >= self.last_rx.max(at) + self.interval,
+                Some(at) => now >= self.last_rx.max(at) + self.responder_idle(),
             },
         };
         if due {
@@ -115,7 +122,7 @@ impl Liveness {
         let ping = match (self.role, self.last_ping) {
             (_, None) => return self.last_rx,
             (Role::Initiator, Some(at)) => at + self.interval,
-            (Role::Responder, Some(at)) => self.last_rx.max(at) + self.interval,
+            (Role::Responder, Some(at)) => self.last_rx.max(at) + self.responder_idle(),
         };
         ping.min(dead)
     }
@@ -172,7 +179,10 @@ mod tests {
         }
         assert_eq!(l.rtt(), Some(Duration::from_millis(3)));
         let last = t0 + I * 4 - Duration::from_secs(1);
-        assert!(matches!(l.poll(last + I, 10), Action::Ping { .. }));
+        // The initiator's next ping is due at `last + I`; only well after it does the responder
+        // take over.
+        assert_eq!(l.poll(last + I, 10), Action::Wait);
+        assert!(matches!(l.poll(last + I + T / 2, 11), Action::Ping { .. }));
     }
 
     #[test]

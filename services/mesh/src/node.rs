@@ -48,11 +48,14 @@ pub mod code {
 
 /// What the tasks around the node report.
 pub enum Event {
-    /// A handshake completed, dialled by us (`Role::Initiator`) or accepted.
+    /// A handshake completed, dialled by us (`Role::Initiator`) or accepted. An accepted session
+    /// counts only once its first message arrived (`first`): a replayed handshake completes too,
+    /// but its sender cannot then encrypt anything.
     Established {
         session: Box<Session>,
         role: Role,
         addr: SocketAddr,
+        first: Option<Message>,
     },
     DialFailed {
         key: PublicKey,
@@ -350,7 +353,16 @@ impl Node {
                 session,
                 role,
                 addr,
-            } => self.on_established(*session, role, addr),
+                first,
+            } => {
+                let key = session.remote_key;
+                self.on_established(*session, role, addr);
+                if let Some(message) = first
+                    && self.sessions.contains_key(&key)
+                {
+                    self.on_message(key, message);
+                }
+            }
             Event::DialFailed { key, error } => {
                 let name = self.member_name(&key);
                 if let Some(delay) =
@@ -504,7 +516,6 @@ impl Node {
                             n.rtt_us.map(|us| Duration::from_micros(us.into())),
                         )
                     })
-                    .filter(|(k, _)| self.table.contains(k))
                     .collect();
                 self.table.set_report(&key, list);
             }
@@ -838,40 +849,49 @@ fn announcement_differs(
     })
 }
 
-/// Dials all of a member's addresses at once; the first completed handshake wins and the other
-/// attempts are dropped.
+/// Dials all of a member's addresses at once and runs the handshake on the first connection
+/// that comes up (then the next, if that handshake fails). Only one handshake at a time: two
+/// completed ones would each replace the other on the far side, and both would die.
 async fn dial(handle: NodeHandle, key: PublicKey, addresses: Vec<SocketAddr>) {
-    let mut attempts = JoinSet::new();
+    let mut connects = JoinSet::new();
     for addr in addresses {
-        let (identity, payload) = (handle.identity.clone(), handle.payload.clone());
-        attempts.spawn(async move {
+        connects.spawn(async move {
             let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
                 .await
                 .map_err(|_| format!("{addr}: connect timed out"))?
                 .map_err(|e| format!("{addr}: {e}"))?;
             let _ = stream.set_nodelay(true);
-            let session = transport::initiate(stream, &identity, &key, &payload)
-                .await
-                .map_err(|e| format!("{addr}: {e}"))?;
-            Ok::<_, String>((session, addr))
+            Ok::<_, String>((stream, addr))
         });
     }
     let mut errors = Vec::new();
-    while let Some(outcome) = attempts.join_next().await {
-        match outcome {
-            Ok(Ok((session, addr))) => {
+    while let Some(outcome) = connects.join_next().await {
+        let (stream, addr) = match outcome {
+            Ok(Ok(connected)) => connected,
+            Ok(Err(error)) => {
+                errors.push(error);
+                continue;
+            }
+            Err(join) => {
+                errors.push(join.to_string());
+                continue;
+            }
+        };
+        match transport::initiate(stream, &handle.identity, &key, &handle.payload).await {
+            Ok(session) => {
+                // The other connections are dropped (closed) with `connects`.
                 let _ = handle
                     .events
                     .send(Event::Established {
                         session: Box::new(session),
                         role: Role::Initiator,
                         addr,
+                        first: None,
                     })
                     .await;
                 return;
             }
-            Ok(Err(error)) => errors.push(error),
-            Err(join) => errors.push(join.to_string()),
+            Err(e) => errors.push(format!("{addr}: {e}")),
         }
     }
     let _ = handle

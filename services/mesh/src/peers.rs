@@ -17,6 +17,8 @@ use crate::backoff::Backoff;
 /// A session must last this long before its end resets the member's backoff; a peer that
 /// accepts and immediately drops sessions is otherwise redialled in a tight loop.
 pub const STABLE_SESSION: Duration = Duration::from_secs(10);
+/// The most neighbours kept from one peer's report.
+pub const MAX_REPORTED: usize = 256;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Reach {
@@ -147,12 +149,14 @@ impl PeerTable {
         }
     }
 
-    /// `reporter` says it has direct sessions with `neighbors`.
+    /// `reporter` says it has direct sessions with `neighbors`. Kept whole (members added later
+    /// count at once), but bounded: no member has more peers than this.
     pub fn set_report(
         &mut self,
         reporter: &PublicKey,
-        neighbors: Vec<(PublicKey, Option<Duration>)>,
+        mut neighbors: Vec<(PublicKey, Option<Duration>)>,
     ) {
+        neighbors.truncate(MAX_REPORTED);
         if self.peers.get(reporter).is_some_and(|p| p.direct.is_some()) {
             self.reports.insert(*reporter, neighbors);
         }

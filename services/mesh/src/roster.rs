@@ -109,7 +109,16 @@ impl Roster {
         if let Some(member) = self.members.iter().find(|m| m.name.as_str() == name_or_id) {
             return Ok(member);
         }
-        let wanted: String = name_or_id.chars().filter(|c| *c != '-').collect();
+        // IDs are typed by hand: any case, with or without dashes, Crockford's look-alikes.
+        let wanted: String = name_or_id
+            .chars()
+            .filter(|c| *c != '-')
+            .map(|c| match c.to_ascii_lowercase() {
+                'o' => '0',
+                'i' | 'l' => '1',
+                other => other,
+            })
+            .collect();
         let mut matches = self.members.iter().filter(|m| {
             !wanted.is_empty() && m.id().to_string().replace('-', "").starts_with(&wanted)
         });
@@ -129,8 +138,16 @@ impl Roster {
         if self.members.iter().any(|m| m.name == member.name) {
             return Err(RosterError::NameTaken(member.name));
         }
-        self.members.push(member);
-        self.save()
+        let mut members = self.members.clone();
+        members.push(member);
+        self.replace(members)
+    }
+
+    /// Saves `members` and only then makes them the roster, so a failed save changes nothing.
+    fn replace(&mut self, members: Vec<Member>) -> Result<(), RosterError> {
+        save(&self.path, &members)?;
+        self.members = members;
+        Ok(())
     }
 
     pub fn remove(&mut self, name_or_id: &str) -> Result<Member, RosterError> {
@@ -140,8 +157,9 @@ impl Roster {
             .iter()
             .position(|m| m.public_key == key)
             .ok_or_else(|| RosterError::NotFound(name_or_id.to_owned()))?;
-        let member = self.members.remove(index);
-        self.save()?;
+        let mut members = self.members.clone();
+        let member = members.remove(index);
+        self.replace(members)?;
         Ok(member)
     }
 
@@ -152,7 +170,8 @@ impl Roster {
         key: &PublicKey,
         addr: SocketAddr,
     ) -> Result<bool, RosterError> {
-        let Some(member) = self.members.iter_mut().find(|m| m.public_key == *key) else {
+        let mut members = self.members.clone();
+        let Some(member) = members.iter_mut().find(|m| m.public_key == *key) else {
             return Ok(false);
         };
         if member.addresses.first() == Some(&addr) {
@@ -161,36 +180,41 @@ impl Roster {
         member.addresses.retain(|a| *a != addr);
         member.addresses.insert(0, addr);
         member.addresses.truncate(MAX_ADDRESSES);
-        self.save()?;
+        self.replace(members)?;
         Ok(true)
     }
+}
 
-    /// Writes the roster next to the old one and renames it over, so a crash leaves either the
-    /// old or the new roster, never half of one.
-    fn save(&self) -> Result<(), RosterError> {
-        let write_err = |error| RosterError::Write {
-            path: self.path.clone(),
-            error,
-        };
-        let file = RosterFile {
-            version: FORMAT_VERSION,
-            members: self.members.clone(),
-        };
-        // Members hold only strings and addresses: serializing cannot fail.
-        let text = serde_json::to_vec_pretty(&file).expect("roster serializes");
-        let tmp = self.path.with_extension("json.new");
-        let mut out = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
+/// Writes the roster next to the old one and renames it over, so a crash leaves either the old or
+/// the new roster, never half of one.
+fn save(path: &Path, members: &[Member]) -> Result<(), RosterError> {
+    let write_err = |error| RosterError::Write {
+        path: path.to_owned(),
+        error,
+    };
+    let file = RosterFile {
+        version: FORMAT_VERSION,
+        members: members.to_vec(),
+    };
+    // Members hold only strings and addresses: serializing cannot fail.
+    let text = serde_json::to_vec_pretty(&file).expect("roster serializes");
+    let tmp = path.with_extension("json.new");
+    let _ = fs::remove_file(&tmp);
+    let mut out = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(write_err)?;
+    out.write_all(&text).map_err(write_err)?;
+    out.sync_all().map_err(write_err)?;
+    fs::rename(&tmp, path).map_err(write_err)?;
+    if let Some(dir) = path.parent() {
+        fs::File::open(dir)
+            .and_then(|d| d.sync_all())
             .map_err(write_err)?;
-        out.write_all(&text).map_err(write_err)?;
-        out.sync_all().map_err(write_err)?;
-        fs::rename(&tmp, &self.path).map_err(write_err)?;
-        Ok(())
     }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -62,6 +62,20 @@ async fn next_frame(wire: &mut Wire) -> Result<bytes::BytesMut, TransportError> 
     }
 }
 
+/// Devices of another protocol version fail the prologue already; this catches a payload that
+/// claims one anyway.
+fn check_version(remote: &HandshakePayload) -> Result<(), TransportError> {
+    if remote.version == wire::PROTOCOL_VERSION {
+        Ok(())
+    } else {
+        Err(TransportError::Protocol(format!(
+            "protocol version {} (this device speaks {})",
+            remote.version,
+            wire::PROTOCOL_VERSION
+        )))
+    }
+}
+
 /// An established session, split into its two directions so that a long send never stops the
 /// other side's messages from being read (two devices sending large messages to each other at
 /// once would otherwise both block on full socket buffers).
@@ -108,6 +122,7 @@ pub async fn initiate(
         let len = noise.read_message(&reply, &mut buf)?;
         let remote = HandshakePayload::decode(&buf[..len])
             .map_err(|e| TransportError::Protocol(e.to_string()))?;
+        check_version(&remote)?;
         Session::new(wire, noise, *remote_key, remote)
     })
     .await
@@ -140,6 +155,7 @@ pub async fn respond(
         }
         let remote = HandshakePayload::decode(&buf[..len])
             .map_err(|e| TransportError::Protocol(e.to_string()))?;
+        check_version(&remote)?;
         let len = noise.write_message(&payload.encode(), &mut buf)?;
         wire.send(Bytes::copy_from_slice(&buf[..len])).await?;
         Session::new(wire, noise, remote_key, remote)
