@@ -134,6 +134,7 @@ fn print_send_result(result: &SendResult, ttl: Duration) {
                         }
                     }
                     Some(_) => {}
+                    None if reply.stdout_base64.is_empty() => {}
                     None => println!(
                         "({} bytes of binary output; --json shows them in base64)",
                         reply.stdout_base64.len() / 4 * 3

@@ -176,6 +176,17 @@ impl Node {
             return;
         }
         if data.targets.contains(&own) {
+            // Recorded before acknowledged: an ack for a message this device could lose would
+            // stop the origin's resends for good.
+            let first_time = match self.delivered.insert(&data) {
+                Ok(first_time) => first_time,
+                Err(e) => {
+                    tracing::warn!(
+                        "cannot record a delivered message (the sender will resend): {e}"
+                    );
+                    return;
+                }
+            };
             self.route(
                 &origin,
                 Message::Ack(Ack {
@@ -185,10 +196,8 @@ impl Node {
                     hops: 0,
                 }),
             );
-            match self.delivered.insert(&data) {
-                Ok(true) => self.deliver(&data),
-                Ok(false) => {}
-                Err(e) => tracing::warn!("cannot record a delivered message: {e}"),
+            if first_time {
+                self.deliver(&data);
             }
         }
         data.hops += 1;

@@ -9,6 +9,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{self, OpenOptions};
 use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -59,11 +60,19 @@ impl Outbox {
     /// Loads the outbox, dropping entries that expired while the daemon was down.
     pub fn load(state_dir: &Path) -> io::Result<Self> {
         let dir = state_dir.join(OUTBOX_DIR);
-        fs::create_dir_all(&dir)?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)?;
         let mut entries = HashMap::new();
         let now = now_ms();
         for file in fs::read_dir(&dir)? {
             let path = file?.path();
+            // A half-written entry from a crash: the complete one, if any, has the .msg name.
+            if path.extension().is_none_or(|e| e != "msg") {
+                let _ = fs::remove_file(&path);
+                continue;
+            }
             let entry: Option<Entry> = fs::read(&path)
                 .ok()
                 .and_then(|bytes| postcard::from_bytes(&bytes).ok());
@@ -99,10 +108,12 @@ impl Outbox {
             .write(true)
             .create(true)
             .truncate(true)
+            .mode(0o600)
             .open(&tmp)?;
         file.write_all(&bytes)?;
         file.sync_all()?;
-        fs::rename(&tmp, &path)
+        fs::rename(&tmp, &path)?;
+        fs::File::open(&self.dir)?.sync_all()
     }
 
     /// Keeps `data` for `pending` until they acknowledge; durable when this returns.
@@ -215,7 +226,12 @@ pub struct Delivered {
     path: PathBuf,
     ids: HashMap<MessageId, u64>,
     order: VecDeque<MessageId>,
+    /// Records appended since the file was last compacted.
+    appended: usize,
 }
+
+/// `delivered.log` is rewritten without forgotten ids after this many appends.
+const COMPACT_EVERY: usize = 10_000;
 
 /// Bytes per record in `delivered.log`: the id and the forget-after time.
 const RECORD: usize = 16 + 8;
@@ -236,6 +252,7 @@ impl Delivered {
             path,
             ids: HashMap::new(),
             order: VecDeque::new(),
+            appended: 0,
         };
         for record in bytes.chunks_exact(RECORD) {
             let mut id = [0u8; 16];
@@ -265,10 +282,15 @@ impl Delivered {
             .write(true)
             .create(true)
             .truncate(true)
+            .mode(0o600)
             .open(&tmp)?;
         file.write_all(&out)?;
         file.sync_all()?;
-        fs::rename(&tmp, &self.path)
+        fs::rename(&tmp, &self.path)?;
+        if let Some(dir) = self.path.parent() {
+            fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
     }
 
     pub fn contains(&self, id: &MessageId) -> bool {
@@ -284,6 +306,7 @@ impl Delivered {
         let mut file = OpenOptions::new()
             .append(true)
             .create(true)
+            .mode(0o600)
             .open(&self.path)?;
         let mut record = Vec::with_capacity(RECORD);
         record.extend_from_slice(&data.id);
@@ -296,6 +319,12 @@ impl Delivered {
             if let Some(old) = self.order.pop_front() {
                 self.ids.remove(&old);
             }
+        }
+        // The file only grows between compactions; keep it near what is remembered.
+        self.appended += 1;
+        if self.appended > COMPACT_EVERY {
+            self.appended = 0;
+            self.compact()?;
         }
         Ok(true)
     }
