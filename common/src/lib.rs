@@ -1,6 +1,7 @@
 //! The shared library of cnsprcy: configuration, paths, identity, the public API's and the
 //! internal sockets' message types and framing, and the pieces every service process shares.
 
+pub mod activation;
 pub mod api;
 pub mod client;
 pub mod config;

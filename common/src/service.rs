@@ -128,6 +128,16 @@ where
         let shutdown = CancellationToken::new();
         cancel_on_signals(shutdown.clone())?;
         let running = start(env, shutdown.clone()).instrument(span(kind)).await?;
+        crate::activation::ready(&format!("{kind} service running"));
+        if let Some(every) = crate::activation::watchdog_interval() {
+            tokio::spawn(async move {
+                let mut ticks = tokio::time::interval(every);
+                loop {
+                    ticks.tick().await;
+                    crate::activation::watchdog_ping();
+                }
+            });
+        }
         let stopped = shutdown.clone();
         // A service that ends by itself (an error) takes the process down with it; one asked to
         // stop gets SHUTDOWN_GRACE to do so.
@@ -137,6 +147,7 @@ where
             outcome.unwrap_or_else(|join| Err(anyhow::anyhow!("crashed: {join}")))
         });
         shutdown.cancelled().await;
+        crate::activation::stopping();
         join_all(vec![(kind, running)]).await
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()

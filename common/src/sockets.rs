@@ -42,6 +42,44 @@ pub fn bind_private(path: &Path) -> Result<UnixListener, SocketError> {
     Ok(listener)
 }
 
+/// A listening socket and who owns its file.
+pub struct Listening {
+    pub listener: UnixListener,
+    /// Passed by systemd socket activation: systemd made the file and removes it, not us.
+    pub activated: bool,
+}
+
+/// The socket systemd passed as `name` (`FileDescriptorName=`), or else one bound at `path`.
+pub fn listen(name: &str, path: &Path) -> Result<Listening, SocketError> {
+    if let Some(std_listener) = crate::activation::take_unix_listener(name) {
+        let listener = std_listener
+            .set_nonblocking(true)
+            .and_then(|()| UnixListener::from_std(std_listener))
+            .map_err(|error| SocketError::Bind {
+                path: path.to_owned(),
+                error,
+            })?;
+        tracing::debug!(name, "using the socket passed by systemd");
+        return Ok(Listening {
+            listener,
+            activated: true,
+        });
+    }
+    Ok(Listening {
+        listener: bind_private(path)?,
+        activated: false,
+    })
+}
+
+impl Listening {
+    /// Removes the socket file on shutdown, unless systemd owns it.
+    pub fn remove_file(&self, path: &Path) {
+        if !self.activated {
+            remove_socket(path);
+        }
+    }
+}
+
 /// Checks that the process at the other end of `stream` runs as this user. The error text is
 /// meant for the log and for the refused client.
 pub fn check_peer_uid(stream: &UnixStream) -> Result<(), String> {

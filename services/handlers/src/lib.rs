@@ -22,10 +22,10 @@ use cnsprcy::ipc::{
     EVENT_MESSAGE, FromHandlers, MAX_PAYLOAD_BYTES, Outcome, Run, RunResult, ToHandlers,
 };
 use cnsprcy::service::Running;
-use cnsprcy::sockets::{bind_private, check_peer_uid, remove_socket};
+use cnsprcy::sockets::{Listening, check_peer_uid, listen};
 use futures_util::{SinkExt, StreamExt};
+use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf, SocketAddr};
-use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
@@ -57,7 +57,8 @@ const PEER_ENV: &str = "CNSPRCY_PEER";
 /// Binds `handlers.sock` and starts serving it. Returns once the socket accepts connections.
 pub async fn start(env: DeviceEnv, shutdown: CancellationToken) -> anyhow::Result<Running> {
     let socket = env.paths.handlers_socket();
-    let listener = bind_private(&socket)?;
+    // Under systemd the socket comes from cnsprcy-handlers.socket.
+    let listener = listen("handlers", &socket)?;
     let config = &env.config.handlers;
     tracing::info!(
         socket = %socket.display(),
@@ -152,13 +153,13 @@ impl Shared {
 async fn serve(
     shared: Arc<Shared>,
     socket: PathBuf,
-    listener: UnixListener,
+    listener: Listening,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => accept(&shared, accepted).await,
+            accepted = listener.listener.accept() => accept(&shared, accepted).await,
         }
     }
     // Runs that have not started are answered now. Running ones, and a `daemon-stop` the mesh
@@ -188,7 +189,7 @@ async fn serve(
     loop {
         tokio::select! {
             _ = &mut grace => break,
-            accepted = listener.accept() => accept(&shared, accepted).await,
+            accepted = listener.listener.accept() => accept(&shared, accepted).await,
             _ = idle_check.tick() => {
                 let state = shared.state();
                 if state.connections == 0 && state.scheduler.running() == 0 {
@@ -197,6 +198,7 @@ async fn serve(
             }
         }
     }
+    listener.remove_file(&socket);
     drop(listener);
     let running = shared.state().scheduler.running();
     if running > 0 {
@@ -205,7 +207,6 @@ async fn serve(
     shared.kill.cancel();
     shared.tasks.close();
     shared.tasks.wait().await;
-    remove_socket(&socket);
     tracing::info!("handler service stopped");
     Ok(())
 }

@@ -28,10 +28,10 @@ use cnsprcy::identity::{DeviceName, Identity, effective_name};
 use cnsprcy::ipc::{FromMesh, ToMesh};
 use cnsprcy::rpc;
 use cnsprcy::service::Running;
-use cnsprcy::sockets::{bind_private, check_peer_uid, remove_socket};
+use cnsprcy::sockets::{Listening, check_peer_uid, listen};
 use futures_util::{SinkExt, StreamExt};
 use std::net::SocketAddr;
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixStream;
 use tokio::sync::Semaphore;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::codec::Framed;
@@ -79,8 +79,9 @@ pub async fn start(env: DeviceEnv, shutdown: CancellationToken) -> anyhow::Resul
     let roster = Roster::load(&env.paths.state_dir)?;
     let tcp = listener::bind_all(&env.config.mesh.listen)?;
     let listening: Vec<SocketAddr> = tcp.iter().filter_map(|l| l.local_addr().ok()).collect();
-    let public = bind_private(&env.paths.public_socket())?;
-    let internal = bind_private(&env.paths.mesh_socket())?;
+    // Under systemd the sockets come from cnsprcy-mesh.socket, named there.
+    let public = listen("public", &env.paths.public_socket())?;
+    let internal = listen("internal", &env.paths.mesh_socket())?;
     let outbox = Outbox::load(&env.paths.state_dir).map_err(|e| {
         anyhow::anyhow!(
             "cannot open the outbox in {}: {e}",
@@ -141,8 +142,8 @@ pub async fn start(env: DeviceEnv, shutdown: CancellationToken) -> anyhow::Resul
 
 async fn serve(
     mesh: Arc<Mesh>,
-    public: UnixListener,
-    internal: UnixListener,
+    public: Listening,
+    internal: Listening,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let tasks = TaskTracker::new();
@@ -150,7 +151,7 @@ async fn serve(
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            accepted = public.accept() => match accepted {
+            accepted = public.listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let Ok(permit) = limit.clone().try_acquire_owned() else {
                         tasks.spawn(refuse_busy(stream).in_current_span());
@@ -164,7 +165,7 @@ async fn serve(
                 }
                 Err(e) => accept_failed("public", e).await,
             },
-            accepted = internal.accept() => match accepted {
+            accepted = internal.listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let (mesh, shutdown) = (mesh.clone(), shutdown.clone());
                     tasks.spawn(serve_internal(mesh, stream, shutdown).in_current_span());
@@ -175,8 +176,8 @@ async fn serve(
     }
     tasks.close();
     tasks.wait().await;
-    remove_socket(&mesh.env.paths.public_socket());
-    remove_socket(&mesh.env.paths.mesh_socket());
+    public.remove_file(&mesh.env.paths.public_socket());
+    internal.remove_file(&mesh.env.paths.mesh_socket());
     tracing::info!("mesh service stopped");
     Ok(())
 }
