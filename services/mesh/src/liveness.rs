@@ -75,10 +75,13 @@ impl Liveness {
         }
     }
 
-    /// TCP-style smoothing (7/8 old, 1/8 new), so one slow pong does not swing the figure.
+    /// Smoothing that rises slowly (7/8 old, 1/8 new: one slow pong does not swing the figure)
+    /// and falls fast (1/4 old, 3/4 new): the first samples, taken while the mesh forms, run
+    /// high, and a path's real RTT is near its lowest samples.
     fn sample(&mut self, rtt: Duration) {
         self.srtt = Some(match self.srtt {
             None => rtt,
+            Some(srtt) if rtt < srtt => (srtt + rtt * 3) / 4,
             Some(srtt) => (srtt * 7 + rtt) / 8,
         });
     }
@@ -162,7 +165,10 @@ mod tests {
         );
         l.on_receive(t0 + I + Duration::from_millis(12));
         assert!(l.on_pong(3, t0 + I + Duration::from_millis(12)));
-        assert_eq!(l.rtt(), Some(Duration::from_millis(5)));
+        assert_eq!(l.rtt(), Some(Duration::from_millis(5)), "rises slowly");
+        l.poll(t0 + I * 2, 4);
+        assert!(l.on_pong(4, t0 + I * 2 + Duration::from_millis(1)));
+        assert_eq!(l.rtt(), Some(Duration::from_micros(2000)), "falls fast");
     }
 
     #[test]
