@@ -132,6 +132,10 @@ messages sent from it, and peers changing status, one line each, until interrupt
         json: bool,
     },
 
+    /// Read and write the replicated key-value store shared by all devices
+    #[command(subcommand)]
+    Db(DbCommand),
+
     /// Dial every unreachable member now, forgetting their backoff
     #[command(
         long_about = "Dial every member without a session right away, as if the \
@@ -165,6 +169,67 @@ daemon redials by itself with a capped exponential backoff."
     /// Write man pages for cnspr and its subcommands into DIR (for packaging)
     #[command(hide = true)]
     Manpages { dir: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DbCommand {
+    /// Set KEY to VALUE on this device; every member gets it
+    #[command(
+        long_about = "Set KEY to VALUE (`-` reads it from standard input, binary-safe). Returns \
+once the write is on this device's disk; the daemon pushes it to every member at once, and \
+members out of reach get it when they come back. A key is UTF-8 text of at most 1024 bytes \
+without control characters; a value is at most 1 MiB. The latest write wins (by hybrid logical \
+clock), ties going to the device with the greater ID. Needs the daemon."
+    )]
+    Set {
+        key: String,
+        /// The value; `-` reads it from standard input
+        value: String,
+        /// Print the stored entry as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print KEY's value; exit status 1 if it is not set
+    #[command(
+        long_about = "Print the value of KEY exactly as stored (a newline is added only on a \
+terminal). Exits with status 1 and a message on standard error when KEY is not set. Works \
+without the daemon too, reading this device's copy of the store."
+    )]
+    Get {
+        key: String,
+        /// Print the entry as JSON: value, writer and time
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the keys (starting with PREFIX) and their values
+    #[command(
+        long_about = "Print one line per key starting with PREFIX (all keys without one): \
+the key, a tab, the value, with tabs, newlines and backslashes escaped as \\t, \\n and \\\\. \
+--json prints an array of entries with writer and time. Works without the daemon too."
+    )]
+    List {
+        prefix: Option<String>,
+        /// Print a JSON array of entries (key, value, value_base64, writer, time, ...)
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the store's size and replication traffic since the daemon started
+    Stats {
+        /// Print JSON (the `db.stats` API method's result)
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete KEY on every device
+    #[command(
+        long_about = "Delete KEY: a deletion is a write like any other (a tombstone), so the \
+latest of a deletion and a set wins on every device. Returns once durable. Needs the daemon."
+    )]
+    Del {
+        key: String,
+        /// Print the deletion as JSON
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

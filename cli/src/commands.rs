@@ -61,6 +61,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             messages::send(&env, args, json).await
         }
         Command::Watch { json } => messages::watch(&env, json).await,
+        Command::Db(command) => crate::db::run(&env, command).await,
         Command::Manage(ManageCommand::Add {
             name,
             public_key,

@@ -3,6 +3,7 @@
 
 mod cli;
 mod commands;
+mod db;
 mod handlers_cmd;
 mod messages;
 mod peers;

@@ -213,5 +213,13 @@ fn describe(event: &WatchEvent) -> String {
             None => format!("peer {name} is {}", status.as_str()),
         },
         WatchEvent::Lagged { missed } => format!("(missed {missed} events: too slow to keep up)"),
+        WatchEvent::Store {
+            key,
+            deleted,
+            writer,
+        } => match deleted {
+            true => format!("store {key:?} deleted by {writer}"),
+            false => format!("store {key:?} set by {writer}"),
+        },
     }
 }

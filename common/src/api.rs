@@ -192,4 +192,33 @@ pub enum WatchEvent {
     },
     /// This subscriber fell behind and missed `missed` events.
     Lagged { missed: u64 },
+    /// A key of the replicated store changed on this device (by a local write or one from a
+    /// peer). `writer` is the writing device's name (or ID, if it is not a member).
+    Store {
+        key: String,
+        deleted: bool,
+        writer: String,
+    },
+}
+
+/// One key of the replicated store, as `db.get`, `db.list`, `db.set` and `db.del` return it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoreItem {
+    pub key: String,
+    /// The value, if it is UTF-8 text (absent for binary values and deletions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    /// The value in base64, always (binary-safe; empty for deletions).
+    pub value_base64: String,
+    /// Whether this is a deletion (only `db.del` returns one).
+    #[serde(default)]
+    pub deleted: bool,
+    /// The device that wrote this version: its name, or its ID if it is not a member.
+    pub writer: String,
+    pub writer_id: DeviceId,
+    /// When it was written, by the writer's hybrid logical clock (RFC 3339, UTC, milliseconds).
+    pub time: String,
+    /// The same as Unix milliseconds, and the clock's counter within that millisecond.
+    pub timestamp: u64,
+    pub counter: u32,
 }

@@ -110,6 +110,13 @@ impl Client {
         match (response.result, response.error) {
             (_, Some(error)) => Err(ClientError::Rpc(error)),
             (Some(result), None) => Ok(result),
+            // `"result": null` is a result (serde reads it as `None`).
+            (None, None)
+                if serde_json::from_str::<Value>(&line)
+                    .is_ok_and(|v| v.get("result").is_some_and(Value::is_null)) =>
+            {
+                Ok(Value::Null)
+            }
             (None, None) => Err(ClientError::BadAnswer(line)),
         }
     }

@@ -44,7 +44,16 @@ pub fn detect_target() -> LogTarget {
 
 /// Installs the global subscriber. `service` names the syslog identifier in the journal.
 pub fn init(service: &str) {
-    let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = || {
+        let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+        // The store's engine (sled) logs every disk write at debug: only its warnings, unless
+        // RUST_LOG names it.
+        let sled_named = std::env::var("RUST_LOG").is_ok_and(|v| v.contains("sled"));
+        match "sled=warn".parse() {
+            Ok(quiet) if !sled_named => filter.add_directive(quiet),
+            _ => filter,
+        }
+    };
     if detect_target() == LogTarget::Journald {
         match tracing_journald::layer() {
             Ok(layer) => {

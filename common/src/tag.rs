@@ -26,6 +26,7 @@ pub const EVENTS: &[&str] = &[
     "peer-address",
     "daemon-start",
     "daemon-stop",
+    "store-change",
 ];
 
 /// The characters a tag segment may hold.

@@ -67,6 +67,68 @@ pub enum Message {
     Ack(Ack),
     /// A target's handler finished, for an origin that waits for replies.
     Reply(Reply),
+    /// The replicated store: writes pushed to every member, and anti-entropy between two
+    /// members (`docs/store.md`). Passed on by relays like `Relay`.
+    Store(StoreEnvelope),
+}
+
+/// A store message from `from` for `to`, through at most `MAX_RELAY_HOPS` relays.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreEnvelope {
+    pub from: KeyBytes,
+    pub to: KeyBytes,
+    pub hops: u8,
+    pub body: StoreBody,
+}
+
+/// A hybrid logical clock reading: Unix milliseconds, and a counter for writes within one
+/// millisecond (or while the wall clock is behind a timestamp already seen). Ordered by `ms`,
+/// then `counter`.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
+pub struct StoreTimestamp {
+    pub ms: u64,
+    pub counter: u32,
+}
+
+/// One key's state: its value, or `None` for a deletion (a tombstone), written at `ts` by the
+/// device with the public key `writer`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreEntry {
+    pub key: String,
+    pub ts: StoreTimestamp,
+    pub writer: KeyBytes,
+    pub value: Option<Vec<u8>>,
+}
+
+/// A key and the version the sender holds, without the value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreSummary {
+    pub key: String,
+    pub ts: StoreTimestamp,
+    pub writer: KeyBytes,
+}
+
+/// The store's messages. Anti-entropy compares a two-level digest tree over key hashes:
+/// `Top` (256 bucket digests), then `Buckets` (the 256 leaf digests of each bucket that
+/// differs), then `Summaries` (the versions in each leaf that differs), then `Update`s both ways
+/// and a `Want` for what the other side has newer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StoreBody {
+    /// Entries for the receiver to merge: pushed writes, or anti-entropy answers.
+    Update(Vec<StoreEntry>),
+    /// The sender's bucket digests (256).
+    Top(Vec<u64>),
+    /// The sender's leaf digests (256 each) of the buckets whose digests differed.
+    Buckets(Vec<(u8, Vec<u64>)>),
+    /// What the sender holds in the leaves whose digests differed.
+    Summaries {
+        leaves: Vec<u16>,
+        entries: Vec<StoreSummary>,
+    },
+    /// Keys the receiver holds newer than the sender: send them as an `Update`.
+    Want(Vec<String>),
 }
 
 /// A message id: random, chosen by the origin.

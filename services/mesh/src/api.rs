@@ -144,6 +144,11 @@ impl Methods for Api<'_> {
             "retry",
             "send",
             "subscribe",
+            "db.set",
+            "db.get",
+            "db.del",
+            "db.list",
+            "db.stats",
         ]
     }
 
@@ -217,6 +222,9 @@ impl Methods for Api<'_> {
                 rpc::params::<NoParams>(params)?;
                 let dialling = self.ask(Request::Retry).await?;
                 Ok(serde_json::json!({ "dialling": dialling }))
+            }
+            db if crate::store::rpc::METHODS.contains(&db) => {
+                crate::store::rpc::call(self.mesh, db, params).await
             }
             other => Err(RpcError::internal(format!(
                 "method {other:?} has no handler"

@@ -16,6 +16,7 @@ mod registry;
 pub mod roster;
 mod routing;
 mod session;
+pub mod store;
 pub mod transport;
 
 use std::sync::Arc;
@@ -94,6 +95,7 @@ pub async fn start(env: DeviceEnv, shutdown: CancellationToken) -> anyhow::Resul
             env.paths.state_dir.display()
         )
     })?;
+    let store = Arc::new(open_store(&env.paths.state_dir, &identity).await?);
     let handlers = Arc::new(HandlersLink::new(env.paths.handlers_socket()));
     let (node, handle) = Node::new(
         identity.clone(),
@@ -104,6 +106,7 @@ pub async fn start(env: DeviceEnv, shutdown: CancellationToken) -> anyhow::Resul
         handlers.clone(),
         outbox,
         delivered,
+        store,
     );
     tracing::info!(
         %name,
@@ -138,6 +141,28 @@ pub async fn start(env: DeviceEnv, shutdown: CancellationToken) -> anyhow::Resul
         result
     };
     Ok(cnsprcy::service::spawn(serving))
+}
+
+/// Opens the store; a `cnspr db get` reading it while the daemon was down may hold it for a
+/// moment, so a locked store is retried for a few seconds.
+async fn open_store(
+    state_dir: &std::path::Path,
+    identity: &Identity,
+) -> anyhow::Result<store::Store> {
+    let own = *identity.public_key().as_bytes();
+    let mut tries = 0;
+    loop {
+        let dir = state_dir.to_owned();
+        let opened = tokio::task::spawn_blocking(move || store::Store::open(&dir, own)).await?;
+        match opened {
+            Ok(store) => return Ok(store),
+            Err(store::StorageError::Locked { .. }) if tries < 50 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(anyhow::anyhow!("cannot open the store: {e}")),
+        }
+    }
 }
 
 async fn serve(

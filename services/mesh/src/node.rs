@@ -37,6 +37,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const PING_FORGET: Duration = Duration::from_secs(60);
 /// An RTT change larger than this fraction is announced to peers (for their relay choice).
 const RTT_ANNOUNCE_CHANGE: f64 = 0.25;
+/// ... and by more than this.
+const RTT_ANNOUNCE_FLOOR: Duration = Duration::from_millis(2);
 
 /// Error codes of the peer methods (JSON-RPC implementation-defined range).
 pub mod code {
@@ -110,6 +112,8 @@ pub enum Request {
         send: crate::delivery::SendRequest,
         reply: oneshot::Sender<Result<SendResult, RpcError>>,
     },
+    /// A local store write is durable: push it to the members and raise its events.
+    StoreWritten(Box<wire::StoreEntry>),
 }
 
 /// The node's public face: where to send events and requests, and the member set the accept
@@ -123,6 +127,8 @@ pub struct NodeHandle {
     pub payload: HandshakePayload,
     /// What `subscribe` streams.
     pub watch: broadcast::Sender<WatchEvent>,
+    /// The replicated store (`store`).
+    pub store: Arc<crate::store::Store>,
 }
 
 impl NodeHandle {
@@ -167,6 +173,7 @@ pub struct Node {
     pending_pings: HashMap<u64, PendingPing>,
     /// RTTs last announced in `Neighbors`, to announce again only on real change.
     announced: Vec<(PublicKey, Option<Duration>)>,
+    announced_at: Option<Instant>,
     /// Status last logged per member.
     logged: HashMap<PublicKey, (PeerStatus, Option<PublicKey>)>,
     /// Members whose failed dials were logged since they were last reachable.
@@ -233,6 +240,7 @@ impl Node {
         handlers: Arc<HandlersLink>,
         outbox: Outbox,
         delivered: Delivered,
+        store: Arc<crate::store::Store>,
     ) -> (Self, NodeHandle) {
         let (events_tx, events) = mpsc::channel(1024);
         let (requests_tx, requests) = mpsc::channel(64);
@@ -247,6 +255,7 @@ impl Node {
                 incarnation: rand::random(),
             },
             watch: broadcast::channel(1024).0,
+            store,
         };
         let mut table = PeerTable::default();
         table.sync_members(
@@ -266,6 +275,7 @@ impl Node {
             requests,
             pending_pings: HashMap::new(),
             announced: Vec::new(),
+            announced_at: None,
             logged: HashMap::new(),
             quiet_dials: HashSet::new(),
             tasks: TaskTracker::new(),
@@ -291,6 +301,7 @@ impl Node {
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut prune = tokio::time::interval(PING_FORGET);
         let mut housekeeping = tokio::time::interval(crate::delivery::HOUSEKEEPING);
+        let mut store_sync = tokio::time::interval(crate::store::SYNC_INTERVAL);
         self.raise_event("daemon-start", Vec::new());
         loop {
             self.dial_due();
@@ -309,6 +320,7 @@ impl Node {
                 _ = tokio::time::sleep_until(wake) => {}
                 _ = prune.tick() => self.forget_old_pings(),
                 _ = housekeeping.tick() => self.expire_messages(),
+                _ = store_sync.tick() => self.store_anti_entropy(),
             }
             self.after_change();
             self.flush_outbox();
@@ -477,6 +489,7 @@ impl Node {
         if we_initiated {
             self.learn_address(&key, addr);
         }
+        self.store_session_up(&key);
     }
 
     fn learn_address(&mut self, key: &PublicKey, addr: SocketAddr) {
@@ -524,6 +537,7 @@ impl Node {
             Message::Ack(ack) => self.on_ack(ack),
             Message::Reply(reply) => self.on_reply(reply),
             Message::Pong { nonce } => self.complete_ping(nonce),
+            Message::Store(envelope) => self.on_store(envelope),
             // Answered by the session task itself.
             Message::Ping { .. } => {}
         }
@@ -614,12 +628,20 @@ impl Node {
     fn after_change(&mut self) {
         let mut changes = Vec::new();
         let neighbors = self.table.direct_neighbors();
-        if announcement_differs(&self.announced, &neighbors) {
+        let announce = match announcement_differs(&self.announced, &neighbors) {
+            Announce::Same => false,
+            Announce::SetChanged => true,
+            Announce::RttMoved => self
+                .announced_at
+                .is_none_or(|at| at.elapsed() >= self.config.keepalive_interval),
+        };
+        if announce {
             let message = self.neighbors_message();
             for live in self.sessions.values() {
                 let _ = live.tx.try_send(message.clone());
             }
             self.announced = neighbors;
+            self.announced_at = Some(Instant::now());
         }
         for member in self.roster.members() {
             let key = member.public_key;
@@ -705,6 +727,7 @@ impl Node {
                 let _ = reply.send(count);
             }
             Request::Send { send, reply } => self.start_send(send, reply),
+            Request::StoreWritten(entry) => self.store_written(*entry),
         }
     }
 
@@ -829,24 +852,41 @@ fn member_info(member: &Member) -> MemberInfo {
     }
 }
 
-/// Whether the direct set changed, or an RTT moved by more than `RTT_ANNOUNCE_CHANGE`.
+/// Whether the direct set changed, or an RTT moved by more than `RTT_ANNOUNCE_CHANGE` and by
+/// more than `RTT_ANNOUNCE_FLOOR` (on a fast LAN, ordinary jitter is a large fraction of the RTT
+/// and would be announced to every peer all the time).
 fn announcement_differs(
     old: &[(PublicKey, Option<Duration>)],
     new: &[(PublicKey, Option<Duration>)],
-) -> bool {
-    if old.len() != new.len() {
-        return true;
+) -> Announce {
+    if old.len() != new.len() || old.iter().zip(new).any(|((a, _), (b, _))| a != b) {
+        return Announce::SetChanged;
     }
-    old.iter().zip(new).any(|((ka, ra), (kb, rb))| {
-        ka != kb
-            || match (ra, rb) {
-                (Some(a), Some(b)) => {
-                    let (a, b) = (a.as_secs_f64(), b.as_secs_f64());
-                    (a - b).abs() > RTT_ANNOUNCE_CHANGE * a.max(b)
-                }
-                (a, b) => a.is_some() != b.is_some(),
+    let moved = old
+        .iter()
+        .zip(new)
+        .any(|((_, ra), (_, rb))| match (ra, rb) {
+            (Some(a), Some(b)) => {
+                let diff = if a > b { *a - *b } else { *b - *a };
+                diff > RTT_ANNOUNCE_FLOOR
+                    && diff.as_secs_f64() > RTT_ANNOUNCE_CHANGE * a.max(b).as_secs_f64()
             }
-    })
+            (a, b) => a.is_some() != b.is_some(),
+        });
+    if moved {
+        Announce::RttMoved
+    } else {
+        Announce::Same
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Announce {
+    Same,
+    /// Sessions came or went: tell peers at once.
+    SetChanged,
+    /// Only RTTs moved: tell peers at most once per keepalive interval.
+    RttMoved,
 }
 
 /// Dials all of a member's addresses at once and runs the handshake on the first connection
@@ -937,9 +977,21 @@ mod tests {
         let ms = Duration::from_millis;
         let a = key(1);
         let old = vec![(a, Some(ms(10)))];
-        assert!(!announcement_differs(&old, &[(a, Some(ms(11)))]));
-        assert!(announcement_differs(&old, &[(a, Some(ms(20)))]));
-        assert!(announcement_differs(&old, &[(a, None)]));
-        assert!(announcement_differs(&old, &[]));
+        assert_eq!(
+            announcement_differs(&old, &[(a, Some(ms(11)))]),
+            Announce::Same
+        );
+        assert_eq!(
+            announcement_differs(&old, &[(a, Some(ms(20)))]),
+            Announce::RttMoved
+        );
+        assert_eq!(announcement_differs(&old, &[(a, None)]), Announce::RttMoved);
+        assert_eq!(announcement_differs(&old, &[]), Announce::SetChanged);
+        // Sub-millisecond jitter on a fast LAN is not news, however large in proportion.
+        let fast = vec![(a, Some(Duration::from_micros(80)))];
+        assert_eq!(
+            announcement_differs(&fast, &[(a, Some(Duration::from_micros(400)))]),
+            Announce::Same
+        );
     }
 }

@@ -1,0 +1,322 @@
+//! The node's side of the store: pushing local writes to every member (directly or through a
+//! relay), merging what peers send, anti-entropy with each member that has a session with this
+//! device, and the `store-change` event. `docs/store.md` describes the protocol.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+
+use cnsprcy::api::WatchEvent;
+use cnsprcy::identity::PublicKey;
+use cnsprcy::ipc::{Outcome, RunResult};
+use cnsprcy::wire::{MAX_RELAY_HOPS, Message, StoreBody, StoreEntry, StoreEnvelope};
+
+use super::digest::{self, LEAVES_PER_BUCKET};
+use super::merge::Version;
+use crate::node::Node;
+
+/// The built-in event raised when a key changes.
+pub const EVENT: &str = "store-change";
+/// A batch from a peer that changes more keys than this raises one summary event instead of one
+/// per key (a device catching up after a long absence would otherwise start thousands of runs).
+pub const MAX_EVENTS_PER_BATCH: usize = 64;
+/// The most value bytes one `Update` carries; more goes in further messages.
+const UPDATE_BYTES: usize = 4 * 1024 * 1024;
+
+impl Node {
+    /// A local write is durable: tell every member, `watch` and the handlers.
+    pub(crate) fn store_written(&mut self, entry: StoreEntry) {
+        let members: Vec<PublicKey> = self.roster.members().iter().map(|m| m.public_key).collect();
+        let body = StoreBody::Update(vec![entry.clone()]);
+        for key in members {
+            self.store_send(&key, body.clone(), false);
+        }
+        self.store_changed(std::slice::from_ref(&entry), true);
+    }
+
+    /// Sends a store message to `to`, directly or through its relay; counts the bytes.
+    fn store_send(&self, to: &PublicKey, body: StoreBody, sync: bool) -> bool {
+        let envelope = StoreEnvelope {
+            from: *self.own_key().as_bytes(),
+            to: *to.as_bytes(),
+            hops: 0,
+            body,
+        };
+        let message = Message::Store(envelope);
+        let size = message.encode().len() as u64;
+        let sent = self.route(to, message);
+        if sent {
+            let stats = &self.handle.store.stats;
+            let counter = if sync {
+                &stats.sync_bytes_sent
+            } else {
+                &stats.push_bytes_sent
+            };
+            counter.fetch_add(size, Ordering::Relaxed);
+        }
+        sent
+    }
+
+    /// A session came up: the side with the smaller key starts anti-entropy (one walk repairs
+    /// both sides, so one is enough).
+    pub(crate) fn store_session_up(&mut self, key: &PublicKey) {
+        if self.own_key().as_bytes() < key.as_bytes() {
+            self.store_start_sync(key);
+        }
+    }
+
+    fn store_start_sync(&self, key: &PublicKey) {
+        self.handle
+            .store
+            .stats
+            .sync_rounds
+            .fetch_add(1, Ordering::Relaxed);
+        self.store_send(key, StoreBody::Top(self.handle.store.top()), true);
+    }
+
+    /// The periodic round: anti-entropy with every member this device has a session with (and a
+    /// smaller key than).
+    pub(crate) fn store_anti_entropy(&mut self) {
+        let own = self.own_key();
+        let keys: Vec<PublicKey> = self
+            .sessions
+            .keys()
+            .filter(|k| own.as_bytes() < k.as_bytes())
+            .copied()
+            .collect();
+        for key in keys {
+            self.store_start_sync(&key);
+        }
+    }
+
+    pub(crate) fn on_store(&mut self, envelope: StoreEnvelope) {
+        let own = *self.own_key().as_bytes();
+        let from = PublicKey::from_bytes(envelope.from);
+        if !self.table.contains(&from) {
+            return;
+        }
+        if envelope.to != own {
+            let to = PublicKey::from_bytes(envelope.to);
+            if envelope.hops < MAX_RELAY_HOPS && self.table.contains(&to) {
+                self.route(
+                    &to,
+                    Message::Store(StoreEnvelope {
+                        hops: envelope.hops + 1,
+                        ..envelope
+                    }),
+                );
+            }
+            return;
+        }
+        let size = Message::Store(envelope.clone()).encode().len() as u64;
+        self.handle
+            .store
+            .stats
+            .bytes_received
+            .fetch_add(size, Ordering::Relaxed);
+        let store = self.handle.store.clone();
+        match envelope.body {
+            StoreBody::Update(entries) => {
+                let name = self.member_name(&from);
+                let changes: Vec<StoreEntry> = store
+                    .apply_remote(entries, &name)
+                    .into_iter()
+                    .map(|c| c.entry)
+                    .collect();
+                if !changes.is_empty() {
+                    tracing::debug!(peer = %name, "{} store key(s) changed", changes.len());
+                    self.store_changed(&changes, false);
+                }
+            }
+            StoreBody::Top(theirs) => {
+                let differing = digest::differing(&store.top(), &theirs);
+                if !differing.is_empty() {
+                    let buckets = store.buckets(differing.into_iter().map(|b| b as u8));
+                    self.store_send(&from, StoreBody::Buckets(buckets), true);
+                }
+            }
+            StoreBody::Buckets(theirs) => {
+                let mut leaves = Vec::new();
+                for (bucket, digests) in theirs {
+                    let ours = store.leaf_digests(bucket);
+                    for leaf in digest::differing(&ours, &digests) {
+                        if leaf < LEAVES_PER_BUCKET {
+                            leaves.push(u16::from(bucket) << 8 | leaf as u16);
+                        }
+                    }
+                }
+                leaves.sort_unstable();
+                leaves.dedup();
+                if !leaves.is_empty() {
+                    let entries = store.summaries(&leaves);
+                    self.store_send(&from, StoreBody::Summaries { leaves, entries }, true);
+                }
+            }
+            StoreBody::Summaries { leaves, entries } => {
+                let ours: HashMap<String, Version> = store
+                    .summaries(&leaves)
+                    .into_iter()
+                    .map(|s| {
+                        let version = Version {
+                            ts: s.ts,
+                            writer: s.writer,
+                        };
+                        (s.key, version)
+                    })
+                    .collect();
+                let theirs: HashMap<String, Version> = entries
+                    .into_iter()
+                    .map(|s| {
+                        let version = Version {
+                            ts: s.ts,
+                            writer: s.writer,
+                        };
+                        (s.key, version)
+                    })
+                    .collect();
+                let give: Vec<&str> = ours
+                    .iter()
+                    .filter(|(k, v)| theirs.get(*k).is_none_or(|t| t < *v))
+                    .map(|(k, _)| k.as_str())
+                    .collect();
+                let want: Vec<String> = theirs
+                    .iter()
+                    .filter(|(k, t)| ours.get(*k).is_none_or(|v| v < *t))
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                self.store_send_entries(&from, give);
+                if !want.is_empty() {
+                    self.store_send(&from, StoreBody::Want(want), true);
+                }
+            }
+            StoreBody::Want(keys) => {
+                self.store_send_entries(&from, keys.iter().map(String::as_str).collect());
+            }
+        }
+    }
+
+    /// Sends the entries for `keys` in `Update`s of at most `UPDATE_BYTES` of values each.
+    fn store_send_entries(&self, to: &PublicKey, keys: Vec<&str>) {
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        for entry in self.handle.store.entries(keys) {
+            let size = entry.key.len() + entry.value.as_ref().map_or(0, Vec::len);
+            if !batch.is_empty() && bytes + size > UPDATE_BYTES {
+                self.store_send(to, StoreBody::Update(std::mem::take(&mut batch)), true);
+                bytes = 0;
+            }
+            bytes += size;
+            batch.push(entry);
+        }
+        if !batch.is_empty() {
+            self.store_send(to, StoreBody::Update(batch), true);
+        }
+    }
+
+    /// Tells `watch` about changed keys, and runs the `store-change` handler.
+    fn store_changed(&self, changes: &[StoreEntry], local: bool) {
+        let names: HashMap<[u8; 32], String> = self
+            .roster
+            .members()
+            .iter()
+            .map(|m| (*m.public_key.as_bytes(), m.name.to_string()))
+            .chain([(*self.own_key().as_bytes(), self.name.to_string())])
+            .collect();
+        let writer_name = |entry: &StoreEntry| {
+            names
+                .get(&entry.writer)
+                .cloned()
+                .unwrap_or_else(|| PublicKey::from_bytes(entry.writer).device_id().to_string())
+        };
+        for entry in changes {
+            let _ = self.handle.watch.send(WatchEvent::Store {
+                key: entry.key.clone(),
+                deleted: entry.value.is_none(),
+                writer: writer_name(entry),
+            });
+        }
+        let origin = if local { "local" } else { "remote" };
+        if changes.len() > MAX_EVENTS_PER_BATCH {
+            let prefix = common_prefix(changes.iter().map(|e| e.key.as_str()));
+            let env = vec![
+                ("CNSPRCY_KEY".to_owned(), String::new()),
+                (
+                    "CNSPRCY_STORE_CHANGES".to_owned(),
+                    changes.len().to_string(),
+                ),
+                ("CNSPRCY_STORE_PREFIX".to_owned(), prefix),
+                ("CNSPRCY_STORE_ORIGIN".to_owned(), origin.to_owned()),
+            ];
+            self.run_store_event(env, Vec::new());
+            return;
+        }
+        for entry in changes {
+            let time = humantime::format_rfc3339_millis(
+                std::time::UNIX_EPOCH + std::time::Duration::from_millis(entry.ts.ms),
+            );
+            let env = vec![
+                ("CNSPRCY_KEY".to_owned(), entry.key.clone()),
+                (
+                    "CNSPRCY_STORE_OP".to_owned(),
+                    if entry.value.is_some() { "set" } else { "del" }.to_owned(),
+                ),
+                ("CNSPRCY_WRITER".to_owned(), writer_name(entry)),
+                (
+                    "CNSPRCY_WRITER_ID".to_owned(),
+                    PublicKey::from_bytes(entry.writer).device_id().to_string(),
+                ),
+                ("CNSPRCY_STORE_TIME".to_owned(), time.to_string()),
+                ("CNSPRCY_STORE_ORIGIN".to_owned(), origin.to_owned()),
+                ("CNSPRCY_STORE_CHANGES".to_owned(), "1".to_owned()),
+            ];
+            self.run_store_event(env, entry.value.clone().unwrap_or_default());
+        }
+    }
+
+    fn run_store_event(&self, env: Vec<(String, String)>, payload: Vec<u8>) {
+        let mut run = self.event_run(EVENT, env);
+        run.payload = payload;
+        let handlers = self.handlers.clone();
+        self.tasks.spawn(async move {
+            match handlers.run(run).await {
+                Ok(RunResult {
+                    outcome: Outcome::NoHandler,
+                    ..
+                }) => {}
+                Ok(result) => {
+                    tracing::debug!(event = EVENT, ?result.outcome, "event handler finished")
+                }
+                Err(e) => tracing::debug!(event = EVENT, "event handler not run: {e}"),
+            }
+        });
+    }
+}
+
+/// The longest prefix (at a character boundary) all keys share.
+fn common_prefix<'a>(mut keys: impl Iterator<Item = &'a str>) -> String {
+    let Some(first) = keys.next() else {
+        return String::new();
+    };
+    let mut len = first.len();
+    for key in keys {
+        len = first
+            .char_indices()
+            .zip(key.chars())
+            .find(|((_, a), b)| a != b)
+            .map_or(len.min(key.len()), |((i, _), _)| i.min(len));
+    }
+    first[..len].to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::common_prefix;
+
+    #[test]
+    fn common_prefix_of_keys() {
+        assert_eq!(common_prefix(["a/b/c", "a/b/d", "a/bx"].into_iter()), "a/b");
+        assert_eq!(common_prefix(["x"].into_iter()), "x");
+        assert_eq!(common_prefix(["ab", "a"].into_iter()), "a");
+        assert_eq!(common_prefix(["é1", "é2"].into_iter()), "é");
+        assert_eq!(common_prefix(std::iter::empty()), "");
+    }
+}
