@@ -447,7 +447,13 @@ async fn execute(shared: &Shared, run: &Run, payload: Vec<u8>) -> RunResult {
     let handler = match resolution {
         Resolution::Found(handler) => handler,
         Resolution::NoHandler => {
-            tracing::info!(tag = %run.tag, "no handler for {what}");
+            // A message without a handler is worth a line; a built-in event without one is the
+            // usual case (every peer change and store write raises one).
+            if run.event == cnsprcy::ipc::EVENT_MESSAGE {
+                tracing::info!(tag = %run.tag, "no handler for {what}");
+            } else {
+                tracing::debug!(tag = %run.tag, "no handler for {what}");
+            }
             return quick(None, Outcome::NoHandler);
         }
         Resolution::Refused { handler, reason } => {
