@@ -73,6 +73,19 @@ pub enum ToMesh {
         pid: u32,
         version: String,
     },
+    /// From netwatch: the interfaces and addresses now (sent on registering and after every
+    /// change).
+    Network { interfaces: Vec<Interface> },
+}
+
+/// A network interface as netwatch sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Interface {
+    pub name: String,
+    /// Administratively up and with carrier (IFF_UP and IFF_RUNNING).
+    pub up: bool,
+    pub loopback: bool,
+    pub addresses: Vec<std::net::IpAddr>,
 }
 
 /// What the mesh service answers on `mesh.sock`.

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use tokio::net::UnixStream;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::framing::{FrameError, JsonConnection};
@@ -17,6 +18,18 @@ const MAX_RETRY: Duration = Duration::from_secs(2);
 
 /// Keeps `service` registered with the mesh service at `socket` until `shutdown` fires.
 pub async fn keep_registered(service: ServiceKind, socket: PathBuf, shutdown: CancellationToken) {
+    let (_keep, updates) = watch::channel(None);
+    keep_registered_with(service, socket, shutdown, updates).await;
+}
+
+/// Like `keep_registered`, and also sends the latest value of `updates` after registering (so a
+/// restarted mesh service learns the current state) and every new value while connected.
+pub async fn keep_registered_with(
+    service: ServiceKind,
+    socket: PathBuf,
+    shutdown: CancellationToken,
+    mut updates: watch::Receiver<Option<ToMesh>>,
+) {
     let mut delay = FIRST_RETRY;
     let mut was_connected = true;
     loop {
@@ -41,11 +54,30 @@ pub async fn keep_registered(service: ServiceKind, socket: PathBuf, shutdown: Ca
                 }
                 None => return Ok(()),
             }
-            // Nothing more to say yet; wait for the mesh service to go away.
-            while let Some(message) = conn.recv::<FromMesh>().await? {
-                tracing::debug!(?message, "from mesh");
+            let current = updates.borrow_and_update().clone();
+            if let Some(message) = current {
+                conn.send(&message).await?;
             }
-            Ok::<(), FrameError>(())
+            let mut open = true;
+            loop {
+                tokio::select! {
+                    changed = updates.changed(), if open => {
+                        if changed.is_err() {
+                            // The sender is gone: nothing more will be said; stay registered.
+                            open = false;
+                            continue;
+                        }
+                        let current = updates.borrow_and_update().clone();
+                        if let Some(message) = current {
+                            conn.send(&message).await?;
+                        }
+                    }
+                    message = conn.recv::<FromMesh>() => match message? {
+                        Some(message) => tracing::debug!(?message, "from mesh"),
+                        None => return Ok::<(), FrameError>(()),
+                    },
+                }
+            }
         };
         let outcome = tokio::select! {
             _ = shutdown.cancelled() => return,

@@ -26,7 +26,7 @@ use cnsprcy::api::WatchEvent;
 use cnsprcy::env::DeviceEnv;
 use cnsprcy::framing::{BadLine, JsonConnection, JsonLinesCodec};
 use cnsprcy::identity::{DeviceName, Identity, effective_name};
-use cnsprcy::ipc::{FromMesh, ToMesh};
+use cnsprcy::ipc::{FromMesh, ServiceKind, ToMesh};
 use cnsprcy::rpc;
 use cnsprcy::service::Running;
 use cnsprcy::sockets::{Listening, check_peer_uid, listen};
@@ -318,6 +318,10 @@ async fn serve_internal(mesh: Arc<Mesh>, stream: UnixStream, shutdown: Cancellat
             pid,
             version,
         }))) => (service, pid, version),
+        Ok(Ok(Some(_))) => {
+            tracing::warn!("internal socket: a client spoke before registering");
+            return;
+        }
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
             tracing::warn!("internal socket: bad registration: {e}");
@@ -343,6 +347,13 @@ async fn serve_internal(mesh: Arc<Mesh>, stream: UnixStream, shutdown: Cancellat
             message = conn.recv::<ToMesh>() => message,
         };
         match message {
+            Ok(Some(ToMesh::Network { interfaces })) if service == ServiceKind::Netwatch => {
+                let _ = mesh
+                    .node
+                    .requests
+                    .send(node::Request::Network(interfaces))
+                    .await;
+            }
             Ok(Some(other)) => tracing::debug!(%service, ?other, "unexpected message"),
             Ok(None) => break,
             Err(e) => {

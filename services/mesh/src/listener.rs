@@ -83,6 +83,7 @@ pub async fn accept_sessions(listener: TcpListener, node: NodeHandle, shutdown: 
         tokio::spawn(async move {
             let _permit = permit;
             let _ = stream.set_nodelay(true);
+            let local = stream.local_addr().ok();
             // The session counts once the initiator's first message arrived: whoever replays a
             // recorded handshake gets this far, but cannot encrypt that message.
             let handshake = async {
@@ -90,7 +91,7 @@ pub async fn accept_sessions(listener: TcpListener, node: NodeHandle, shutdown: 
                     stream,
                     &node.identity,
                     |k| node.is_member(k),
-                    &node.payload,
+                    &node.payload(),
                 )
                 .await?;
                 let first =
@@ -111,6 +112,7 @@ pub async fn accept_sessions(listener: TcpListener, node: NodeHandle, shutdown: 
                             session: Box::new(session),
                             role: Role::Responder,
                             addr,
+                            local,
                             first,
                         })
                         .await;

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use cnsprcy::api::{MemberInfo, PeerInfo, PeerStatus, PingResult, SendResult, WatchEvent};
 use cnsprcy::config::MeshConfig;
 use cnsprcy::identity::{DeviceName, Identity, PublicKey};
-use cnsprcy::ipc::RunResult;
+use cnsprcy::ipc::{Interface, RunResult};
 use cnsprcy::rpc::RpcError;
 use cnsprcy::wire::{
     self, Data, HandshakePayload, Hello, MAX_RELAY_HOPS, Message, MessageId, Neighbor, Relay,
@@ -57,6 +57,8 @@ pub enum Event {
         session: Box<Session>,
         role: Role,
         addr: SocketAddr,
+        /// This device's end of the connection, to close it when that address goes away.
+        local: Option<SocketAddr>,
         first: Option<Message>,
     },
     DialFailed {
@@ -108,6 +110,8 @@ pub enum Request {
     },
     /// Redial everyone now (the network changed).
     Retry(oneshot::Sender<usize>),
+    /// From netwatch: the interfaces and addresses now.
+    Network(Vec<Interface>),
     Send {
         send: crate::delivery::SendRequest,
         reply: oneshot::Sender<Result<SendResult, RpcError>>,
@@ -124,7 +128,9 @@ pub struct NodeHandle {
     pub requests: mpsc::Sender<Request>,
     pub members: Arc<RwLock<HashSet<PublicKey>>>,
     pub identity: Arc<Identity>,
-    pub payload: HandshakePayload,
+    /// Random per daemon start, and drawn again when this device's addresses change: peers
+    /// then replace the session they had at once (see `keep_new_session`).
+    pub incarnation: Arc<std::sync::atomic::AtomicU64>,
     /// What `subscribe` streams.
     pub watch: broadcast::Sender<WatchEvent>,
     /// The replicated store (`store`).
@@ -132,6 +138,14 @@ pub struct NodeHandle {
 }
 
 impl NodeHandle {
+    /// What this device says about itself in every handshake.
+    pub fn payload(&self) -> HandshakePayload {
+        HandshakePayload {
+            version: wire::PROTOCOL_VERSION,
+            incarnation: self.incarnation.load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
     pub fn is_member(&self, key: &PublicKey) -> bool {
         self.members
             .read()
@@ -148,6 +162,7 @@ pub(crate) struct Live {
     we_initiated: bool,
     incarnation: u64,
     addr: SocketAddr,
+    local: Option<SocketAddr>,
 }
 
 struct PendingPing {
@@ -183,6 +198,8 @@ pub struct Node {
     pub(crate) outbox: Outbox,
     pub(crate) delivered: Delivered,
     pub(crate) waits: HashMap<MessageId, (Wait, crate::delivery::PendingSend)>,
+    /// The interfaces netwatch last reported (`None` before its first report).
+    pub(crate) network: Option<Vec<Interface>>,
 }
 
 /// Decides which of two sessions with the same peer survives, the same way on both sides:
@@ -250,10 +267,7 @@ impl Node {
             requests: requests_tx,
             members: Arc::new(RwLock::new(members)),
             identity,
-            payload: HandshakePayload {
-                version: wire::PROTOCOL_VERSION,
-                incarnation: rand::random(),
-            },
+            incarnation: Arc::new(std::sync::atomic::AtomicU64::new(rand::random())),
             watch: broadcast::channel(1024).0,
             store,
         };
@@ -283,6 +297,7 @@ impl Node {
             outbox,
             delivered,
             waits: HashMap::new(),
+            network: None,
         };
         (node, handle)
     }
@@ -365,10 +380,11 @@ impl Node {
                 session,
                 role,
                 addr,
+                local,
                 first,
             } => {
                 let key = session.remote_key;
-                self.on_established(*session, role, addr);
+                self.on_established(*session, role, addr, local);
                 if let Some(message) = first
                     && self.sessions.contains_key(&key)
                 {
@@ -419,7 +435,13 @@ impl Node {
         }
     }
 
-    fn on_established(&mut self, session: Session, role: Role, addr: SocketAddr) {
+    fn on_established(
+        &mut self,
+        session: Session,
+        role: Role,
+        addr: SocketAddr,
+        local: Option<SocketAddr>,
+    ) {
         let key = session.remote_key;
         if !self.table.contains(&key) {
             return;
@@ -470,6 +492,7 @@ impl Node {
                 we_initiated,
                 incarnation,
                 addr,
+                local,
             },
         );
         // For an accepted session, show the address the member listens on at that IP, if known,
@@ -727,6 +750,7 @@ impl Node {
                 let _ = reply.send(count);
             }
             Request::Send { send, reply } => self.start_send(send, reply),
+            Request::Network(interfaces) => self.on_network(interfaces),
             Request::StoreWritten(entry) => self.store_written(*entry),
         }
     }
@@ -804,6 +828,50 @@ impl Node {
         }
     }
 
+    /// The network changed (netwatch): sessions on an address this device no longer has (or on a
+    /// link that went down) end at once, and when anything changed, every member without a
+    /// session is dialled now, with a fresh incarnation so peers drop a session they still
+    /// think alive in favour of the new one.
+    fn on_network(&mut self, interfaces: Vec<Interface>) {
+        let usable = usable_addresses(&interfaces);
+        let before = self.network.replace(interfaces);
+        let Some(before) = before else {
+            return;
+        };
+        let was = usable_addresses(&before);
+        if was == usable {
+            return;
+        }
+        let lost: Vec<std::net::IpAddr> = was.difference(&usable).copied().collect();
+        let gained: Vec<std::net::IpAddr> = usable.difference(&was).copied().collect();
+        let stale: Vec<PublicKey> = self
+            .sessions
+            .iter()
+            .filter(|(_, live)| live.local.is_some_and(|l| lost.contains(&l.ip())))
+            .map(|(key, _)| *key)
+            .collect();
+        if !stale.is_empty() || !lost.is_empty() {
+            self.handle
+                .incarnation
+                .store(rand::random(), std::sync::atomic::Ordering::Relaxed);
+        }
+        let now = Instant::now().into_std();
+        for key in &stale {
+            if let Some(live) = self.sessions.remove(key) {
+                live.cancel.cancel();
+                let name = self.member_name(key);
+                tracing::info!(peer = %name, "session with {name} ended: its local address is gone");
+                self.table.session_down(key, now, Self::jitter());
+            }
+        }
+        let dialling = self.table.retry_all(now);
+        tracing::info!(
+            lost = ?lost,
+            gained = ?gained,
+            "the network changed; redialling {dialling} member(s) now"
+        );
+    }
+
     pub(crate) fn peer_info(&self, member: &Member) -> PeerInfo {
         let key = member.public_key;
         let reach = self.table.reach(&key);
@@ -850,6 +918,16 @@ fn member_info(member: &Member) -> MemberInfo {
         public_key: member.public_key,
         addresses: member.addresses.clone(),
     }
+}
+
+/// Addresses this device can use: on interfaces that are up, loopback included (members on the
+/// same machine, as in tests).
+fn usable_addresses(interfaces: &[Interface]) -> HashSet<std::net::IpAddr> {
+    interfaces
+        .iter()
+        .filter(|i| i.up)
+        .flat_map(|i| i.addresses.iter().copied())
+        .collect()
 }
 
 /// Whether the direct set changed, or an RTT moved by more than `RTT_ANNOUNCE_CHANGE` and by
@@ -917,7 +995,8 @@ async fn dial(handle: NodeHandle, key: PublicKey, addresses: Vec<SocketAddr>) {
                 continue;
             }
         };
-        match transport::initiate(stream, &handle.identity, &key, &handle.payload).await {
+        let local = stream.local_addr().ok();
+        match transport::initiate(stream, &handle.identity, &key, &handle.payload()).await {
             Ok(session) => {
                 // The other connections are dropped (closed) with `connects`.
                 let _ = handle
@@ -926,6 +1005,7 @@ async fn dial(handle: NodeHandle, key: PublicKey, addresses: Vec<SocketAddr>) {
                         session: Box::new(session),
                         role: Role::Initiator,
                         addr,
+                        local,
                         first: None,
                     })
                     .await;
