@@ -26,7 +26,8 @@ pub const CONFIG_ENV: &str = "CNSPRCY_CONFIG";
 /// Every key the file may hold, by section ("" is the top level). Kept next to the structs below;
 /// a unit test checks that the two agree.
 const SCHEMA: &[(&str, &[&str])] = &[
-    ("", &["name", "mesh", "handlers", "paths"]),
+    ("", &["name", "mesh", "discovery", "handlers", "paths"]),
+    ("discovery", &["enabled"]),
     (
         "mesh",
         &["listen", "keepalive_interval", "keepalive_timeout"],
@@ -43,6 +44,7 @@ pub struct Config {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<DeviceName>,
     pub mesh: MeshConfig,
+    pub discovery: DiscoveryConfig,
     pub handlers: HandlersConfig,
     pub paths: PathsConfig,
 }
@@ -123,6 +125,19 @@ mod duration_text {
             )));
         }
         Ok(value)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiscoveryConfig {
+    /// Advertise this device and look for members on the local network (mDNS-SD).
+    pub enabled: bool,
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        Self { enabled: true }
     }
 }
 
@@ -380,6 +395,12 @@ pub const EXAMPLE: &str = r#"# cnsprcy configuration: $XDG_CONFIG_HOME/cnsprcy/c
 # last frame arrived. Shorter values notice sooner but wake the device more often.
 # keepalive_interval = "20s"
 # keepalive_timeout = "10s"
+
+[discovery]
+# Advertise this device on the local network with mDNS-SD (service _cnsprcy._tcp) under a name
+# that changes every hour and that only members recognise, and find members there without any
+# configured address. Strangers' advertisements are ignored.
+# enabled = true
 
 [handlers]
 # A handler (see docs/event_handlers.md) still running after timeout is sent SIGTERM with its

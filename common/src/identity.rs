@@ -179,6 +179,30 @@ impl PublicKey {
     }
 }
 
+/// Discovery names change every hour (`DISCOVERY_EPOCH_SECS`).
+pub const DISCOVERY_EPOCH_SECS: u64 = 3600;
+
+impl PublicKey {
+    /// The name this device advertises on the local network during `epoch`: a hash of its
+    /// public key and the epoch. Members, who know the key, recognise it; a stranger sees an
+    /// unrelated name every hour and cannot follow the device from network to network.
+    pub fn discovery_name(&self, epoch: u64) -> String {
+        let mut hash = Blake2s256::new();
+        hash.update(b"cnsprcy discovery v1");
+        hash.update(self.0);
+        hash.update(epoch.to_le_bytes());
+        id_encoding().encode(&hash.finalize()[..ID_BYTES])
+    }
+}
+
+/// The current discovery epoch.
+pub fn discovery_epoch() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() / DISCOVERY_EPOCH_SECS)
+        .unwrap_or(0)
+}
+
 impl fmt::Display for PublicKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&BASE64.encode(self.0))

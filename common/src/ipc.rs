@@ -76,6 +76,12 @@ pub enum ToMesh {
     /// From netwatch: the interfaces and addresses now (sent on registering and after every
     /// change).
     Network { interfaces: Vec<Interface> },
+    /// From discovery: a device on the local network advertises `instance` at these addresses.
+    /// The mesh service tells members from strangers; discovery cannot.
+    Discovered {
+        instance: String,
+        addresses: Vec<std::net::SocketAddr>,
+    },
 }
 
 /// A network interface as netwatch sees it.
@@ -96,6 +102,9 @@ pub enum FromMesh {
     Welcome { device: DeviceName, version: String },
     /// Registration refused; the service should log `reason` and try again later.
     Refused { reason: String },
+    /// To discovery: advertise this device as `instance` (a name that changes every hour and
+    /// that only members can tell apart) on TCP `port`.
+    Advertise { instance: String, port: u16 },
 }
 
 /// What the mesh service sends to the handler service on `handlers.sock`.

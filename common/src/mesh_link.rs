@@ -7,11 +7,25 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use tokio::net::UnixStream;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::framing::{FrameError, JsonConnection};
 use crate::ipc::{FromMesh, ServiceKind, ToMesh};
+
+/// The next event to send, or never if there is no channel (or it closed).
+async fn next_event(events: &mut Option<mpsc::Receiver<ToMesh>>) -> Option<ToMesh> {
+    match events {
+        Some(rx) => match rx.recv().await {
+            Some(event) => Some(event),
+            None => {
+                *events = None;
+                None
+            }
+        },
+        None => std::future::pending().await,
+    }
+}
 
 const FIRST_RETRY: Duration = Duration::from_millis(100);
 const MAX_RETRY: Duration = Duration::from_secs(2);
@@ -19,7 +33,16 @@ const MAX_RETRY: Duration = Duration::from_secs(2);
 /// Keeps `service` registered with the mesh service at `socket` until `shutdown` fires.
 pub async fn keep_registered(service: ServiceKind, socket: PathBuf, shutdown: CancellationToken) {
     let (_keep, updates) = watch::channel(None);
-    keep_registered_with(service, socket, shutdown, updates).await;
+    keep_registered_with(service, socket, shutdown, updates, Channels::default()).await;
+}
+
+/// Optional extra traffic of a registered service.
+#[derive(Default)]
+pub struct Channels {
+    /// Messages to send while connected (one-off events; state goes through `updates`).
+    pub events: Option<mpsc::Receiver<ToMesh>>,
+    /// Where to hand what the mesh service says after its welcome.
+    pub inbound: Option<mpsc::Sender<FromMesh>>,
 }
 
 /// Like `keep_registered`, and also sends the latest value of `updates` after registering (so a
@@ -29,6 +52,7 @@ pub async fn keep_registered_with(
     socket: PathBuf,
     shutdown: CancellationToken,
     mut updates: watch::Receiver<Option<ToMesh>>,
+    mut channels: Channels,
 ) {
     let mut delay = FIRST_RETRY;
     let mut was_connected = true;
@@ -52,6 +76,10 @@ pub async fn keep_registered_with(
                     tracing::warn!("the mesh service refused registration: {reason}");
                     return Ok(());
                 }
+                Some(other) => {
+                    tracing::warn!(?other, "the mesh service did not welcome this service");
+                    return Ok(());
+                }
                 None => return Ok(()),
             }
             let current = updates.borrow_and_update().clone();
@@ -72,8 +100,18 @@ pub async fn keep_registered_with(
                             conn.send(&message).await?;
                         }
                     }
+                    event = next_event(&mut channels.events) => {
+                        if let Some(event) = event {
+                            conn.send(&event).await?;
+                        }
+                    }
                     message = conn.recv::<FromMesh>() => match message? {
-                        Some(message) => tracing::debug!(?message, "from mesh"),
+                        Some(message) => match &channels.inbound {
+                            Some(inbound) => {
+                                let _ = inbound.send(message).await;
+                            }
+                            None => tracing::debug!(?message, "from mesh"),
+                        },
                         None => return Ok::<(), FrameError>(()),
                     },
                 }

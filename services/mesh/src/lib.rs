@@ -341,12 +341,47 @@ async fn serve_internal(mesh: Arc<Mesh>, stream: UnixStream, shutdown: Cancellat
     }
     let ticket = mesh.registry.register(service, pid);
     tracing::info!(%service, pid, %version, "service registered");
+    let mut advertised_epoch = None;
     loop {
+        // Discovery advertises a name that changes every epoch: tell it the current one.
+        if service == ServiceKind::Discovery {
+            let epoch = cnsprcy::identity::discovery_epoch();
+            if advertised_epoch != Some(epoch) {
+                let advertise = FromMesh::Advertise {
+                    instance: mesh.identity.public_key().discovery_name(epoch),
+                    port: mesh.listening.first().map_or(0, |a| a.port()),
+                };
+                if conn.send(&advertise).await.is_err() {
+                    break;
+                }
+                advertised_epoch = Some(epoch);
+            }
+        }
+        let next_epoch = tokio::time::sleep(Duration::from_secs(
+            cnsprcy::identity::DISCOVERY_EPOCH_SECS
+                - std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs() % cnsprcy::identity::DISCOVERY_EPOCH_SECS),
+        ));
         let message = tokio::select! {
             _ = shutdown.cancelled() => break,
+            _ = next_epoch => continue,
             message = conn.recv::<ToMesh>() => message,
         };
         match message {
+            Ok(Some(ToMesh::Discovered {
+                instance,
+                addresses,
+            })) if service == ServiceKind::Discovery => {
+                let _ = mesh
+                    .node
+                    .requests
+                    .send(node::Request::Discovered {
+                        instance,
+                        addresses,
+                    })
+                    .await;
+            }
             Ok(Some(ToMesh::Network { interfaces })) if service == ServiceKind::Netwatch => {
                 let _ = mesh
                     .node

@@ -112,6 +112,11 @@ pub enum Request {
     Retry(oneshot::Sender<usize>),
     /// From netwatch: the interfaces and addresses now.
     Network(Vec<Interface>),
+    /// From discovery: a device advertising `instance` on the local network.
+    Discovered {
+        instance: String,
+        addresses: Vec<SocketAddr>,
+    },
     Send {
         send: crate::delivery::SendRequest,
         reply: oneshot::Sender<Result<SendResult, RpcError>>,
@@ -751,6 +756,10 @@ impl Node {
             }
             Request::Send { send, reply } => self.start_send(send, reply),
             Request::Network(interfaces) => self.on_network(interfaces),
+            Request::Discovered {
+                instance,
+                addresses,
+            } => self.on_discovered(&instance, addresses),
             Request::StoreWritten(entry) => self.store_written(*entry),
         }
     }
@@ -825,6 +834,29 @@ impl Node {
                 code::UNREACHABLE,
                 format!("cannot send to {} now (its queue is full)", member.name),
             )));
+        }
+    }
+
+    /// Discovery resolved `instance`: if it is a member's name for this epoch (or the one
+    /// before or after, for clocks a little apart), learn its addresses and dial it now.
+    fn on_discovered(&mut self, instance: &str, addresses: Vec<SocketAddr>) {
+        let epoch = cnsprcy::identity::discovery_epoch();
+        let member = self.roster.members().iter().find(|m| {
+            [epoch.saturating_sub(1), epoch, epoch + 1]
+                .iter()
+                .any(|e| m.public_key.discovery_name(*e) == instance)
+        });
+        let Some(member) = member.cloned() else {
+            // Not a member (or this device itself): strangers are ignored.
+            return;
+        };
+        for addr in addresses.iter().rev() {
+            self.learn_address(&member.public_key, *addr);
+        }
+        if !matches!(self.table.reach(&member.public_key), Reach::Direct { .. }) {
+            tracing::info!(peer = %member.name, ?addresses, "found {} on the local network", member.name);
+            self.table
+                .retry(&member.public_key, Instant::now().into_std());
         }
     }
 

@@ -176,6 +176,16 @@ impl PeerTable {
         count
     }
 
+    /// Dial `key` now, if it has no session: something new is known about where it is.
+    pub fn retry(&mut self, key: &PublicKey, now: Instant) {
+        if let Some(peer) = self.peers.get_mut(key)
+            && peer.direct.is_none()
+        {
+            peer.backoff.reset();
+            peer.next_dial = now;
+        }
+    }
+
     pub fn reach(&self, key: &PublicKey) -> Reach {
         let Some(peer) = self.peers.get(key) else {
             return Reach::Unreachable;

@@ -29,7 +29,13 @@ pub async fn start(env: DeviceEnv, shutdown: CancellationToken) -> anyhow::Resul
     let watcher = watch_netlink(updates, shutdown.clone());
     Ok(cnsprcy::service::spawn(async move {
         tokio::join!(
-            keep_registered_with(ServiceKind::Netwatch, socket, shutdown, receiver),
+            keep_registered_with(
+                ServiceKind::Netwatch,
+                socket,
+                shutdown,
+                receiver,
+                Default::default()
+            ),
             watcher
         );
         Ok(())

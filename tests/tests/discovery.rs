@@ -1,0 +1,56 @@
+//! Members find each other on a LAN with mDNS-SD, with no configured address; a stranger on
+//! the same LAN is ignored. Every device runs in a namespace of a LAN the test made, so the
+//! multicast never leaves it.
+
+use std::time::Duration;
+
+use cnsprcy_tests::Device;
+use cnsprcy_tests::netns::Lan;
+
+const SOON: Duration = Duration::from_secs(30);
+
+#[test]
+fn members_without_addresses_find_each_other_and_strangers_are_ignored() {
+    let lan = Lan::new(3);
+    let mut devices: Vec<Device> = ["a", "b", "stranger"]
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let mut device = Device::new(name);
+            device.write_config(&format!(
+                "name = \"{name}\"\n[mesh]\nlisten = [\"0.0.0.0:7332\"]\nkeepalive_interval = \"1s\"\nkeepalive_timeout = \"2s\"\n"
+            ));
+            device.start_in(lan.node(i));
+            device
+        })
+        .collect();
+    let keys: Vec<String> = devices.iter().map(|d| d.public_key()).collect();
+    // a and b know each other's keys, and nothing about where the other is.
+    devices[0]
+        .cnspr(&["manage", "add", "b", &keys[1]])
+        .success();
+    devices[1]
+        .cnspr(&["manage", "add", "a", &keys[0]])
+        .success();
+    devices[2]
+        .cnspr(&["manage", "add", "a", &keys[0]])
+        .success();
+
+    let peer = devices[0].wait_status("b", "direct", SOON);
+    assert_eq!(peer["addresses"][0], format!("{}:7332", lan.addr(1)));
+    devices[1].wait_status("a", "direct", SOON);
+    // Whichever found the other first dialled it.
+    assert!(
+        devices[0]
+            .log("serve")
+            .contains("found b on the local network")
+            || devices[1]
+                .log("serve")
+                .contains("found a on the local network")
+    );
+    // The stranger knows a's key, but a does not know the stranger: no session, and a never
+    // took its advertisement for a member's.
+    assert_eq!(devices[0].peers().len(), 1);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(devices[2].peers()["a"]["status"], "unreachable");
+}
