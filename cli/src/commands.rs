@@ -167,8 +167,7 @@ fn format_status(status: &Status) -> String {
          id          {}\n\
          public key  {}\n\
          listen      {}\n\
-         socket      {}\n\
-         services\n",
+         socket      {}\n",
         status.version,
         status.pid,
         format_duration(status.uptime_secs),
@@ -182,6 +181,28 @@ fn format_status(status: &Status) -> String {
         },
         status.socket.display(),
     );
+    let network: Vec<String> = status
+        .interfaces
+        .iter()
+        .filter(|i| !i.loopback)
+        .map(|i| {
+            let addresses: Vec<String> = i.addresses.iter().map(|a| a.to_string()).collect();
+            format!(
+                "  {:<10}  {:<4}  {}",
+                i.name,
+                if i.up { "up" } else { "down" },
+                addresses.join(" ")
+            )
+        })
+        .collect();
+    if !network.is_empty() {
+        out.push_str("network\n");
+        for line in network {
+            out.push_str(line.trim_end());
+            out.push('\n');
+        }
+    }
+    out.push_str("services\n");
     for service in &status.services {
         let pid = service.pid.map(|p| format!("pid {p}")).unwrap_or_default();
         let mut line = format!(

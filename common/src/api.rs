@@ -24,6 +24,9 @@ pub struct Status {
     /// The public API socket.
     pub socket: PathBuf,
     pub services: Vec<ServiceStatus>,
+    /// The interfaces and addresses netwatch last reported (empty until it has).
+    #[serde(default)]
+    pub interfaces: Vec<crate::ipc::Interface>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -97,4 +97,27 @@ fn a_device_whose_address_moves_is_reached_at_the_new_one() {
         moved.elapsed()
     );
     devices[1].wait_status("a", "direct", SOON);
+    // `cnspr status` lists the interfaces and addresses netwatch reported.
+    let status = devices[1].cnspr_json(&["status"]);
+    let eth0 = status["interfaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == "eth0")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(eth0["up"], true, "{status}");
+    assert!(
+        eth0["addresses"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a == new.as_str()),
+        "{status}"
+    );
+    let text = devices[1].cnspr(&["status"]).success().stdout;
+    assert!(
+        text.contains("network\n  eth0") && text.contains(&new),
+        "{text}"
+    );
 }

@@ -292,6 +292,7 @@ impl Api<'_> {
                 detail: Some(reason),
             },
         });
+        let interfaces = self.ask(Request::Interfaces).await.unwrap_or_default();
         Status {
             name: mesh.name.clone(),
             id: mesh.identity.device_id(),
@@ -302,6 +303,7 @@ impl Api<'_> {
             listen: mesh.listening.clone(),
             socket: mesh.env.paths.public_socket(),
             services,
+            interfaces,
         }
     }
 }

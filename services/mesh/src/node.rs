@@ -112,6 +112,8 @@ pub enum Request {
     Retry(oneshot::Sender<usize>),
     /// From netwatch: the interfaces and addresses now.
     Network(Vec<Interface>),
+    /// The interfaces netwatch last reported.
+    Interfaces(oneshot::Sender<Vec<Interface>>),
     /// From discovery: a device advertising `instance` on the local network.
     Discovered {
         instance: String,
@@ -756,6 +758,9 @@ impl Node {
             }
             Request::Send { send, reply } => self.start_send(send, reply),
             Request::Network(interfaces) => self.on_network(interfaces),
+            Request::Interfaces(reply) => {
+                let _ = reply.send(self.network.clone().unwrap_or_default());
+            }
             Request::Discovered {
                 instance,
                 addresses,
