@@ -5,9 +5,9 @@
 //! new key would make this device a stranger to every member that knows it.
 
 use std::fmt;
-use std::fs::{self, OpenOptions};
-use std::io::{self, Read, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::fs;
+use std::io::{self, Read};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -18,6 +18,7 @@ use curve25519_dalek::montgomery::MontgomeryPoint;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::fsutil::write_private;
 use crate::paths::{PathError, check_private_dir, ensure_private_dir};
 
 /// File names in the state directory.
@@ -430,27 +431,6 @@ impl Identity {
             Err(e) => Err(e),
         }
     }
-}
-
-/// Writes `bytes` to `path` with mode 0600: beside it first, then renamed over it, so a crash
-/// leaves the old file or the new one, never half of one.
-fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.new"));
-    let _ = fs::remove_file(&tmp);
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    fs::rename(&tmp, path)?;
-    fs::File::open(dir)?.sync_all()
 }
 
 /// The name stored by `cnspr manage init --name`, if any.

@@ -7,6 +7,7 @@ pub mod client;
 pub mod config;
 pub mod env;
 pub mod framing;
+pub mod fsutil;
 pub mod identity;
 pub mod ipc;
 pub mod lock;

@@ -101,19 +101,8 @@ impl Outbox {
     }
 
     fn save(&self, entry: &Entry) -> io::Result<()> {
-        let path = self.path(&entry.data.id);
-        let tmp = path.with_extension("new");
         let bytes = postcard::to_stdvec(entry).map_err(io::Error::other)?;
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        file.write_all(&bytes)?;
-        file.sync_all()?;
-        fs::rename(&tmp, &path)?;
-        fs::File::open(&self.dir)?.sync_all()
+        cnsprcy::fsutil::write_private(&self.path(&entry.data.id), &bytes)
     }
 
     /// Keeps `data` for `pending` until they acknowledge; durable when this returns.
@@ -270,7 +259,6 @@ impl Delivered {
     }
 
     fn compact(&self) -> io::Result<()> {
-        let tmp = self.path.with_extension("new");
         let mut out = Vec::with_capacity(self.order.len() * RECORD);
         for id in &self.order {
             if let Some(until) = self.ids.get(id) {
@@ -278,19 +266,7 @@ impl Delivered {
                 out.extend_from_slice(&until.to_le_bytes());
             }
         }
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        file.write_all(&out)?;
-        file.sync_all()?;
-        fs::rename(&tmp, &self.path)?;
-        if let Some(dir) = self.path.parent() {
-            fs::File::open(dir)?.sync_all()?;
-        }
-        Ok(())
+        cnsprcy::fsutil::write_private(&self.path, &out)
     }
 
     pub fn contains(&self, id: &MessageId) -> bool {

@@ -3,9 +3,8 @@
 //! the user's word with `cnspr manage add`.
 
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::net::SocketAddr;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use cnsprcy::identity::{DeviceId, DeviceName, PublicKey};
@@ -198,22 +197,7 @@ fn save(path: &Path, members: &[Member]) -> Result<(), RosterError> {
     };
     // Members hold only strings and addresses: serializing cannot fail.
     let text = serde_json::to_vec_pretty(&file).expect("roster serializes");
-    let tmp = path.with_extension("json.new");
-    let _ = fs::remove_file(&tmp);
-    let mut out = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(write_err)?;
-    out.write_all(&text).map_err(write_err)?;
-    out.sync_all().map_err(write_err)?;
-    fs::rename(&tmp, path).map_err(write_err)?;
-    if let Some(dir) = path.parent() {
-        fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(write_err)?;
-    }
+    cnsprcy::fsutil::write_private(path, &text).map_err(write_err)?;
     Ok(())
 }
 
