@@ -9,7 +9,7 @@ use cnsprcy::env::DeviceEnv;
 use cnsprcy_handlers::scan::{Entry, Report, scan};
 use serde_json::json;
 
-use crate::commands::print_json;
+use crate::commands::{print_json, table};
 
 #[derive(Debug, Subcommand)]
 pub enum HandlersCommand {
@@ -133,23 +133,6 @@ fn from(entry: &Entry) -> String {
         Some(info) if info.devices.is_empty() => "nobody".to_owned(),
         Some(info) => info.devices.join(", "),
     }
-}
-
-fn table<const N: usize>(rows: &[[String; N]]) -> String {
-    let widths: Vec<usize> = (0..N)
-        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    for row in rows {
-        let line: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(cell, width)| format!("{cell:<width$}"))
-            .collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
-    out
 }
 
 fn check(report: &Report, as_json: bool) -> anyhow::Result<ExitCode> {

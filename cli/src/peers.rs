@@ -9,7 +9,7 @@ use cnsprcy::env::DeviceEnv;
 use cnsprcy::identity::{DeviceName, PublicKey};
 use serde_json::{Value, json};
 
-use crate::commands::{CallError, call, call_with_timeout, not_running, print_json};
+use crate::commands::{CallError, call, call_with_timeout, not_running, print_json, table};
 
 /// Runs `call`, turning "not running" into its exit.
 macro_rules! call_or_exit {
@@ -70,20 +70,7 @@ fn format_table(peers: &[PeerInfo], now: SystemTime) -> String {
             last_seen,
         ]);
     }
-    let widths: Vec<usize> = (0..6)
-        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    for row in rows {
-        let line: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(cell, width)| format!("{cell:<width$}"))
-            .collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
-    out
+    table(&rows)
 }
 
 fn format_ms(ms: f64) -> String {
