@@ -11,13 +11,12 @@
 //! Needs root (network namespaces). Uses the release binaries next to this executable.
 
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
+use cnsprcy_tests::bench::{Api, bin_dir, bytes_sent, percentile};
 use cnsprcy_tests::netns::NetNs;
 use cnsprcy_tests::{Device, wait_until};
 use serde_json::{Value, json};
@@ -28,44 +27,6 @@ const UNICASTS: usize = 500;
 const BYTE_ROUNDS: usize = 20;
 const PAYLOAD: usize = 1000;
 const SOON: Duration = Duration::from_secs(60);
-
-/// One JSON-RPC connection to a device.
-struct Api {
-    stream: UnixStream,
-    reader: BufReader<UnixStream>,
-    next: u64,
-}
-
-impl Api {
-    fn connect(device: &Device) -> Self {
-        let stream = UnixStream::connect(device.socket()).expect("connect to the API");
-        Self {
-            reader: BufReader::new(stream.try_clone().expect("clone")),
-            stream,
-            next: 0,
-        }
-    }
-
-    fn call(&mut self, method: &str, params: Value) -> Value {
-        self.next += 1;
-        let request =
-            json!({"jsonrpc": "2.0", "id": self.next, "method": method, "params": params});
-        writeln!(self.stream, "{request}").expect("write request");
-        let mut line = String::new();
-        self.reader.read_line(&mut line).expect("read answer");
-        let answer: Value = serde_json::from_str(&line).expect("JSON answer");
-        assert!(answer["error"].is_null(), "{method} failed: {answer}");
-        answer["result"].clone()
-    }
-}
-
-fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("bench path");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps")
-        .to_owned()
-}
 
 fn now_ns() -> u128 {
     SystemTime::now()
@@ -88,30 +49,6 @@ fn install_handler(device: &Device, log: &Path) {
     )
     .expect("write handler");
     fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).expect("chmod");
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[index.min(sorted.len() - 1)]
-}
-
-/// Bytes sent on the TCP sockets of process `pid` in `ns` (`ss -tinp`'s bytes_sent).
-fn bytes_sent(ns: &NetNs, pid: u32) -> u64 {
-    let out = ns.run(&["ss", "-Htinp", "state", "established"]);
-    let mut total = 0;
-    let mut mine = false;
-    for line in out.lines() {
-        if line.contains("users:(") {
-            mine = line.contains(&format!("pid={pid},"));
-        } else if mine && let Some(rest) = line.split("bytes_sent:").nth(1) {
-            total += rest
-                .split_whitespace()
-                .next()
-                .and_then(|n| n.parse::<u64>().ok())
-                .unwrap_or(0);
-        }
-    }
-    total
 }
 
 fn main() {

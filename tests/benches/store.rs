@@ -12,11 +12,10 @@
 //!
 //! Needs root (network namespaces). Uses the release binaries next to this executable.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
+use cnsprcy_tests::bench::{Api, bin_dir, bytes_sent, percentile};
 use cnsprcy_tests::netns::NetNs;
 use cnsprcy_tests::{Device, wait_until};
 use nix::sys::signal::Signal;
@@ -31,82 +30,16 @@ const LOAD_CONNECTIONS: usize = 8;
 const CHANGED_KEYS: usize = 10;
 const SOON: Duration = Duration::from_secs(60);
 
-/// One JSON-RPC connection to a device.
-struct Api {
-    stream: UnixStream,
-    reader: BufReader<UnixStream>,
-    next: u64,
+fn set(api: &mut Api, key: &str, value: &str) {
+    api.call("db.set", json!({"key": key, "value": value}));
 }
 
-impl Api {
-    fn connect(device: &Device) -> Self {
-        Self::connect_path(&device.socket())
-    }
-
-    fn connect_path(socket: &Path) -> Self {
-        let stream = UnixStream::connect(socket).expect("connect to the API");
-        Self {
-            reader: BufReader::new(stream.try_clone().expect("clone")),
-            stream,
-            next: 0,
-        }
-    }
-
-    fn call(&mut self, method: &str, params: Value) -> Value {
-        self.next += 1;
-        let request =
-            json!({"jsonrpc": "2.0", "id": self.next, "method": method, "params": params});
-        writeln!(self.stream, "{request}").expect("write request");
-        let mut line = String::new();
-        self.reader.read_line(&mut line).expect("read answer");
-        let answer: Value = serde_json::from_str(&line).expect("JSON answer");
-        assert!(answer["error"].is_null(), "{method} failed: {answer}");
-        answer["result"].clone()
-    }
-
-    fn set(&mut self, key: &str, value: &str) {
-        self.call("db.set", json!({"key": key, "value": value}));
-    }
-
-    fn has(&mut self, key: &str, value: &str) -> bool {
-        self.call("db.get", json!({"key": key}))["value"] == value
-    }
-
-    fn stats(&mut self) -> Value {
-        self.call("db.stats", Value::Null)
-    }
+fn has(api: &mut Api, key: &str, value: &str) -> bool {
+    api.call("db.get", json!({"key": key}))["value"] == value
 }
 
-fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("bench path");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps")
-        .to_owned()
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[index.min(sorted.len() - 1)]
-}
-
-/// Bytes sent on the TCP sockets of process `pid` in `ns` (`ss -tinp`'s bytes_sent).
-fn bytes_sent(ns: &NetNs, pid: u32) -> u64 {
-    let out = ns.run(&["ss", "-Htinp", "state", "established"]);
-    let mut total = 0;
-    let mut mine = false;
-    for line in out.lines() {
-        if line.contains("users:(") {
-            mine = line.contains(&format!("pid={pid},"));
-        } else if mine && let Some(rest) = line.split("bytes_sent:").nth(1) {
-            total += rest
-                .split_whitespace()
-                .next()
-                .and_then(|n| n.parse::<u64>().ok())
-                .unwrap_or(0);
-        }
-    }
-    total
+fn stats(api: &mut Api) -> Value {
+    api.call("db.stats", Value::Null)
 }
 
 fn stat(stats: &Value, name: &str) -> u64 {
@@ -217,7 +150,7 @@ fn mesh_of_ten(cnspr: &Path) {
     let started = Instant::now();
     for k in 0..API_SETS {
         let t = Instant::now();
-        apis[0].set(&format!("api/k{k}"), &format!("v{k}"));
+        set(&mut apis[0], &format!("api/k{k}"), &format!("v{k}"));
         per_call.push(t.elapsed().as_secs_f64() * 1e3);
     }
     let api = started.elapsed();
@@ -233,7 +166,7 @@ fn mesh_of_ten(cnspr: &Path) {
         format!("v{}", API_SETS - 1),
     );
     let caught_up = wait_until(SOON, || {
-        (1..DEVICES).all(|i| apis[i].has(&last, &last_value))
+        (1..DEVICES).all(|i| has(&mut apis[i], &last, &last_value))
     });
     assert!(caught_up, "the API writes did not reach everyone");
 
@@ -244,12 +177,12 @@ fn mesh_of_ten(cnspr: &Path) {
         let key = format!("vis/k{k}");
         let value = format!("v{k}");
         let started = Instant::now();
-        apis[0].set(&key, &value);
+        set(&mut apis[0], &key, &value);
         set_calls.push(started.elapsed().as_secs_f64() * 1e3);
         let mut missing: Vec<usize> = (1..DEVICES).collect();
         let deadline = started + SOON;
         while !missing.is_empty() && Instant::now() < deadline {
-            missing.retain(|&i| !apis[i].has(&key, &value));
+            missing.retain(|&i| !has(&mut apis[i], &key, &value));
         }
         assert!(missing.is_empty(), "{key} did not reach {missing:?}");
         latencies.push(started.elapsed().as_secs_f64() * 1e3);
@@ -297,14 +230,18 @@ fn resync(cnspr: &Path) {
             scope.spawn(move || {
                 let mut api = Api::connect_path(&socket);
                 for k in (c..STORE_KEYS).step_by(LOAD_CONNECTIONS) {
-                    api.set(&key(k), &value(k));
+                    set(&mut api, &key(k), &value(k));
                 }
             });
         }
     });
     let load = started.elapsed();
     let mut a = Api::connect(&devices[0]);
-    assert_eq!(stat(&a.stats(), "keys"), STORE_KEYS as u64, "A's key count");
+    assert_eq!(
+        stat(&stats(&mut a), "keys"),
+        STORE_KEYS as u64,
+        "A's key count"
+    );
     println!(
         "loaded {STORE_KEYS} keys on a lone device over {LOAD_CONNECTIONS} API connections: {:.1} s ({:.0}/s)",
         load.as_secs_f64(),
@@ -322,11 +259,15 @@ fn resync(cnspr: &Path) {
     let [mut a, mut b] = apis;
     let started = Instant::now();
     let synced = wait_until(Duration::from_secs(120), || {
-        stat(&b.stats(), "keys") == STORE_KEYS as u64
+        stat(&stats(&mut b), "keys") == STORE_KEYS as u64
     });
-    assert!(synced, "B did not get the {STORE_KEYS} keys: {}", b.stats());
+    assert!(
+        synced,
+        "B did not get the {STORE_KEYS} keys: {}",
+        stats(&mut b)
+    );
     let first_sync = started.elapsed();
-    let (sa, sb) = (a.stats(), b.stats());
+    let (sa, sb) = (stats(&mut a), stats(&mut b));
     println!(
         "first sync of {STORE_KEYS} keys to an empty B: {:.1} s; store-traffic counters: A sent {} (sync {} + push {}), B sent {}; the entries themselves ≈ {}",
         first_sync.as_secs_f64(),
@@ -350,9 +291,9 @@ fn resync(cnspr: &Path) {
     // Partition: stop B, change 10 keys on A, start B.
     devices[1].stop_with("serve", Signal::SIGTERM);
     drop(b);
-    let a_before = a.stats();
+    let a_before = stats(&mut a);
     for k in 0..CHANGED_KEYS {
-        a.set(&key(k * 9973), "changed while b was away");
+        set(&mut a, &key(k * 9973), "changed while b was away");
     }
     let restarted = Instant::now();
     let b_pid = devices[1].spawn_in(&ns, "serve", cnspr, &["serve"]);
@@ -360,7 +301,7 @@ fn resync(cnspr: &Path) {
     let mut b = Api::connect(&devices[1]);
     let deadline = restarted + SOON;
     while Instant::now() < deadline
-        && !(0..CHANGED_KEYS).all(|k| b.has(&key(k * 9973), "changed while b was away"))
+        && !(0..CHANGED_KEYS).all(|k| has(&mut b, &key(k * 9973), "changed while b was away"))
     {
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -369,10 +310,10 @@ fn resync(cnspr: &Path) {
     let tcp = bytes_sent(&ns, pids[0]) + bytes_sent(&ns, b_pid);
     let measured = restarted.elapsed().as_secs_f64();
     assert!(
-        (0..CHANGED_KEYS).all(|k| b.has(&key(k * 9973), "changed while b was away")),
+        (0..CHANGED_KEYS).all(|k| has(&mut b, &key(k * 9973), "changed while b was away")),
         "B did not get the {CHANGED_KEYS} changed keys within {SOON:?}"
     );
-    let (sa, sb) = (a.stats(), b.stats());
+    let (sa, sb) = (stats(&mut a), stats(&mut b));
     let counter = |now: &Value, before: &Value| {
         (stat(now, "sync_bytes_sent") + stat(now, "push_bytes_sent"))
             .saturating_sub(stat(before, "sync_bytes_sent") + stat(before, "push_bytes_sent"))

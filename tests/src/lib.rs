@@ -20,6 +20,7 @@ use tempfile::TempDir;
 
 use crate::netns::NetNs;
 
+pub mod bench;
 pub mod netns;
 
 /// Generous: the CI machines are shared and slow.

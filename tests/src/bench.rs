@@ -1,0 +1,79 @@
+//! What the benchmarks in `tests/benches/` share: a plain JSON-RPC client for a device's socket,
+//! the release binaries' directory, percentiles, and the bytes a daemon sent on its sessions.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+use serde_json::{Value, json};
+
+use crate::Device;
+use crate::netns::NetNs;
+
+/// One JSON-RPC connection to a device; every call must succeed.
+pub struct Api {
+    stream: UnixStream,
+    reader: BufReader<UnixStream>,
+    next: u64,
+}
+
+impl Api {
+    pub fn connect(device: &Device) -> Self {
+        Self::connect_path(&device.socket())
+    }
+
+    pub fn connect_path(socket: &Path) -> Self {
+        let stream = UnixStream::connect(socket).expect("connect to the API");
+        Self {
+            reader: BufReader::new(stream.try_clone().expect("clone")),
+            stream,
+            next: 0,
+        }
+    }
+
+    pub fn call(&mut self, method: &str, params: Value) -> Value {
+        self.next += 1;
+        let request =
+            json!({"jsonrpc": "2.0", "id": self.next, "method": method, "params": params});
+        writeln!(self.stream, "{request}").expect("write request");
+        let mut line = String::new();
+        self.reader.read_line(&mut line).expect("read answer");
+        let answer: Value = serde_json::from_str(&line).expect("JSON answer");
+        assert!(answer["error"].is_null(), "{method} failed: {answer}");
+        answer["result"].clone()
+    }
+}
+
+/// The directory of the binaries built with the benchmark's profile (`target/release`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("bench path");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps")
+        .to_owned()
+}
+
+/// The `p` quantile (0..=1) of sorted samples.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}
+
+/// Bytes sent on the TCP sockets of process `pid` in `ns` (`ss -tinp`'s bytes_sent).
+pub fn bytes_sent(ns: &NetNs, pid: u32) -> u64 {
+    let out = ns.run(&["ss", "-Htinp", "state", "established"]);
+    let mut total = 0;
+    let mut mine = false;
+    for line in out.lines() {
+        if line.contains("users:(") {
+            mine = line.contains(&format!("pid={pid},"));
+        } else if mine && let Some(rest) = line.split("bytes_sent:").nth(1) {
+            total += rest
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    total
+}
