@@ -421,3 +421,41 @@ fn reads_work_with_the_daemon_down() {
     device.start_in(&ns);
     assert_eq!(device.cnspr(&["db", "get", "other"]).success().stdout, "x");
 }
+
+#[test]
+fn a_device_that_was_offline_catches_up_when_it_returns() {
+    let ns = NetNs::new();
+    let mut devices = mesh(&ns, &["a", "b", "c"]);
+    devices[0].cnspr(&["db", "set", "before", "1"]).success();
+    assert!(wait_until(Duration::from_secs(20), || get(
+        &devices[2],
+        "before"
+    )
+    .as_deref()
+        == Some("1")));
+
+    // c is switched off while the others write, overwrite and delete.
+    devices[2].stop_with("serve", Signal::SIGTERM);
+    for k in 0..20 {
+        devices[k % 2]
+            .cnspr(&["db", "set", &format!("while-away/{k}"), &format!("v{k}")])
+            .success();
+    }
+    devices[1].cnspr(&["db", "set", "before", "2"]).success();
+    devices[0].cnspr(&["db", "del", "while-away/0"]).success();
+    std::thread::sleep(Duration::from_secs(2));
+
+    devices[2].start_in(&ns);
+    let converged = wait_until(Duration::from_secs(30), || {
+        contents(&devices[2]) == contents(&devices[0])
+    });
+    assert!(
+        converged,
+        "c: {:?}\na: {:?}",
+        contents(&devices[2]),
+        contents(&devices[0])
+    );
+    assert_eq!(get(&devices[2], "before").as_deref(), Some("2"));
+    assert_eq!(get(&devices[2], "while-away/0"), None);
+    assert_eq!(get(&devices[2], "while-away/19").as_deref(), Some("v19"));
+}
