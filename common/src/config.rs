@@ -32,7 +32,10 @@ const SCHEMA: &[(&str, &[&str])] = &[
         "mesh",
         &["listen", "keepalive_interval", "keepalive_timeout"],
     ),
-    ("handlers", &["timeout", "max_running", "max_queued"]),
+    (
+        "handlers",
+        &["timeout", "max_running", "max_queued", "idle_exit"],
+    ),
     ("paths", &["state_dir", "runtime_dir", "handlers_dir"]),
 ];
 
@@ -86,6 +89,10 @@ pub struct HandlersConfig {
     pub max_running: std::num::NonZeroUsize,
     /// At most this many runs wait for a free slot; a run beyond it fails at once.
     pub max_queued: usize,
+    /// Started by socket activation, the service exits after this long without runs; the next
+    /// message starts it again.
+    #[serde(with = "duration_text")]
+    pub idle_exit: Duration,
 }
 
 impl Default for HandlersConfig {
@@ -94,6 +101,7 @@ impl Default for HandlersConfig {
             timeout: Duration::from_secs(30),
             max_running: std::num::NonZeroUsize::new(16).unwrap_or(std::num::NonZeroUsize::MIN),
             max_queued: 256,
+            idle_exit: Duration::from_secs(300),
         }
     }
 }
@@ -414,6 +422,10 @@ pub const EXAMPLE: &str = r#"# cnsprcy configuration: $XDG_CONFIG_HOME/cnsprcy/c
 # Runs waiting for a free slot, over all tags. A run that finds the queue full is not run, and
 # its sender is told so.
 # max_queued = 256
+
+# Started by systemd socket activation, the handler service exits after this long without
+# running anything; the next message starts it again. (Under `cnspr serve` it stays.)
+# idle_exit = "5m"
 
 [paths]
 # Where the identity key and the replicated state live. Default: $XDG_DATA_HOME/cnsprcy

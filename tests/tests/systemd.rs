@@ -16,6 +16,20 @@ fn units_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd")
 }
 
+/// `systemd-socket-activate`, which emulates socket activation (package systemd).
+fn activator() -> PathBuf {
+    let found = Command::new("sh")
+        .args(["-c", "command -v systemd-socket-activate"])
+        .output()
+        .unwrap();
+    let path = PathBuf::from(String::from_utf8_lossy(&found.stdout).trim());
+    assert!(
+        path.is_absolute(),
+        "systemd-socket-activate is missing (package systemd)"
+    );
+    path
+}
+
 #[test]
 fn unit_files_pass_systemd_analyze_verify() {
     let tmp = tempfile::tempdir().unwrap();
@@ -81,11 +95,7 @@ fn the_mesh_service_takes_activated_sockets_and_reports_ready() {
         .unwrap();
     let public = device.socket();
     let internal = runtime.join("mesh.sock");
-    let activator = Command::new("sh")
-        .args(["-c", "command -v systemd-socket-activate"])
-        .output()
-        .unwrap();
-    let activator = PathBuf::from(String::from_utf8_lossy(&activator.stdout).trim());
+    let activator = activator();
     let (public_arg, internal_arg) = (public.display().to_string(), internal.display().to_string());
     let mesh = bin("cnsprcy-mesh").display().to_string();
     let notify_env = format!("NOTIFY_SOCKET={}", notify_path.display());
@@ -134,4 +144,62 @@ fn the_mesh_service_takes_activated_sockets_and_reports_ready() {
     assert!(status.success(), "{status}\n{}", device.log("mesh"));
     let len = notify.recv(&mut buf).expect("a stopping notification");
     assert!(String::from_utf8_lossy(&buf[..len]).contains("STOPPING=1"));
+}
+
+#[test]
+fn the_activated_handler_service_exits_when_idle_and_starts_again() {
+    let mut device = Device::new("desk");
+    device.write_config("name = \"desk\"\n[handlers]\nidle_exit = \"1s\"\n");
+    let runtime = device.runtime_dir();
+    fs::create_dir_all(&runtime).unwrap();
+    fs::set_permissions(&runtime, fs::Permissions::from_mode(0o700)).unwrap();
+    let socket = runtime.join("handlers.sock");
+    let socket_arg = socket.display().to_string();
+    let handlers = bin("cnsprcy-handlers").display().to_string();
+    let activator = activator();
+    let args = [
+        "-l",
+        socket_arg.as_str(),
+        "--fdname=handlers",
+        "-E",
+        "XDG_CONFIG_HOME",
+        "-E",
+        "XDG_DATA_HOME",
+        "-E",
+        "XDG_RUNTIME_DIR",
+        "-E",
+        "RUST_LOG",
+        handlers.as_str(),
+    ];
+    let ping = |socket: &Path| {
+        use std::io::{BufRead, BufReader, Write};
+        let mut stream = std::os::unix::net::UnixStream::connect(socket).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        stream.write_all(b"{\"type\":\"ping\"}\n").unwrap();
+        let mut line = String::new();
+        BufReader::new(stream).read_line(&mut line).unwrap();
+        line
+    };
+    for round in ["first", "second"] {
+        // systemd-socket-activate serves one activation; start it afresh as systemd would keep
+        // the socket and start the service again.
+        let label = format!("handlers-{round}");
+        device.spawn(&label, &activator, &args);
+        assert!(cnsprcy_tests::wait_until(Duration::from_secs(10), || {
+            socket.exists()
+        }));
+        assert!(ping(&socket).contains("pong"), "{}", device.log(&label));
+        let status = device
+            .wait_exit(&label, Duration::from_secs(15))
+            .unwrap_or_else(|| panic!("did not exit when idle:\n{}", device.log(&label)));
+        assert!(status.success(), "{status}\n{}", device.log(&label));
+        assert!(
+            device
+                .log(&label)
+                .contains("exiting until the next message")
+        );
+        let _ = fs::remove_file(&socket);
+    }
 }

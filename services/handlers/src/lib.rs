@@ -83,9 +83,44 @@ pub async fn start(env: DeviceEnv, shutdown: CancellationToken) -> anyhow::Resul
         tasks: TaskTracker::new(),
         kill: CancellationToken::new(),
     });
+    if listener.activated {
+        tokio::spawn(exit_when_idle(
+            shared.clone(),
+            config.idle_exit,
+            shutdown.clone(),
+        ));
+    }
     Ok(cnsprcy::service::spawn(serve(
         shared, socket, listener, shutdown,
     )))
+}
+
+/// Under socket activation, ends the service after `idle` without runs: systemd keeps the
+/// socket and starts the service again for the next message, so an idle device runs one
+/// process fewer.
+async fn exit_when_idle(shared: Arc<Shared>, idle: Duration, shutdown: CancellationToken) {
+    let step = (idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+    let mut busy_at = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(step) => {}
+        }
+        let busy = {
+            let state = shared.state();
+            state.scheduler.running() > 0 || state.scheduler.queued() > 0
+        };
+        if busy {
+            busy_at = tokio::time::Instant::now();
+        } else if busy_at.elapsed() >= idle {
+            tracing::info!(
+                "idle for {}; exiting until the next message",
+                secs_text(idle)
+            );
+            shutdown.cancel();
+            return;
+        }
+    }
 }
 
 fn secs_text(d: Duration) -> String {
