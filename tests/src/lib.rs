@@ -47,6 +47,29 @@ pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
+/// Checks a `cnsprcy-<service>` binary's command line: `--version` prints `NAME VERSION`,
+/// `--help` explains, anything else is a usage error (exit status 2).
+pub fn check_service_binary(path: &str, name: &str, version: &str) {
+    let run = |arg: &str| {
+        Command::new(path)
+            .arg(arg)
+            .output()
+            .expect("run the binary")
+    };
+    let out = run("--version");
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("{name} {version}")
+    );
+    let out = run("--help");
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("cnspr serve"));
+    let out = run("--bogus");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--help"));
+}
+
 /// Polls `check` until it returns true or `timeout` passes.
 pub fn wait_until(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
@@ -214,6 +237,25 @@ impl Device {
             "name = \"{}\"\n[mesh]\nlisten = [\"{listen}\"]\nkeepalive_interval = \"1s\"\nkeepalive_timeout = \"2s\"\n",
             self.name
         ));
+    }
+
+    /// Adds `member` to this device's roster (`cnspr manage add`), with where it listens if given.
+    pub fn add_member(&self, member: &Device, address: Option<&str>) {
+        let key = member.public_key();
+        let mut args = vec!["manage", "add", member.name.as_str(), key.as_str()];
+        args.extend(address);
+        self.cnspr(&args).success();
+    }
+
+    /// Starts `cnspr serve` as `label` and checks that it refuses to run: exit status 1, and
+    /// `needle` in its log.
+    pub fn serve_refuses(&mut self, label: &str, needle: &str) {
+        self.spawn(label, &bin("cnspr"), &["serve"]);
+        let status = self
+            .wait_exit(label, Duration::from_secs(15))
+            .unwrap_or_else(|| panic!("{label} did not exit:\n{}", self.log(label)));
+        assert_eq!(status.code(), Some(1), "{}", self.log(label));
+        assert!(self.log(label).contains(needle), "{}", self.log(label));
     }
 
     /// This device's public key, as `cnspr manage id` prints it.

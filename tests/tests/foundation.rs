@@ -130,16 +130,7 @@ fn identity_is_created_once_and_damaged_keys_are_refused_not_replaced() {
         .cnspr(&["manage", "id"])
         .code(1)
         .stderr_has("chmod 600");
-    device.spawn("serve", &bin("cnspr"), &["serve"]);
-    let status = device
-        .wait_exit("serve", Duration::from_secs(15))
-        .expect("serve exits");
-    assert_eq!(status.code(), Some(1));
-    assert!(
-        device.log("serve").contains("chmod 600"),
-        "{}",
-        device.log("serve")
-    );
+    device.serve_refuses("serve", "chmod 600");
 
     // A key of the wrong length likewise, and it is left as it is.
     fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
@@ -148,12 +139,7 @@ fn identity_is_created_once_and_damaged_keys_are_refused_not_replaced() {
         .cnspr(&["manage", "id"])
         .code(1)
         .stderr_has("exactly 32 bytes");
-    device.spawn("serve2", &bin("cnspr"), &["serve"]);
-    let status = device
-        .wait_exit("serve2", Duration::from_secs(15))
-        .expect("serve exits");
-    assert_eq!(status.code(), Some(1));
-    assert!(device.log("serve2").contains("exactly 32 bytes"));
+    device.serve_refuses("serve2", "exactly 32 bytes");
     assert_eq!(fs::read(&key).unwrap(), b"not a key");
 
     // Names are checked before anything is written.
@@ -186,16 +172,7 @@ fn config_errors_name_the_file_line_and_key() {
         .stderr_has(&format!("{file}:4:1: unknown key `mesh.lisen`"))
         .stderr_has("did you mean `listen`?");
     // The daemon refuses to start with the same message.
-    device.spawn("serve", &bin("cnspr"), &["serve"]);
-    let status = device
-        .wait_exit("serve", Duration::from_secs(15))
-        .expect("serve exits");
-    assert_eq!(status.code(), Some(1));
-    assert!(
-        device.log("serve").contains(":4:1: unknown key"),
-        "{}",
-        device.log("serve")
-    );
+    device.serve_refuses("serve", ":4:1: unknown key");
 
     device.write_config("[mesh]\nlisten = [\"127.0.0.1:7332\", \"localhost\"]\n");
     device

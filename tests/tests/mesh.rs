@@ -10,14 +10,6 @@ use nix::sys::signal::Signal;
 /// Generous bound for anything that should take a second or two.
 const SOON: Duration = Duration::from_secs(20);
 
-/// Adds `member` to `device`'s roster, with the address it listens on if given.
-fn add(device: &Device, member: &Device, address: Option<&str>) {
-    let key = member.public_key();
-    let mut args = vec!["manage", "add", member.name.as_str(), key.as_str()];
-    args.extend(address);
-    device.cnspr(&args).success();
-}
-
 /// Devices listening on 127.0.0.1:17001, :17002, ... in one namespace, each started.
 fn loopback_devices(ns: &NetNs, names: &[&str]) -> Vec<Device> {
     names
@@ -58,7 +50,7 @@ fn three_devices_form_one_session_per_pair() {
     for (i, device) in devices.iter().enumerate() {
         for (j, other) in devices.iter().enumerate() {
             if i != j {
-                add(device, other, Some(&addr(j)));
+                device.add_member(other, Some(&addr(j)));
             }
         }
     }
@@ -121,12 +113,12 @@ fn a_peer_without_a_path_is_relayed_and_pinged_through_the_relay() {
     let mut devices = loopback_devices(&ns, &["a", "b", "c"]);
     // a and c know each other's keys, but neither knows where the other listens: only b links
     // them.
-    add(&devices[0], &devices[1], Some(&addr(1)));
-    add(&devices[1], &devices[0], None);
-    add(&devices[1], &devices[2], Some(&addr(2)));
-    add(&devices[2], &devices[1], None);
-    add(&devices[0], &devices[2], None);
-    add(&devices[2], &devices[0], None);
+    devices[0].add_member(&devices[1], Some(&addr(1)));
+    devices[1].add_member(&devices[0], None);
+    devices[1].add_member(&devices[2], Some(&addr(2)));
+    devices[2].add_member(&devices[1], None);
+    devices[0].add_member(&devices[2], None);
+    devices[2].add_member(&devices[0], None);
 
     let peer = devices[0].wait_status("c", "relayed", SOON);
     assert_eq!(peer["via"], "b");
@@ -161,7 +153,7 @@ fn a_killed_device_is_unreachable_at_once_and_comes_back_after_restart() {
     for (i, device) in devices.iter().enumerate() {
         for (j, other) in devices.iter().enumerate() {
             if i != j {
-                add(device, other, Some(&addr(j)));
+                device.add_member(other, Some(&addr(j)));
             }
         }
     }
@@ -198,8 +190,8 @@ fn a_killed_device_is_unreachable_at_once_and_comes_back_after_restart() {
 fn a_removed_member_loses_its_session_and_cannot_come_back() {
     let ns = NetNs::new();
     let mut devices = loopback_devices(&ns, &["a", "b"]);
-    add(&devices[0], &devices[1], Some(&addr(1)));
-    add(&devices[1], &devices[0], Some(&addr(0)));
+    devices[0].add_member(&devices[1], Some(&addr(1)));
+    devices[1].add_member(&devices[0], Some(&addr(0)));
     devices[0].wait_status("b", "direct", SOON);
 
     let removed = devices[0].cnspr_json(&["manage", "remove", "b"]);
@@ -256,7 +248,7 @@ fn a_member_known_at_two_addresses_keeps_one_stable_session() {
     );
     a.start_in(&ns);
     b.start_in(&ns);
-    add(&b, &a, None);
+    b.add_member(&a, None);
     let key = b.public_key();
     a.cnspr(&["manage", "add", "b", &key, "127.0.0.1:17002", "[::1]:17002"])
         .success();
@@ -280,8 +272,8 @@ fn a_member_known_at_two_addresses_keeps_one_stable_session() {
 fn members_survive_a_restart() {
     let ns = NetNs::new();
     let mut devices = loopback_devices(&ns, &["a", "b"]);
-    add(&devices[0], &devices[1], Some(&addr(1)));
-    add(&devices[1], &devices[0], None);
+    devices[0].add_member(&devices[1], Some(&addr(1)));
+    devices[1].add_member(&devices[0], None);
     devices[0].wait_status("b", "direct", SOON);
     // b learned where a listens from a's announcement.
     devices[1].stop_with("serve", Signal::SIGTERM);

@@ -51,13 +51,6 @@ fn lines(path: &Path) -> Vec<String> {
         .collect()
 }
 
-fn add(device: &Device, member: &Device, address: Option<&str>) {
-    let key = member.public_key();
-    let mut args = vec!["manage", "add", member.name.as_str(), key.as_str()];
-    args.extend(address);
-    device.cnspr(&args).success();
-}
-
 /// Devices started on 127.0.0.1:17101... in `ns`, all members of each other, every one with the
 /// others' addresses except where `no_path` says the pair cannot dial each other.
 fn devices(ns: &NetNs, names: &[&str]) -> Vec<Device> {
@@ -81,7 +74,7 @@ fn link_all(devices: &[Device], no_path: &[(usize, usize)]) {
                 continue;
             }
             let blocked = no_path.contains(&(i, j)) || no_path.contains(&(j, i));
-            add(device, other, (!blocked).then(|| addr(j)).as_deref());
+            device.add_member(other, (!blocked).then(|| addr(j)).as_deref());
         }
     }
 }

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use cnsprcy::api::WatchEvent;
 use cnsprcy::identity::PublicKey;
 use cnsprcy::ipc::{Outcome, RunResult};
-use cnsprcy::wire::{MAX_RELAY_HOPS, Message, StoreBody, StoreEntry, StoreEnvelope};
+use cnsprcy::wire::{MAX_RELAY_HOPS, Message, StoreBody, StoreEntry, StoreEnvelope, StoreSummary};
 
 use super::digest::{self, LEAVES_PER_BUCKET};
 use super::merge::Version;
@@ -152,27 +152,20 @@ impl Node {
                 }
             }
             StoreBody::Summaries { leaves, entries } => {
-                let ours: HashMap<String, Version> = store
-                    .summaries(&leaves)
-                    .into_iter()
-                    .map(|s| {
-                        let version = Version {
-                            ts: s.ts,
-                            writer: s.writer,
-                        };
-                        (s.key, version)
-                    })
-                    .collect();
-                let theirs: HashMap<String, Version> = entries
-                    .into_iter()
-                    .map(|s| {
-                        let version = Version {
-                            ts: s.ts,
-                            writer: s.writer,
-                        };
-                        (s.key, version)
-                    })
-                    .collect();
+                let versions = |summaries: Vec<_>| -> HashMap<String, Version> {
+                    summaries
+                        .into_iter()
+                        .map(|s: StoreSummary| {
+                            let version = Version {
+                                ts: s.ts,
+                                writer: s.writer,
+                            };
+                            (s.key, version)
+                        })
+                        .collect()
+                };
+                let ours = versions(store.summaries(&leaves));
+                let theirs = versions(entries);
                 let give: Vec<&str> = ours
                     .iter()
                     .filter(|(k, v)| theirs.get(*k).is_none_or(|t| t < *v))
