@@ -166,7 +166,7 @@ daemon redials by itself with a capped exponential backoff."
         shell: Shell,
     },
 
-    /// Write man pages for cnspr and its subcommands into DIR (for packaging)
+    /// Write man pages for cnspr, its subcommands and the service binaries into DIR (for packaging)
     #[command(hide = true)]
     Manpages { dir: PathBuf },
 }

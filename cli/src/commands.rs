@@ -369,7 +369,8 @@ pub fn completions(shell: clap_complete::Shell) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Writes `cnspr.1` and one page per subcommand (`cnspr-config-show.1`, ...) into `dir`.
+/// Writes `cnspr.1`, one page per subcommand (`cnspr-config-show.1`, ...) and one per service
+/// binary (`cnsprcy-mesh.1`, ...) into `dir`.
 pub fn manpages(dir: &Path) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let mut written = 0;
@@ -382,14 +383,30 @@ pub fn manpages(dir: &Path) -> anyhow::Result<ExitCode> {
         for sub in command.get_subcommands() {
             pending.push((format!("{name}-{}", sub.get_name()), sub.clone()));
         }
-        let path = dir.join(format!("{name}.1"));
-        let mut page = Vec::new();
-        clap_mangen::Man::new(command).render(&mut page)?;
-        std::fs::write(&path, page).with_context(|| format!("cannot write {}", path.display()))?;
+        write_manpage(dir, &name, command)?;
+        written += 1;
+    }
+    for kind in ServiceKind::ALL {
+        let name = kind.unit_name();
+        let command = clap::Command::new(name.clone())
+            .version(cnsprcy::VERSION)
+            .about(format!("the {kind} service of cnsprcy"))
+            .long_about(format!("{}\n\n{}", kind.duty(), cnsprcy::service::SERVICE_USAGE))
+            .after_long_help(format!(
+                "Unit: {name}.service, part of cnsprcy.target. Logs: journalctl --user -u {name}. See cnspr(1)."
+            ));
+        write_manpage(dir, &name, command)?;
         written += 1;
     }
     eprintln!("wrote {written} man pages to {}", dir.display());
     Ok(ExitCode::SUCCESS)
+}
+
+fn write_manpage(dir: &Path, name: &str, command: clap::Command) -> anyhow::Result<()> {
+    let path = dir.join(format!("{name}.1"));
+    let mut page = Vec::new();
+    clap_mangen::Man::new(command).render(&mut page)?;
+    std::fs::write(&path, page).with_context(|| format!("cannot write {}", path.display()))
 }
 
 #[cfg(test)]

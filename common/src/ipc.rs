@@ -41,6 +41,29 @@ impl ServiceKind {
     pub fn unit_name(self) -> String {
         format!("cnsprcy-{}", self.as_str())
     }
+
+    /// What the service does, in a sentence for `--help` and its man page.
+    pub fn duty(self) -> &'static str {
+        match self {
+            ServiceKind::Mesh => {
+                "Owns the identity key, the encrypted sessions with the other devices, the roster, \
+                 the replicated store and the JSON API that `cnspr` and scripts use."
+            }
+            ServiceKind::Netwatch => {
+                "Watches links, addresses and routes over rtnetlink and tells the mesh service at \
+                 once, so sessions follow the device from network to network."
+            }
+            ServiceKind::Discovery => {
+                "Advertises this device on the local network with mDNS-SD under rotating names \
+                 only members recognise, and hands the addresses of members it finds to the mesh \
+                 service."
+            }
+            ServiceKind::Handlers => {
+                "Runs the handler scripts for tagged messages that reach this device. Started by \
+                 the first message (socket activation) and exits when idle."
+            }
+        }
+    }
 }
 
 impl fmt::Display for ServiceKind {

@@ -94,6 +94,11 @@ pub async fn join_all(running: Vec<(ServiceKind, Running)>) -> anyhow::Result<()
     first_error.map_or(Ok(()), Err)
 }
 
+/// How every service binary is run, for its `--help` and man page.
+pub const SERVICE_USAGE: &str = "Normally started by systemd (cnsprcy.target) or by `cnspr serve`, which runs all \
+services in one process. Takes no arguments. Reads the same configuration as `cnspr` (see `cnspr config path`). \
+RUST_LOG sets the log filter (default: info).";
+
 /// The whole life of a `cnsprcy-<service>` binary: arguments, logging, environment, lock, signals,
 /// and the service itself until it stops.
 pub fn main<F, Fut>(kind: ServiceKind, start: F) -> std::process::ExitCode
@@ -111,8 +116,9 @@ where
         }
         Some("--help" | "-h") => {
             println!(
-                "{unit} {}: the {kind} service of cnsprcy.\n\nUsage: {unit}\n\nNormally started by systemd (cnsprcy.target) or by `cnspr serve`, which runs all\nservices in one process. Reads the same configuration as `cnspr` (see `cnspr config path`).\nRUST_LOG sets the log filter (default: info).",
-                crate::VERSION
+                "{unit} {}: the {kind} service of cnsprcy.\n\n{}\n\nUsage: {unit}\n\n{SERVICE_USAGE}",
+                crate::VERSION,
+                kind.duty()
             );
             return std::process::ExitCode::SUCCESS;
         }
