@@ -57,7 +57,12 @@ pub fn init(service: &str) {
     if detect_target() == LogTarget::Journald {
         match tracing_journald::layer() {
             Ok(layer) => {
-                let layer = layer.with_syslog_identifier(service.to_owned());
+                // Fields keep their own names (PEER=, TAG=, SERVICE=), without the crate's
+                // default `F_` prefix, so `journalctl PEER=desk` reads naturally. None of our
+                // field names is one journald reserves (MESSAGE, PRIORITY, ...).
+                let layer = layer
+                    .with_syslog_identifier(service.to_owned())
+                    .with_field_prefix(None);
                 let _ = tracing_subscriber::registry()
                     .with(filter())
                     .with(layer)
