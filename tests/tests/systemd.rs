@@ -42,8 +42,8 @@ fn unit_files_pass_systemd_analyze_verify() {
         fs::create_dir_all(dir).unwrap();
     }
     fs::set_permissions(&run, fs::Permissions::from_mode(0o700)).unwrap();
-    // The units name /usr/bin/... binaries and man:cnspr(1) as the package installs them; here
-    // they point at the build's binaries and freshly generated man pages.
+    // The units name /usr/bin/cnsprcy-* binaries and man pages as the package installs them;
+    // here they point at the build's binaries and freshly generated man pages.
     let bin_dir = bin("cnspr").parent().unwrap().display().to_string();
     let mut files = Vec::new();
     for entry in fs::read_dir(units_dir()).unwrap() {
@@ -54,7 +54,7 @@ fn unit_files_pass_systemd_analyze_verify() {
         }
         let text = fs::read_to_string(&path)
             .unwrap()
-            .replace("/usr/bin", &bin_dir);
+            .replace("/usr/bin/cnsprcy-", &format!("{bin_dir}/cnsprcy-"));
         fs::write(units.join(&name), text).unwrap();
         files.push(name);
     }
