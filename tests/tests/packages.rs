@@ -1,0 +1,166 @@
+//! The packages `packaging/build` makes: both hold every binary, unit, man page, completion and
+//! document, and lintian finds nothing in the .deb. README.md's test command builds them first
+//! (`packaging/build --profile dev`); the end-to-end test that installs the .deb under a real
+//! systemd is systemd_boot.rs.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const BINARIES: [&str; 5] = [
+    "cnspr",
+    "cnsprcy-mesh",
+    "cnsprcy-netwatch",
+    "cnsprcy-discovery",
+    "cnsprcy-handlers",
+];
+
+fn packages_dir() -> PathBuf {
+    cnsprcy_tests::bench::bin_dir()
+        .parent()
+        .expect("target/<profile> has a parent")
+        .join("packages")
+}
+
+fn package(name: &str) -> PathBuf {
+    let path = packages_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the packages with `packaging/build --profile dev` (README.md, Testing)",
+        path.display()
+    );
+    path
+}
+
+fn workspace() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+fn run(program: &str, args: &[&str], file: &Path) -> String {
+    let output = Command::new(program)
+        .args(args)
+        .arg(file)
+        .output()
+        .unwrap_or_else(|e| panic!("run {program}: {e}"));
+    assert!(
+        output.status.success(),
+        "{program} {args:?} {} failed: {}",
+        file.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The files of the repository a package must carry: (directory in the package, file name).
+fn expected_files() -> Vec<String> {
+    let mut files: Vec<String> = BINARIES.iter().map(|b| format!("/usr/bin/{b}")).collect();
+    let names = |dir: &str| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(workspace().join(dir))
+            .unwrap_or_else(|e| panic!("read {dir}: {e}"))
+            .map(|entry| {
+                entry
+                    .expect("directory entry")
+                    .file_name()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        names.sort();
+        names
+    };
+    for unit in names("systemd") {
+        files.push(format!("/usr/lib/systemd/user/{unit}"));
+    }
+    for doc in names("docs").into_iter().filter(|d| d.ends_with(".md")) {
+        files.push(format!("/usr/share/doc/cnsprcy/{doc}"));
+    }
+    files.push("/usr/share/doc/cnsprcy/README.md".to_owned());
+    for page in ["cnspr", "cnspr-send", "cnspr-manage-add"]
+        .into_iter()
+        .chain(BINARIES.into_iter().skip(1))
+    {
+        files.push(format!("/usr/share/man/man1/{page}.1.gz"));
+    }
+    files.push("/usr/share/bash-completion/completions/cnspr".to_owned());
+    files.push("/usr/share/fish/vendor_completions.d/cnspr.fish".to_owned());
+    files
+}
+
+fn assert_holds(package: &Path, listing: &str, extra: &[&str]) {
+    let listed: Vec<&str> = listing.lines().map(str::trim).collect();
+    let expected = expected_files();
+    let missing: Vec<&str> = expected
+        .iter()
+        .map(String::as_str)
+        .chain(extra.iter().copied())
+        .filter(|file| !listed.contains(file))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} lacks {missing:?}; it holds:\n{listing}",
+        package.display()
+    );
+}
+
+#[test]
+fn the_deb_holds_everything_and_lintian_finds_nothing() {
+    let deb = package(&format!(
+        "cnsprcy_{}-1_amd64.deb",
+        env!("CARGO_PKG_VERSION")
+    ));
+    // `dpkg-deb -c` prints `./usr/bin/cnspr` among tar's columns: keep the path, without the dot.
+    let listing: String = run("dpkg-deb", &["-c"], &deb)
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(5))
+        .map(|path| format!("{}\n", path.trim_start_matches('.')))
+        .collect();
+    assert_holds(
+        &deb,
+        &listing,
+        &[
+            "/usr/share/zsh/vendor-completions/_cnspr",
+            "/usr/share/doc/cnsprcy/copyright",
+            "/usr/share/doc/cnsprcy/changelog.Debian.gz",
+            "/usr/share/lintian/overrides/cnsprcy",
+        ],
+    );
+    let info = run("dpkg-deb", &["--field"], &deb);
+    assert!(info.contains("Depends: libc6"), "{info}");
+
+    // Errors and warnings fail; the override in packaging/debian/lintian-overrides is justified
+    // there. `--fail-on` makes lintian's exit status say so.
+    let output = Command::new("lintian")
+        .args(["--fail-on", "error,warning"])
+        .arg(&deb)
+        .output()
+        .expect("run lintian (apt-get install lintian)");
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success()
+            && !report
+                .lines()
+                .any(|l| l.starts_with("E:") || l.starts_with("W:")),
+        "lintian: {}\n{report}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn the_rpm_holds_everything() {
+    let rpm = package(&format!(
+        "cnsprcy-{}-1.x86_64.rpm",
+        env!("CARGO_PKG_VERSION")
+    ));
+    let listing = run("rpm", &["-qlp"], &rpm);
+    assert_holds(
+        &rpm,
+        &listing,
+        &[
+            "/usr/share/zsh/site-functions/_cnspr",
+            "/usr/share/licenses/cnsprcy/LICENSE-MIT",
+            "/usr/share/licenses/cnsprcy/LICENSE-APACHE",
+        ],
+    );
+    let info = run("rpm", &["-qip"], &rpm);
+    assert!(info.contains("License     : MIT OR Apache-2.0"), "{info}");
+}
