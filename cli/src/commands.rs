@@ -199,20 +199,34 @@ fn format_status(status: &Status) -> String {
         },
         status.socket.display(),
     );
-    let network: Vec<String> = status
+    // Loopback is shown only where the configuration names it: when the mesh is kept to some
+    // interfaces and lo is one of them, or discovery runs on it.
+    let restricted = status.interfaces.iter().any(|i| !i.loopback && !i.mesh);
+    let mut network: Vec<String> = status
         .interfaces
         .iter()
-        .filter(|i| !i.loopback)
+        .filter(|i| !i.loopback || i.discovery || (restricted && i.mesh))
         .map(|i| {
             let addresses: Vec<String> = i.addresses.iter().map(|a| a.to_string()).collect();
+            let uses = match (i.mesh, i.discovery) {
+                (true, true) => "mesh, discovery",
+                (true, false) => "mesh",
+                (false, true) => "discovery",
+                (false, false) => "not used",
+            };
             format!(
-                "  {:<10}  {:<4}  {}",
+                "  {:<10}  {:<6}  {uses:<15}  {}",
                 i.name,
                 if i.up { "up" } else { "down" },
                 addresses.join(" ")
             )
         })
         .collect();
+    for name in &status.absent_interfaces {
+        network.push(format!(
+            "  {name:<10}  absent  (named in the configuration; used once it appears)"
+        ));
+    }
     if !network.is_empty() {
         out.push_str("network\n");
         for line in network {
@@ -251,6 +265,7 @@ fn config_show(env: &DeviceEnv, as_json: bool) -> anyhow::Result<ExitCode> {
     let effective = json!({
         "name": name,
         "mesh": env.config.mesh,
+        "discovery": env.config.discovery,
         "handlers": env.config.handlers,
         "paths": {
             "state_dir": env.paths.state_dir,
@@ -419,5 +434,54 @@ mod tests {
         assert_eq!(format_duration(125), "2m 5s");
         assert_eq!(format_duration(7300), "2h 1m");
         assert_eq!(format_duration(90000), "1d 1h");
+    }
+
+    #[test]
+    fn status_shows_what_uses_each_interface() {
+        let interface = |name: &str, mesh: bool, discovery: bool, address: &str| {
+            cnsprcy::api::InterfaceStatus {
+                name: name.to_owned(),
+                up: true,
+                loopback: name == "lo",
+                addresses: vec![address.parse().unwrap()],
+                mesh,
+                discovery,
+            }
+        };
+        let identity = cnsprcy::identity::Identity::from_secret([7; 32]);
+        let mut status = Status {
+            name: cnsprcy::identity::DeviceName::new("laptop").unwrap(),
+            id: identity.device_id(),
+            public_key: identity.public_key(),
+            version: "0.1.0".into(),
+            pid: 1,
+            uptime_secs: 5,
+            listen: vec![],
+            socket: "/run/cnsprcy.sock".into(),
+            services: vec![],
+            interfaces: vec![
+                interface("eth0", true, true, "192.168.1.20"),
+                interface("lo", true, false, "127.0.0.1"),
+                interface("tun0", false, false, "10.8.0.5"),
+            ],
+            absent_interfaces: vec!["usb0".into()],
+        };
+        let text = format_status(&status);
+        assert!(
+            text.contains(
+                "network\n  eth0        up      mesh, discovery  192.168.1.20\n  lo          up      mesh             127.0.0.1\n  tun0        up      not used         10.8.0.5\n  usb0        absent  (named in the configuration; used once it appears)\nservices\n"
+            ),
+            "{text}"
+        );
+        // Without [mesh] interfaces, loopback is left out as before.
+        status.interfaces.truncate(2);
+        status.absent_interfaces.clear();
+        let text = format_status(&status);
+        assert!(
+            text.contains(
+                "network\n  eth0        up      mesh, discovery  192.168.1.20\nservices\n"
+            ),
+            "{text}"
+        );
     }
 }

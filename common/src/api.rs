@@ -24,9 +24,31 @@ pub struct Status {
     /// The public API socket.
     pub socket: PathBuf,
     pub services: Vec<ServiceStatus>,
-    /// The interfaces and addresses netwatch last reported (empty until it has).
+    /// The interfaces and addresses netwatch last reported (until it has, as the mesh service
+    /// read them itself), with what uses each.
     #[serde(default)]
-    pub interfaces: Vec<crate::ipc::Interface>,
+    pub interfaces: Vec<InterfaceStatus>,
+    /// Names in `[mesh] interfaces` or `[discovery] interfaces` that this device does not have
+    /// now (a USB tether not plugged in, or a typo).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub absent_interfaces: Vec<String>,
+}
+
+/// One network interface in `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InterfaceStatus {
+    pub name: String,
+    /// Administratively up and with carrier.
+    pub up: bool,
+    pub loopback: bool,
+    pub addresses: Vec<std::net::IpAddr>,
+    /// Sessions may use it: `[mesh] interfaces` is empty or names it.
+    #[serde(default)]
+    pub mesh: bool,
+    /// Discovery runs mDNS on it (`[discovery] interfaces`, within the mesh's; false when
+    /// discovery is off).
+    #[serde(default)]
+    pub discovery: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

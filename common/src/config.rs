@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::identity::DeviceName;
+use crate::netif::InterfaceName;
 use crate::paths::{Paths, XdgDirs, expand_home};
 
 /// The TCP port the mesh listens on unless `[mesh] listen` says otherwise.
@@ -27,10 +28,15 @@ pub const CONFIG_ENV: &str = "CNSPRCY_CONFIG";
 /// a unit test checks that the two agree.
 const SCHEMA: &[(&str, &[&str])] = &[
     ("", &["name", "mesh", "discovery", "handlers", "paths"]),
-    ("discovery", &["enabled"]),
+    ("discovery", &["enabled", "interfaces"]),
     (
         "mesh",
-        &["listen", "keepalive_interval", "keepalive_timeout"],
+        &[
+            "listen",
+            "interfaces",
+            "keepalive_interval",
+            "keepalive_timeout",
+        ],
     ),
     (
         "handlers",
@@ -57,6 +63,8 @@ pub struct Config {
 pub struct MeshConfig {
     /// Addresses the mesh accepts sessions on.
     pub listen: Vec<SocketAddr>,
+    /// The network interfaces sessions may use, dialled or accepted; empty: every interface.
+    pub interfaces: Vec<InterfaceName>,
     /// A session that received nothing for this long sends a ping.
     #[serde(with = "duration_text")]
     pub keepalive_interval: Duration,
@@ -72,6 +80,7 @@ impl Default for MeshConfig {
                 SocketAddr::from((Ipv4Addr::UNSPECIFIED, DEFAULT_PORT)),
                 SocketAddr::from((Ipv6Addr::UNSPECIFIED, DEFAULT_PORT)),
             ],
+            interfaces: Vec::new(),
             keepalive_interval: Duration::from_secs(20),
             keepalive_timeout: Duration::from_secs(10),
         }
@@ -141,11 +150,17 @@ mod duration_text {
 pub struct DiscoveryConfig {
     /// Advertise this device and look for members on the local network (mDNS-SD).
     pub enabled: bool,
+    /// The network interfaces mDNS runs on; empty: every interface but loopback. Always within
+    /// `[mesh] interfaces`, when that is set.
+    pub interfaces: Vec<InterfaceName>,
 }
 
 impl Default for DiscoveryConfig {
     fn default() -> Self {
-        Self { enabled: true }
+        Self {
+            enabled: true,
+            interfaces: Vec::new(),
+        }
     }
 }
 
@@ -397,6 +412,12 @@ pub const EXAMPLE: &str = r#"# cnsprcy configuration: $XDG_CONFIG_HOME/cnsprcy/c
 # go in brackets. The default listens on port 7332 on every IPv4 and IPv6 address.
 # listen = ["0.0.0.0:7332", "[::]:7332"]
 
+# The network interfaces (as `ip link` names them) the mesh dials members over and accepts
+# sessions on, to keep it off a VPN or a tethered phone, say: ["wlan0", "enp3s0"]. Empty: every
+# interface, loopback included. A named interface that does not exist yet (a USB tether) is used
+# once it appears; lo (loopback: other devices on this machine) only when named.
+# interfaces = []
+
 # A session that has received nothing for keepalive_interval sends an encrypted ping; one that
 # then receives nothing for keepalive_timeout more is declared dead and redialled. A silently
 # dead link (cable pulled, packets dropped) is so noticed at most interval + timeout after the
@@ -409,6 +430,10 @@ pub const EXAMPLE: &str = r#"# cnsprcy configuration: $XDG_CONFIG_HOME/cnsprcy/c
 # that changes every hour and that only members recognise, and find members there without any
 # configured address. Strangers' advertisements are ignored.
 # enabled = true
+
+# The network interfaces mDNS advertises and browses on. Empty: every interface that is up,
+# except loopback (lo only when named). Never beyond [mesh] interfaces, when that is set.
+# interfaces = []
 
 [handlers]
 # A handler (see docs/event_handlers.md) still running after timeout is sent SIGTERM with its
@@ -479,6 +504,45 @@ mod tests {
         assert_eq!(config.name.unwrap().as_str(), "desk");
         assert_eq!(config.mesh.listen, vec!["127.0.0.1:9000".parse().unwrap()]);
         assert_eq!(config.paths.state_dir, Some(PathBuf::from("/s")));
+    }
+
+    #[test]
+    fn interfaces_are_read_and_checked() {
+        let config = parse(
+            "[mesh]\ninterfaces = [\"wlan0\", \"enp3s0\"]\n[discovery]\ninterfaces = [\"wlan0\"]\n",
+        )
+        .unwrap();
+        let names: Vec<&str> = config.mesh.interfaces.iter().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["wlan0", "enp3s0"]);
+        assert_eq!(config.discovery.interfaces[0].as_str(), "wlan0");
+        assert!(config.discovery.enabled);
+        assert!(parse("").unwrap().mesh.interfaces.is_empty());
+
+        let (line, _, key, message, _) =
+            invalid("[mesh]\nlisten = []\ninterfaces = [\"wlan0\", \"my wifi\"]\n");
+        assert_eq!(line, 3);
+        assert_eq!(key.as_deref(), Some("mesh.interfaces"));
+        assert!(
+            message
+                .contains("bad value for `mesh.interfaces`: \"my wifi\" is not an interface name"),
+            "{message}"
+        );
+        let (line, _, key, message, _) =
+            invalid("[discovery]\ninterfaces = [\"enx00e04c6800012\"]\n");
+        assert_eq!(line, 2);
+        assert_eq!(key.as_deref(), Some("discovery.interfaces"));
+        assert!(message.contains("at most 15 bytes"), "{message}");
+        let (_, _, _, message, _) = invalid("[mesh]\ninterfaces = [\"\"]\n");
+        assert!(message.contains("cannot be empty"), "{message}");
+        let (_, _, _, message, _) = invalid("[mesh]\ninterfaces = \"wlan0\"\n");
+        assert!(message.contains("expected a sequence"), "{message}");
+        let text = parse("[mesh]\ninterfaces = [\"a/b\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.starts_with("/etc/test.toml:2:") && text.contains("'/'"),
+            "{text}"
+        );
     }
 
     #[test]

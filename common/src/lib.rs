@@ -13,6 +13,7 @@ pub mod ipc;
 pub mod lock;
 pub mod logging;
 pub mod mesh_link;
+pub mod netif;
 pub mod paths;
 pub mod rpc;
 pub mod service;

@@ -143,6 +143,29 @@ impl NetNs {
         run_to_completion(&mut cmd, input)
     }
 
+    /// Links this namespace and `other` directly with a veth pair, a second network beside a
+    /// [`Lan`] for instance: `name` here with the address `addr` (`"10.232.1.1/24"`),
+    /// `other_name` in `other` with `other_addr`, both up. The pair is made here with its far
+    /// end born in `other`, so it never exists in the test's own namespace; it goes away with
+    /// either namespace.
+    pub fn link_to(
+        &self,
+        name: &str,
+        addr: &str,
+        other: &NetNs,
+        other_name: &str,
+        other_addr: &str,
+    ) {
+        let script = format!(
+            "link add name {name} type veth peer name {other_name} netns {}\n\
+             addr add {addr} dev {name}\nlink set {name} up\n",
+            other.pid()
+        );
+        self.run_with_input(&["ip", "-batch", "-"], Some(&script));
+        let script = format!("addr add {other_addr} dev {other_name}\nlink set {other_name} up\n");
+        other.run_with_input(&["ip", "-batch", "-"], Some(&script));
+    }
+
     /// Runs `f` on a thread that has joined this namespace, and returns its result. Sockets made
     /// in `f` belong to this namespace for their whole life and can be used from any thread
     /// afterwards, so a test can listen and connect inside a node with `std::net` directly.

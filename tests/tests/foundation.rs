@@ -221,6 +221,11 @@ fn config_example_and_show_and_path() {
         shown["paths"]["state_dir"],
         device.state_dir().display().to_string()
     );
+    assert_eq!(
+        shown["discovery"],
+        json!({"enabled": true, "interfaces": []})
+    );
+    assert_eq!(shown["mesh"]["interfaces"], json!([]));
     let paths = device.cnspr_json(&["config", "path"]);
     assert_eq!(paths["config_file_exists"], true);
     assert_eq!(paths["socket"], device.socket().display().to_string());

@@ -192,6 +192,26 @@ fn a_namespace_has_only_loopback_and_runs_commands_inside() {
 }
 
 #[test]
+fn link_to_wires_two_namespaces_and_nothing_else() {
+    let (a, b) = (NetNs::new(), NetNs::new());
+    a.link_to("wire0", "10.233.7.1/24", &b, "wire1", "10.233.7.2/24");
+    assert!(a.run(&["ip", "-br", "addr"]).contains("10.233.7.1/24"));
+    assert!(b.run(&["ip", "-br", "addr"]).contains("10.233.7.2/24"));
+    let listener = b.run_in(|| TcpListener::bind(("10.233.7.2", 0))).unwrap();
+    let target = listener.local_addr().unwrap();
+    let connected = wait_until(SETTLE, || {
+        a.run_in(|| TcpStream::connect_timeout(&target, Duration::from_secs(1)))
+            .is_ok()
+    });
+    assert!(connected, "a cannot reach b over the link");
+    let root = root_links();
+    assert!(
+        !root.contains("wire0") && !root.contains("wire1"),
+        "the link showed up outside the namespaces:\n{root}"
+    );
+}
+
+#[test]
 fn processes_in_a_namespace_die_with_the_thread_that_spawned_them() {
     let ns = NetNs::new();
     // The spawning thread ends at once; the process must not outlive it.

@@ -9,8 +9,9 @@ use std::net::SocketAddr;
 use cnsprcy::env::DeviceEnv;
 use cnsprcy::ipc::{FromMesh, ServiceKind, ToMesh};
 use cnsprcy::mesh_link::{Channels, keep_registered_with};
+use cnsprcy::netif::InterfaceFilter;
 use cnsprcy::service::Running;
-use mdns_sd::{ServiceDaemon, ServiceEvent, ServiceInfo};
+use mdns_sd::{IfKind, IfPredicate, ServiceDaemon, ServiceEvent, ServiceInfo};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -25,6 +26,10 @@ pub async fn start(env: DeviceEnv, shutdown: CancellationToken) -> anyhow::Resul
     if !enabled {
         tracing::info!("discovery is off ([discovery] enabled = false)");
     }
+    let filter = InterfaceFilter::discovery(
+        &env.config.discovery.interfaces,
+        &env.config.mesh.interfaces,
+    );
     Ok(cnsprcy::service::spawn(async move {
         let link = keep_registered_with(
             ServiceKind::Discovery,
@@ -37,7 +42,7 @@ pub async fn start(env: DeviceEnv, shutdown: CancellationToken) -> anyhow::Resul
             },
         );
         if enabled {
-            let (_, result) = tokio::join!(link, run_mdns(events_tx, inbound_rx, shutdown));
+            let (_, result) = tokio::join!(link, run_mdns(filter, events_tx, inbound_rx, shutdown));
             result
         } else {
             link.await;
@@ -46,13 +51,54 @@ pub async fn start(env: DeviceEnv, shutdown: CancellationToken) -> anyhow::Resul
     }))
 }
 
+/// Restricts mDNS to the interfaces `filter` allows. mdns-sd applies the selection to every
+/// interface it sees, also to those that appear later (it looks every few seconds), so a named
+/// interface that does not exist yet is used once it does.
+fn select_interfaces(daemon: &ServiceDaemon, filter: &InterfaceFilter) -> anyhow::Result<()> {
+    let failed = |e: mdns_sd::Error| anyhow::anyhow!("cannot choose the mDNS interfaces: {e}");
+    daemon.disable_interface(IfKind::All).map_err(failed)?;
+    let allowed = filter.clone();
+    // By device, so that an address labelled `eth0:1` counts as eth0's.
+    let predicate =
+        IfPredicate::new(move |interface| allowed.allows(&interface.name, interface.is_loopback()));
+    daemon
+        .enable_interface(IfKind::Predicate(predicate))
+        .map_err(failed)?;
+    if filter.names().is_some_and(|n| n.is_empty()) {
+        tracing::warn!(
+            "discovery uses no interface: [discovery] interfaces and [mesh] interfaces name none in common"
+        );
+        return Ok(());
+    }
+    let interfaces = cnsprcy::netif::snapshot();
+    let mut used: Vec<&str> = interfaces
+        .iter()
+        .filter(|i| filter.allows_interface(i))
+        .map(|i| cnsprcy::netif::device_of(&i.name))
+        .collect();
+    used.dedup();
+    tracing::info!(interfaces = ?used, "mDNS runs on these interfaces");
+    let missing = filter.missing(&interfaces);
+    if !missing.is_empty() {
+        tracing::warn!(
+            "no interface named {} on this device (yet); mDNS runs on it once it appears",
+            missing.join(", ")
+        );
+    }
+    Ok(())
+}
+
 /// Advertises what the mesh service asks for and reports what it resolves, until shutdown.
 async fn run_mdns(
+    filter: InterfaceFilter,
     found: mpsc::Sender<ToMesh>,
     mut asked: mpsc::Receiver<FromMesh>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let daemon = ServiceDaemon::new().map_err(|e| anyhow::anyhow!("cannot start mDNS: {e}"))?;
+    // Before browsing and advertising: the daemon handles its commands in order, so no query or
+    // announcement goes out on an interface the filter leaves out.
+    select_interfaces(&daemon, &filter)?;
     let browse = daemon
         .browse(SERVICE_TYPE)
         .map_err(|e| anyhow::anyhow!("cannot browse for {SERVICE_TYPE}: {e}"))?;

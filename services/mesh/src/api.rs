@@ -3,9 +3,10 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use cnsprcy::api::{ServiceState, ServiceStatus, Status};
+use cnsprcy::api::{InterfaceStatus, ServiceState, ServiceStatus, Status};
 use cnsprcy::identity::{DeviceName, PublicKey};
 use cnsprcy::ipc::ServiceKind;
+use cnsprcy::netif::InterfaceFilter;
 use cnsprcy::rpc::{self, Methods, RpcError};
 use serde::Deserialize;
 use serde_json::Value;
@@ -293,6 +294,34 @@ impl Api<'_> {
             },
         });
         let interfaces = self.ask(Request::Interfaces).await.unwrap_or_default();
+        let config = &mesh.env.config;
+        let mesh_filter = mesh.node.interfaces.filter();
+        let discovery_filter = config.discovery.enabled.then(|| {
+            InterfaceFilter::discovery(&config.discovery.interfaces, &config.mesh.interfaces)
+        });
+        let mut absent = mesh_filter.missing(&interfaces);
+        for name in discovery_filter
+            .as_ref()
+            .map(|f| f.missing(&interfaces))
+            .unwrap_or_default()
+        {
+            if !absent.contains(&name) {
+                absent.push(name);
+            }
+        }
+        let interfaces = interfaces
+            .into_iter()
+            .map(|i| InterfaceStatus {
+                mesh: mesh_filter.allows_interface(&i),
+                discovery: discovery_filter
+                    .as_ref()
+                    .is_some_and(|f| f.allows_interface(&i)),
+                name: i.name,
+                up: i.up,
+                loopback: i.loopback,
+                addresses: i.addresses,
+            })
+            .collect();
         Status {
             name: mesh.name.clone(),
             id: mesh.identity.device_id(),
@@ -304,6 +333,7 @@ impl Api<'_> {
             socket: mesh.env.paths.public_socket(),
             services,
             interfaces,
+            absent_interfaces: absent,
         }
     }
 }

@@ -6,6 +6,7 @@ mod api;
 mod backoff;
 mod delivery;
 mod handlers_link;
+mod interfaces;
 mod listener;
 mod liveness;
 mod messaging;

@@ -73,6 +73,16 @@ pub async fn accept_sessions(listener: TcpListener, node: NodeHandle, shutdown: 
                 continue;
             }
         };
+        // `[mesh] interfaces`: a connection that reached this device at an address of another
+        // interface is closed before anything is read from it.
+        if let Ok(local) = stream.local_addr()
+            && let Err(why) = node.interfaces.check_local(local.ip())
+        {
+            log.warn("interface", || {
+                format!("refused a connection from {addr}: {why}")
+            });
+            continue;
+        }
         let Ok(permit) = handshakes.clone().try_acquire_owned() else {
             log.warn("busy", || {
                 format!("{MAX_HANDSHAKES} handshakes in progress; dropped a connection from {addr}")

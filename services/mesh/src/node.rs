@@ -11,12 +11,12 @@ use cnsprcy::api::{MemberInfo, PeerInfo, PeerStatus, PingResult, SendResult, Wat
 use cnsprcy::config::MeshConfig;
 use cnsprcy::identity::{DeviceName, Identity, PublicKey};
 use cnsprcy::ipc::{Interface, RunResult};
+use cnsprcy::netif::{DialPlan, InterfaceFilter};
 use cnsprcy::rpc::RpcError;
 use cnsprcy::wire::{
     self, Data, HandshakePayload, Hello, MAX_RELAY_HOPS, Message, MessageId, Neighbor, Relay,
     RelayBody,
 };
-use tokio::net::TcpStream;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::handlers_link::HandlersLink;
+use crate::interfaces::{self, Interfaces};
 use crate::liveness::Role;
 use crate::messaging::{Delivered, Outbox, Wait};
 use crate::peers::{PeerTable, Reach};
@@ -142,6 +143,8 @@ pub struct NodeHandle {
     pub watch: broadcast::Sender<WatchEvent>,
     /// The replicated store (`store`).
     pub store: Arc<crate::store::Store>,
+    /// `[mesh] interfaces` and the interfaces this device has.
+    pub interfaces: Arc<Interfaces>,
 }
 
 impl NodeHandle {
@@ -277,6 +280,7 @@ impl Node {
             incarnation: Arc::new(std::sync::atomic::AtomicU64::new(rand::random())),
             watch: broadcast::channel(1024).0,
             store,
+            interfaces: Arc::new(Interfaces::new(InterfaceFilter::mesh(&config.interfaces))),
         };
         let mut table = PeerTable::default();
         table.sync_members(
@@ -486,7 +490,7 @@ impl Node {
         self.tasks.spawn(task.run());
         let hello = Message::Hello(Hello {
             name: self.name.to_string(),
-            listen: self.listening.clone(),
+            listen: self.announced_listen(),
         });
         let _ = tx.try_send(hello);
         let _ = tx.try_send(self.neighbors_message());
@@ -520,6 +524,19 @@ impl Node {
             self.learn_address(&key, addr);
         }
         self.store_session_up(&key);
+    }
+
+    /// Where this device listens, as told to peers: a listen address at a specific IP only if
+    /// that IP is on an interface `[mesh] interfaces` allows (an unspecified one means "the
+    /// address you reached me at", which is on an allowed interface, or the session would not
+    /// exist).
+    fn announced_listen(&self) -> Vec<SocketAddr> {
+        let interfaces = &self.handle.interfaces;
+        self.listening
+            .iter()
+            .filter(|a| a.ip().is_unspecified() || interfaces.check_local(a.ip()).is_ok())
+            .copied()
+            .collect()
     }
 
     fn learn_address(&mut self, key: &PublicKey, addr: SocketAddr) {
@@ -759,7 +776,11 @@ impl Node {
             Request::Send { send, reply } => self.start_send(send, reply),
             Request::Network(interfaces) => self.on_network(interfaces),
             Request::Interfaces(reply) => {
-                let _ = reply.send(self.network.clone().unwrap_or_default());
+                let _ = reply.send(
+                    self.network
+                        .clone()
+                        .unwrap_or_else(|| self.handle.interfaces.list()),
+                );
             }
             Request::Discovered {
                 instance,
@@ -870,12 +891,13 @@ impl Node {
     /// session is dialled now, with a fresh incarnation so peers drop a session they still
     /// think alive in favour of the new one.
     fn on_network(&mut self, interfaces: Vec<Interface>) {
-        let usable = usable_addresses(&interfaces);
+        self.handle.interfaces.update(interfaces.clone());
+        let usable = self.handle.interfaces.usable(&interfaces);
         let before = self.network.replace(interfaces);
         let Some(before) = before else {
             return;
         };
-        let was = usable_addresses(&before);
+        let was = self.handle.interfaces.usable(&before);
         if was == usable {
             return;
         }
@@ -957,16 +979,6 @@ fn member_info(member: &Member) -> MemberInfo {
     }
 }
 
-/// Addresses this device can use: on interfaces that are up, loopback included (members on the
-/// same machine, as in tests).
-fn usable_addresses(interfaces: &[Interface]) -> HashSet<std::net::IpAddr> {
-    interfaces
-        .iter()
-        .filter(|i| i.up)
-        .flat_map(|i| i.addresses.iter().copied())
-        .collect()
-}
-
 /// Whether the direct set changed, or an RTT moved by more than `RTT_ANNOUNCE_CHANGE` and by
 /// more than `RTT_ANNOUNCE_FLOOR` (on a fast LAN, ordinary jitter is a large fraction of the RTT
 /// and would be announced to every peer all the time).
@@ -1007,19 +1019,40 @@ enum Announce {
 /// Dials all of a member's addresses at once and runs the handshake on the first connection
 /// that comes up (then the next, if that handshake fails). Only one handshake at a time: two
 /// completed ones would each replace the other on the far side, and both would die.
+///
+/// With `[mesh] interfaces` set, each connection's socket is bound to an allowed interface, so
+/// that no route takes the session through another one: the interface the kernel's route picks
+/// when it is allowed, else every allowed interface that could carry the address, at once. An
+/// address that no allowed interface can carry is not dialled.
 async fn dial(handle: NodeHandle, key: PublicKey, addresses: Vec<SocketAddr>) {
     let mut connects = JoinSet::new();
-    for addr in addresses {
-        connects.spawn(async move {
-            let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
-                .await
-                .map_err(|_| format!("{addr}: connect timed out"))?
-                .map_err(|e| format!("{addr}: {e}"))?;
-            let _ = stream.set_nodelay(true);
-            Ok::<_, String>((stream, addr))
-        });
-    }
     let mut errors = Vec::new();
+    for addr in addresses {
+        let devices = match handle.interfaces.dial_plan(addr.ip()) {
+            DialPlan::Unbound => vec![None],
+            DialPlan::Devices(devices) => devices.into_iter().map(Some).collect(),
+            DialPlan::Impossible(why) => {
+                errors.push(format!("{addr}: not dialled: {why}"));
+                continue;
+            }
+        };
+        for device in devices {
+            let interfaces = handle.interfaces.clone();
+            connects.spawn(async move {
+                let stream = tokio::time::timeout(
+                    CONNECT_TIMEOUT,
+                    interfaces::connect(addr, device.as_deref(), &interfaces),
+                )
+                .await
+                .map_err(|_| match &device {
+                    Some(device) => format!("{addr} over {device}: connect timed out"),
+                    None => format!("{addr}: connect timed out"),
+                })??;
+                let _ = stream.set_nodelay(true);
+                Ok::<_, String>((stream, addr))
+            });
+        }
+    }
     while let Some(outcome) = connects.join_next().await {
         let (stream, addr) = match outcome {
             Ok(Ok(connected)) => connected,

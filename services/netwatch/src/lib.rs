@@ -3,7 +3,6 @@
 //! can drop sessions on an address that is gone and redial at once when a network appears. It
 //! holds no keys and opens no internet sockets.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use cnsprcy::env::DeviceEnv;
@@ -11,7 +10,6 @@ use cnsprcy::ipc::{Interface, ServiceKind, ToMesh};
 use cnsprcy::mesh_link::keep_registered_with;
 use cnsprcy::service::Running;
 use futures_util::StreamExt;
-use nix::net::if_::InterfaceFlags;
 use rtnetlink::MulticastGroup;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -43,39 +41,7 @@ pub async fn start(env: DeviceEnv, shutdown: CancellationToken) -> anyhow::Resul
 }
 
 /// The interfaces and their addresses, from getifaddrs(3).
-pub fn snapshot() -> Vec<Interface> {
-    let mut interfaces: BTreeMap<String, Interface> = BTreeMap::new();
-    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
-        return Vec::new();
-    };
-    for ifaddr in addrs {
-        let flags = ifaddr.flags;
-        let entry = interfaces
-            .entry(ifaddr.interface_name.clone())
-            .or_insert_with(|| Interface {
-                name: ifaddr.interface_name.clone(),
-                up: flags.contains(InterfaceFlags::IFF_UP)
-                    && flags.contains(InterfaceFlags::IFF_RUNNING),
-                loopback: flags.contains(InterfaceFlags::IFF_LOOPBACK),
-                addresses: Vec::new(),
-            });
-        let ip = ifaddr.address.as_ref().and_then(|a| {
-            a.as_sockaddr_in()
-                .map(|v4| std::net::IpAddr::V4(v4.ip()))
-                .or_else(|| a.as_sockaddr_in6().map(|v6| std::net::IpAddr::V6(v6.ip())))
-        });
-        if let Some(ip) = ip
-            && !entry.addresses.contains(&ip)
-        {
-            entry.addresses.push(ip);
-        }
-    }
-    let mut list: Vec<Interface> = interfaces.into_values().collect();
-    for interface in &mut list {
-        interface.addresses.sort();
-    }
-    list
-}
+pub use cnsprcy::netif::snapshot;
 
 /// Subscribes to rtnetlink and publishes a new snapshot after each burst of changes that
 /// changed something; reopens the netlink socket if it fails.
@@ -168,15 +134,4 @@ fn describe(interfaces: &[Interface]) -> String {
         })
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_snapshot_has_loopback() {
-        let interfaces = snapshot();
-        assert!(interfaces.iter().any(|i| i.loopback), "{interfaces:?}");
-    }
 }
