@@ -2,6 +2,7 @@
 //! and comes back, an address that moves to another one. netwatch tells the mesh service at
 //! once, so sessions end and return without waiting for keepalive time-outs or backoff.
 
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use cnsprcy_tests::Device;
@@ -73,7 +74,7 @@ fn a_device_whose_address_moves_is_reached_at_the_new_one() {
         .unwrap();
     // Renumbered in its subnet, as after a new DHCP lease. (Removing the old address after
     // adding the new one would take the new one with it: the kernel drops an IPv4 primary's
-    // secondaries.) Reaching a new subnet needs discovery, which is not built yet.
+    // secondaries.) A move to another subnet is the next test.
     lan.node(1)
         .run(&["ip", "addr", "del", &format!("{old}/24"), "dev", "eth0"]);
     std::thread::sleep(Duration::from_millis(300));
@@ -120,4 +121,79 @@ fn a_device_whose_address_moves_is_reached_at_the_new_one() {
         text.contains("network\n  eth0") && text.contains(&new),
         "{text}"
     );
+}
+
+/// A device moves to another subnet, and nothing is configured for it. The LAN carries two
+/// subnets, as a home network does whose router serves a second range beside the first (moving
+/// the network to a new range, or a second network for some devices), or like the old and new
+/// IPv6 prefixes after a provider's renumbering. The desktop a holds an address in each; the
+/// laptop b's lease moves from the first to the second, where the address of a that b was
+/// given no longer reaches (b has no route to the first subnet any more). b knows a's address
+/// in the second subnet only because a advertises both on the LAN (discovery, on by default).
+///
+/// Then b's netwatch reports the change, b ends the session on its lost address at once and
+/// redials a at every address it knows, a's second one among them; a takes the new session (a
+/// new incarnation) in place of the old, which it still thinks alive, and learns b's new
+/// address from it.
+#[test]
+fn a_device_that_moves_to_another_subnet_is_reached_there() {
+    let lan = Lan::new(2);
+    let IpAddr::V4(first) = lan.addr(1) else {
+        unreachable!("Lan addresses are IPv4")
+    };
+    let second = |host: u8| format!("10.232.{}.{host}", first.octets()[2]);
+    lan.node(0).run(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{}/24", second(1)),
+        "dev",
+        "eth0",
+    ]);
+    let mut devices = pair(&lan);
+    let a_second = format!("{}:7332", second(1));
+    assert!(
+        cnsprcy_tests::wait_until(SOON, || {
+            devices[1].peers()["a"]["addresses"]
+                .as_array()
+                .is_some_and(|list| list.iter().any(|a| a == a_second.as_str()))
+        }),
+        "b did not learn a's second address: {}\n{}",
+        devices[1].peers()["a"],
+        devices[1].log("serve")
+    );
+
+    lan.node(1).run(&[
+        "ip",
+        "addr",
+        "del",
+        &format!("{}/24", lan.addr(1)),
+        "dev",
+        "eth0",
+    ]);
+    std::thread::sleep(Duration::from_millis(300));
+    lan.node(1).run(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{}/24", second(2)),
+        "dev",
+        "eth0",
+    ]);
+    let moved = Instant::now();
+    let expected = format!("{}:7332", second(2));
+    let reached = cnsprcy_tests::wait_until(SOON, || {
+        let peer = devices[0].peers()["b"].clone();
+        peer["status"] == "direct" && peer["addresses"][0] == expected.as_str()
+    });
+    let took = moved.elapsed();
+    assert!(
+        reached,
+        "a: {}\n{}",
+        devices[0].peers()["b"],
+        devices[1].log("serve")
+    );
+    let peer = devices[1].wait_status("a", "direct", SOON);
+    assert_eq!(peer["addresses"][0], a_second.as_str(), "{peer}");
+    assert!(took < Duration::from_secs(8), "took {took:?}");
 }
