@@ -23,6 +23,7 @@ use crate::netns::NetNs;
 pub mod bench;
 pub mod netns;
 pub mod nspawn;
+pub mod packages;
 
 /// Generous: the CI machines are shared and slow.
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);

@@ -3,7 +3,9 @@
 //! (`packaging/build --profile dev`); the end-to-end test that installs the .deb under a real
 //! systemd is systemd_boot.rs.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
+
+use cnsprcy_tests::packages::{package, workspace};
 use std::process::Command;
 
 const BINARIES: [&str; 5] = [
@@ -13,27 +15,6 @@ const BINARIES: [&str; 5] = [
     "cnsprcy-discovery",
     "cnsprcy-handlers",
 ];
-
-fn packages_dir() -> PathBuf {
-    cnsprcy_tests::bench::bin_dir()
-        .parent()
-        .expect("target/<profile> has a parent")
-        .join("packages")
-}
-
-fn package(name: &str) -> PathBuf {
-    let path = packages_dir().join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: build the packages with `packaging/build --profile dev` (README.md, Testing)",
-        path.display()
-    );
-    path
-}
-
-fn workspace() -> &'static Path {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-}
 
 fn run(program: &str, args: &[&str], file: &Path) -> String {
     let output = Command::new(program)

@@ -8,11 +8,11 @@
 //! root, debootstrap and systemd-nspawn. The Debian root is made once and cached (see
 //! `cnsprcy_tests::nspawn::debian_root`).
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use cnsprcy_tests::netns::Lan;
 use cnsprcy_tests::nspawn::{Container, USER, debian_root};
+use cnsprcy_tests::packages::package;
 use serde_json::Value;
 
 /// Every unit the target starts, and the handler socket (its service starts on demand).
@@ -43,25 +43,12 @@ const EXPOSURE_LIMITS: [(&str, f64); 4] = [
     ("cnsprcy-handlers.service", 8.0),
 ];
 
-fn package() -> PathBuf {
-    let target = cnsprcy_tests::bench::bin_dir()
-        .parent()
-        .expect("target/<profile> has a parent")
-        .to_owned();
-    let deb = target
-        .join("packages")
-        .join(format!("cnsprcy_{}-1_amd64.deb", env!("CARGO_PKG_VERSION")));
-    assert!(
-        deb.exists(),
-        "{} is missing: build it with `packaging/build --profile dev` (README.md, Testing)",
-        deb.display()
-    );
-    deb
-}
-
 /// Boots a device: the package installed, a lingering user with the handler `e2e/hello`.
 fn device(name: &str, root: &std::path::Path, lan: &Lan, index: usize) -> Container {
-    let deb = package();
+    let deb = package(&format!(
+        "cnsprcy_{}-1_amd64.deb",
+        env!("CARGO_PKG_VERSION")
+    ));
     let container = Container::boot(name, root, lan.node(index), &[(&deb, "/root/cnsprcy.deb")]);
     container.root_sh("dpkg -i /root/cnsprcy.deb >/dev/null");
     container.add_lingering_user();
