@@ -51,8 +51,10 @@ fn a_link_that_comes_back_restores_the_session_at_once() {
         "noticed after {:?}, not from the link going down",
         cut.elapsed()
     );
-    // Long enough for the redial backoff to grow past several seconds.
-    std::thread::sleep(Duration::from_secs(12));
+    // A minute, as the issue asks: the redial backoff grows to 16-60 s meanwhile, so only the
+    // kernel's news of the link (netwatch) can bring the session back at once. (The benchmark
+    // measures the same: 0.5 s median, against 18 s with backoff alone; docs/performance.md.)
+    std::thread::sleep(Duration::from_secs(60));
 
     lan.restore(1);
     let restored = Instant::now();
