@@ -59,6 +59,7 @@ fn device(name: &str, root: &std::path::Path, lan: &Lan, index: usize) -> Contai
 #!/bin/sh
 cat > \"$HOME/received\"
 if cat ~/.local/share/cnsprcy/identity.key >/dev/null 2>&1; then echo 'read the key'; fi
+cnspr status --json >/dev/null && echo 'reached the daemon'
 echo handled
 EOF
          chmod 700 ~/.config/cnsprcy/handlers/e2e/hello"
@@ -173,10 +174,10 @@ fn the_package_runs_under_a_real_systemd() {
     );
     let reply = &sent["replies"][0];
     assert_eq!(reply["status"], "ok", "{sent}");
-    // ...and the handler could not read the identity key.
+    // ...and the handler could not read the identity key, but reached the daemon's API.
     assert_eq!(
         reply["stdout"].as_str().map(str::trim),
-        Some("handled"),
+        Some("reached the daemon\nhandled"),
         "{sent}"
     );
     assert_eq!(beta.user_sh("cat ~/received"), "hello from alpha");
