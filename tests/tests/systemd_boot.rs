@@ -1,8 +1,10 @@
 //! End to end under a real systemd: two Debian containers (systemd-nspawn --boot) on one LAN made
 //! by the test, the built `.deb` installed in each, a lingering user who runs
-//! `systemctl --user enable --now cnsprcy.target`. The devices are linked, exchange a message
-//! that starts the handler service by socket activation, log to the journal, and the mesh service
-//! restarts under a client looping on `cnspr status` without a failed call.
+//! `systemctl --user enable --now cnsprcy.target`. The devices are linked and exchange a message
+//! that starts the handler service by socket activation; only the mesh service's sandbox holds
+//! the identity key; the services log to the journal with their fields; the mesh service restarts
+//! under a client looping on `cnspr status` without a failed call; and the
+//! `systemd-analyze --user security` scores stay within their limits.
 //!
 //! Needs the package: `packaging/build --profile dev` (README.md's test command runs it first),
 //! root, debootstrap and systemd-nspawn. The Debian root is made once and cached (see
