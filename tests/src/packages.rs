@@ -6,7 +6,10 @@ use std::time::SystemTime;
 /// The workspace's top directory.
 pub fn workspace() -> PathBuf {
     let tests = Path::new(env!("CARGO_MANIFEST_DIR"));
-    tests.parent().expect("tests/ is inside the workspace").to_owned()
+    tests
+        .parent()
+        .expect("tests/ is inside the workspace")
+        .to_owned()
 }
 
 /// `<target dir>/packages/<file_name>`, checked to exist and to be newer than every source it is
