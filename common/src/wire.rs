@@ -215,6 +215,13 @@ impl Message {
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         Ok(postcard::from_bytes(bytes)?)
     }
+
+    /// The length of [`Message::encode`]'s output, counted without building it.
+    pub fn encoded_len(&self) -> usize {
+        // Counting into the Size flavor cannot fail, as encoding into a Vec cannot.
+        postcard::serialize_with_flavor(self, postcard::ser_flavors::Size::default())
+            .expect("message encodes")
+    }
 }
 
 impl HandshakePayload {
@@ -303,7 +310,9 @@ mod tests {
             }),
         ];
         for message in messages {
-            assert_eq!(Message::decode(&message.encode()).unwrap(), message);
+            let bytes = message.encode();
+            assert_eq!(message.encoded_len(), bytes.len());
+            assert_eq!(Message::decode(&bytes).unwrap(), message);
         }
         assert!(Message::decode(&[200, 1, 2]).is_err());
         assert!(Message::decode(&[]).is_err());

@@ -159,7 +159,7 @@ impl Node {
             let sent = self
                 .sessions
                 .get(&hop)
-                .is_some_and(|live| live.tx.try_send(Message::Data(copy)).is_ok());
+                .is_some_and(|live| live.tx.try_send(Message::Data(copy)));
             if !sent {
                 tracing::debug!(peer = %self.member_name(&hop), "could not queue a message copy");
             }

@@ -29,7 +29,7 @@ use crate::liveness::Role;
 use crate::messaging::{Delivered, Outbox, Wait};
 use crate::peers::{PeerTable, Reach};
 use crate::roster::{Member, Roster, RosterError};
-use crate::session::{OUTBOUND_QUEUE, SessionTask};
+use crate::session::{Outbound, SessionTask};
 use crate::transport::{self, Session};
 
 /// How long one TCP connect may take before that address counts as failed.
@@ -167,7 +167,7 @@ impl NodeHandle {
 /// One live session, as the node sees it.
 pub(crate) struct Live {
     id: u64,
-    pub(crate) tx: mpsc::Sender<Message>,
+    pub(crate) tx: Outbound,
     cancel: CancellationToken,
     we_initiated: bool,
     incarnation: u64,
@@ -474,7 +474,7 @@ impl Node {
         }
         self.next_session_id += 1;
         let id = self.next_session_id;
-        let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
+        let (tx, rx) = Outbound::new();
         let cancel = CancellationToken::new();
         let task = SessionTask {
             session,
@@ -492,8 +492,8 @@ impl Node {
             name: self.name.to_string(),
             listen: self.announced_listen(),
         });
-        let _ = tx.try_send(hello);
-        let _ = tx.try_send(self.neighbors_message());
+        tx.try_send(hello);
+        tx.try_send(self.neighbors_message());
         self.sessions.insert(
             key,
             Live {
@@ -612,7 +612,7 @@ impl Node {
         } else if relay.hops < MAX_RELAY_HOPS {
             let to = PublicKey::from_bytes(relay.to);
             if let Some(live) = self.sessions.get(&to) {
-                let _ = live.tx.try_send(Message::Relay(Relay {
+                live.tx.try_send(Message::Relay(Relay {
                     hops: relay.hops + 1,
                     ..relay
                 }));
@@ -629,7 +629,7 @@ impl Node {
         };
         self.sessions
             .get(&next)
-            .is_some_and(|live| live.tx.try_send(message).is_ok())
+            .is_some_and(|live| live.tx.try_send(message))
     }
 
     fn complete_ping(&mut self, nonce: u64) {
@@ -685,7 +685,7 @@ impl Node {
         if announce {
             let message = self.neighbors_message();
             for live in self.sessions.values() {
-                let _ = live.tx.try_send(message.clone());
+                live.tx.try_send(message.clone());
             }
             self.announced = neighbors;
             self.announced_at = Some(Instant::now());

@@ -1,11 +1,12 @@
 //! The tasks that run one established session: a writer that sends what is queued, and a reader
 //! that keeps the session alive, answers pings and hands everything else to the node.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use cnsprcy::identity::PublicKey;
 use cnsprcy::wire::Message;
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -13,8 +14,55 @@ use crate::liveness::{Action, Liveness, Role};
 use crate::node::Event;
 use crate::transport::{Session, SessionWriter};
 
-/// Messages queued for one session; when full, further sends to that peer are dropped.
+/// Messages queued for one session at most; when full, further sends to that peer are dropped.
 pub const OUTBOUND_QUEUE: usize = 256;
+
+/// Encoded bytes queued for one session at most, so that large messages (up to 16 MiB of payload
+/// each) behind a slow link hold tens of megabytes, not `OUTBOUND_QUEUE` times 16 MiB. One
+/// message may always be queued alone, whatever its size.
+pub const OUTBOUND_BYTES: usize = 32 * 1024 * 1024;
+
+/// The sending side of a session's queue, bounded both in messages and in bytes. What does not
+/// fit is dropped: data and store writes are resent (outbox, anti-entropy), keepalives and
+/// announcements come again.
+#[derive(Clone)]
+pub struct Outbound {
+    tx: mpsc::Sender<Queued>,
+    bytes: Arc<Semaphore>,
+}
+
+/// A queued message with its share of the byte budget, given back once it is written.
+pub struct Queued {
+    message: Message,
+    _bytes: OwnedSemaphorePermit,
+}
+
+impl Outbound {
+    pub fn new() -> (Self, mpsc::Receiver<Queued>) {
+        let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
+        let bytes = Arc::new(Semaphore::new(OUTBOUND_BYTES));
+        (Self { tx, bytes }, rx)
+    }
+
+    /// Queues `message`; false when it was dropped because the queue is full (in messages or
+    /// bytes) or the session has ended.
+    pub fn try_send(&self, message: Message) -> bool {
+        // Capped so that a message larger than the whole budget still goes, alone.
+        let size = message.encoded_len().min(OUTBOUND_BYTES);
+        let Ok(size) = u32::try_from(size) else {
+            return false;
+        };
+        let Ok(permit) = Arc::clone(&self.bytes).try_acquire_many_owned(size) else {
+            return false;
+        };
+        self.tx
+            .try_send(Queued {
+                message,
+                _bytes: permit,
+            })
+            .is_ok()
+    }
+}
 
 pub struct SessionTask {
     pub session: Session,
@@ -23,8 +71,8 @@ pub struct SessionTask {
     pub interval: Duration,
     pub timeout: Duration,
     /// The node's sender for this session's queue; pongs and keepalive pings go there too.
-    pub outbound_tx: mpsc::Sender<Message>,
-    pub outbound: mpsc::Receiver<Message>,
+    pub outbound_tx: Outbound,
+    pub outbound: mpsc::Receiver<Queued>,
     pub events: mpsc::Sender<Event>,
     pub cancel: CancellationToken,
 }
@@ -75,18 +123,19 @@ impl SessionTask {
 
 async fn write_loop(
     mut writer: SessionWriter,
-    mut outbound: mpsc::Receiver<Message>,
+    mut outbound: mpsc::Receiver<Queued>,
     cancel: CancellationToken,
 ) -> String {
     loop {
-        let message = tokio::select! {
+        let queued = tokio::select! {
             _ = cancel.cancelled() => return "closed by this device".into(),
-            message = outbound.recv() => message,
+            queued = outbound.recv() => queued,
         };
-        let Some(message) = message else {
+        let Some(queued) = queued else {
             return "closed by this device".into();
         };
-        if let Err(e) = writer.send(&message).await {
+        // The permit in `queued` returns the message's bytes to the budget once it is written.
+        if let Err(e) = writer.send(&queued.message).await {
             return format!("send failed: {e}");
         }
     }
@@ -98,7 +147,7 @@ struct ReadLoop {
     liveness: Liveness,
     interval: Duration,
     timeout: Duration,
-    outbound: mpsc::Sender<Message>,
+    outbound: Outbound,
     events: mpsc::Sender<Event>,
 }
 
@@ -119,7 +168,7 @@ impl ReadLoop {
                         Action::Ping { nonce, rtt } => {
                             let rtt_us = rtt.map(|d| d.as_micros().min(u32::MAX.into()) as u32);
                             // A full queue means the link is busy; the next ping will do.
-                            let _ = self.outbound.try_send(Message::Ping { nonce, rtt_us });
+                            self.outbound.try_send(Message::Ping { nonce, rtt_us });
                         }
                         Action::Dead => {
                             return format!(
@@ -157,7 +206,7 @@ impl ReadLoop {
             Message::Ping { nonce, rtt_us } => {
                 self.liveness
                     .on_ping_report(rtt_us.map(|us| Duration::from_micros(us.into())));
-                let _ = self.outbound.try_send(Message::Pong { nonce });
+                self.outbound.try_send(Message::Pong { nonce });
                 self.liveness
                     .rtt()
                     .map(|rtt| Event::Rtt { key, session, rtt })
@@ -176,5 +225,64 @@ impl ReadLoop {
             Some(event) => self.events.send(event).await.is_ok(),
             None => true,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cnsprcy::wire::Data;
+
+    fn data(payload_len: usize) -> Message {
+        Message::Data(Data {
+            id: Default::default(),
+            origin: [1; 32],
+            sent_ms: 0,
+            ttl_ms: 60_000,
+            tag: "t".into(),
+            targets: vec![[2; 32]],
+            want_reply: false,
+            hops: 0,
+            payload: vec![0; payload_len],
+        })
+    }
+
+    #[test]
+    fn the_queue_is_bounded_in_bytes_and_gives_them_back_when_written() {
+        let (outbound, mut rx) = Outbound::new();
+        assert!(outbound.try_send(data(20 << 20)), "one large message fits");
+        assert!(
+            !outbound.try_send(data(20 << 20)),
+            "a second one is over the budget"
+        );
+        assert!(outbound.try_send(data(1 << 20)), "smaller ones still fit");
+        // Written (received and dropped): its bytes are free again.
+        drop(rx.try_recv().expect("the first message is queued"));
+        assert!(outbound.try_send(data(20 << 20)));
+    }
+
+    #[test]
+    fn a_message_larger_than_the_budget_goes_alone() {
+        let (outbound, mut rx) = Outbound::new();
+        assert!(outbound.try_send(data(OUTBOUND_BYTES + 1)));
+        assert!(!outbound.try_send(Message::Pong { nonce: 1 }));
+        drop(rx.try_recv().expect("queued"));
+        assert!(outbound.try_send(Message::Pong { nonce: 1 }));
+    }
+
+    #[test]
+    fn the_queue_is_bounded_in_messages() {
+        let (outbound, _rx) = Outbound::new();
+        for nonce in 0..OUTBOUND_QUEUE as u64 {
+            assert!(outbound.try_send(Message::Pong { nonce }));
+        }
+        assert!(!outbound.try_send(Message::Pong { nonce: 0 }));
+    }
+
+    #[test]
+    fn nothing_is_queued_once_the_session_ended() {
+        let (outbound, rx) = Outbound::new();
+        drop(rx);
+        assert!(!outbound.try_send(Message::Pong { nonce: 1 }));
     }
 }
