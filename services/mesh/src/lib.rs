@@ -51,6 +51,9 @@ use crate::roster::Roster;
 const MAX_API_CONNECTIONS: usize = 64;
 /// A helper service must say who it is this quickly after connecting.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(5);
+/// When the service stops, an API connection it accepted already is closed once its client has
+/// asked nothing for this long.
+const API_DRAIN_IDLE: Duration = Duration::from_millis(500);
 
 /// What the API handlers and the internal socket share.
 struct Mesh {
@@ -128,7 +131,10 @@ pub async fn start(env: DeviceEnv, shutdown: CancellationToken) -> anyhow::Resul
     });
     let serving = async move {
         let tasks = TaskTracker::new();
-        tasks.spawn(node.run(shutdown.clone()));
+        // The node outlives the API: on shutdown the API first answers what its clients already
+        // asked (a restart under systemd must fail no call), then the node stops.
+        let node_stop = CancellationToken::new();
+        tasks.spawn(node.run(node_stop.clone()));
         for tcp in tcp {
             tasks.spawn(listener::accept_sessions(
                 tcp,
@@ -138,6 +144,7 @@ pub async fn start(env: DeviceEnv, shutdown: CancellationToken) -> anyhow::Resul
         }
         tasks.close();
         let result = serve(mesh, public, internal, shutdown).await;
+        node_stop.cancel();
         tasks.wait().await;
         result
     };
@@ -252,27 +259,37 @@ async fn serve_api(mesh: Arc<Mesh>, stream: UnixStream, shutdown: CancellationTo
     };
     let mut events: Option<tokio::sync::broadcast::Receiver<WatchEvent>> = None;
     loop {
-        let next_event = async {
-            match events.as_mut() {
-                Some(rx) => rx.recv().await,
-                None => std::future::pending().await,
+        let line = if shutdown.is_cancelled() {
+            // Stopping. New clients wait in the socket (under systemd, for the next process),
+            // but this one was accepted already: what it asks is still answered, until it has
+            // been quiet for a moment.
+            match tokio::time::timeout(API_DRAIN_IDLE, framed.next()).await {
+                Ok(line) => line,
+                Err(_) => return,
             }
-        };
-        let line = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            event = next_event => {
-                let event = match event {
-                    Ok(event) => event,
-                    Err(RecvError::Lagged(missed)) => WatchEvent::Lagged { missed },
-                    Err(RecvError::Closed) => return,
-                };
-                let note = serde_json::json!({"jsonrpc": "2.0", "method": "event", "params": event});
-                if framed.send(note.to_string()).await.is_err() {
-                    return;
+        } else {
+            let next_event = async {
+                match events.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
                 }
-                continue;
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => continue,
+                event = next_event => {
+                    let event = match event {
+                        Ok(event) => event,
+                        Err(RecvError::Lagged(missed)) => WatchEvent::Lagged { missed },
+                        Err(RecvError::Closed) => return,
+                    };
+                    let note = serde_json::json!({"jsonrpc": "2.0", "method": "event", "params": event});
+                    if framed.send(note.to_string()).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                line = framed.next() => line,
             }
-            line = framed.next() => line,
         };
         let answer = match line {
             None => return,
