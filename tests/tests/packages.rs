@@ -1,7 +1,7 @@
 //! The packages `packaging/build` makes: both hold every binary, unit, man page, completion and
-//! document, and lintian finds nothing in the .deb. README.md's test command builds them first
-//! (`packaging/build --profile dev`); the end-to-end test that installs the .deb under a real
-//! systemd is systemd_boot.rs.
+//! document, lintian finds nothing in the .deb, and the .rpm installs into an empty root.
+//! README.md's test command builds them first (`packaging/build --profile dev`); the end-to-end
+//! test that installs the .deb under a real systemd is systemd_boot.rs.
 
 use std::path::Path;
 
@@ -16,16 +16,18 @@ const BINARIES: [&str; 5] = [
     "cnsprcy-handlers",
 ];
 
-fn run(program: &str, args: &[&str], file: &Path) -> String {
+/// Runs `program` with `args` and, last, `file` (if any); returns its stdout, or fails the test
+/// with its stderr.
+fn run(program: &str, args: &[&str], file: Option<&Path>) -> String {
     let output = Command::new(program)
         .args(args)
-        .arg(file)
+        .args(file)
         .output()
         .unwrap_or_else(|e| panic!("run {program}: {e}"));
     assert!(
         output.status.success(),
         "{program} {args:?} {} failed: {}",
-        file.display(),
+        file.map(|f| f.display().to_string()).unwrap_or_default(),
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8_lossy(&output.stdout).into_owned()
@@ -89,7 +91,7 @@ fn the_deb_holds_everything_and_lintian_finds_nothing() {
         env!("CARGO_PKG_VERSION")
     ));
     // `dpkg-deb -c` prints `./usr/bin/cnspr` among tar's columns: keep the path, without the dot.
-    let listing: String = run("dpkg-deb", &["-c"], &deb)
+    let listing: String = run("dpkg-deb", &["-c"], Some(&deb))
         .lines()
         .filter_map(|line| line.split_whitespace().nth(5))
         .map(|path| format!("{}\n", path.trim_start_matches('.')))
@@ -104,7 +106,7 @@ fn the_deb_holds_everything_and_lintian_finds_nothing() {
             "/usr/share/lintian/overrides/cnsprcy",
         ],
     );
-    let info = run("dpkg-deb", &["--field"], &deb);
+    let info = run("dpkg-deb", &["--field"], Some(&deb));
     assert!(info.contains("Depends: libc6"), "{info}");
 
     // Errors and warnings fail; the override in packaging/debian/lintian-overrides is justified
@@ -127,12 +129,12 @@ fn the_deb_holds_everything_and_lintian_finds_nothing() {
 }
 
 #[test]
-fn the_rpm_holds_everything() {
+fn the_rpm_holds_everything_and_installs() {
     let rpm = package(&format!(
         "cnsprcy-{}-1.x86_64.rpm",
         env!("CARGO_PKG_VERSION")
     ));
-    let listing = run("rpm", &["-qlp"], &rpm);
+    let listing = run("rpm", &["-qlp"], Some(&rpm));
     assert_holds(
         &rpm,
         &listing,
@@ -142,6 +144,34 @@ fn the_rpm_holds_everything() {
             "/usr/share/licenses/cnsprcy/LICENSE-APACHE",
         ],
     );
-    let info = run("rpm", &["-qip"], &rpm);
+    let info = run("rpm", &["-qip"], Some(&rpm));
     assert!(info.contains("License     : MIT OR Apache-2.0"), "{info}");
+
+    // It installs: rpm unpacks it into an empty root of its own (no rpm-based system here, so
+    // without dependency checks), and the binaries it put there run.
+    let root = tempfile::tempdir().expect("temp dir");
+    let root_arg = root.path().to_str().expect("UTF-8 temp path");
+    run("rpm", &["--root", root_arg, "--initdb"], None);
+    run(
+        "rpm",
+        &["--root", root_arg, "--nodeps", "--noscripts", "-i"],
+        Some(&rpm),
+    );
+    for binary in BINARIES {
+        let installed = root.path().join("usr/bin").join(binary);
+        let version = run(
+            installed.to_str().expect("UTF-8 path"),
+            &["--version"],
+            None,
+        );
+        assert_eq!(
+            version.trim(),
+            format!("{binary} {}", env!("CARGO_PKG_VERSION"))
+        );
+    }
+    assert!(
+        root.path()
+            .join("usr/lib/systemd/user/cnsprcy.target")
+            .exists()
+    );
 }
