@@ -1,9 +1,10 @@
 //! End to end under a real systemd: two Debian containers (systemd-nspawn --boot) on one LAN made
 //! by the test, the built `.deb` installed in each, a lingering user who runs
-//! `systemctl --user enable --now cnsprcy.target`. The devices are linked and exchange a message
-//! that starts the handler service by socket activation; only the mesh service's sandbox holds
-//! the identity key; the services log to the journal with their fields; the mesh service restarts
-//! under a client looping on `cnspr status` without a failed call; and the
+//! `systemctl --user enable --now cnsprcy.target`, with `[mesh] interfaces = ["eth0"]` (so the
+//! unprivileged mesh service binds its dials to eth0). The devices are linked and exchange a
+//! message that starts the handler service by socket activation; only the mesh service's sandbox
+//! holds the identity key; the services log to the journal with their fields; the mesh service
+//! restarts under a client looping on `cnspr status` without a failed call; and the
 //! `systemd-analyze --user security` scores stay within their limits.
 //!
 //! Needs the package: `packaging/build --profile dev` (README.md's test command runs it first),
@@ -57,6 +58,7 @@ fn device(name: &str, root: &std::path::Path, lan: &Lan, index: usize) -> Contai
     container.user_sh(&format!(
         "cnspr manage init --name {name} >/dev/null
          mkdir -p ~/.config/cnsprcy/handlers/e2e
+         printf '[mesh]\\ninterfaces = [\"eth0\"]\\n' > ~/.config/cnsprcy/config.toml
          cat > ~/.config/cnsprcy/handlers/e2e/hello <<'EOF'
 #!/bin/sh
 cat > \"$HOME/received\"
@@ -162,6 +164,17 @@ fn the_package_runs_under_a_real_systemd() {
                     .any(|p| p["name"] == "beta" && p["status"] == "direct")
             })
         },
+    );
+
+    // `[mesh] interfaces` binds the dialling side's socket to eth0 (SO_BINDTODEVICE, which
+    // the unprivileged, sandboxed mesh service may do): `ss` shows such a socket as `addr%eth0`.
+    let sockets: String = [&alpha, &beta]
+        .iter()
+        .map(|c| c.root_sh("ss -Htn state established '( sport = :7332 or dport = :7332 )'"))
+        .collect();
+    assert!(
+        sockets.contains("%eth0"),
+        "no session socket is bound to eth0:\n{sockets}"
     );
 
     // A message to beta starts beta's handler service through its socket and runs the handler.
