@@ -175,7 +175,15 @@ pub struct Hello {
     /// The addresses the sender listens on, as configured (an unspecified IP such as `0.0.0.0`
     /// means "the address you reached me at").
     pub listen: Vec<std::net::SocketAddr>,
+    /// The sender's other addresses, where it can be dialled at the ports of its unspecified
+    /// `listen` addresses of the same family: those of the interfaces it may use that are up,
+    /// without loopback and link-local ones, at most `MAX_ANNOUNCED_ADDRESSES`. Sent again on
+    /// every session when they change.
+    pub addresses: Vec<std::net::IpAddr>,
 }
+
+/// The most addresses a `Hello` names, and the most a receiver takes from one.
+pub const MAX_ANNOUNCED_ADDRESSES: usize = 8;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Neighbor {
@@ -293,6 +301,10 @@ mod tests {
             Message::Hello(Hello {
                 name: "laptop".into(),
                 listen: vec!["0.0.0.0:7332".parse().unwrap()],
+                addresses: vec![
+                    "192.168.1.20".parse().unwrap(),
+                    "2001:db8::1".parse().unwrap(),
+                ],
             }),
             Message::Ping {
                 nonce: 7,

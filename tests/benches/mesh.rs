@@ -695,6 +695,7 @@ fn message_of_size(size: usize) -> Message {
         let message = Message::Hello(Hello {
             name: "x".repeat(name_len),
             listen: Vec::new(),
+            addresses: Vec::new(),
         });
         let len = message.encode().len();
         if len == size {

@@ -89,6 +89,7 @@ fn hello() -> wire::Message {
     wire::Message::Hello(wire::Hello {
         name: "m".into(),
         listen: vec![],
+        addresses: vec![],
     })
 }
 

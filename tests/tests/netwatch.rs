@@ -13,13 +13,18 @@ const SOON: Duration = Duration::from_secs(20);
 /// Two devices on a LAN, listening on every address, with the default keepalive (20 s + 10 s):
 /// nothing here may be noticed through a keepalive time-out.
 fn pair(lan: &Lan) -> Vec<Device> {
+    pair_with(lan, "")
+}
+
+/// [`pair`], with `extra` appended to each device's configuration.
+fn pair_with(lan: &Lan, extra: &str) -> Vec<Device> {
     let mut devices: Vec<Device> = ["a", "b"]
         .iter()
         .enumerate()
         .map(|(i, name)| {
             let mut device = Device::new(name);
             device.write_config(&format!(
-                "name = \"{name}\"\n[mesh]\nlisten = [\"0.0.0.0:7332\"]\n"
+                "name = \"{name}\"\n[mesh]\nlisten = [\"0.0.0.0:7332\"]\n{extra}"
             ));
             device.start_in(lan.node(i));
             device
@@ -131,7 +136,8 @@ fn a_device_whose_address_moves_is_reached_at_the_new_one() {
 /// IPv6 prefixes after a provider's renumbering. The desktop a holds an address in each; the
 /// laptop b's lease moves from the first to the second, where the address of a that b was
 /// given no longer reaches (b has no route to the first subnet any more). b knows a's address
-/// in the second subnet only because a advertises both on the LAN (discovery, on by default).
+/// in the second subnet because a names it in its `Hello`, and (with discovery) advertises it
+/// on the LAN.
 ///
 /// Then b's netwatch reports the change, b ends the session on its lost address at once and
 /// redials a at every address it knows, a's second one among them; a takes the new session (a
@@ -139,6 +145,16 @@ fn a_device_whose_address_moves_is_reached_at_the_new_one() {
 /// address from it.
 #[test]
 fn a_device_that_moves_to_another_subnet_is_reached_there() {
+    move_to_another_subnet("");
+}
+
+/// The same without discovery: a's `Hello` alone tells b where else a is.
+#[test]
+fn a_device_that_moves_to_another_subnet_is_reached_there_without_discovery() {
+    move_to_another_subnet("[discovery]\nenabled = false\n");
+}
+
+fn move_to_another_subnet(extra_config: &str) {
     let lan = Lan::new(2);
     let IpAddr::V4(first) = lan.addr(1) else {
         unreachable!("Lan addresses are IPv4")
@@ -152,7 +168,7 @@ fn a_device_that_moves_to_another_subnet_is_reached_there() {
         "dev",
         "eth0",
     ]);
-    let mut devices = pair(&lan);
+    let mut devices = pair_with(&lan, extra_config);
     let a_second = format!("{}:7332", second(1));
     assert!(
         cnsprcy_tests::wait_until(SOON, || {

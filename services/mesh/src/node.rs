@@ -488,11 +488,7 @@ impl Node {
             cancel: cancel.clone(),
         };
         self.tasks.spawn(task.run());
-        let hello = Message::Hello(Hello {
-            name: self.name.to_string(),
-            listen: self.announced_listen(),
-        });
-        tx.try_send(hello);
+        tx.try_send(self.hello());
         tx.try_send(self.neighbors_message());
         self.sessions.insert(
             key,
@@ -526,6 +522,36 @@ impl Node {
         self.store_session_up(&key);
     }
 
+    /// This device's `Hello`: its name, where it listens and its other addresses.
+    fn hello(&self) -> Message {
+        Message::Hello(Hello {
+            name: self.name.to_string(),
+            listen: self.announced_listen(),
+            addresses: self.announced_addresses(),
+        })
+    }
+
+    /// The addresses peers may dial besides the one they reached this device at: those of the
+    /// interfaces `[mesh] interfaces` allows that are up, without loopback, link-local and
+    /// unspecified ones (link-local IPv6 needs a scope no peer could know).
+    fn announced_addresses(&self) -> Vec<std::net::IpAddr> {
+        let interfaces = match &self.network {
+            Some(list) => list.clone(),
+            None => self.handle.interfaces.list(),
+        };
+        self.handle
+            .interfaces
+            .usable(&interfaces)
+            .into_iter()
+            .filter(|ip| !ip.is_loopback() && !ip.is_unspecified() && !ip.is_multicast())
+            .filter(|ip| match ip {
+                std::net::IpAddr::V4(v4) => !v4.is_link_local(),
+                std::net::IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) != 0xfe80,
+            })
+            .take(wire::MAX_ANNOUNCED_ADDRESSES)
+            .collect()
+    }
+
     /// Where this device listens, as told to peers: a listen address at a specific IP only if
     /// that IP is on an interface `[mesh] interfaces` allows (an unspecified one means "the
     /// address you reached me at", which is on an allowed interface, or the session would not
@@ -554,7 +580,7 @@ impl Node {
                     return;
                 };
                 // Where the peer listens, at the address it reached us from.
-                for listen in hello.listen {
+                for listen in &hello.listen {
                     let ip = listen.ip();
                     if (ip.is_unspecified() && ip.is_ipv4() == observed.is_ipv4())
                         || ip == observed.ip()
@@ -565,6 +591,24 @@ impl Node {
                             self.table.set_address(&key, addr);
                         }
                     }
+                }
+                // ...and at its other addresses, so that a move to a network where the address
+                // this device knew no longer reaches still finds it, with or without discovery.
+                let announced: Vec<SocketAddr> = hello
+                    .addresses
+                    .iter()
+                    .take(wire::MAX_ANNOUNCED_ADDRESSES)
+                    .filter(|ip| **ip != observed.ip())
+                    .flat_map(|ip| {
+                        hello
+                            .listen
+                            .iter()
+                            .filter(|l| l.ip().is_unspecified() && l.is_ipv4() == ip.is_ipv4())
+                            .map(|l| SocketAddr::new(*ip, l.port()))
+                    })
+                    .collect();
+                if let Err(e) = self.roster.learn_announced(&key, &announced) {
+                    tracing::warn!("{e}");
                 }
             }
             Message::Neighbors(neighbors) => {
@@ -929,6 +973,11 @@ impl Node {
             gained = ?gained,
             "the network changed; redialling {dialling} member(s) now"
         );
+        // The sessions that remain tell their peers where this device is now.
+        let hello = self.hello();
+        for live in self.sessions.values() {
+            live.tx.try_send(hello.clone());
+        }
     }
 
     pub(crate) fn peer_info(&self, member: &Member) -> PeerInfo {

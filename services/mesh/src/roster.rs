@@ -162,6 +162,34 @@ impl Roster {
         Ok(member)
     }
 
+    /// Puts `announced` (addresses the member named itself) right after the member's first
+    /// address, ahead of older ones, keeping at most `MAX_ADDRESSES`. Returns whether anything
+    /// changed (and was saved).
+    pub fn learn_announced(
+        &mut self,
+        key: &PublicKey,
+        announced: &[SocketAddr],
+    ) -> Result<bool, RosterError> {
+        let mut members = self.members.clone();
+        let Some(member) = members.iter_mut().find(|m| m.public_key == *key) else {
+            return Ok(false);
+        };
+        let mut addresses: Vec<SocketAddr> =
+            member.addresses.first().copied().into_iter().collect();
+        for addr in announced.iter().chain(member.addresses.iter().skip(1)) {
+            if !addresses.contains(addr) {
+                addresses.push(*addr);
+            }
+        }
+        addresses.truncate(MAX_ADDRESSES);
+        if addresses == member.addresses {
+            return Ok(false);
+        }
+        member.addresses = addresses;
+        self.replace(members)?;
+        Ok(true)
+    }
+
     /// Puts `addr` first in the member's addresses. Returns whether anything changed (and was
     /// saved).
     pub fn learn_address(
@@ -247,8 +275,12 @@ mod tests {
         assert!(!roster.learn_address(&phone.public_key, b).unwrap());
         assert!(roster.learn_address(&phone.public_key, a).unwrap());
 
+        // Announced addresses go right after the first, ahead of older ones.
+        let c: SocketAddr = "10.0.1.2:7332".parse().unwrap();
+        assert!(roster.learn_announced(&phone.public_key, &[c, a]).unwrap());
+        assert!(!roster.learn_announced(&phone.public_key, &[c]).unwrap());
         let reloaded = Roster::load(dir.path()).unwrap();
-        assert_eq!(reloaded.find("phone").unwrap().addresses, vec![a, b]);
+        assert_eq!(reloaded.find("phone").unwrap().addresses, vec![a, c, b]);
         let mut reloaded = reloaded;
         reloaded.remove("laptop").unwrap();
         assert_eq!(Roster::load(dir.path()).unwrap().members().len(), 1);

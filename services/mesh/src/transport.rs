@@ -295,6 +295,7 @@ mod tests {
         let big = Message::Hello(wire::Hello {
             name: "x".repeat(3_000_000),
             listen: vec![],
+            addresses: vec![],
         });
         // Both sides sending large messages at once must not deadlock.
         let (sent_a, sent_b, got_b, got_a) = tokio::join!(
