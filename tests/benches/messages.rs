@@ -16,7 +16,7 @@ use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
-use cnsprcy_tests::bench::{Api, bin_dir, bytes_sent, percentile};
+use cnsprcy_tests::bench::{Api, bytes_sent, percentile, release_cnspr};
 use cnsprcy_tests::netns::NetNs;
 use cnsprcy_tests::{Device, wait_until};
 use serde_json::{Value, json};
@@ -52,15 +52,7 @@ fn install_handler(device: &Device, log: &Path) {
 }
 
 fn main() {
-    assert!(
-        cnsprcy_tests::is_root(),
-        "needs root: it makes network namespaces"
-    );
-    let cnspr = bin_dir().join("cnspr");
-    assert!(
-        cnspr.exists(),
-        "build first: cargo build --release --workspace"
-    );
+    let cnspr = release_cnspr();
     let ns = NetNs::new();
     let logs = tempfile::tempdir().expect("temp dir");
     let mut devices: Vec<Device> = (0..DEVICES)

@@ -12,7 +12,7 @@
 
 use std::time::{Duration, Instant};
 
-use cnsprcy_tests::bench::{Api, bin_dir, percentile};
+use cnsprcy_tests::bench::{Api, bin_dir, percentile, release_cnspr};
 use cnsprcy_tests::netns::Lan;
 use cnsprcy_tests::{Device, wait_until};
 use serde_json::json;
@@ -92,14 +92,7 @@ fn trials(with_netwatch: bool) -> Vec<f64> {
 }
 
 fn main() {
-    assert!(
-        cnsprcy_tests::is_root(),
-        "needs root: it makes network namespaces"
-    );
-    assert!(
-        bin_dir().join("cnspr").exists(),
-        "build first: cargo build --release --workspace"
-    );
+    release_cnspr();
     for (label, with_netwatch) in [("with netwatch", true), ("backoff alone", false)] {
         let mut times = trials(with_netwatch);
         let raw: Vec<String> = times.iter().map(|t| format!("{t:.2}")).collect();

@@ -15,7 +15,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use cnsprcy_tests::bench::{Api, bin_dir, bytes_sent, percentile};
+use cnsprcy_tests::bench::{Api, bytes_sent, percentile, release_cnspr};
 use cnsprcy_tests::netns::NetNs;
 use cnsprcy_tests::{Device, wait_until};
 use nix::sys::signal::Signal;
@@ -73,15 +73,7 @@ fn mb(bytes: f64) -> String {
 }
 
 fn main() {
-    assert!(
-        cnsprcy_tests::is_root(),
-        "needs root: it makes network namespaces"
-    );
-    let cnspr = bin_dir().join("cnspr");
-    assert!(
-        cnspr.exists(),
-        "build first: cargo build --release --workspace"
-    );
+    let cnspr = release_cnspr();
     let bench_started = Instant::now();
     mesh_of_ten(&cnspr);
     resync(&cnspr);

@@ -44,6 +44,18 @@ impl Api {
     }
 }
 
+/// The `cnspr` the benchmarks run, after checking what every benchmark needs: root (for network
+/// namespaces) and a release build.
+pub fn release_cnspr() -> PathBuf {
+    assert!(crate::is_root(), "needs root: it makes network namespaces");
+    let cnspr = bin_dir().join("cnspr");
+    assert!(
+        cnspr.exists(),
+        "build first: cargo build --release --workspace"
+    );
+    cnspr
+}
+
 /// The directory of the binaries built with the benchmark's profile (`target/release`).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("bench path");

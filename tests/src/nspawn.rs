@@ -275,20 +275,17 @@ impl Container {
     pub fn add_lingering_user(&self) {
         self.root_sh(&format!("useradd --create-home --uid {USER_UID} {USER}"));
         self.root_sh(&format!("loginctl enable-linger {USER}"));
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let state = self.user("systemctl --user is-system-running");
-            let state = String::from_utf8_lossy(&state.stdout).trim().to_owned();
-            if state == "running" {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{}: the user manager of {USER} is {state:?}, not running",
-                self.name
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        let mut state = String::new();
+        let running = crate::wait_until(Duration::from_secs(60), || {
+            let out = self.user("systemctl --user is-system-running");
+            state = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            state == "running"
+        });
+        assert!(
+            running,
+            "{}: the user manager of {USER} is {state:?}, not running",
+            self.name
+        );
     }
 }
 

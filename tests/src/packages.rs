@@ -12,9 +12,25 @@ pub fn workspace() -> PathBuf {
         .to_owned()
 }
 
+/// The .deb `packaging/build` made; see [`package`].
+pub fn deb() -> PathBuf {
+    package(&format!(
+        "cnsprcy_{}-1_amd64.deb",
+        env!("CARGO_PKG_VERSION")
+    ))
+}
+
+/// The .rpm `packaging/build` made; see [`package`].
+pub fn rpm() -> PathBuf {
+    package(&format!(
+        "cnsprcy-{}-1.x86_64.rpm",
+        env!("CARGO_PKG_VERSION")
+    ))
+}
+
 /// `<target dir>/packages/<file_name>`, checked to exist and to be newer than every source it is
 /// made from, so a test never passes on a package built from older code.
-pub fn package(file_name: &str) -> PathBuf {
+fn package(file_name: &str) -> PathBuf {
     let path = crate::bench::bin_dir()
         .parent()
         .expect("target/<profile> has a parent")

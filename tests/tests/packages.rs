@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use cnsprcy_tests::packages::{package, workspace};
+use cnsprcy_tests::packages::{deb, rpm, workspace};
 use std::process::Command;
 
 const BINARIES: [&str; 5] = [
@@ -86,10 +86,7 @@ fn assert_holds(package: &Path, listing: &str, extra: &[&str]) {
 
 #[test]
 fn the_deb_holds_everything_and_lintian_finds_nothing() {
-    let deb = package(&format!(
-        "cnsprcy_{}-1_amd64.deb",
-        env!("CARGO_PKG_VERSION")
-    ));
+    let deb = deb();
     // `dpkg-deb -c` prints `./usr/bin/cnspr` among tar's columns: keep the path, without the dot.
     let listing: String = run("dpkg-deb", &["-c"], Some(&deb))
         .lines()
@@ -130,10 +127,7 @@ fn the_deb_holds_everything_and_lintian_finds_nothing() {
 
 #[test]
 fn the_rpm_holds_everything_and_installs() {
-    let rpm = package(&format!(
-        "cnsprcy-{}-1.x86_64.rpm",
-        env!("CARGO_PKG_VERSION")
-    ));
+    let rpm = rpm();
     let listing = run("rpm", &["-qlp"], Some(&rpm));
     assert_holds(
         &rpm,

@@ -11,11 +11,12 @@
 //! root, debootstrap and systemd-nspawn. The Debian root is made once and cached (see
 //! `cnsprcy_tests::nspawn::debian_root`).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cnsprcy_tests::netns::Lan;
 use cnsprcy_tests::nspawn::{Container, USER, debian_root};
-use cnsprcy_tests::packages::package;
+use cnsprcy_tests::packages::deb;
+use cnsprcy_tests::wait_until;
 use serde_json::Value;
 
 /// Every unit the target starts, and the handler socket (its service starts on demand).
@@ -48,10 +49,7 @@ const EXPOSURE_LIMITS: [(&str, f64); 4] = [
 
 /// Boots a device: the package installed, a lingering user with the handler `e2e/hello`.
 fn device(name: &str, root: &std::path::Path, lan: &Lan, index: usize) -> Container {
-    let deb = package(&format!(
-        "cnsprcy_{}-1_amd64.deb",
-        env!("CARGO_PKG_VERSION")
-    ));
+    let deb = deb();
     let container = Container::boot(name, root, lan.node(index), &[(&deb, "/root/cnsprcy.deb")]);
     container.root_sh("dpkg -i /root/cnsprcy.deb >/dev/null");
     container.add_lingering_user();
@@ -81,31 +79,22 @@ fn json(container: &Container, script: &str) -> Value {
     })
 }
 
-fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
 /// Waits for `unit` to be active; on time-out, fails with its status and journal.
 fn wait_active(container: &Container, unit: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while unit_state(container, unit) != "active" {
-        if Instant::now() > deadline {
-            let out = container.user(&format!(
-                "systemctl --user status {unit} --no-pager; journalctl --user -u {unit} --no-pager | tail -40"
-            ));
-            panic!(
-                "{unit} on {} is not active:\n{}{}",
-                container.name(),
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(250));
+    if wait_until(Duration::from_secs(30), || {
+        unit_state(container, unit) == "active"
+    }) {
+        return;
     }
+    let out = container.user(&format!(
+        "systemctl --user status {unit} --no-pager; journalctl --user -u {unit} --no-pager | tail -40"
+    ));
+    panic!(
+        "{unit} on {} is not active:\n{}{}",
+        container.name(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn unit_state(container: &Container, unit: &str) -> String {
@@ -153,18 +142,15 @@ fn the_package_runs_under_a_real_systemd() {
         "cnspr manage add alpha {alpha_key} {}:7332",
         lan.addr(0)
     ));
-    wait_for(
-        "alpha and beta to be linked",
-        Duration::from_secs(60),
-        || {
-            let peers = json(&alpha, "cnspr peers --json");
-            peers.as_array().is_some_and(|peers| {
-                peers
-                    .iter()
-                    .any(|p| p["name"] == "beta" && p["status"] == "direct")
-            })
-        },
-    );
+    let linked = wait_until(Duration::from_secs(60), || {
+        let peers = json(&alpha, "cnspr peers --json");
+        peers.as_array().is_some_and(|peers| {
+            peers
+                .iter()
+                .any(|p| p["name"] == "beta" && p["status"] == "direct")
+        })
+    });
+    assert!(linked, "timed out waiting for alpha and beta to be linked");
 
     // `[mesh] interfaces` binds the dialling side's socket to eth0 (SO_BINDTODEVICE, which
     // the unprivileged, sandboxed mesh service may do): `ss` shows such a socket as `addr%eth0`.

@@ -531,17 +531,20 @@ impl Node {
         })
     }
 
+    /// The interfaces as netwatch last reported them; until it has, as read here.
+    fn interfaces_now(&self) -> Vec<Interface> {
+        self.network
+            .clone()
+            .unwrap_or_else(|| self.handle.interfaces.list())
+    }
+
     /// The addresses peers may dial besides the one they reached this device at: those of the
     /// interfaces `[mesh] interfaces` allows that are up, without loopback, link-local and
     /// unspecified ones (link-local IPv6 needs a scope no peer could know).
     fn announced_addresses(&self) -> Vec<std::net::IpAddr> {
-        let interfaces = match &self.network {
-            Some(list) => list.clone(),
-            None => self.handle.interfaces.list(),
-        };
         self.handle
             .interfaces
-            .usable(&interfaces)
+            .usable(&self.interfaces_now())
             .into_iter()
             .filter(|ip| !ip.is_loopback() && !ip.is_unspecified() && !ip.is_multicast())
             .filter(|ip| match ip {
@@ -820,11 +823,7 @@ impl Node {
             Request::Send { send, reply } => self.start_send(send, reply),
             Request::Network(interfaces) => self.on_network(interfaces),
             Request::Interfaces(reply) => {
-                let _ = reply.send(
-                    self.network
-                        .clone()
-                        .unwrap_or_else(|| self.handle.interfaces.list()),
-                );
+                let _ = reply.send(self.interfaces_now());
             }
             Request::Discovered {
                 instance,
