@@ -296,3 +296,89 @@ fn thousands_of_connection_attempts_are_absorbed() {
         "resident memory {rss_kb} kB after the flood"
     );
 }
+
+/// A TCP connection to `to` from the local address `from` (another loopback address stands for
+/// another host).
+fn connect_from(from: std::net::Ipv4Addr, to: &str) -> std::io::Result<TcpStream> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, socket};
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrIn::from(std::net::SocketAddrV4::new(from, 0)),
+    )?;
+    let to: std::net::SocketAddrV4 = to.parse().map_err(std::io::Error::other)?;
+    connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(to))?;
+    Ok(TcpStream::from(fd))
+}
+
+/// Whether the daemon has not closed `stream` yet (nothing is ever sent on it).
+fn still_open(stream: &TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    let _ = stream.set_nonblocking(true);
+    matches!(stream.peek(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}
+
+#[test]
+fn a_flood_of_stalled_handshakes_from_one_address_does_not_keep_a_member_out() {
+    let ns = NetNs::new();
+    let mut a = Device::new("a");
+    let mut b = Device::new("b");
+    a.configure(A);
+    b.configure("127.0.0.1:17002");
+    a.start_in(&ns);
+    b.start_in(&ns);
+    // `a` does not know where `b` is: only `b` can dial, through `a`'s listening socket.
+    a.cnspr(&["manage", "add", "b", &b.public_key()]).success();
+    let flooding = std::sync::atomic::AtomicBool::new(true);
+    let stalled = std::sync::atomic::AtomicUsize::new(0);
+    ns.run_in(|| {
+        std::thread::scope(|scope| {
+            // 100 connections from 127.0.0.2 that never send a byte, each reopened as soon as
+            // the daemon drops it: more than all 64 handshake slots, all the time.
+            scope.spawn(|| {
+                let mut open: Vec<TcpStream> = Vec::new();
+                while flooding.load(std::sync::atomic::Ordering::Relaxed) {
+                    open.retain(still_open);
+                    while open.len() < 100 {
+                        match connect_from(std::net::Ipv4Addr::new(127, 0, 0, 2), A) {
+                            Ok(stream) => open.push(stream),
+                            Err(_) => break,
+                        }
+                    }
+                    stalled.store(open.len(), std::sync::atomic::Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            });
+            let deadline = Instant::now() + SOON;
+            while stalled.load(std::sync::atomic::Ordering::Relaxed) < 100
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            // The member dials while the flood holds every slot, and still gets in.
+            b.cnspr(&["manage", "add", "a", &a.public_key(), A])
+                .success();
+            let started = Instant::now();
+            let direct = wait_until(SOON, || {
+                a.peers().get("b").is_some_and(|p| p["status"] == "direct")
+            });
+            flooding.store(false, std::sync::atomic::Ordering::Relaxed);
+            assert!(
+                direct,
+                "b did not get a session within {:?} during the flood:\n{}",
+                started.elapsed(),
+                a.log("serve")
+            );
+        });
+    });
+    assert!(
+        log_lines(&a, "to make room for another source") >= 1,
+        "{}",
+        a.log("serve")
+    );
+}

@@ -2,6 +2,7 @@
 //! members, the public JSON-RPC socket and the internal `mesh.sock` that the helper services
 //! register on; talks to the handler service on demand.
 
+mod admission;
 mod api;
 mod backoff;
 mod delivery;

@@ -1,23 +1,27 @@
 //! The TCP side: listening sockets, and the accept path that runs the Noise handshake for each
 //! connection before the node hears of it. Everything here faces strangers, so work per
-//! connection is bounded (handshakes at once, handshake time) and logging is rate-limited.
+//! connection is bounded (handshakes at once, shared out by source address; handshake time) and
+//! logging is rate-limited.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::bail;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+
+use crate::admission::{Admit, Slots, Source, Ticket};
 
 use crate::liveness::Role;
 use crate::node::{Event, NodeHandle};
 use crate::ratelimit::RateLimitedLog;
 use crate::transport;
 
-/// Handshakes in progress at once; connections beyond are closed at once.
+/// Handshakes in progress at once. Beyond, a connection from a source holding fewer slots than
+/// the busiest takes over the busiest one's oldest slot; others are closed at once.
 pub const MAX_HANDSHAKES: usize = 64;
 const LOG_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -57,8 +61,60 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
+/// The handshake slots of one listening socket, with a way to cancel each running handshake.
+#[derive(Default)]
+struct Handshakes {
+    slots: Option<Slots>,
+    running: HashMap<Ticket, CancellationToken>,
+}
+
+impl Handshakes {
+    /// A slot for a connection from `source`, and the token that cancels its handshake; `None`
+    /// when it is refused.
+    fn admit(&mut self, source: Source) -> Option<(Ticket, CancellationToken)> {
+        let slots = self.slots.get_or_insert_with(|| Slots::new(MAX_HANDSHAKES));
+        let ticket = match slots.admit(source) {
+            Admit::Admitted(ticket) => ticket,
+            Admit::Evicted { ticket, evicted } => {
+                if let Some(cancel) = self.running.remove(&evicted) {
+                    cancel.cancel();
+                }
+                ticket
+            }
+            Admit::Refused => return None,
+        };
+        let cancel = CancellationToken::new();
+        self.running.insert(ticket, cancel.clone());
+        Some((ticket, cancel))
+    }
+
+    fn release(&mut self, ticket: Ticket) {
+        self.running.remove(&ticket);
+        if let Some(slots) = &mut self.slots {
+            slots.release(ticket);
+        }
+    }
+}
+
+/// Gives the slot back when the handshake task ends, however it ends.
+struct SlotGuard {
+    handshakes: Arc<Mutex<Handshakes>>,
+    ticket: Ticket,
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        lock(&self.handshakes).release(self.ticket);
+    }
+}
+
+fn lock(handshakes: &Mutex<Handshakes>) -> std::sync::MutexGuard<'_, Handshakes> {
+    // The bookkeeping stays consistent between statements; a panic elsewhere leaves it usable.
+    handshakes.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 pub async fn accept_sessions(listener: TcpListener, node: NodeHandle, shutdown: CancellationToken) {
-    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    let handshakes = Arc::new(Mutex::new(Handshakes::default()));
     let log = Arc::new(RateLimitedLog::new(LOG_INTERVAL));
     loop {
         let accepted = tokio::select! {
@@ -83,15 +139,23 @@ pub async fn accept_sessions(listener: TcpListener, node: NodeHandle, shutdown: 
             });
             continue;
         }
-        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+        let admitted = lock(&handshakes).admit(Source::of(addr.ip()));
+        let Some((ticket, evicted)) = admitted else {
             log.warn("busy", || {
-                format!("{MAX_HANDSHAKES} handshakes in progress; dropped a connection from {addr}")
+                format!(
+                    "{MAX_HANDSHAKES} handshakes in progress, {} holding its share; dropped a connection from {addr}",
+                    addr.ip()
+                )
             });
             continue;
         };
+        let slot = SlotGuard {
+            handshakes: handshakes.clone(),
+            ticket,
+        };
         let (node, log, shutdown) = (node.clone(), log.clone(), shutdown.clone());
         tokio::spawn(async move {
-            let _permit = permit;
+            let _slot = slot;
             let _ = stream.set_nodelay(true);
             let local = stream.local_addr().ok();
             // The session counts once the initiator's first message arrived: whoever replays a
@@ -112,6 +176,12 @@ pub async fn accept_sessions(listener: TcpListener, node: NodeHandle, shutdown: 
             };
             let outcome = tokio::select! {
                 _ = shutdown.cancelled() => return,
+                _ = evicted.cancelled() => {
+                    log.warn("evicted", || {
+                        format!("all {MAX_HANDSHAKES} handshake slots taken; dropped the oldest pending handshake from {addr} to make room for another source")
+                    });
+                    return;
+                }
                 outcome = handshake => outcome,
             };
             match outcome {
