@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use cnsprcy::api::{SendResult, WatchEvent};
+use cnsprcy::api::{HandlerReply, SendResult, WatchEvent};
 use cnsprcy::client::{Client, ClientError};
 use cnsprcy::env::DeviceEnv;
 use cnsprcy::ipc::MAX_PAYLOAD_BYTES;
@@ -61,31 +61,69 @@ pub async fn send(env: &DeviceEnv, args: SendArgs, as_json: bool) -> anyhow::Res
     if !args.to.is_empty() {
         params["to"] = json!(args.to);
     }
-    let limit = if args.wait {
-        args.timeout + Duration::from_secs(15)
-    } else {
-        Duration::from_secs(30)
-    };
-    if args.wait && !as_json {
+    if !args.wait {
+        let value = match call_with_timeout(env, "send", params, Duration::from_secs(30)).await {
+            Ok(value) => value,
+            Err(CallError::NotRunning(e)) => return not_running(env, e, as_json),
+            Err(CallError::Other(e)) => return Err(e),
+        };
+        if as_json {
+            print_json(&value)?;
+        } else {
+            let result: SendResult = serde_json::from_value(value)?;
+            print_sent(&result, args.ttl);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    // Waiting: each reply comes as a notification as soon as it is in, and is printed then.
+    params["stream"] = json!(true);
+    if !as_json {
         eprintln!(
             "waiting up to {} for the handlers…",
             humantime::format_duration(args.timeout)
         );
     }
-    let value = match call_with_timeout(env, "send", params, limit).await {
-        Ok(value) => value,
-        Err(CallError::NotRunning(e)) => return not_running(env, e, as_json),
-        Err(CallError::Other(e)) => return Err(e),
+    let mut client = match Client::connect(&env.paths.public_socket()).await {
+        Ok(client) => client,
+        Err(e @ ClientError::NotRunning { .. }) => return not_running(env, e, as_json),
+        Err(e) => return Err(e.into()),
     };
-    let result: SendResult = serde_json::from_value(value.clone())?;
-    let all_ok = result
-        .replies
-        .as_ref()
-        .is_none_or(|replies| replies.iter().all(|r| r.succeeded()));
+    let mut replies: Vec<HandlerReply> = Vec::new();
+    let mut unreadable = None;
+    let answer = client
+        .call_with_notifications(
+            "send",
+            params,
+            args.timeout + Duration::from_secs(15),
+            |method, params| {
+                if method != "send.reply" {
+                    return;
+                }
+                match serde_json::from_value::<HandlerReply>(params) {
+                    Ok(reply) => {
+                        if !as_json {
+                            print_reply(&reply);
+                        }
+                        replies.push(reply);
+                    }
+                    Err(e) => unreadable = Some(e),
+                }
+            },
+        )
+        .await;
+    let value = match answer {
+        Ok(value) => value,
+        Err(ClientError::Rpc(e)) => bail!(e.message),
+        Err(e) => return Err(e.into()),
+    };
+    if let Some(e) = unreadable {
+        bail!("the daemon sent a reply that is not understood: {e}");
+    }
+    let mut result: SendResult = serde_json::from_value(value)?;
+    let all_ok = replies.iter().all(|r| r.succeeded());
+    result.replies = Some(replies);
     if as_json {
-        print_json(&value)?;
-    } else {
-        print_send_result(&result, args.ttl);
+        print_json(&result)?;
     }
     Ok(if all_ok {
         ExitCode::SUCCESS
@@ -94,54 +132,52 @@ pub async fn send(env: &DeviceEnv, args: SendArgs, as_json: bool) -> anyhow::Res
     })
 }
 
-fn print_send_result(result: &SendResult, ttl: Duration) {
-    let names = |list: &[cnsprcy::identity::DeviceName]| {
-        list.iter()
-            .map(|n| n.to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    match &result.replies {
-        None => {
-            println!("sent {} to {}", result.id, names(&result.recipients));
-            if !result.queued.is_empty() {
-                println!(
-                    "queued for {} until reachable (at most {})",
-                    names(&result.queued),
-                    humantime::format_duration(ttl)
-                );
+fn names(list: &[cnsprcy::identity::DeviceName]) -> String {
+    list.iter()
+        .map(|n| n.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn print_sent(result: &SendResult, ttl: Duration) {
+    println!("sent {} to {}", result.id, names(&result.recipients));
+    if !result.queued.is_empty() {
+        println!(
+            "queued for {} until reachable (at most {})",
+            names(&result.queued),
+            humantime::format_duration(ttl)
+        );
+    }
+}
+
+/// One recipient's outcome, then its output: text as it is, binary output as a size.
+fn print_reply(reply: &HandlerReply) {
+    use std::io::Write;
+    let mut head = format!("{}: {}", reply.name, reply.status);
+    if let Some(code) = reply.exit_code {
+        head.push_str(&format!(" (exit {code}"));
+        if let Some(ms) = reply.duration_ms {
+            head.push_str(&format!(", {ms} ms"));
+        }
+        head.push(')');
+    }
+    if let Some(error) = &reply.error {
+        head.push_str(&format!(": {error}"));
+    }
+    println!("{head}");
+    match (&reply.stdout, &reply.stdout_base64) {
+        (Some(text), _) if !text.is_empty() => {
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(text.as_bytes());
+            if !text.ends_with('\n') {
+                let _ = writeln!(out);
             }
         }
-        Some(replies) => {
-            for reply in replies {
-                let mut head = format!("{}: {}", reply.name, reply.status);
-                if let Some(code) = reply.exit_code {
-                    head.push_str(&format!(" (exit {code}"));
-                    if let Some(ms) = reply.duration_ms {
-                        head.push_str(&format!(", {ms} ms"));
-                    }
-                    head.push(')');
-                }
-                if let Some(error) = &reply.error {
-                    head.push_str(&format!(": {error}"));
-                }
-                println!("{head}");
-                match &reply.stdout {
-                    Some(text) if !text.is_empty() => {
-                        print!("{text}");
-                        if !text.ends_with('\n') {
-                            println!();
-                        }
-                    }
-                    Some(_) => {}
-                    None if reply.stdout_base64.is_empty() => {}
-                    None => println!(
-                        "({} bytes of binary output; --json shows them in base64)",
-                        reply.stdout_base64.len() / 4 * 3
-                    ),
-                }
-            }
+        (None, Some(b64)) => {
+            let size = reply.stdout_bytes().map_or(b64.len() / 4 * 3, |b| b.len());
+            println!("({size} bytes of binary output; --json shows them in base64)");
         }
+        _ => {}
     }
 }
 

@@ -172,10 +172,13 @@ pub struct HandlerReply {
     pub exit_code: Option<i32>,
     /// The handler file that ran, relative to the handler directory.
     pub handler: Option<String>,
-    /// The handler's standard output, if it is UTF-8 text.
+    /// The handler's standard output, when it is text (see [`Bytes`]); absent when it is
+    /// binary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stdout: Option<String>,
-    /// The same, in base64, always (binary-safe).
-    pub stdout_base64: String,
+    /// The handler's standard output in base64, when it is binary (then `stdout` is absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdout_base64: Option<String>,
     /// Why it did not run or failed, in words.
     pub error: Option<String>,
     pub duration_ms: Option<u64>,
@@ -185,6 +188,54 @@ impl HandlerReply {
     pub fn succeeded(&self) -> bool {
         self.status == "ok"
     }
+
+    /// The standard output's bytes, whichever way they came.
+    pub fn stdout_bytes(&self) -> Result<Vec<u8>, base64::DecodeError> {
+        Bytes::decode(self.stdout.as_deref(), self.stdout_base64.as_deref())
+    }
+}
+
+/// Byte strings in answers: as JSON text when they are UTF-8 text that JSON carries about as
+/// compactly as base64 (a few quotes, tabs or escape characters are fine; much binary-looking
+/// content is not), else in base64. Never both: an answer carrying a 16 MiB value twice would
+/// not fit a line a client can read.
+pub struct Bytes;
+
+impl Bytes {
+    /// `(text, base64)`: exactly one is `Some`.
+    pub fn encode(bytes: &[u8]) -> (Option<String>, Option<String>) {
+        use base64::Engine;
+        match std::str::from_utf8(bytes) {
+            Ok(text) if json_len(text) <= bytes.len() / 3 * 4 + 4 => (Some(text.to_owned()), None),
+            _ => (
+                None,
+                Some(base64::engine::general_purpose::STANDARD.encode(bytes)),
+            ),
+        }
+    }
+
+    pub fn decode(
+        text: Option<&str>,
+        base64: Option<&str>,
+    ) -> Result<Vec<u8>, base64::DecodeError> {
+        use base64::Engine;
+        match (text, base64) {
+            (Some(text), _) => Ok(text.as_bytes().to_vec()),
+            (None, Some(b64)) => base64::engine::general_purpose::STANDARD.decode(b64),
+            (None, None) => Ok(Vec::new()),
+        }
+    }
+}
+
+/// The length of `text` as a JSON string's contents, escapes included.
+fn json_len(text: &str) -> usize {
+    text.bytes()
+        .map(|b| match b {
+            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
+            0..0x20 => 6,
+            _ => 1,
+        })
+        .sum()
 }
 
 /// A notification of `subscribe`: `{"jsonrpc":"2.0","method":"event","params":WatchEvent}`.
@@ -246,4 +297,38 @@ pub struct StoreItem {
     /// The same as Unix milliseconds, and the clock's counter within that millisecond.
     pub timestamp: u64,
     pub counter: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_go_as_text_or_base64_never_both() {
+        assert_eq!(Bytes::encode(b"hello\n"), (Some("hello\n".into()), None));
+        assert_eq!(Bytes::encode(b""), (Some(String::new()), None));
+        // A few escapes are cheaper than base64; mostly control bytes are not.
+        let colored = "\u{1b}[1mbold\u{1b}[0m and a long enough line of ordinary text";
+        assert_eq!(
+            Bytes::encode(colored.as_bytes()).0.as_deref(),
+            Some(colored)
+        );
+        let nuls = [0u8; 64];
+        let (text, b64) = Bytes::encode(&nuls);
+        assert!(text.is_none());
+        assert_eq!(Bytes::decode(None, b64.as_deref()).unwrap(), nuls);
+        let binary = [0xffu8, 0xfe, 0x00, 0x41];
+        let (text, b64) = Bytes::encode(&binary);
+        assert!(text.is_none());
+        assert_eq!(
+            Bytes::decode(text.as_deref(), b64.as_deref()).unwrap(),
+            binary
+        );
+        // Whatever the choice, the JSON is never much over base64's size.
+        for bytes in [&b"\"\\\"\\"[..], &[7u8; 100][..], "é\tü\n".as_bytes()] {
+            let (text, b64) = Bytes::encode(bytes);
+            let json = serde_json::to_string(&(text, b64)).unwrap();
+            assert!(json.len() <= bytes.len() / 3 * 4 + 20, "{json}");
+        }
+    }
 }

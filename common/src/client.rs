@@ -10,7 +10,7 @@ use tokio::net::UnixStream;
 use tokio_util::codec::Framed;
 
 use crate::framing::JsonLinesCodec;
-use crate::rpc::{Request, Response, RpcError};
+use crate::rpc::{Request, RpcError};
 
 /// How long to wait for the daemon to accept a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -90,34 +90,63 @@ impl Client {
         params: Value,
         timeout: Duration,
     ) -> Result<Value, ClientError> {
+        self.call_with_notifications(method, params, timeout, |_, _| {})
+            .await
+    }
+
+    /// Calls `method` and waits up to `timeout` for its result, handing each notification that
+    /// arrives before it (such as `send.reply` for a streaming `send`) to `notified` with its
+    /// method and params.
+    pub async fn call_with_notifications(
+        &mut self,
+        method: &str,
+        params: Value,
+        timeout: Duration,
+        mut notified: impl FnMut(&str, Value),
+    ) -> Result<Value, ClientError> {
         let id = self.next_id;
         self.next_id += 1;
         let line = crate::rpc::to_line(&Request::new(id, method, params));
         // A daemon that refuses the connection says why and closes it, possibly before the
         // request is written: read its answer even when writing failed.
         let sent = self.framed.send(line).await;
-        let answer = tokio::time::timeout(timeout, self.framed.next())
-            .await
-            .map_err(|_| ClientError::Timeout(timeout))?;
-        let line = match answer {
-            None => return Err(sent.err().map_or(ClientError::Closed, ClientError::Io)),
-            Some(Err(e)) => return Err(sent.err().unwrap_or(e).into()),
-            Some(Ok(Err(bad))) => return Err(ClientError::BadAnswer(bad.to_string())),
-            Some(Ok(Ok(line))) => line,
-        };
-        let response: Response =
-            serde_json::from_str(&line).map_err(|e| ClientError::BadAnswer(e.to_string()))?;
-        match (response.result, response.error) {
-            (_, Some(error)) => Err(ClientError::Rpc(error)),
-            (Some(result), None) => Ok(result),
-            // `"result": null` is a result (serde reads it as `None`).
-            (None, None)
-                if serde_json::from_str::<Value>(&line)
-                    .is_ok_and(|v| v.get("result").is_some_and(Value::is_null)) =>
-            {
-                Ok(Value::Null)
+        let deadline = tokio::time::Instant::now() + timeout;
+        let value = loop {
+            let answer = tokio::time::timeout_at(deadline, self.framed.next())
+                .await
+                .map_err(|_| ClientError::Timeout(timeout))?;
+            let line = match answer {
+                None => return Err(sent.err().map_or(ClientError::Closed, ClientError::Io)),
+                Some(Err(e)) => return Err(sent.err().unwrap_or(e).into()),
+                Some(Ok(Err(bad))) => return Err(ClientError::BadAnswer(bad.to_string())),
+                Some(Ok(Ok(line))) => line,
+            };
+            let value: Value =
+                serde_json::from_str(&line).map_err(|e| ClientError::BadAnswer(e.to_string()))?;
+            match value {
+                Value::Object(mut note) if note.contains_key("method") => {
+                    let method = match note.remove("method") {
+                        Some(Value::String(method)) => method,
+                        _ => String::new(),
+                    };
+                    notified(&method, note.remove("params").unwrap_or(Value::Null));
+                }
+                other => break other,
             }
-            (None, None) => Err(ClientError::BadAnswer(line)),
+        };
+        // Taken apart by hand rather than through `Response`: a result may be tens of megabytes,
+        // and `"result": null` is a result (serde would read it as absent).
+        let mut response = match value {
+            Value::Object(response) => response,
+            other => return Err(ClientError::BadAnswer(format!("not an object: {other}"))),
+        };
+        if let Some(error) = response.remove("error") {
+            let error: RpcError = serde_json::from_value(error)
+                .map_err(|e| ClientError::BadAnswer(format!("bad error object: {e}")))?;
+            return Err(ClientError::Rpc(error));
         }
+        response
+            .remove("result")
+            .ok_or_else(|| ClientError::BadAnswer("neither result nor error".into()))
     }
 }

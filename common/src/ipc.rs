@@ -210,6 +210,31 @@ pub enum Outcome {
     Failed { reason: String },
 }
 
+impl From<Outcome> for crate::wire::HandlerOutcome {
+    fn from(outcome: Outcome) -> Self {
+        use crate::wire::HandlerOutcome as W;
+        match outcome {
+            Outcome::Exited { code } => W::Exited { code },
+            Outcome::Signalled { signal } => W::Signalled { signal },
+            Outcome::TimedOut { after_ms } => W::TimedOut { after_ms },
+            Outcome::NoHandler => W::NoHandler,
+            Outcome::Refused { reason } => W::Refused { reason },
+            Outcome::Failed { reason } => W::Failed { reason },
+        }
+    }
+}
+
+impl From<RunResult> for crate::wire::HandlerResult {
+    fn from(result: RunResult) -> Self {
+        Self {
+            handler: result.handler,
+            outcome: result.outcome.into(),
+            stdout: result.stdout,
+            duration_ms: result.duration_ms,
+        }
+    }
+}
+
 /// The largest payload a message may carry.
 pub const MAX_PAYLOAD_BYTES: usize = 16 * 1024 * 1024;
 /// The largest reply kept from a handler's standard output.

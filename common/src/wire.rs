@@ -147,7 +147,8 @@ pub struct Data {
     pub targets: Vec<KeyBytes>,
     pub want_reply: bool,
     pub hops: u8,
-    pub payload: Vec<u8>,
+    /// Shared, not copied, between the outbox and the copies queued for each hop.
+    pub payload: bytes::Bytes,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -164,9 +165,28 @@ pub struct Reply {
     pub from: KeyBytes,
     pub to: KeyBytes,
     pub hops: u8,
-    /// The handler's outcome, as the handler service reported it, JSON-encoded (the same
-    /// `RunResult` the internal socket carries).
-    pub result: String,
+    pub result: HandlerResult,
+}
+
+/// How a target's handler ended, for an origin that waits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandlerResult {
+    /// The handler file, relative to the handler directory, once one was chosen.
+    pub handler: Option<String>,
+    pub outcome: HandlerOutcome,
+    /// The handler's standard output (at most `ipc::MAX_REPLY_BYTES`).
+    pub stdout: Vec<u8>,
+    pub duration_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HandlerOutcome {
+    Exited { code: i32 },
+    Signalled { signal: i32 },
+    TimedOut { after_ms: u64 },
+    NoHandler,
+    Refused { reason: String },
+    Failed { reason: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

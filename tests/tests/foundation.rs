@@ -427,3 +427,42 @@ fn helper_services_reconnect_after_the_mesh_service_restarts() {
         assert!(device.try_wait(label).is_none(), "{label} exited");
     }
 }
+
+#[test]
+fn idle_and_stalled_api_clients_neither_lock_out_the_cli_nor_delay_shutdown() {
+    let mut device = Device::new("desk");
+    device.start();
+    // 100 clients that connect and say nothing: more than the 64 served at once.
+    let idle: Vec<UnixStream> = (0..100)
+        .map(|_| UnixStream::connect(device.socket()).unwrap())
+        .collect();
+    device.cnspr(&["status"]).success();
+    device.cnspr(&["peers"]).success();
+    // Subscribers that never read what they are sent, while events flow (store writes raise
+    // one each): they are not evicted, but cannot hold anything up either.
+    let mut stalled = Vec::new();
+    for _ in 0..8 {
+        let mut client = RawClient::connect(&device);
+        let v = client.send(br#"{"jsonrpc":"2.0","id":1,"method":"subscribe"}"#);
+        assert_eq!(v["result"]["subscribed"], true, "{v}");
+        stalled.push(client);
+    }
+    // Each event names its 1000-byte key: 600 of them overflow what the socket buffers.
+    let mut writer = RawClient::connect(&device);
+    for i in 0..600 {
+        let key = format!("{i:04}{}", "k".repeat(996));
+        let line = json!({"jsonrpc": "2.0", "id": i, "method": "db.set", "params": {"key": key, "value": "v"}});
+        let v = writer.send(line.to_string().as_bytes());
+        assert!(v["result"].is_object(), "{v}");
+    }
+    device.cnspr(&["status"]).success();
+    let started = std::time::Instant::now();
+    let status = device.stop_with("serve", Signal::SIGTERM);
+    assert!(status.success(), "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "SIGTERM took {:?}",
+        started.elapsed()
+    );
+    drop((idle, stalled));
+}

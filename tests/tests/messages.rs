@@ -313,3 +313,113 @@ fn watch_streams_messages_and_peer_changes() {
     assert_eq!(message["from"], "a");
     assert_eq!(message["status"], "ok");
 }
+
+/// The resident memory of process `pid`, in MiB.
+fn rss_mib(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap()
+        / 1024
+}
+
+#[test]
+fn replies_of_the_largest_size_from_several_devices_reach_the_cli() {
+    let ns = NetNs::new();
+    let devices = devices(&ns, &["a", "b", "c"]);
+    link_all(&devices, &[]);
+    let [mut a, b, c]: [Device; 3] = devices.try_into().ok().unwrap();
+    a.wait_status("b", "direct", SOON);
+    a.wait_status("c", "direct", SOON);
+    // 16 MiB each (the reply limit): binary from b, text with NUL-free escapes from c.
+    handler(&b, "big", "head -c 16777216 /dev/urandom");
+    handler(&c, "big", "yes 'a line of \"text\"' | head -c 16777216");
+    let run = a.cnspr(&["send", "--wait", "--timeout", "60s", "--json", "big"]);
+    assert_eq!(run.status.code(), Some(0), "{}", run.stderr);
+    let result = run.json();
+    let replies = result["replies"].as_array().unwrap();
+    assert_eq!(replies.len(), 2, "{}", run.stderr);
+    for reply in replies {
+        let bytes = match (reply["stdout"].as_str(), reply["stdout_base64"].as_str()) {
+            (Some(text), None) => text.len(),
+            (None, Some(b64)) => {
+                use base64::Engine;
+                base64::engine::general_purpose::STANDARD
+                    .decode(b64)
+                    .unwrap()
+                    .len()
+            }
+            other => panic!("{} sent {other:?}", reply["name"]),
+        };
+        assert_eq!(bytes, 16 << 20, "from {}", reply["name"]);
+        let binary = reply["name"] == "b";
+        assert_eq!(reply["stdout_base64"].is_string(), binary);
+    }
+    // As text, each reply as it comes: binary as its size, text as it is.
+    let run = a
+        .cnspr(&["send", "--wait", "--timeout", "60s", "big"])
+        .success();
+    assert!(
+        run.stdout.contains("(16777216 bytes of binary output"),
+        "{}",
+        &run.stdout[..200.min(run.stdout.len())]
+    );
+    assert!(run.stdout.len() > 16 << 20);
+}
+
+#[test]
+fn a_full_outbox_refuses_with_the_reason_and_drains_at_link_speed_when_the_target_returns() {
+    let ns = NetNs::new();
+    let mut devices = devices(&ns, &["a", "b"]);
+    link_all(&devices, &[]);
+    devices[0].wait_status("b", "direct", SOON);
+    let out = shared_dir();
+    let log = out.path().join("runs");
+    handler(&devices[1], "file", &format!("wc -c >> {}", log.display()));
+    devices[1].stop_with("serve", Signal::SIGTERM);
+    devices[0].wait_status("b", "unreachable", SOON);
+
+    let file = out.path().join("payload");
+    fs::write(&file, vec![b'x'; 16 << 20]).unwrap();
+    let send = |device: &Device| {
+        device
+            .command(bin("cnspr"))
+            .args(["send", "--to", "b", "file", "-"])
+            .stdin(fs::File::open(&file).unwrap())
+            .output()
+            .unwrap()
+    };
+    // 256 MiB is the bound: 16 messages of 16 MiB fit, the 17th is refused.
+    for i in 0..16 {
+        let output = send(&devices[0]);
+        assert!(
+            output.status.success(),
+            "message {i}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let output = send(&devices[0]);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("the outbox is full"), "{stderr}");
+    assert!(stderr.contains("b (16)"), "{stderr}");
+    let pid = devices[0].pid("serve");
+    assert!(rss_mib(pid) < 600, "{} MiB resident", rss_mib(pid));
+
+    // Back: everything goes at once, not one message per resend interval.
+    devices[1].start_in(&ns);
+    let started = std::time::Instant::now();
+    let all = wait_until(Duration::from_secs(90), || lines(&log).len() == 16);
+    assert!(
+        all,
+        "{} of 16 ran in {:?}:\n{}",
+        lines(&log).len(),
+        started.elapsed(),
+        devices[0].log("serve")
+    );
+    assert!(lines(&log).iter().all(|l| l.trim() == "16777216"));
+    // The outbox is empty again: a send goes.
+    assert!(wait_until(SOON, || send(&devices[0]).status.success()));
+}

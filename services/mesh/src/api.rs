@@ -10,16 +10,15 @@ use cnsprcy::netif::InterfaceFilter;
 use cnsprcy::rpc::{self, Methods, RpcError};
 use serde::Deserialize;
 use serde_json::Value;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use base64::Engine;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::delivery::SendRequest;
 
 use crate::Mesh;
 use crate::node::Request;
-use crate::roster::Member;
+use crate::roster::{MAX_ADDRESSES, Member};
 
 /// `ping` waits this long for the pong unless told otherwise.
 const DEFAULT_PING_TIMEOUT_MS: u64 = 5000;
@@ -27,8 +26,10 @@ const MAX_PING_TIMEOUT_MS: u64 = 60_000;
 
 pub struct Api<'a> {
     pub mesh: &'a Mesh,
-    /// Set by `subscribe`: the connection then also streams events.
-    pub subscribed: AtomicBool,
+    /// This connection's number in `Mesh::connections`.
+    pub connection: u64,
+    /// Notification lines a call sends while it runs (`send.reply` of a streaming `send`).
+    pub notes: mpsc::UnboundedSender<String>,
 }
 
 #[derive(Deserialize)]
@@ -69,6 +70,10 @@ struct SendParams {
     timeout_ms: Option<u64>,
     #[serde(default)]
     ttl_ms: Option<u64>,
+    /// With `wait`: send each reply as a `send.reply` notification as it arrives, and leave
+    /// `replies` out of the result (large replies from many devices then never meet in one line).
+    #[serde(default)]
+    stream: bool,
 }
 
 /// `send --wait` waits this long unless told otherwise.
@@ -104,6 +109,11 @@ fn send_request(params: SendParams) -> Result<SendRequest, RpcError> {
             "ttl_ms must be between 1 and {MAX_TTL_MS} (30 days)"
         )));
     }
+    if params.stream && !params.wait {
+        return Err(RpcError::invalid_params(
+            "stream applies to a send that waits: give wait: true too",
+        ));
+    }
     if let Some(to) = &params.to
         && to.is_empty()
     {
@@ -117,6 +127,7 @@ fn send_request(params: SendParams) -> Result<SendRequest, RpcError> {
         payload,
         wait: params.wait.then(|| Duration::from_millis(wait_ms)),
         ttl: Duration::from_millis(ttl_ms),
+        progress: None,
     })
 }
 
@@ -127,6 +138,29 @@ struct AddParams {
     public_key: PublicKey,
     #[serde(default)]
     addresses: Vec<SocketAddr>,
+}
+
+/// The addresses `members.add` accepts: at most `MAX_ADDRESSES` (the roster keeps no more),
+/// each one a device could listen on, without repeats.
+fn member_addresses(addresses: Vec<SocketAddr>) -> Result<Vec<SocketAddr>, RpcError> {
+    let mut kept: Vec<SocketAddr> = Vec::new();
+    for addr in addresses {
+        if addr.ip().is_unspecified() || addr.ip().is_multicast() || addr.port() == 0 {
+            return Err(RpcError::invalid_params(format!(
+                "{addr} cannot be dialled: give the address and port the member listens on, such as 192.168.1.20:7332"
+            )));
+        }
+        if !kept.contains(&addr) {
+            kept.push(addr);
+        }
+    }
+    if kept.len() > MAX_ADDRESSES {
+        return Err(RpcError::invalid_params(format!(
+            "{} addresses given; a member has at most {MAX_ADDRESSES}: give those it is most likely reached at (it announces the rest itself once connected)",
+            kept.len()
+        )));
+    }
+    Ok(kept)
 }
 
 fn to_value<T: serde::Serialize>(value: T) -> Result<Value, RpcError> {
@@ -196,7 +230,7 @@ impl Methods for Api<'_> {
                 let member = Member {
                     name,
                     public_key,
-                    addresses,
+                    addresses: member_addresses(addresses)?,
                 };
                 to_value(
                     self.ask(|reply| Request::AddMember { member, reply })
@@ -211,12 +245,38 @@ impl Methods for Api<'_> {
                 )
             }
             "send" => {
-                let send = send_request(rpc::params(params)?)?;
-                to_value(self.ask(|reply| Request::Send { send, reply }).await??)
+                let params: SendParams = rpc::params(params)?;
+                let stream = params.stream;
+                let mut send = send_request(params)?;
+                if !stream {
+                    return to_value(self.ask(|reply| Request::Send { send, reply }).await??);
+                }
+                let (progress, mut replies) = mpsc::unbounded_channel();
+                send.progress = Some(progress);
+                let answer = self.ask(|reply| Request::Send { send, reply });
+                tokio::pin!(answer);
+                let result = loop {
+                    tokio::select! {
+                        result = &mut answer => break result,
+                        Some(reply) = replies.recv() => self.notify("send.reply", &reply),
+                    }
+                };
+                while let Ok(reply) = replies.try_recv() {
+                    self.notify("send.reply", &reply);
+                }
+                to_value(result??)
             }
             "subscribe" => {
                 rpc::params::<NoParams>(params)?;
-                self.subscribed.store(true, Ordering::Relaxed);
+                if !self.mesh.connections.subscribe(self.connection) {
+                    return Err(RpcError::new(
+                        rpc::code::UNAVAILABLE,
+                        format!(
+                            "{} clients are subscribed already, the most there may be; close one (`cnspr watch` in another terminal?) and try again",
+                            crate::api_conn::MAX_SUBSCRIBERS
+                        ),
+                    ));
+                }
                 Ok(serde_json::json!({ "subscribed": true }))
             }
             "retry" => {
@@ -235,6 +295,18 @@ impl Methods for Api<'_> {
 }
 
 impl Api<'_> {
+    /// Whether this connection subscribed to events.
+    pub fn is_subscribed(&self) -> bool {
+        self.mesh.connections.is_subscribed(self.connection)
+    }
+
+    /// Queues a notification for this connection; it goes out before the call's answer.
+    fn notify(&self, method: &str, params: &impl serde::Serialize) {
+        let note = serde_json::json!({"jsonrpc": "2.0", "method": method, "params": params});
+        // The connection task reads these until the call is answered: it is there.
+        let _ = self.notes.send(note.to_string());
+    }
+
     /// Sends a request to the node and waits for its answer.
     async fn ask<T>(
         &self,
@@ -334,6 +406,31 @@ impl Api<'_> {
             services,
             interfaces,
             absent_interfaces: absent,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn member_addresses_are_bounded_dialable_and_unique() {
+        let addr = |i: u16| SocketAddr::from(([192, 168, 1, 20], 7000 + i));
+        assert_eq!(
+            member_addresses(vec![addr(1), addr(1), addr(2)]).unwrap(),
+            vec![addr(1), addr(2)]
+        );
+        let many: Vec<SocketAddr> = (0..1000).map(addr).collect();
+        let error = member_addresses(many).unwrap_err();
+        assert!(error.message.contains("1000 addresses"), "{error}");
+        assert!(member_addresses((0..8).map(addr).collect()).is_ok());
+        for bad in ["0.0.0.0:7332", "192.168.1.20:0", "[ff02::1]:7332"] {
+            let error = member_addresses(vec![bad.parse().unwrap()]).unwrap_err();
+            assert!(
+                error.message.contains("cannot be dialled"),
+                "{bad}: {error}"
+            );
         }
     }
 }

@@ -6,17 +6,17 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD as BASE64;
-use cnsprcy::api::{HandlerReply, PeerStatus, SendResult, WatchEvent};
+use cnsprcy::api::{Bytes, HandlerReply, PeerStatus, SendResult, WatchEvent};
 use cnsprcy::identity::PublicKey;
 use cnsprcy::ipc::{EVENT_MESSAGE, MAX_PAYLOAD_BYTES, Outcome, Run, RunResult, Sender};
 use cnsprcy::rpc::RpcError;
-use cnsprcy::wire::{Ack, Data, KeyBytes, Message, MessageId, Reply};
+use cnsprcy::wire::{
+    Ack, Data, HandlerOutcome, HandlerResult, KeyBytes, Message, MessageId, Reply,
+};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::messaging::{Wait, expires_ms, id_text, now_ms};
+use crate::messaging::{OutboxError, Wait, expires_ms, id_text, now_ms};
 use crate::node::{Event, Node, code, rpc_error};
 use crate::peers::Reach;
 use crate::roster::Member;
@@ -38,6 +38,8 @@ pub struct SendRequest {
     /// Wait this long for every recipient's handler.
     pub wait: Option<Duration>,
     pub ttl: Duration,
+    /// With `wait`: hand each reply here as it arrives instead of in the result.
+    pub progress: Option<tokio::sync::mpsc::UnboundedSender<HandlerReply>>,
 }
 
 /// A send waiting for replies, with the answer it will complete.
@@ -100,14 +102,14 @@ impl Node {
             targets: targets.clone(),
             want_reply: send.wait.is_some(),
             hops: 0,
-            payload: send.payload,
+            payload: send.payload.into(),
         };
         let id = data.id;
         let (tag, size) = (data.tag.clone(), data.payload.len());
         let sent_tag = tag.clone();
         self.outbox
             .add(data, targets.clone())
-            .map_err(|e| rpc_error(code::STORAGE, format!("cannot store the message: {e}")))?;
+            .map_err(|e| self.outbox_error(e))?;
         let queued = members
             .iter()
             .filter(|m| !self.table.reach(&m.public_key).is_reachable())
@@ -130,40 +132,89 @@ impl Node {
         let wait = send.wait.map(|wait| Wait {
             tag: tag.clone(),
             expected: targets.into_iter().collect::<HashSet<_>>(),
+            replied: HashSet::new(),
             replies: Vec::new(),
             deadline: (Instant::now() + wait).into_std(),
+            progress: send.progress,
         });
         Ok((id, result, wait))
     }
 
-    /// Sends what the outbox owes to targets that can be reached now.
-    pub(crate) fn flush_outbox(&mut self) {
-        let table = &self.table;
-        let due = self.outbox.due(
-            |k| table.reach(&PublicKey::from_bytes(*k)).is_reachable(),
-            Instant::now().into_std(),
-        );
-        for (data, targets) in due {
-            self.pass_on(&data, &targets);
+    fn outbox_error(&self, e: OutboxError) -> RpcError {
+        match e {
+            OutboxError::Full {
+                ref waiting_for, ..
+            } => {
+                let waiting: Vec<String> = waiting_for
+                    .iter()
+                    .map(|(key, n)| {
+                        format!("{} ({n})", self.member_name(&PublicKey::from_bytes(*key)))
+                    })
+                    .collect();
+                rpc_error(
+                    code::OUTBOX_FULL,
+                    format!(
+                        "{e}; the message was not sent. Most wait for {}: they go out when it is reachable again, or expire at the end of their TTL",
+                        waiting.join(", ")
+                    ),
+                )
+            }
+            OutboxError::Io(e) => {
+                rpc_error(code::STORAGE, format!("cannot store the message: {e}"))
+            }
         }
     }
 
-    /// Sends copies of `data` for `targets` along the routing plan.
-    fn pass_on(&self, data: &Data, targets: &[PublicKey]) {
+    /// Sends what the outbox owes to targets that can be reached now, oldest first, as fast as
+    /// their sessions take it: what a full session queue did not take stays due, and goes when
+    /// the queue has room again (`Event::Writable`).
+    pub(crate) fn flush_outbox(&mut self) {
+        let now = Instant::now().into_std();
+        let table = &self.table;
+        let due = self.outbox.due(
+            |k| table.reach(&PublicKey::from_bytes(*k)).is_reachable(),
+            now,
+        );
+        // A hop whose queue refused a copy gets nothing newer this round, so that copies to it
+        // keep their order.
+        let mut full: HashSet<PublicKey> = HashSet::new();
+        for (data, targets) in due {
+            for target in self.pass_on(&data, &targets, &mut full) {
+                self.outbox.queued(&data.id, &target, now);
+            }
+        }
+    }
+
+    /// Queues copies of `data` for `targets` along the routing plan, except to hops in `full`
+    /// (which gains the hops whose queue is full); returns the targets served by queued copies.
+    fn pass_on(
+        &self,
+        data: &Data,
+        targets: &[PublicKey],
+        full: &mut HashSet<PublicKey>,
+    ) -> Vec<PublicKey> {
         let plan = routing::plan(targets, &self.table);
+        let mut served = Vec::new();
         for (hop, serves) in plan.copies {
+            if full.contains(&hop) {
+                continue;
+            }
             let copy = Data {
                 targets: serves.iter().map(|k| *k.as_bytes()).collect(),
                 ..data.clone()
             };
-            let sent = self
+            let queued = self
                 .sessions
                 .get(&hop)
                 .is_some_and(|live| live.tx.try_send(Message::Data(copy)));
-            if !sent {
-                tracing::debug!(peer = %self.member_name(&hop), "could not queue a message copy");
+            if queued {
+                served.extend(serves);
+            } else {
+                tracing::debug!(peer = %self.member_name(&hop), "its queue is full; the message copy waits");
+                full.insert(hop);
             }
         }
+        served
     }
 
     pub(crate) fn on_data(&mut self, mut data: Data) {
@@ -209,7 +260,8 @@ impl Node {
             .filter(|k| self.table.contains(k))
             .collect();
         if !rest.is_empty() {
-            self.pass_on(&data, &rest);
+            // Passed on once; the origin resends what does not arrive.
+            self.pass_on(&data, &rest, &mut HashSet::new());
         }
     }
 
@@ -228,13 +280,13 @@ impl Node {
             message_id: Some(id_text(&data.id)),
             device: self.name.to_string(),
             env: Vec::new(),
-            payload: data.payload.clone(),
+            payload: data.payload.to_vec(),
         };
         let (handlers, events) = (self.handlers.clone(), self.handle.events.clone());
         let size = run.payload.len();
         // The node keeps what it needs to reply, not the payload.
         let data = Box::new(Data {
-            payload: Vec::new(),
+            payload: Default::default(),
             ..data.clone()
         });
         self.tasks.spawn(async move {
@@ -250,13 +302,15 @@ impl Node {
         result: Result<RunResult, String>,
     ) {
         let origin = PublicKey::from_bytes(data.origin);
-        let result = result.unwrap_or_else(|reason| RunResult {
-            handler: None,
-            outcome: Outcome::Failed { reason },
-            stdout: Vec::new(),
-            duration_ms: 0,
-        });
-        let status = reply_status(&result.outcome);
+        let result: HandlerResult = result
+            .unwrap_or_else(|reason| RunResult {
+                handler: None,
+                outcome: Outcome::Failed { reason },
+                stdout: Vec::new(),
+                duration_ms: 0,
+            })
+            .into();
+        let (status, _, _) = reply_status(&result.outcome, &data.tag, "");
         let name = self.member_name(&origin);
         tracing::info!(
             tag = %data.tag,
@@ -277,8 +331,6 @@ impl Node {
             });
         }
         if data.want_reply {
-            // A RunResult holds only strings and numbers: it always serializes.
-            let encoded = serde_json::to_string(&result).unwrap_or_default();
             self.route(
                 &origin,
                 Message::Reply(Reply {
@@ -286,7 +338,7 @@ impl Node {
                     from: *self.own_key().as_bytes(),
                     to: data.origin,
                     hops: 0,
-                    result: encoded,
+                    result,
                 }),
             );
         }
@@ -304,11 +356,12 @@ impl Node {
 
     pub(crate) fn on_reply(&mut self, mut reply: Reply) {
         if reply.to == *self.own_key().as_bytes() {
-            if let Some((wait, _)) = self.waits.get_mut(&reply.id)
-                && wait.expected.contains(&reply.from)
-                && !wait.replies.iter().any(|(k, _)| *k == reply.from)
-            {
-                wait.replies.push((reply.from, reply.result));
+            let Some(tag) = self.waits.get(&reply.id).map(|(w, _)| w.tag.clone()) else {
+                return;
+            };
+            let shown = self.handler_reply(&reply.from, reply.result, &tag);
+            if let Some((wait, _)) = self.waits.get_mut(&reply.id) {
+                wait.add(reply.from, shown);
             }
         } else if reply.hops < MAX_DATA_HOPS {
             reply.hops += 1;
@@ -343,16 +396,8 @@ impl Node {
                 let _ = pending.reply.send(Ok(result));
                 continue;
             }
-            let mut replies: Vec<HandlerReply> = wait
-                .replies
-                .iter()
-                .map(|(from, encoded)| self.handler_reply(from, encoded, &wait.tag))
-                .collect();
-            for missing in wait
-                .expected
-                .iter()
-                .filter(|k| !wait.replies.iter().any(|(from, _)| from == *k))
-            {
+            let mut replies = wait.replies;
+            for missing in wait.expected.iter().filter(|k| !wait.replied.contains(*k)) {
                 let key = PublicKey::from_bytes(*missing);
                 let reachable = self.table.reach(&key).is_reachable();
                 replies.push(HandlerReply {
@@ -368,7 +413,7 @@ impl Node {
                     exit_code: None,
                     handler: None,
                     stdout: None,
-                    stdout_base64: String::new(),
+                    stdout_base64: None,
                     error: Some(if reachable {
                         "no reply before the wait ended".into()
                     } else {
@@ -377,52 +422,35 @@ impl Node {
                     duration_ms: None,
                 });
             }
-            result.replies = Some(replies);
+            match &wait.progress {
+                Some(progress) => {
+                    for reply in replies {
+                        let _ = progress.send(reply);
+                    }
+                }
+                None => result.replies = Some(replies),
+            }
             let _ = pending.reply.send(Ok(result));
         }
     }
 
-    fn handler_reply(&self, from: &KeyBytes, encoded: &str, tag: &str) -> HandlerReply {
+    fn handler_reply(&self, from: &KeyBytes, result: HandlerResult, tag: &str) -> HandlerReply {
         let key = PublicKey::from_bytes(*from);
         let name = self
             .roster
             .get(&key)
             .map(|m| m.name.clone())
             .unwrap_or_else(|| cnsprcy::identity::DeviceName::sanitized("unknown"));
-        let result: Option<RunResult> = serde_json::from_str(encoded).ok();
-        let Some(result) = result else {
-            return HandlerReply {
-                name,
-                id: key.device_id(),
-                status: "error".into(),
-                exit_code: None,
-                handler: None,
-                stdout: None,
-                stdout_base64: String::new(),
-                error: Some("the reply is not understood".into()),
-                duration_ms: None,
-            };
-        };
-        let (exit_code, error) = match &result.outcome {
-            Outcome::Exited { code } => (Some(*code), None),
-            Outcome::Signalled { signal } => (None, Some(format!("killed by signal {signal}"))),
-            Outcome::TimedOut { after_ms } => (
-                None,
-                Some(format!("timed out after {after_ms} ms and was killed")),
-            ),
-            Outcome::NoHandler => (None, Some(format!("no handler for {tag} on {name}"))),
-            Outcome::Refused { reason } | Outcome::Failed { reason } => {
-                (None, Some(reason.clone()))
-            }
-        };
+        let (status, exit_code, error) = reply_status(&result.outcome, tag, name.as_str());
+        let (stdout, stdout_base64) = Bytes::encode(&result.stdout);
         HandlerReply {
             name,
             id: key.device_id(),
-            status: reply_status(&result.outcome).into(),
+            status: status.into(),
             exit_code,
-            handler: result.handler.clone(),
-            stdout: String::from_utf8(result.stdout.clone()).ok(),
-            stdout_base64: BASE64.encode(&result.stdout),
+            handler: result.handler,
+            stdout,
+            stdout_base64,
             error,
             duration_ms: Some(result.duration_ms),
         }
@@ -507,14 +535,30 @@ impl Node {
     }
 }
 
-/// The word `send --wait` shows for an outcome.
-fn reply_status(outcome: &Outcome) -> &'static str {
+/// The word `send --wait` shows for an outcome, and why the handler did not succeed (for
+/// `tag` on `device`).
+fn reply_status(
+    outcome: &HandlerOutcome,
+    tag: &str,
+    device: &str,
+) -> (&'static str, Option<i32>, Option<String>) {
     match outcome {
-        Outcome::Exited { code: 0 } => "ok",
-        Outcome::Exited { .. } | Outcome::Signalled { .. } => "failed",
-        Outcome::TimedOut { .. } => "timeout",
-        Outcome::NoHandler => "no_handler",
-        Outcome::Refused { .. } => "refused",
-        Outcome::Failed { .. } => "error",
+        HandlerOutcome::Exited { code: 0 } => ("ok", Some(0), None),
+        HandlerOutcome::Exited { code } => ("failed", Some(*code), None),
+        HandlerOutcome::Signalled { signal } => {
+            ("failed", None, Some(format!("killed by signal {signal}")))
+        }
+        HandlerOutcome::TimedOut { after_ms } => (
+            "timeout",
+            None,
+            Some(format!("timed out after {after_ms} ms and was killed")),
+        ),
+        HandlerOutcome::NoHandler => (
+            "no_handler",
+            None,
+            Some(format!("no handler for {tag} on {device}")),
+        ),
+        HandlerOutcome::Refused { reason } => ("refused", None, Some(reason.clone())),
+        HandlerOutcome::Failed { reason } => ("error", None, Some(reason.clone())),
     }
 }

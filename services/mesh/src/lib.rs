@@ -4,6 +4,7 @@
 
 mod admission;
 mod api;
+mod api_conn;
 mod backoff;
 mod delivery;
 mod handlers_link;
@@ -24,20 +25,14 @@ pub mod transport;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cnsprcy::api::WatchEvent;
 use cnsprcy::env::DeviceEnv;
-use cnsprcy::framing::{BadLine, JsonConnection, JsonLinesCodec};
+use cnsprcy::framing::JsonConnection;
 use cnsprcy::identity::{DeviceName, Identity, effective_name};
 use cnsprcy::ipc::{FromMesh, ServiceKind, ToMesh};
-use cnsprcy::rpc;
 use cnsprcy::service::Running;
 use cnsprcy::sockets::{Listening, check_peer_uid, listen};
-use futures_util::{SinkExt, StreamExt};
 use std::net::SocketAddr;
 use tokio::net::UnixStream;
-use tokio::sync::Semaphore;
-use tokio::sync::broadcast::error::RecvError;
-use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -48,13 +43,8 @@ use crate::node::{Node, NodeHandle};
 use crate::registry::Registry;
 use crate::roster::Roster;
 
-/// Public API connections served at once; more wait in the socket's backlog.
-const MAX_API_CONNECTIONS: usize = 64;
 /// A helper service must say who it is this quickly after connecting.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(5);
-/// When the service stops, an API connection it accepted already is closed once its client has
-/// asked nothing for this long.
-const API_DRAIN_IDLE: Duration = Duration::from_millis(500);
 
 /// What the API handlers and the internal socket share.
 struct Mesh {
@@ -67,6 +57,7 @@ struct Mesh {
     started: Instant,
     registry: Registry,
     handlers: Arc<HandlersLink>,
+    connections: Arc<api_conn::Connections>,
 }
 
 /// Loads (or creates) the identity, loads the roster, binds the TCP and UNIX sockets and starts
@@ -129,6 +120,7 @@ pub async fn start(env: DeviceEnv, shutdown: CancellationToken) -> anyhow::Resul
         node: handle.clone(),
         started: Instant::now(),
         registry: Registry::default(),
+        connections: Arc::new(api_conn::Connections::new()),
     });
     let serving = async move {
         let tasks = TaskTracker::new();
@@ -181,21 +173,20 @@ async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let tasks = TaskTracker::new();
-    let limit = Arc::new(Semaphore::new(MAX_API_CONNECTIONS));
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = public.listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    let Ok(permit) = limit.clone().try_acquire_owned() else {
-                        tasks.spawn(refuse_busy(stream).in_current_span());
+                    let Some(ticket) = mesh.connections.admit(Instant::now()) else {
+                        let mesh = mesh.clone();
+                        tasks.spawn(async move {
+                            api_conn::refuse_busy(&mesh.connections, stream).await;
+                        }.in_current_span());
                         continue;
                     };
                     let (mesh, shutdown) = (mesh.clone(), shutdown.clone());
-                    tasks.spawn(async move {
-                        serve_api(mesh, stream, shutdown).await;
-                        drop(permit);
-                    }.in_current_span());
+                    tasks.spawn(api_conn::serve_api(mesh, stream, shutdown, ticket).in_current_span());
                 }
                 Err(e) => accept_failed("public", e).await,
             },
@@ -220,107 +211,6 @@ async fn serve(
 async fn accept_failed(which: &str, e: std::io::Error) {
     tracing::warn!("cannot accept on the {which} socket: {e}");
     tokio::time::sleep(Duration::from_millis(100)).await;
-}
-
-/// Tells a client over the connection limit to come back later, instead of leaving it hanging.
-async fn refuse_busy(stream: UnixStream) {
-    tracing::warn!("{MAX_API_CONNECTIONS} API clients connected; refused one more");
-    let mut framed = Framed::new(stream, JsonLinesCodec::default());
-    let error = rpc::RpcError::new(
-        rpc::code::UNAVAILABLE,
-        format!("too many connections ({MAX_API_CONNECTIONS}); try again"),
-    );
-    let _ = framed
-        .send(rpc::to_line(&rpc::Response::failure(
-            serde_json::Value::Null,
-            error,
-        )))
-        .await;
-}
-
-/// One client of the public API: JSON-RPC requests, one per line, until it hangs up; after
-/// `subscribe`, also event notifications.
-async fn serve_api(mesh: Arc<Mesh>, stream: UnixStream, shutdown: CancellationToken) {
-    let refused = check_peer_uid(&stream).err();
-    let mut framed = Framed::new(stream, JsonLinesCodec::default());
-    if let Some(reason) = refused {
-        tracing::warn!("public socket: {reason}");
-        let error = rpc::RpcError::new(rpc::code::PERMISSION_DENIED, reason);
-        let _ = framed
-            .send(rpc::to_line(&rpc::Response::failure(
-                serde_json::Value::Null,
-                error,
-            )))
-            .await;
-        return;
-    }
-    let api = api::Api {
-        mesh: &mesh,
-        subscribed: Default::default(),
-    };
-    let mut events: Option<tokio::sync::broadcast::Receiver<WatchEvent>> = None;
-    loop {
-        let line = if shutdown.is_cancelled() {
-            // Stopping. New clients wait in the socket (under systemd, for the next process),
-            // but this one was accepted already: what it asks is still answered, until it has
-            // been quiet for a moment.
-            match tokio::time::timeout(API_DRAIN_IDLE, framed.next()).await {
-                Ok(line) => line,
-                Err(_) => return,
-            }
-        } else {
-            let next_event = async {
-                match events.as_mut() {
-                    Some(rx) => rx.recv().await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                _ = shutdown.cancelled() => continue,
-                event = next_event => {
-                    let event = match event {
-                        Ok(event) => event,
-                        Err(RecvError::Lagged(missed)) => WatchEvent::Lagged { missed },
-                        Err(RecvError::Closed) => return,
-                    };
-                    let note = serde_json::json!({"jsonrpc": "2.0", "method": "event", "params": event});
-                    if framed.send(note.to_string()).await.is_err() {
-                        return;
-                    }
-                    continue;
-                }
-                line = framed.next() => line,
-            }
-        };
-        let answer = match line {
-            None => return,
-            Some(Err(e)) => {
-                tracing::debug!("API client connection failed: {e}");
-                return;
-            }
-            Some(Ok(Err(bad))) => {
-                let code = match bad {
-                    BadLine::TooLong { .. } => rpc::code::INVALID_REQUEST,
-                    BadLine::NotUtf8 => rpc::code::PARSE_ERROR,
-                };
-                let error = rpc::RpcError::new(code, format!("cannot read request: {bad}"));
-                Some(rpc::to_line(&rpc::Response::failure(
-                    serde_json::Value::Null,
-                    error,
-                )))
-            }
-            Some(Ok(Ok(line))) if line.trim().is_empty() => None,
-            Some(Ok(Ok(line))) => rpc::handle_line(&api, &line).await,
-        };
-        if let Some(answer) = answer
-            && framed.send(answer).await.is_err()
-        {
-            return;
-        }
-        if events.is_none() && api.subscribed.load(std::sync::atomic::Ordering::Relaxed) {
-            events = Some(mesh.node.watch.subscribe());
-        }
-    }
 }
 
 /// One helper service on `mesh.sock`: it registers, then stays connected while it runs.

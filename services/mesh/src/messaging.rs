@@ -13,6 +13,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use cnsprcy::api::HandlerReply;
 use cnsprcy::identity::PublicKey;
 use cnsprcy::wire::{Data, KeyBytes, MessageId};
 use serde::{Deserialize, Serialize};
@@ -44,15 +45,45 @@ pub fn expires_ms(data: &Data) -> u64 {
 /// A message the origin still owes to some targets.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Entry {
+    /// The order messages were accepted in: copies go out in this order.
+    pub seq: u64,
     pub data: Data,
     pub pending: Vec<KeyBytes>,
+}
+
+/// Messages the outbox holds at most (over all targets); a send beyond is refused.
+pub const MAX_OUTBOX_MESSAGES: usize = 1000;
+/// Payload bytes the outbox holds at most; a send beyond is refused. It is on disk (so it survives
+/// a restart) and in memory (so it goes out at link speed once a target is back).
+pub const MAX_OUTBOX_BYTES: usize = 256 * 1024 * 1024;
+
+/// Why a message was not taken into the outbox.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    #[error(
+        "the outbox is full: {messages} messages ({mib} MiB) still wait for their targets, and it holds at most {MAX_OUTBOX_MESSAGES} messages and {} MiB",
+        MAX_OUTBOX_BYTES >> 20
+    )]
+    Full {
+        messages: usize,
+        mib: usize,
+        /// The targets most messages wait for, with how many each.
+        waiting_for: Vec<(KeyBytes, usize)>,
+    },
+    #[error("cannot store the message: {0}")]
+    Io(#[from] io::Error),
 }
 
 /// The origin's unacknowledged messages, one file each under `outbox/` in the state directory.
 pub struct Outbox {
     dir: PathBuf,
     entries: HashMap<MessageId, Entry>,
-    /// When each (message, target) was last sent, to pace resends.
+    /// Entries by `seq`: the order they go out in.
+    order: std::collections::BTreeMap<u64, MessageId>,
+    next_seq: u64,
+    /// Payload bytes held.
+    bytes: usize,
+    /// When each (message, target) was last queued for sending, to pace resends.
     sent: HashMap<(MessageId, KeyBytes), Instant>,
 }
 
@@ -64,9 +95,16 @@ impl Outbox {
             .recursive(true)
             .mode(0o700)
             .create(&dir)?;
-        let mut entries = HashMap::new();
+        let mut outbox = Self {
+            dir,
+            entries: HashMap::new(),
+            order: Default::default(),
+            next_seq: 0,
+            bytes: 0,
+            sent: HashMap::new(),
+        };
         let now = now_ms();
-        for file in fs::read_dir(&dir)? {
+        for file in fs::read_dir(&outbox.dir)? {
             let path = file?.path();
             // A half-written entry from a crash: the complete one, if any, has the .msg name.
             if path.extension().is_none_or(|e| e != "msg") {
@@ -77,8 +115,10 @@ impl Outbox {
                 .ok()
                 .and_then(|bytes| postcard::from_bytes(&bytes).ok());
             match entry {
+                // Kept even beyond the bounds (they apply to new messages): nothing is lost.
                 Some(entry) if expires_ms(&entry.data) > now && !entry.pending.is_empty() => {
-                    entries.insert(entry.data.id, entry);
+                    outbox.next_seq = outbox.next_seq.max(entry.seq + 1);
+                    outbox.insert(entry);
                 }
                 Some(_) => {
                     let _ = fs::remove_file(&path);
@@ -89,11 +129,22 @@ impl Outbox {
                 }
             }
         }
-        Ok(Self {
-            dir,
-            entries,
-            sent: HashMap::new(),
-        })
+        Ok(outbox)
+    }
+
+    fn insert(&mut self, entry: Entry) {
+        self.bytes += entry.data.payload.len();
+        self.order.insert(entry.seq, entry.data.id);
+        self.entries.insert(entry.data.id, entry);
+    }
+
+    fn remove(&mut self, id: &MessageId) -> Option<Entry> {
+        let entry = self.entries.remove(id)?;
+        self.bytes -= entry.data.payload.len();
+        self.order.remove(&entry.seq);
+        self.sent.retain(|(i, _), _| i != id);
+        let _ = fs::remove_file(self.path(id));
+        Some(entry)
     }
 
     fn path(&self, id: &MessageId) -> PathBuf {
@@ -105,11 +156,35 @@ impl Outbox {
         cnsprcy::fsutil::write_private(&self.path(&entry.data.id), &bytes)
     }
 
-    /// Keeps `data` for `pending` until they acknowledge; durable when this returns.
-    pub fn add(&mut self, data: Data, pending: Vec<KeyBytes>) -> io::Result<()> {
-        let entry = Entry { data, pending };
+    /// Keeps `data` for `pending` until they acknowledge; durable when this returns. Refused
+    /// when the outbox is at its bounds.
+    pub fn add(&mut self, data: Data, pending: Vec<KeyBytes>) -> Result<(), OutboxError> {
+        if self.entries.len() >= MAX_OUTBOX_MESSAGES
+            || self.bytes + data.payload.len() > MAX_OUTBOX_BYTES
+        {
+            let mut waiting: HashMap<KeyBytes, usize> = HashMap::new();
+            for entry in self.entries.values() {
+                for key in &entry.pending {
+                    *waiting.entry(*key).or_default() += 1;
+                }
+            }
+            let mut waiting_for: Vec<(KeyBytes, usize)> = waiting.into_iter().collect();
+            waiting_for.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+            waiting_for.truncate(3);
+            return Err(OutboxError::Full {
+                messages: self.entries.len(),
+                mib: self.bytes.div_ceil(1 << 20),
+                waiting_for,
+            });
+        }
+        let entry = Entry {
+            seq: self.next_seq,
+            data,
+            pending,
+        };
         self.save(&entry)?;
-        self.entries.insert(entry.data.id, entry);
+        self.next_seq += 1;
+        self.insert(entry);
         Ok(())
     }
 
@@ -121,8 +196,7 @@ impl Outbox {
         entry.pending.retain(|k| k != from);
         self.sent.remove(&(*id, *from));
         if entry.pending.is_empty() {
-            self.entries.remove(id);
-            let _ = fs::remove_file(self.path(id));
+            self.remove(id);
         } else {
             let entry = entry.clone();
             if let Err(e) = self.save(&entry) {
@@ -154,25 +228,21 @@ impl Outbox {
             .collect();
         expired
             .into_iter()
-            .filter_map(|id| {
-                let entry = self.entries.remove(&id)?;
-                let _ = fs::remove_file(self.path(&id));
-                self.sent.retain(|(i, _), _| *i != id);
-                Some((id, entry.pending))
-            })
+            .filter_map(|id| self.remove(&id).map(|entry| (id, entry.pending)))
             .collect()
     }
 
-    /// For each message with targets in `reachable` that are due a (re)send: the message and
-    /// those targets. Marks them sent now.
+    /// In the order they were sent, each message with its targets in `reachable` that are due a
+    /// (re)send: never queued, or queued `RESEND_AFTER` ago without an acknowledgement. The
+    /// caller marks what it queued with `queued`; what did not fit stays due.
     pub fn due(
-        &mut self,
+        &self,
         reachable: impl Fn(&KeyBytes) -> bool,
         now: Instant,
     ) -> Vec<(Data, Vec<PublicKey>)> {
         let mut out: Vec<(Data, Vec<PublicKey>)> = Vec::new();
-        for entry in self.entries.values() {
-            let targets: Vec<KeyBytes> = entry
+        for entry in self.order.values().filter_map(|id| self.entries.get(id)) {
+            let targets: Vec<PublicKey> = entry
                 .pending
                 .iter()
                 .filter(|k| reachable(k))
@@ -181,21 +251,21 @@ impl Outbox {
                         .get(&(entry.data.id, **k))
                         .is_none_or(|at| now.duration_since(*at) >= RESEND_AFTER)
                 })
-                .copied()
+                .map(|k| PublicKey::from_bytes(*k))
                 .collect();
             if !targets.is_empty() {
-                out.push((
-                    entry.data.clone(),
-                    targets.iter().map(|k| PublicKey::from_bytes(*k)).collect(),
-                ));
-            }
-        }
-        for (data, targets) in &out {
-            for key in targets {
-                self.sent.insert((data.id, *key.as_bytes()), now);
+                // Cheap: the payload is shared, not copied.
+                out.push((entry.data.clone(), targets));
             }
         }
         out
+    }
+
+    /// A copy of `id` for `target` went into a session's queue at `now`.
+    pub fn queued(&mut self, id: &MessageId, target: &PublicKey, now: Instant) {
+        if self.entries.contains_key(id) {
+            self.sent.insert((*id, *target.as_bytes()), now);
+        }
     }
 
     /// Makes every pending target due at once (it just became reachable).
@@ -310,15 +380,31 @@ impl Delivered {
 pub struct Wait {
     pub tag: String,
     pub expected: HashSet<KeyBytes>,
-    pub replies: Vec<(KeyBytes, String)>,
+    /// Those that replied; their replies, unless they went to `progress` already.
+    pub replied: HashSet<KeyBytes>,
+    pub replies: Vec<HandlerReply>,
     pub deadline: Instant,
+    /// For a streaming `send`: each reply goes here as it arrives.
+    pub progress: Option<tokio::sync::mpsc::UnboundedSender<HandlerReply>>,
 }
 
 impl Wait {
     pub fn complete(&self) -> bool {
-        self.expected
-            .iter()
-            .all(|k| self.replies.iter().any(|(from, _)| from == k))
+        self.expected.iter().all(|k| self.replied.contains(k))
+    }
+
+    /// Takes `reply` from `from`, once per expected target.
+    pub fn add(&mut self, from: KeyBytes, reply: HandlerReply) {
+        if !self.expected.contains(&from) || !self.replied.insert(from) {
+            return;
+        }
+        match &self.progress {
+            // A client that went away no longer reads; the reply is then just dropped.
+            Some(progress) => {
+                let _ = progress.send(reply);
+            }
+            None => self.replies.push(reply),
+        }
     }
 }
 
@@ -336,7 +422,15 @@ mod tests {
             targets: vec![],
             want_reply: false,
             hops: 0,
-            payload: vec![1, 2, 3],
+            payload: vec![1, 2, 3].into(),
+        }
+    }
+
+    fn queue_all(outbox: &mut Outbox, due: &[(Data, Vec<PublicKey>)], now: Instant) {
+        for (data, targets) in due {
+            for target in targets {
+                outbox.queued(&data.id, target, now);
+            }
         }
     }
 
@@ -350,14 +444,68 @@ mod tests {
         std::thread::sleep(Duration::from_millis(5));
         let mut outbox = Outbox::load(dir.path()).unwrap();
         assert_eq!(outbox.len(), 1, "the expired message is gone");
-        let due = outbox.due(|_| true, Instant::now());
+        let now = Instant::now();
+        let due = outbox.due(|_| true, now);
         assert_eq!(due.len(), 1);
         assert_eq!(due[0].1, vec![PublicKey::from_bytes([8; 32])]);
-        assert!(outbox.due(|_| true, Instant::now()).is_empty(), "paced");
+        assert_eq!(outbox.due(|_| true, now).len(), 1, "not queued: still due");
+        queue_all(&mut outbox, &due, now);
+        assert!(outbox.due(|_| true, now).is_empty(), "paced");
+        assert_eq!(outbox.due(|_| true, now + RESEND_AFTER).len(), 1);
         outbox.reset_pacing(&[8; 32]);
-        assert_eq!(outbox.due(|_| true, Instant::now()).len(), 1);
+        assert_eq!(outbox.due(|_| true, now).len(), 1);
         outbox.acked(&[1; 16], &[8; 32]);
         assert_eq!(Outbox::load(dir.path()).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn messages_go_out_in_the_order_they_were_sent_also_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut outbox = Outbox::load(dir.path()).unwrap();
+        // Random ids: the order must not come from them.
+        let ids = [9u8, 3, 7, 1, 5];
+        for id in ids {
+            outbox.add(data(id, 60_000), vec![[7; 32]]).unwrap();
+        }
+        let order = |outbox: &Outbox| -> Vec<u8> {
+            outbox
+                .due(|_| true, Instant::now())
+                .iter()
+                .map(|(d, _)| d.id[0])
+                .collect()
+        };
+        assert_eq!(order(&outbox), ids);
+        let mut outbox = Outbox::load(dir.path()).unwrap();
+        assert_eq!(order(&outbox), ids);
+        outbox.add(data(2, 60_000), vec![[7; 32]]).unwrap();
+        assert_eq!(order(&outbox), [9, 3, 7, 1, 5, 2]);
+    }
+
+    #[test]
+    fn the_outbox_is_bounded_and_says_who_it_waits_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut outbox = Outbox::load(dir.path()).unwrap();
+        let big = |id: u8| Data {
+            payload: vec![0u8; 16 << 20].into(),
+            ..data(id, 60_000)
+        };
+        for id in 0..(MAX_OUTBOX_BYTES / (16 << 20)) as u8 {
+            outbox.add(big(id), vec![[7; 32]]).unwrap();
+        }
+        match outbox.add(big(200), vec![[7; 32]]) {
+            Err(OutboxError::Full {
+                messages,
+                waiting_for,
+                ..
+            }) => {
+                assert_eq!(messages, MAX_OUTBOX_BYTES / (16 << 20));
+                assert_eq!(waiting_for, vec![([7; 32], messages)]);
+            }
+            other => panic!("{other:?}"),
+        }
+        // Small messages still fit until the count bound... once room is made.
+        outbox.acked(&[0; 16], &[7; 32]);
+        outbox.add(data(201, 60_000), vec![[8; 32]]).unwrap();
     }
 
     #[test]

@@ -47,6 +47,8 @@ pub mod code {
     pub const CONFLICT: i64 = -32005;
     pub const UNREACHABLE: i64 = -32006;
     pub const STORAGE: i64 = -32007;
+    /// `send`: the outbox holds as much as it may; nothing was sent.
+    pub const OUTBOX_FULL: i64 = -32008;
 }
 
 /// What the tasks around the node report.
@@ -81,6 +83,9 @@ pub enum Event {
         session: u64,
         reason: String,
     },
+    /// A session's queue refused a message and has room again: the outbox goes on (the node
+    /// flushes it after every event).
+    Writable,
     /// The handler for a message delivered here finished (or could not run).
     HandlerDone {
         data: Box<Data>,
@@ -430,6 +435,7 @@ impl Node {
                 }
             }
             Event::HandlerDone { data, size, result } => self.on_handler_done(*data, size, result),
+            Event::Writable => {}
             Event::Closed {
                 key,
                 session,

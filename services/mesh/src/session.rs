@@ -2,6 +2,7 @@
 //! that keeps the session alive, answers pings and hands everything else to the node.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use cnsprcy::identity::PublicKey;
@@ -29,6 +30,9 @@ pub const OUTBOUND_BYTES: usize = 32 * 1024 * 1024;
 pub struct Outbound {
     tx: mpsc::Sender<Queued>,
     bytes: Arc<Semaphore>,
+    /// Set when a message did not fit; the writer then says when it has written something
+    /// (`Event::Writable`), so that what waits for room goes at once.
+    refused: Arc<AtomicBool>,
 }
 
 /// A queued message with its share of the byte budget, given back once it is written.
@@ -41,12 +45,21 @@ impl Outbound {
     pub fn new() -> (Self, mpsc::Receiver<Queued>) {
         let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
         let bytes = Arc::new(Semaphore::new(OUTBOUND_BYTES));
-        (Self { tx, bytes }, rx)
+        let refused = Arc::new(AtomicBool::new(false));
+        (Self { tx, bytes, refused }, rx)
     }
 
     /// Queues `message`; false when it was dropped because the queue is full (in messages or
     /// bytes) or the session has ended.
     pub fn try_send(&self, message: Message) -> bool {
+        let queued = self.queue(message);
+        if !queued {
+            self.refused.store(true, Ordering::Relaxed);
+        }
+        queued
+    }
+
+    fn queue(&self, message: Message) -> bool {
         // Capped so that a message larger than the whole budget still goes, alone.
         let size = message.encoded_len().min(OUTBOUND_BYTES);
         let Ok(size) = u32::try_from(size) else {
@@ -61,6 +74,11 @@ impl Outbound {
                 _bytes: permit,
             })
             .is_ok()
+    }
+
+    /// Whether a message was refused since the last call (and forget it).
+    fn take_refused(&self) -> bool {
+        self.refused.swap(false, Ordering::Relaxed)
     }
 }
 
@@ -92,7 +110,15 @@ impl SessionTask {
             cancel,
         } = self;
         let key = session.remote_key;
-        let writer = tokio::spawn(write_loop(session.writer, outbound, cancel.clone()));
+        let writer = tokio::spawn(write_loop(
+            session.writer,
+            outbound,
+            Writable {
+                outbound: outbound_tx.clone(),
+                events: events.clone(),
+            },
+            cancel.clone(),
+        ));
         let reader = ReadLoop {
             key,
             id,
@@ -121,9 +147,16 @@ impl SessionTask {
     }
 }
 
+/// How the writer tells the node that its queue has room again.
+struct Writable {
+    outbound: Outbound,
+    events: mpsc::Sender<Event>,
+}
+
 async fn write_loop(
     mut writer: SessionWriter,
     mut outbound: mpsc::Receiver<Queued>,
+    writable: Writable,
     cancel: CancellationToken,
 ) -> String {
     loop {
@@ -134,9 +167,15 @@ async fn write_loop(
         let Some(queued) = queued else {
             return "closed by this device".into();
         };
-        // The permit in `queued` returns the message's bytes to the budget once it is written.
-        if let Err(e) = writer.send(&queued.message).await {
+        let written = writer.send(&queued.message).await;
+        // Its bytes go back to the budget.
+        drop(queued);
+        if let Err(e) = written {
             return format!("send failed: {e}");
+        }
+        if writable.outbound.take_refused() {
+            // Best effort: when the node is busy, the next refusal asks again.
+            let _ = writable.events.try_send(Event::Writable);
         }
     }
 }
@@ -243,7 +282,7 @@ mod tests {
             targets: vec![[2; 32]],
             want_reply: false,
             hops: 0,
-            payload: vec![0; payload_len],
+            payload: vec![0; payload_len].into(),
         })
     }
 
