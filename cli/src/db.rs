@@ -129,8 +129,8 @@ async fn read(
 /// Writers' names for offline reads: this device and the roster's members.
 fn offline_names(env: &DeviceEnv) -> HashMap<[u8; 32], String> {
     let mut names = HashMap::new();
-    if let Ok(roster) = cnsprcy_mesh::roster::Roster::load(&env.paths.state_dir) {
-        for member in roster.members() {
+    if let Ok(members) = cnsprcy_mesh::roster::load(&env.paths.state_dir) {
+        for member in &members {
             names.insert(*member.public_key.as_bytes(), member.name.to_string());
         }
     }

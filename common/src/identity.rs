@@ -198,10 +198,16 @@ impl PublicKey {
 
 /// The current discovery epoch.
 pub fn discovery_epoch() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() / DISCOVERY_EPOCH_SECS)
-        .unwrap_or(0)
+    discovery_epoch_at(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    )
+}
+
+/// The discovery epoch at `unix_secs`.
+pub fn discovery_epoch_at(unix_secs: u64) -> u64 {
+    unix_secs / DISCOVERY_EPOCH_SECS
 }
 
 impl fmt::Display for PublicKey {

@@ -16,8 +16,8 @@ use thiserror::Error;
 
 /// Names protocol and version in the Noise prologue: devices speaking another version cannot
 /// complete a handshake, instead of misreading each other.
-pub const PROLOGUE: &[u8] = b"cnsprcy/1";
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROLOGUE: &[u8] = b"cnsprcy/2";
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// The largest Noise message (and so TCP frame).
 pub const MAX_NOISE_MESSAGE: usize = 65535;
@@ -59,26 +59,47 @@ pub enum Message {
     },
     /// The members the sender has a direct session with, and at what round-trip time.
     Neighbors(Vec<Neighbor>),
-    /// A message for a device the sender has no direct session with, passed on by this one.
-    Relay(Relay),
     /// A tagged message from a script, for the devices in `targets` that this hop serves.
     Data(Data),
-    /// A target got a `Data` message (sent back to its origin, which then stops resending).
-    Ack(Ack),
-    /// A target's handler finished, for an origin that waits for replies.
-    Reply(Reply),
-    /// The replicated store: writes pushed to every member, and anti-entropy between two
-    /// members (`docs/store.md`). Passed on by relays like `Relay`.
-    Store(StoreEnvelope),
+    /// Something for one device, from one device, passed on by the devices between them.
+    Routed(Routed),
 }
 
-/// A store message from `from` for `to`, through at most `MAX_RELAY_HOPS` relays.
+/// The one envelope for everything that goes from one device to one other, directly or through
+/// relays: relayed pings, acknowledgements, replies and the store's messages. Every device on
+/// the way passes it on by the same rule and adds 1 to `hops`; at `MAX_HOPS` it is dropped.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StoreEnvelope {
+pub struct Routed {
     pub from: KeyBytes,
     pub to: KeyBytes,
     pub hops: u8,
-    pub body: StoreBody,
+    pub body: RoutedBody,
+}
+
+/// A routed envelope or a `Data` copy passes through at most this many devices.
+pub const MAX_HOPS: u8 = 4;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RoutedBody {
+    /// `cnspr ping` to a member reached through a relay.
+    Ping {
+        nonce: u64,
+    },
+    Pong {
+        nonce: u64,
+    },
+    /// The sender (a target) got `Data` `id`; sent back to its origin, which stops resending.
+    Ack {
+        id: MessageId,
+    },
+    /// A target's handler finished, for an origin that waits for replies.
+    Reply {
+        id: MessageId,
+        result: HandlerResult,
+    },
+    /// The replicated store: writes pushed to every member, and anti-entropy between two
+    /// members (`docs/store.md`).
+    Store(StoreBody),
 }
 
 /// A hybrid logical clock reading: Unix milliseconds, and a counter for writes within one
@@ -151,23 +172,6 @@ pub struct Data {
     pub payload: bytes::Bytes,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Ack {
-    pub id: MessageId,
-    pub from: KeyBytes,
-    pub to: KeyBytes,
-    pub hops: u8,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Reply {
-    pub id: MessageId,
-    pub from: KeyBytes,
-    pub to: KeyBytes,
-    pub hops: u8,
-    pub result: HandlerResult,
-}
-
 /// How a target's handler ended, for an origin that waits.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HandlerResult {
@@ -212,24 +216,6 @@ pub struct Neighbor {
     pub rtt_us: Option<u32>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Relay {
-    pub from: KeyBytes,
-    pub to: KeyBytes,
-    /// Relays passed so far; a relay drops what has passed `MAX_RELAY_HOPS`.
-    pub hops: u8,
-    pub body: RelayBody,
-}
-
-/// Relays go through at most this many devices.
-pub const MAX_RELAY_HOPS: u8 = 2;
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum RelayBody {
-    Ping { nonce: u64 },
-    Pong { nonce: u64 },
-}
-
 #[derive(Debug, Error)]
 #[error("cannot decode message: {0}")]
 pub struct DecodeError(#[from] postcard::Error);
@@ -246,11 +232,19 @@ impl Message {
 
     /// The length of [`Message::encode`]'s output, counted without building it.
     pub fn encoded_len(&self) -> usize {
-        // Counting into the Size flavor cannot fail, as encoding into a Vec cannot.
-        postcard::serialize_with_flavor(self, postcard::ser_flavors::Size::default())
-            .expect("message encodes")
+        encoded_len(self)
     }
 }
+
+/// The length of `value` encoded with postcard, counted without building it.
+pub fn encoded_len<T: Serialize + ?Sized>(value: &T) -> usize {
+    // Counting into the Size flavor cannot fail, as encoding into a Vec cannot.
+    postcard::serialize_with_flavor(value, postcard::ser_flavors::Size::default())
+        .expect("message encodes")
+}
+
+/// The bytes a `Message::Routed` adds around its body: the variant, `from`, `to` and `hops`.
+pub const ROUTED_OVERHEAD: usize = 1 + 32 + 32 + 1;
 
 impl HandshakePayload {
     pub fn encode(&self) -> Vec<u8> {
@@ -334,13 +328,24 @@ mod tests {
                 key: [3; 32],
                 rtt_us: Some(800),
             }]),
-            Message::Relay(Relay {
+            Message::Routed(Routed {
                 from: [1; 32],
                 to: [2; 32],
                 hops: 1,
-                body: RelayBody::Pong { nonce: 9 },
+                body: RoutedBody::Pong { nonce: 9 },
             }),
         ];
+        let routed = RoutedBody::Store(StoreBody::Want(vec!["k".into()]));
+        assert_eq!(
+            Message::Routed(Routed {
+                from: [1; 32],
+                to: [2; 32],
+                hops: 3,
+                body: routed.clone()
+            })
+            .encoded_len(),
+            ROUTED_OVERHEAD + encoded_len(&routed)
+        );
         for message in messages {
             let bytes = message.encode();
             assert_eq!(message.encoded_len(), bytes.len());

@@ -12,12 +12,10 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use base64::Engine;
-use tokio::sync::{mpsc, oneshot};
-
-use crate::delivery::SendRequest;
+use tokio::sync::mpsc;
 
 use crate::Mesh;
-use crate::node::Request;
+use crate::core::{Answer, ApiCall, SendRequest};
 use crate::roster::{MAX_ADDRESSES, Member};
 
 /// `ping` waits this long for the pong unless told otherwise.
@@ -103,7 +101,7 @@ fn send_request(params: SendParams) -> Result<SendRequest, RpcError> {
     }
     let ttl_ms = params
         .ttl_ms
-        .unwrap_or(crate::delivery::DEFAULT_TTL.as_millis() as u64);
+        .unwrap_or(crate::core::DEFAULT_TTL.as_millis() as u64);
     if ttl_ms == 0 || ttl_ms > MAX_TTL_MS {
         return Err(RpcError::invalid_params(format!(
             "ttl_ms must be between 1 and {MAX_TTL_MS} (30 days)"
@@ -127,7 +125,7 @@ fn send_request(params: SendParams) -> Result<SendRequest, RpcError> {
         payload,
         wait: params.wait.then(|| Duration::from_millis(wait_ms)),
         ttl: Duration::from_millis(ttl_ms),
-        progress: None,
+        stream: params.stream,
     })
 }
 
@@ -195,11 +193,17 @@ impl Methods for Api<'_> {
             }
             "peers" => {
                 rpc::params::<NoParams>(params)?;
-                to_value(self.ask(Request::Peers).await?)
+                match self.mesh.node.call(ApiCall::Peers).await? {
+                    Answer::Peers(peers) => to_value(peers),
+                    other => Err(unexpected(other)),
+                }
             }
             "peer" => {
                 let NameParams { name } = rpc::params(params)?;
-                to_value(self.ask(|reply| Request::Peer { name, reply }).await??)
+                match self.mesh.node.call(ApiCall::Peer { name }).await? {
+                    Answer::Peer(peer) => to_value(peer?),
+                    other => Err(unexpected(other)),
+                }
             }
             "ping" => {
                 let PingParams { name, timeout_ms } = rpc::params(params)?;
@@ -209,16 +213,10 @@ impl Methods for Api<'_> {
                         "invalid params: timeout_ms must be between 1 and {MAX_PING_TIMEOUT_MS}"
                     )));
                 }
-                let asked = self.ask(|reply| Request::Ping {
-                    name: name.clone(),
-                    reply,
-                });
-                match tokio::time::timeout(Duration::from_millis(timeout_ms), asked).await {
-                    Ok(result) => to_value(result??),
-                    Err(_) => Err(RpcError::new(
-                        crate::node::code::UNREACHABLE,
-                        format!("no pong from {name} within {timeout_ms} ms"),
-                    )),
+                let timeout = Duration::from_millis(timeout_ms);
+                match self.mesh.node.call(ApiCall::Ping { name, timeout }).await? {
+                    Answer::Ping(pong) => to_value(pong?),
+                    other => Err(unexpected(other)),
                 }
             }
             "members.add" => {
@@ -232,39 +230,45 @@ impl Methods for Api<'_> {
                     public_key,
                     addresses: member_addresses(addresses)?,
                 };
-                to_value(
-                    self.ask(|reply| Request::AddMember { member, reply })
-                        .await??,
-                )
+                match self.mesh.node.call(ApiCall::AddMember(member)).await? {
+                    Answer::Member(member) => to_value(member?),
+                    other => Err(unexpected(other)),
+                }
             }
             "members.remove" => {
                 let NameParams { name } = rpc::params(params)?;
-                to_value(
-                    self.ask(|reply| Request::RemoveMember { name, reply })
-                        .await??,
-                )
+                match self.mesh.node.call(ApiCall::RemoveMember { name }).await? {
+                    Answer::Member(member) => to_value(member?),
+                    other => Err(unexpected(other)),
+                }
             }
             "send" => {
-                let params: SendParams = rpc::params(params)?;
-                let stream = params.stream;
-                let mut send = send_request(params)?;
-                if !stream {
-                    return to_value(self.ask(|reply| Request::Send { send, reply }).await??);
+                let send = send_request(rpc::params(params)?)?;
+                if !send.stream {
+                    return match self.mesh.node.call(ApiCall::Send(send)).await? {
+                        Answer::Send(sent) => to_value(sent?),
+                        other => Err(unexpected(other)),
+                    };
                 }
                 let (progress, mut replies) = mpsc::unbounded_channel();
-                send.progress = Some(progress);
-                let answer = self.ask(|reply| Request::Send { send, reply });
+                let answer = self
+                    .mesh
+                    .node
+                    .call_with_progress(ApiCall::Send(send), Some(progress));
                 tokio::pin!(answer);
-                let result = loop {
+                let answer = loop {
                     tokio::select! {
-                        result = &mut answer => break result,
+                        answer = &mut answer => break answer,
                         Some(reply) = replies.recv() => self.notify("send.reply", &reply),
                     }
                 };
                 while let Ok(reply) = replies.try_recv() {
                     self.notify("send.reply", &reply);
                 }
-                to_value(result??)
+                match answer? {
+                    Answer::Send(sent) => to_value(sent?),
+                    other => Err(unexpected(other)),
+                }
             }
             "subscribe" => {
                 rpc::params::<NoParams>(params)?;
@@ -281,8 +285,10 @@ impl Methods for Api<'_> {
             }
             "retry" => {
                 rpc::params::<NoParams>(params)?;
-                let dialling = self.ask(Request::Retry).await?;
-                Ok(serde_json::json!({ "dialling": dialling }))
+                match self.mesh.node.call(ApiCall::Retry).await? {
+                    Answer::Retry(dialling) => Ok(serde_json::json!({ "dialling": dialling })),
+                    other => Err(unexpected(other)),
+                }
             }
             db if crate::store::rpc::METHODS.contains(&db) => {
                 crate::store::rpc::call(self.mesh, db, params).await
@@ -292,6 +298,11 @@ impl Methods for Api<'_> {
             ))),
         }
     }
+}
+
+/// The core answered a call with another call's answer: a bug, said as such.
+pub(crate) fn unexpected(answer: Answer) -> RpcError {
+    RpcError::internal(format!("unexpected answer from the mesh: {answer:?}"))
 }
 
 impl Api<'_> {
@@ -305,23 +316,6 @@ impl Api<'_> {
         let note = serde_json::json!({"jsonrpc": "2.0", "method": method, "params": params});
         // The connection task reads these until the call is answered: it is there.
         let _ = self.notes.send(note.to_string());
-    }
-
-    /// Sends a request to the node and waits for its answer.
-    async fn ask<T>(
-        &self,
-        request: impl FnOnce(oneshot::Sender<T>) -> Request,
-    ) -> Result<T, RpcError> {
-        let (reply, answer) = oneshot::channel();
-        self.mesh
-            .node
-            .requests
-            .send(request(reply))
-            .await
-            .map_err(|_| RpcError::new(rpc::code::UNAVAILABLE, "the mesh is shutting down"))?;
-        answer
-            .await
-            .map_err(|_| RpcError::new(rpc::code::UNAVAILABLE, "the mesh is shutting down"))
     }
 
     async fn status(&self) -> Status {
@@ -365,7 +359,10 @@ impl Api<'_> {
                 detail: Some(reason),
             },
         });
-        let interfaces = self.ask(Request::Interfaces).await.unwrap_or_default();
+        let interfaces = match self.mesh.node.call(ApiCall::Interfaces).await {
+            Ok(Answer::Interfaces(interfaces)) => interfaces,
+            _ => Vec::new(),
+        };
         let config = &mesh.env.config;
         let mesh_filter = mesh.node.interfaces.filter();
         let discovery_filter = config.discovery.enabled.then(|| {

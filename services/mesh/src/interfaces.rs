@@ -136,11 +136,6 @@ impl Interfaces {
         }
         plan
     }
-
-    /// The addresses sessions may use now (of allowed interfaces that are up).
-    pub fn usable(&self, list: &[Interface]) -> BTreeSet<IpAddr> {
-        netif::usable_addresses(&self.filter, list)
-    }
 }
 
 /// The source address the kernel's routing picks for `target`: connecting a UDP socket looks

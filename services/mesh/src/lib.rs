@@ -5,19 +5,20 @@
 mod admission;
 mod api;
 mod api_conn;
-mod backoff;
-mod delivery;
+pub mod backoff;
+pub mod core;
 mod handlers_link;
 mod interfaces;
 mod listener;
-mod liveness;
-mod messaging;
+pub mod liveness;
+pub mod messaging;
 mod node;
-mod peers;
+pub mod peers;
+mod persist;
 mod ratelimit;
 mod registry;
 pub mod roster;
-mod routing;
+pub mod routing;
 mod session;
 pub mod store;
 pub mod transport;
@@ -38,10 +39,8 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::handlers_link::HandlersLink;
-use crate::messaging::{Delivered, Outbox};
-use crate::node::{Node, NodeHandle};
+use crate::node::{Node, NodeHandle, NodeSetup};
 use crate::registry::Registry;
-use crate::roster::Roster;
 
 /// A helper service must say who it is this quickly after connecting.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -73,37 +72,32 @@ pub async fn start(env: DeviceEnv, shutdown: CancellationToken) -> anyhow::Resul
             "created a new identity for this device"
         );
     }
-    let roster = Roster::load(&env.paths.state_dir)?;
+    let members = roster::load(&env.paths.state_dir)?;
     let tcp = listener::bind_all(&env.config.mesh.listen)?;
     let listening: Vec<SocketAddr> = tcp.iter().filter_map(|l| l.local_addr().ok()).collect();
     // Under systemd the sockets come from cnsprcy-mesh.socket, named there.
     let public = listen("public", &env.paths.public_socket())?;
     let internal = listen("internal", &env.paths.mesh_socket())?;
-    let outbox = Outbox::load(&env.paths.state_dir).map_err(|e| {
+    let (files, restored) = persist::Files::open(&env.paths.state_dir).map_err(|e| {
         anyhow::anyhow!(
-            "cannot open the outbox in {}: {e}",
-            env.paths.state_dir.display()
-        )
-    })?;
-    let delivered = Delivered::load(&env.paths.state_dir).map_err(|e| {
-        anyhow::anyhow!(
-            "cannot open the delivery record in {}: {e}",
+            "cannot open the outbox or the delivery record in {}: {e}",
             env.paths.state_dir.display()
         )
     })?;
     let store = Arc::new(open_store(&env.paths.state_dir, &identity).await?);
     let handlers = Arc::new(HandlersLink::new(env.paths.handlers_socket()));
-    let (node, handle) = Node::new(
-        identity.clone(),
-        name.clone(),
-        env.config.mesh.clone(),
-        listening.clone(),
-        roster,
-        handlers.clone(),
-        outbox,
-        delivered,
+    let (node, handle) = Node::new(NodeSetup {
+        identity: identity.clone(),
+        name: name.clone(),
+        config: env.config.mesh.clone(),
+        listening: listening.clone(),
+        members,
+        handlers: handlers.clone(),
+        files,
+        restored,
         store,
-    );
+    })
+    .map_err(|e| anyhow::anyhow!("cannot start the writer thread: {e}"))?;
     tracing::info!(
         %name,
         id = %identity.device_id(),

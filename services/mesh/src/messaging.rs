@@ -1,16 +1,12 @@
-//! The bookkeeping behind tagged messages: the origin's outbox (kept on disk until every target
+//! The bookkeeping behind tagged messages, without I/O: the origin's outbox (until every target
 //! acknowledged or the TTL ran out), the recipients' record of messages already delivered (so a
-//! handler runs at most once per message, also across restarts), and the origin's waits for
-//! replies.
+//! handler runs at most once per message), and the origin's waits for replies. The files that
+//! keep the first two across restarts are `persist.rs`'s.
 //!
 //! Delivery is at least once on the wire (the origin resends until acknowledged) and at most once
 //! to the handler (the recipient records the id durably before running the handler).
 
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::fs::{self, OpenOptions};
-use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cnsprcy::api::HandlerReply;
@@ -18,15 +14,19 @@ use cnsprcy::identity::PublicKey;
 use cnsprcy::wire::{Data, KeyBytes, MessageId};
 use serde::{Deserialize, Serialize};
 
-const OUTBOX_DIR: &str = "outbox";
-const SEEN_FILE: &str = "delivered.log";
 /// Delivered ids are remembered at least this long, and longer for messages with a longer TTL.
-const SEEN_MIN: Duration = Duration::from_secs(3600);
+pub const SEEN_MIN: Duration = Duration::from_secs(3600);
 /// The most ids remembered; beyond, the oldest are forgotten first.
-const SEEN_MAX: usize = 200_000;
+pub const SEEN_MAX: usize = 200_000;
 /// A target that has not acknowledged is sent the message again after this long.
 pub const RESEND_AFTER: Duration = Duration::from_secs(30);
+/// Messages the outbox holds at most (over all targets); a send beyond is refused.
+pub const MAX_OUTBOX_MESSAGES: usize = 1000;
+/// Payload bytes the outbox holds at most; a send beyond is refused. It is on disk (so it survives
+/// a restart) and in memory (so it goes out at link speed once a target is back).
+pub const MAX_OUTBOX_BYTES: usize = 256 * 1024 * 1024;
 
+/// The system's wall clock in Unix milliseconds (for the driver; the core is given the time).
 pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -43,19 +43,13 @@ pub fn expires_ms(data: &Data) -> u64 {
 }
 
 /// A message the origin still owes to some targets.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Entry {
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutboxEntry {
     /// The order messages were accepted in: copies go out in this order.
     pub seq: u64,
     pub data: Data,
     pub pending: Vec<KeyBytes>,
 }
-
-/// Messages the outbox holds at most (over all targets); a send beyond is refused.
-pub const MAX_OUTBOX_MESSAGES: usize = 1000;
-/// Payload bytes the outbox holds at most; a send beyond is refused. It is on disk (so it survives
-/// a restart) and in memory (so it goes out at link speed once a target is back).
-pub const MAX_OUTBOX_BYTES: usize = 256 * 1024 * 1024;
 
 /// Why a message was not taken into the outbox.
 #[derive(Debug, thiserror::Error)]
@@ -70,16 +64,21 @@ pub enum OutboxError {
         /// The targets most messages wait for, with how many each.
         waiting_for: Vec<(KeyBytes, usize)>,
     },
-    #[error("cannot store the message: {0}")]
-    Io(#[from] io::Error),
 }
 
-/// The origin's unacknowledged messages, one file each under `outbox/` in the state directory.
+/// What became of an outbox entry, for the files that keep it.
+#[derive(Debug, PartialEq)]
+pub enum OutboxChange {
+    Saved(Box<OutboxEntry>),
+    Removed(MessageId),
+}
+
+/// The origin's unacknowledged messages.
+#[derive(Debug, Default)]
 pub struct Outbox {
-    dir: PathBuf,
-    entries: HashMap<MessageId, Entry>,
+    entries: HashMap<MessageId, OutboxEntry>,
     /// Entries by `seq`: the order they go out in.
-    order: std::collections::BTreeMap<u64, MessageId>,
+    order: BTreeMap<u64, MessageId>,
     next_seq: u64,
     /// Payload bytes held.
     bytes: usize,
@@ -88,77 +87,36 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    /// Loads the outbox, dropping entries that expired while the daemon was down.
-    pub fn load(state_dir: &Path) -> io::Result<Self> {
-        let dir = state_dir.join(OUTBOX_DIR);
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)?;
-        let mut outbox = Self {
-            dir,
-            entries: HashMap::new(),
-            order: Default::default(),
-            next_seq: 0,
-            bytes: 0,
-            sent: HashMap::new(),
-        };
-        let now = now_ms();
-        for file in fs::read_dir(&outbox.dir)? {
-            let path = file?.path();
-            // A half-written entry from a crash: the complete one, if any, has the .msg name.
-            if path.extension().is_none_or(|e| e != "msg") {
-                let _ = fs::remove_file(&path);
-                continue;
-            }
-            let entry: Option<Entry> = fs::read(&path)
-                .ok()
-                .and_then(|bytes| postcard::from_bytes(&bytes).ok());
-            match entry {
-                // Kept even beyond the bounds (they apply to new messages): nothing is lost.
-                Some(entry) if expires_ms(&entry.data) > now && !entry.pending.is_empty() => {
-                    outbox.next_seq = outbox.next_seq.max(entry.seq + 1);
-                    outbox.insert(entry);
-                }
-                Some(_) => {
-                    let _ = fs::remove_file(&path);
-                }
-                None => {
-                    tracing::warn!(file = %path.display(), "unreadable outbox entry; removing it");
-                    let _ = fs::remove_file(&path);
-                }
+    /// The outbox as it was saved, without what expired meanwhile. Kept whole even beyond the
+    /// bounds, which apply to new messages: nothing is lost.
+    pub fn restore(entries: Vec<OutboxEntry>, now_ms: u64) -> Self {
+        let mut outbox = Self::default();
+        for entry in entries {
+            if expires_ms(&entry.data) > now_ms && !entry.pending.is_empty() {
+                outbox.next_seq = outbox.next_seq.max(entry.seq + 1);
+                outbox.insert(entry);
             }
         }
-        Ok(outbox)
+        outbox
     }
 
-    fn insert(&mut self, entry: Entry) {
+    fn insert(&mut self, entry: OutboxEntry) {
         self.bytes += entry.data.payload.len();
         self.order.insert(entry.seq, entry.data.id);
         self.entries.insert(entry.data.id, entry);
     }
 
-    fn remove(&mut self, id: &MessageId) -> Option<Entry> {
+    fn remove(&mut self, id: &MessageId) -> Option<OutboxEntry> {
         let entry = self.entries.remove(id)?;
         self.bytes -= entry.data.payload.len();
         self.order.remove(&entry.seq);
         self.sent.retain(|(i, _), _| i != id);
-        let _ = fs::remove_file(self.path(id));
         Some(entry)
     }
 
-    fn path(&self, id: &MessageId) -> PathBuf {
-        self.dir.join(format!("{}.msg", id_text(id)))
-    }
-
-    fn save(&self, entry: &Entry) -> io::Result<()> {
-        let bytes = postcard::to_stdvec(entry).map_err(io::Error::other)?;
-        cnsprcy::fsutil::write_private(&self.path(&entry.data.id), &bytes)
-    }
-
-    /// Keeps `data` for `pending` until they acknowledge; durable when this returns. Refused
+    /// Takes `data` for `pending` until they acknowledge; returns the entry to save. Refused
     /// when the outbox is at its bounds.
-    pub fn add(&mut self, data: Data, pending: Vec<KeyBytes>) -> Result<(), OutboxError> {
+    pub fn add(&mut self, data: Data, pending: Vec<KeyBytes>) -> Result<OutboxEntry, OutboxError> {
         if self.entries.len() >= MAX_OUTBOX_MESSAGES
             || self.bytes + data.payload.len() > MAX_OUTBOX_BYTES
         {
@@ -177,59 +135,57 @@ impl Outbox {
                 waiting_for,
             });
         }
-        let entry = Entry {
+        let entry = OutboxEntry {
             seq: self.next_seq,
             data,
             pending,
         };
-        self.save(&entry)?;
         self.next_seq += 1;
-        self.insert(entry);
-        Ok(())
+        self.insert(entry.clone());
+        Ok(entry)
     }
 
-    /// `from` acknowledged `id`.
-    pub fn acked(&mut self, id: &MessageId, from: &KeyBytes) {
-        let Some(entry) = self.entries.get_mut(id) else {
-            return;
-        };
+    /// Drops a message that could not be saved: it was never accepted.
+    pub fn discard(&mut self, id: &MessageId) {
+        self.remove(id);
+    }
+
+    /// `from` acknowledged `id`: what changed, if anything.
+    pub fn acked(&mut self, id: &MessageId, from: &KeyBytes) -> Option<OutboxChange> {
+        let entry = self.entries.get_mut(id)?;
+        if !entry.pending.contains(from) {
+            return None;
+        }
         entry.pending.retain(|k| k != from);
         self.sent.remove(&(*id, *from));
         if entry.pending.is_empty() {
             self.remove(id);
+            Some(OutboxChange::Removed(*id))
         } else {
-            let entry = entry.clone();
-            if let Err(e) = self.save(&entry) {
-                tracing::warn!("cannot update the outbox: {e}");
-            }
+            Some(OutboxChange::Saved(Box::new(entry.clone())))
         }
     }
 
     /// Forgets a target that left the roster.
-    pub fn forget_target(&mut self, key: &KeyBytes) {
+    pub fn forget_target(&mut self, key: &KeyBytes) -> Vec<OutboxChange> {
         let ids: Vec<MessageId> = self
             .entries
             .iter()
             .filter(|(_, e)| e.pending.contains(key))
             .map(|(id, _)| *id)
             .collect();
-        for id in ids {
-            self.acked(&id, key);
-        }
+        ids.iter().filter_map(|id| self.acked(id, key)).collect()
     }
 
-    /// Drops expired messages; returns (id, targets that never got it) for each.
-    pub fn expire(&mut self, now_ms: u64) -> Vec<(MessageId, Vec<KeyBytes>)> {
+    /// Drops expired messages; returns each with the targets that never got it.
+    pub fn expire(&mut self, now_ms: u64) -> Vec<OutboxEntry> {
         let expired: Vec<MessageId> = self
             .entries
             .values()
             .filter(|e| expires_ms(&e.data) <= now_ms)
             .map(|e| e.data.id)
             .collect();
-        expired
-            .into_iter()
-            .filter_map(|id| self.remove(&id).map(|entry| (id, entry.pending)))
-            .collect()
+        expired.iter().filter_map(|id| self.remove(id)).collect()
     }
 
     /// In the order they were sent, each message with its targets in `reachable` that are due a
@@ -268,143 +224,98 @@ impl Outbox {
         }
     }
 
+    /// A copy of `id` for `target` did not make it into the queue after all: due again.
+    pub fn unqueued(&mut self, id: &MessageId, target: &KeyBytes) {
+        self.sent.remove(&(*id, *target));
+    }
+
     /// Makes every pending target due at once (it just became reachable).
     pub fn reset_pacing(&mut self, key: &KeyBytes) {
         self.sent.retain(|(_, k), _| k != key);
     }
 
-    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.entries.len()
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
 }
 
-/// Ids of messages this device delivered to its handler, with when they may be forgotten;
-/// appended to `delivered.log` before the handler runs.
+/// Ids of messages this device delivered to its handler, with when they may be forgotten.
+#[derive(Debug, Default)]
 pub struct Delivered {
-    path: PathBuf,
     ids: HashMap<MessageId, u64>,
     order: VecDeque<MessageId>,
-    /// Records appended since the file was last compacted.
-    appended: usize,
 }
 
-/// `delivered.log` is rewritten without forgotten ids after this many appends.
-const COMPACT_EVERY: usize = 10_000;
-
-/// Bytes per record in `delivered.log`: the id and the forget-after time.
-const RECORD: usize = 16 + 8;
-
 impl Delivered {
-    pub fn load(state_dir: &Path) -> io::Result<Self> {
-        let path = state_dir.join(SEEN_FILE);
-        let mut bytes = Vec::new();
-        match fs::File::open(&path) {
-            Ok(mut file) => {
-                file.read_to_end(&mut bytes)?;
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
-        let now = now_ms();
-        let mut delivered = Self {
-            path,
-            ids: HashMap::new(),
-            order: VecDeque::new(),
-            appended: 0,
-        };
-        for record in bytes.chunks_exact(RECORD) {
-            let mut id = [0u8; 16];
-            id.copy_from_slice(&record[..16]);
-            let mut until = [0u8; 8];
-            until.copy_from_slice(&record[16..]);
-            let until = u64::from_le_bytes(until);
-            if until > now && delivered.ids.insert(id, until).is_none() {
-                delivered.order.push_back(id);
+    /// The record as saved (oldest first), without what may be forgotten by `now_ms`.
+    pub fn restore(records: Vec<(MessageId, u64)>, now_ms: u64) -> Self {
+        let mut delivered = Self::default();
+        for (id, until) in records {
+            if until > now_ms {
+                delivered.insert(id, until);
             }
         }
-        // Rewrite without what expired, so the file does not grow without end.
-        delivered.compact()?;
-        Ok(delivered)
-    }
-
-    fn compact(&self) -> io::Result<()> {
-        let mut out = Vec::with_capacity(self.order.len() * RECORD);
-        for id in &self.order {
-            if let Some(until) = self.ids.get(id) {
-                out.extend_from_slice(id);
-                out.extend_from_slice(&until.to_le_bytes());
-            }
-        }
-        cnsprcy::fsutil::write_private(&self.path, &out)
+        delivered
     }
 
     pub fn contains(&self, id: &MessageId) -> bool {
         self.ids.contains_key(id)
     }
 
-    /// Records `id` durably; returns false if it was already there.
-    pub fn insert(&mut self, data: &Data) -> io::Result<bool> {
-        if self.contains(&data.id) {
-            return Ok(false);
+    /// Until when a delivered `data` must be remembered.
+    pub fn until(data: &Data, now_ms: u64) -> u64 {
+        expires_ms(data).max(now_ms + SEEN_MIN.as_millis() as u64)
+    }
+
+    /// Records `id`; false if it was already there.
+    pub fn insert(&mut self, id: MessageId, until: u64) -> bool {
+        if self.ids.insert(id, until).is_some() {
+            return false;
         }
-        let until = expires_ms(data).max(now_ms() + SEEN_MIN.as_millis() as u64);
-        let mut file = OpenOptions::new()
-            .append(true)
-            .create(true)
-            .mode(0o600)
-            .open(&self.path)?;
-        let mut record = Vec::with_capacity(RECORD);
-        record.extend_from_slice(&data.id);
-        record.extend_from_slice(&until.to_le_bytes());
-        file.write_all(&record)?;
-        file.sync_data()?;
-        self.ids.insert(data.id, until);
-        self.order.push_back(data.id);
+        self.order.push_back(id);
         while self.order.len() > SEEN_MAX {
             if let Some(old) = self.order.pop_front() {
                 self.ids.remove(&old);
             }
         }
-        // The file only grows between compactions; keep it near what is remembered.
-        self.appended += 1;
-        if self.appended > COMPACT_EVERY {
-            self.appended = 0;
-            self.compact()?;
-        }
-        Ok(true)
+        true
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
     }
 }
 
 /// An origin waiting for its targets' handlers to finish.
+#[derive(Debug)]
 pub struct Wait {
+    /// The API call that waits.
+    pub request: u64,
     pub tag: String,
     pub expected: HashSet<KeyBytes>,
-    /// Those that replied; their replies, unless they went to `progress` already.
+    /// Those that replied; their replies, unless they went out as progress already.
     pub replied: HashSet<KeyBytes>,
     pub replies: Vec<HandlerReply>,
     pub deadline: Instant,
-    /// For a streaming `send`: each reply goes here as it arrives.
-    pub progress: Option<tokio::sync::mpsc::UnboundedSender<HandlerReply>>,
+    /// A streaming `send`: each reply goes out as it arrives.
+    pub streaming: bool,
+    /// The message is on disk: the wait may be answered.
+    pub stored: bool,
+    /// The answer, once the wait ends.
+    pub result: cnsprcy::api::SendResult,
 }
 
 impl Wait {
     pub fn complete(&self) -> bool {
         self.expected.iter().all(|k| self.replied.contains(k))
-    }
-
-    /// Takes `reply` from `from`, once per expected target.
-    pub fn add(&mut self, from: KeyBytes, reply: HandlerReply) {
-        if !self.expected.contains(&from) || !self.replied.insert(from) {
-            return;
-        }
-        match &self.progress {
-            // A client that went away no longer reads; the reply is then just dropped.
-            Some(progress) => {
-                let _ = progress.send(reply);
-            }
-            None => self.replies.push(reply),
-        }
     }
 }
 
@@ -416,7 +327,7 @@ mod tests {
         Data {
             id: [id; 16],
             origin: [0; 32],
-            sent_ms: now_ms(),
+            sent_ms: 1_000_000,
             ttl_ms,
             tag: "t".into(),
             targets: vec![],
@@ -435,15 +346,22 @@ mod tests {
     }
 
     #[test]
-    fn outbox_survives_a_restart_until_acknowledged_or_expired() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut outbox = Outbox::load(dir.path()).unwrap();
-        outbox.add(data(1, 60_000), vec![[7; 32], [8; 32]]).unwrap();
+    fn outbox_paces_resends_until_acknowledged_or_expired() {
+        let mut outbox = Outbox::default();
+        let first = outbox.add(data(1, 60_000), vec![[7; 32], [8; 32]]).unwrap();
         outbox.add(data(2, 1), vec![[7; 32]]).unwrap();
-        outbox.acked(&[1; 16], &[7; 32]);
-        std::thread::sleep(Duration::from_millis(5));
-        let mut outbox = Outbox::load(dir.path()).unwrap();
-        assert_eq!(outbox.len(), 1, "the expired message is gone");
+        assert_eq!(
+            outbox.acked(&[1; 16], &[7; 32]),
+            Some(OutboxChange::Saved(Box::new(OutboxEntry {
+                pending: vec![[8; 32]],
+                ..first
+            })))
+        );
+        assert_eq!(outbox.acked(&[1; 16], &[7; 32]), None, "once");
+        let expired = outbox.expire(1_000_001);
+        assert_eq!(expired.len(), 1);
+        assert_eq!(expired[0].pending, vec![[7; 32]]);
+        assert_eq!(outbox.len(), 1);
         let now = Instant::now();
         let due = outbox.due(|_| true, now);
         assert_eq!(due.len(), 1);
@@ -452,20 +370,26 @@ mod tests {
         queue_all(&mut outbox, &due, now);
         assert!(outbox.due(|_| true, now).is_empty(), "paced");
         assert_eq!(outbox.due(|_| true, now + RESEND_AFTER).len(), 1);
+        outbox.unqueued(&[1; 16], &[8; 32]);
+        assert_eq!(outbox.due(|_| true, now).len(), 1, "refused by the queue");
+        queue_all(&mut outbox, &due, now);
         outbox.reset_pacing(&[8; 32]);
         assert_eq!(outbox.due(|_| true, now).len(), 1);
-        outbox.acked(&[1; 16], &[8; 32]);
-        assert_eq!(Outbox::load(dir.path()).unwrap().len(), 0);
+        assert_eq!(
+            outbox.acked(&[1; 16], &[8; 32]),
+            Some(OutboxChange::Removed([1; 16]))
+        );
+        assert!(outbox.is_empty());
     }
 
     #[test]
     fn messages_go_out_in_the_order_they_were_sent_also_after_a_restart() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut outbox = Outbox::load(dir.path()).unwrap();
+        let mut outbox = Outbox::default();
         // Random ids: the order must not come from them.
         let ids = [9u8, 3, 7, 1, 5];
+        let mut saved = Vec::new();
         for id in ids {
-            outbox.add(data(id, 60_000), vec![[7; 32]]).unwrap();
+            saved.push(outbox.add(data(id, 60_000), vec![[7; 32]]).unwrap());
         }
         let order = |outbox: &Outbox| -> Vec<u8> {
             outbox
@@ -475,7 +399,8 @@ mod tests {
                 .collect()
         };
         assert_eq!(order(&outbox), ids);
-        let mut outbox = Outbox::load(dir.path()).unwrap();
+        saved.reverse();
+        let mut outbox = Outbox::restore(saved, 0);
         assert_eq!(order(&outbox), ids);
         outbox.add(data(2, 60_000), vec![[7; 32]]).unwrap();
         assert_eq!(order(&outbox), [9, 3, 7, 1, 5, 2]);
@@ -483,8 +408,7 @@ mod tests {
 
     #[test]
     fn the_outbox_is_bounded_and_says_who_it_waits_for() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut outbox = Outbox::load(dir.path()).unwrap();
+        let mut outbox = Outbox::default();
         let big = |id: u8| Data {
             payload: vec![0u8; 16 << 20].into(),
             ..data(id, 60_000)
@@ -503,19 +427,30 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        // Small messages still fit until the count bound... once room is made.
         outbox.acked(&[0; 16], &[7; 32]);
         outbox.add(data(201, 60_000), vec![[8; 32]]).unwrap();
+        for id in 0..MAX_OUTBOX_MESSAGES {
+            let mut small = data(0, 60_000);
+            small.id[..8].copy_from_slice(&(id as u64 + 1000).to_le_bytes());
+            if outbox.add(small, vec![[8; 32]]).is_err() {
+                assert_eq!(outbox.len(), MAX_OUTBOX_MESSAGES);
+                return;
+            }
+        }
+        panic!("the count bound did not hold");
     }
 
     #[test]
-    fn delivered_ids_survive_a_restart() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut delivered = Delivered::load(dir.path()).unwrap();
-        assert!(delivered.insert(&data(1, 1000)).unwrap());
-        assert!(!delivered.insert(&data(1, 1000)).unwrap());
-        let delivered = Delivered::load(dir.path()).unwrap();
-        assert!(delivered.contains(&[1; 16]));
-        assert!(!delivered.contains(&[2; 16]));
+    fn delivered_ids_are_bounded_and_forgotten_in_time() {
+        let mut delivered = Delivered::default();
+        assert!(delivered.insert([1; 16], 100));
+        assert!(!delivered.insert([1; 16], 100));
+        let restored = Delivered::restore(vec![([1; 16], 100), ([2; 16], 50)], 60);
+        assert!(restored.contains(&[1; 16]));
+        assert!(!restored.contains(&[2; 16]));
+        assert_eq!(
+            Delivered::until(&data(1, 10), 0),
+            SEEN_MIN.as_millis() as u64
+        );
     }
 }

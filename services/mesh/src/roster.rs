@@ -1,6 +1,7 @@
-//! The roster: the members this device accepts sessions from and dials, persisted as
-//! `roster.json` in the state directory. Until pairing exists (a later issue) members are added on
-//! the user's word with `cnspr manage add`.
+//! The roster: the members this device accepts sessions from and dials. `Roster` holds the rules
+//! (names and keys unique, addresses most recent first, bounded), without I/O; `load` and `save`
+//! keep it as `roster.json` in the state directory. Until pairing exists (a later issue) members
+//! are added on the user's word with `cnspr manage add`.
 
 use std::fs;
 use std::io;
@@ -64,35 +65,50 @@ pub enum RosterError {
     NotFound(String),
 }
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Roster {
-    path: PathBuf,
     members: Vec<Member>,
 }
 
-impl Roster {
-    /// Loads the roster from `state_dir`; a missing file is an empty roster.
-    pub fn load(state_dir: &Path) -> Result<Self, RosterError> {
-        let path = state_dir.join(ROSTER_FILE);
-        let members = match fs::read(&path) {
-            Ok(bytes) => {
-                let file: RosterFile =
-                    serde_json::from_slice(&bytes).map_err(|error| RosterError::Damaged {
-                        path: path.clone(),
-                        error,
-                    })?;
-                if file.version != FORMAT_VERSION {
-                    return Err(RosterError::Version {
-                        path,
-                        found: file.version,
-                    });
-                }
-                file.members
+/// Loads the members from `state_dir`; a missing file is an empty roster.
+pub fn load(state_dir: &Path) -> Result<Vec<Member>, RosterError> {
+    let path = state_dir.join(ROSTER_FILE);
+    match fs::read(&path) {
+        Ok(bytes) => {
+            let file: RosterFile =
+                serde_json::from_slice(&bytes).map_err(|error| RosterError::Damaged {
+                    path: path.clone(),
+                    error,
+                })?;
+            if file.version != FORMAT_VERSION {
+                return Err(RosterError::Version {
+                    path,
+                    found: file.version,
+                });
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
-            Err(error) => return Err(RosterError::Read { path, error }),
-        };
-        Ok(Self { path, members })
+            Ok(file.members)
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(error) => Err(RosterError::Read { path, error }),
+    }
+}
+
+/// Writes the roster next to the old one and renames it over, so a crash leaves either the old or
+/// the new roster, never half of one.
+pub fn save(state_dir: &Path, members: &[Member]) -> Result<(), RosterError> {
+    let path = state_dir.join(ROSTER_FILE);
+    let file = RosterFile {
+        version: FORMAT_VERSION,
+        members: members.to_vec(),
+    };
+    // Members hold only strings and addresses: serializing cannot fail.
+    let text = serde_json::to_vec_pretty(&file).expect("roster serializes");
+    cnsprcy::fsutil::write_private(&path, &text).map_err(|error| RosterError::Write { path, error })
+}
+
+impl Roster {
+    pub fn new(members: Vec<Member>) -> Self {
+        Self { members }
     }
 
     pub fn members(&self) -> &[Member] {
@@ -137,15 +153,7 @@ impl Roster {
         if self.members.iter().any(|m| m.name == member.name) {
             return Err(RosterError::NameTaken(member.name));
         }
-        let mut members = self.members.clone();
-        members.push(member);
-        self.replace(members)
-    }
-
-    /// Saves `members` and only then makes them the roster, so a failed save changes nothing.
-    fn replace(&mut self, members: Vec<Member>) -> Result<(), RosterError> {
-        save(&self.path, &members)?;
-        self.members = members;
+        self.members.push(member);
         Ok(())
     }
 
@@ -156,23 +164,15 @@ impl Roster {
             .iter()
             .position(|m| m.public_key == key)
             .ok_or_else(|| RosterError::NotFound(name_or_id.to_owned()))?;
-        let mut members = self.members.clone();
-        let member = members.remove(index);
-        self.replace(members)?;
-        Ok(member)
+        Ok(self.members.remove(index))
     }
 
     /// Puts `announced` (addresses the member named itself) right after the member's first
     /// address, ahead of older ones, keeping at most `MAX_ADDRESSES`. Returns whether anything
-    /// changed (and was saved).
-    pub fn learn_announced(
-        &mut self,
-        key: &PublicKey,
-        announced: &[SocketAddr],
-    ) -> Result<bool, RosterError> {
-        let mut members = self.members.clone();
-        let Some(member) = members.iter_mut().find(|m| m.public_key == *key) else {
-            return Ok(false);
+    /// changed.
+    pub fn learn_announced(&mut self, key: &PublicKey, announced: &[SocketAddr]) -> bool {
+        let Some(member) = self.members.iter_mut().find(|m| m.public_key == *key) else {
+            return false;
         };
         let mut addresses: Vec<SocketAddr> =
             member.addresses.first().copied().into_iter().collect();
@@ -183,50 +183,25 @@ impl Roster {
         }
         addresses.truncate(MAX_ADDRESSES);
         if addresses == member.addresses {
-            return Ok(false);
+            return false;
         }
         member.addresses = addresses;
-        self.replace(members)?;
-        Ok(true)
+        true
     }
 
-    /// Puts `addr` first in the member's addresses. Returns whether anything changed (and was
-    /// saved).
-    pub fn learn_address(
-        &mut self,
-        key: &PublicKey,
-        addr: SocketAddr,
-    ) -> Result<bool, RosterError> {
-        let mut members = self.members.clone();
-        let Some(member) = members.iter_mut().find(|m| m.public_key == *key) else {
-            return Ok(false);
+    /// Puts `addr` first in the member's addresses. Returns whether anything changed.
+    pub fn learn_address(&mut self, key: &PublicKey, addr: SocketAddr) -> bool {
+        let Some(member) = self.members.iter_mut().find(|m| m.public_key == *key) else {
+            return false;
         };
         if member.addresses.first() == Some(&addr) {
-            return Ok(false);
+            return false;
         }
         member.addresses.retain(|a| *a != addr);
         member.addresses.insert(0, addr);
         member.addresses.truncate(MAX_ADDRESSES);
-        self.replace(members)?;
-        Ok(true)
+        true
     }
-}
-
-/// Writes the roster next to the old one and renames it over, so a crash leaves either the old or
-/// the new roster, never half of one.
-fn save(path: &Path, members: &[Member]) -> Result<(), RosterError> {
-    let write_err = |error| RosterError::Write {
-        path: path.to_owned(),
-        error,
-    };
-    let file = RosterFile {
-        version: FORMAT_VERSION,
-        members: members.to_vec(),
-    };
-    // Members hold only strings and addresses: serializing cannot fail.
-    let text = serde_json::to_vec_pretty(&file).expect("roster serializes");
-    cnsprcy::fsutil::write_private(path, &text).map_err(write_err)?;
-    Ok(())
 }
 
 #[cfg(test)]
@@ -246,7 +221,7 @@ mod tests {
     fn add_find_learn_remove_and_reload() {
         let dir = tempfile::tempdir().unwrap();
         let own = Identity::from_secret([1; 32]).public_key();
-        let mut roster = Roster::load(dir.path()).unwrap();
+        let mut roster = Roster::new(load(dir.path()).unwrap());
         roster.add(member("laptop", 2), &own).unwrap();
         roster.add(member("phone", 3), &own).unwrap();
         assert!(matches!(
@@ -270,27 +245,28 @@ mod tests {
 
         let a: SocketAddr = "10.0.0.1:7332".parse().unwrap();
         let b: SocketAddr = "10.0.0.2:7332".parse().unwrap();
-        assert!(roster.learn_address(&phone.public_key, a).unwrap());
-        assert!(roster.learn_address(&phone.public_key, b).unwrap());
-        assert!(!roster.learn_address(&phone.public_key, b).unwrap());
-        assert!(roster.learn_address(&phone.public_key, a).unwrap());
+        assert!(roster.learn_address(&phone.public_key, a));
+        assert!(roster.learn_address(&phone.public_key, b));
+        assert!(!roster.learn_address(&phone.public_key, b));
+        assert!(roster.learn_address(&phone.public_key, a));
 
         // Announced addresses go right after the first, ahead of older ones.
         let c: SocketAddr = "10.0.1.2:7332".parse().unwrap();
-        assert!(roster.learn_announced(&phone.public_key, &[c, a]).unwrap());
-        assert!(!roster.learn_announced(&phone.public_key, &[c]).unwrap());
-        let reloaded = Roster::load(dir.path()).unwrap();
+        assert!(roster.learn_announced(&phone.public_key, &[c, a]));
+        assert!(!roster.learn_announced(&phone.public_key, &[c]));
+        save(dir.path(), roster.members()).unwrap();
+        let mut reloaded = Roster::new(load(dir.path()).unwrap());
         assert_eq!(reloaded.find("phone").unwrap().addresses, vec![a, c, b]);
-        let mut reloaded = reloaded;
         reloaded.remove("laptop").unwrap();
-        assert_eq!(Roster::load(dir.path()).unwrap().members().len(), 1);
+        save(dir.path(), reloaded.members()).unwrap();
+        assert_eq!(load(dir.path()).unwrap().len(), 1);
     }
 
     #[test]
     fn a_damaged_roster_is_an_error_not_an_empty_roster() {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join(ROSTER_FILE), b"{not json").unwrap();
-        let err = Roster::load(dir.path()).unwrap_err();
+        let err = load(dir.path()).unwrap_err();
         assert!(err.to_string().contains("damaged"), "{err}");
     }
 }

@@ -1,19 +1,17 @@
 //! The tasks that run one established session: a writer that sends what is queued, and a reader
-//! that keeps the session alive, answers pings and hands everything else to the node.
+//! that hands every message to the node. Pure I/O: keepalive and everything else are the core's.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use cnsprcy::identity::PublicKey;
 use cnsprcy::wire::Message;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::liveness::{Action, Liveness, Role};
+use crate::core::SessionId;
 use crate::node::Event;
-use crate::transport::{Session, SessionWriter};
+use crate::transport::{Session, SessionReader, SessionWriter};
 
 /// Messages queued for one session at most; when full, further sends to that peer are dropped.
 pub const OUTBOUND_QUEUE: usize = 256;
@@ -49,31 +47,31 @@ impl Outbound {
         (Self { tx, bytes, refused }, rx)
     }
 
-    /// Queues `message`; false when it was dropped because the queue is full (in messages or
-    /// bytes) or the session has ended.
-    pub fn try_send(&self, message: Message) -> bool {
+    /// Queues `message`; gives it back when the queue is full (in messages or bytes) or the
+    /// session has ended.
+    pub fn try_send(&self, message: Message) -> Result<(), Box<Message>> {
         let queued = self.queue(message);
-        if !queued {
+        if queued.is_err() {
             self.refused.store(true, Ordering::Relaxed);
         }
         queued
     }
 
-    fn queue(&self, message: Message) -> bool {
+    fn queue(&self, message: Message) -> Result<(), Box<Message>> {
         // Capped so that a message larger than the whole budget still goes, alone.
         let size = message.encoded_len().min(OUTBOUND_BYTES);
         let Ok(size) = u32::try_from(size) else {
-            return false;
+            return Err(Box::new(message));
         };
         let Ok(permit) = Arc::clone(&self.bytes).try_acquire_many_owned(size) else {
-            return false;
+            return Err(Box::new(message));
         };
         self.tx
             .try_send(Queued {
                 message,
                 _bytes: permit,
             })
-            .is_ok()
+            .map_err(|e| Box::new(e.into_inner().message))
     }
 
     /// Whether a message was refused since the last call (and forget it).
@@ -84,16 +82,16 @@ impl Outbound {
 
 pub struct SessionTask {
     pub session: Session,
-    pub id: u64,
-    pub role: Role,
-    pub interval: Duration,
-    pub timeout: Duration,
-    /// The node's sender for this session's queue; pongs and keepalive pings go there too.
+    pub id: SessionId,
+    /// The node's sender for this session's queue.
     pub outbound_tx: Outbound,
     pub outbound: mpsc::Receiver<Queued>,
     pub events: mpsc::Sender<Event>,
     pub cancel: CancellationToken,
 }
+
+/// How often the reader says that part of a large message arrived (it counts as traffic).
+const ACTIVITY_INTERVAL: Duration = Duration::from_secs(1);
 
 impl SessionTask {
     /// Runs the session until it ends, then tells the node why.
@@ -101,35 +99,23 @@ impl SessionTask {
         let Self {
             session,
             id,
-            role,
-            interval,
-            timeout,
             outbound_tx,
             outbound,
             events,
             cancel,
         } = self;
-        let key = session.remote_key;
         let writer = tokio::spawn(write_loop(
             session.writer,
             outbound,
             Writable {
-                outbound: outbound_tx.clone(),
+                outbound: outbound_tx,
                 events: events.clone(),
+                session: id,
             },
             cancel.clone(),
         ));
-        let reader = ReadLoop {
-            key,
-            id,
-            liveness: Liveness::new(role, Instant::now().into_std(), interval, timeout),
-            interval,
-            timeout,
-            outbound: outbound_tx,
-            events: events.clone(),
-        };
         let reason = tokio::select! {
-            reason = reader.run(session.reader, cancel.clone()) => reason,
+            reason = read_loop(session.reader, id, events.clone(), cancel.clone()) => reason,
             written = writer => match written {
                 Ok(reason) => reason,
                 Err(e) => format!("writer crashed: {e}"),
@@ -139,7 +125,6 @@ impl SessionTask {
         cancel.cancel();
         let _ = events
             .send(Event::Closed {
-                key,
                 session: id,
                 reason,
             })
@@ -151,6 +136,7 @@ impl SessionTask {
 struct Writable {
     outbound: Outbound,
     events: mpsc::Sender<Event>,
+    session: SessionId,
 }
 
 async fn write_loop(
@@ -175,94 +161,52 @@ async fn write_loop(
         }
         if writable.outbound.take_refused() {
             // Best effort: when the node is busy, the next refusal asks again.
-            let _ = writable.events.try_send(Event::Writable);
+            let _ = writable.events.try_send(Event::Writable {
+                session: writable.session,
+            });
         }
     }
 }
 
-struct ReadLoop {
-    key: PublicKey,
-    id: u64,
-    liveness: Liveness,
-    interval: Duration,
-    timeout: Duration,
-    outbound: Outbound,
+/// Hands every whole message to the node, and says now and then that a long one is on its way.
+async fn read_loop(
+    mut reader: SessionReader,
+    session: SessionId,
     events: mpsc::Sender<Event>,
-}
-
-impl ReadLoop {
-    async fn run(
-        mut self,
-        mut reader: crate::transport::SessionReader,
-        cancel: CancellationToken,
-    ) -> String {
-        loop {
-            let deadline = Instant::from_std(self.liveness.next_deadline());
-            tokio::select! {
-                _ = cancel.cancelled() => return "closed by this device".into(),
-                _ = tokio::time::sleep_until(deadline) => {
-                    // Chunks of a message still being received count as traffic.
-                    self.liveness.on_receive(reader.last_frame());
-                    match self.liveness.poll(Instant::now().into_std(), rand::random()) {
-                        Action::Ping { nonce, rtt } => {
-                            let rtt_us = rtt.map(|d| d.as_micros().min(u32::MAX.into()) as u32);
-                            // A full queue means the link is busy; the next ping will do.
-                            self.outbound.try_send(Message::Ping { nonce, rtt_us });
-                        }
-                        Action::Dead => {
-                            return format!(
-                                "nothing received for {}",
-                                humantime::format_duration(self.interval + self.timeout)
-                            );
-                        }
-                        Action::Wait => {}
+    cancel: CancellationToken,
+) -> String {
+    let mut activity = tokio::time::interval(ACTIVITY_INTERVAL);
+    activity.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reported = reader.last_frame();
+    loop {
+        let received = tokio::select! {
+            _ = cancel.cancelled() => return "closed by this device".into(),
+            _ = activity.tick() => {
+                if reader.last_frame() > reported {
+                    reported = reader.last_frame();
+                    if events.send(Event::Activity { session }).await.is_err() {
+                        return "the node stopped".into();
                     }
                 }
-                received = reader.recv() => {
-                    let now = Instant::now().into_std();
-                    match received {
-                        Ok(Some(message)) => {
-                            self.liveness.on_receive(now);
-                            if !self.handle(message, now).await {
-                                return "the node stopped".into();
-                            }
-                        }
-                        Ok(None) => {
-                            self.liveness.on_receive(now);
-                            tracing::debug!(peer = %self.key.device_id(), "skipped a message of an unknown kind");
-                        }
-                        Err(e) => return e.to_string(),
-                    }
-                }
+                continue;
             }
-        }
-    }
-
-    /// Answers pings, measures pongs, passes the rest on. Returns false if the node is gone.
-    async fn handle(&mut self, message: Message, now: std::time::Instant) -> bool {
-        let (key, session) = (self.key, self.id);
-        let event = match message {
-            Message::Ping { nonce, rtt_us } => {
-                self.liveness
-                    .on_ping_report(rtt_us.map(|us| Duration::from_micros(us.into())));
-                self.outbound.try_send(Message::Pong { nonce });
-                self.liveness
-                    .rtt()
-                    .map(|rtt| Event::Rtt { key, session, rtt })
-            }
-            Message::Pong { nonce } if self.liveness.on_pong(nonce, now) => self
-                .liveness
-                .rtt()
-                .map(|rtt| Event::Rtt { key, session, rtt }),
-            message => Some(Event::Message {
-                key,
-                session,
-                message,
-            }),
+            received = reader.recv() => received,
         };
-        match event {
-            Some(event) => self.events.send(event).await.is_ok(),
-            None => true,
+        match received {
+            Ok(Some(message)) => {
+                reported = reader.last_frame();
+                if events
+                    .send(Event::Frame { session, message })
+                    .await
+                    .is_err()
+                {
+                    return "the node stopped".into();
+                }
+            }
+            Ok(None) => {
+                tracing::debug!("skipped a message of an unknown kind");
+            }
+            Err(e) => return e.to_string(),
         }
     }
 }
@@ -289,39 +233,45 @@ mod tests {
     #[test]
     fn the_queue_is_bounded_in_bytes_and_gives_them_back_when_written() {
         let (outbound, mut rx) = Outbound::new();
-        assert!(outbound.try_send(data(20 << 20)), "one large message fits");
         assert!(
-            !outbound.try_send(data(20 << 20)),
+            outbound.try_send(data(20 << 20)).is_ok(),
+            "one large message fits"
+        );
+        assert!(
+            outbound.try_send(data(20 << 20)).is_err(),
             "a second one is over the budget"
         );
-        assert!(outbound.try_send(data(1 << 20)), "smaller ones still fit");
+        assert!(
+            outbound.try_send(data(1 << 20)).is_ok(),
+            "smaller ones still fit"
+        );
         // Written (received and dropped): its bytes are free again.
         drop(rx.try_recv().expect("the first message is queued"));
-        assert!(outbound.try_send(data(20 << 20)));
+        assert!(outbound.try_send(data(20 << 20)).is_ok());
     }
 
     #[test]
     fn a_message_larger_than_the_budget_goes_alone() {
         let (outbound, mut rx) = Outbound::new();
-        assert!(outbound.try_send(data(OUTBOUND_BYTES + 1)));
-        assert!(!outbound.try_send(Message::Pong { nonce: 1 }));
+        assert!(outbound.try_send(data(OUTBOUND_BYTES + 1)).is_ok());
+        assert!(outbound.try_send(Message::Pong { nonce: 1 }).is_err());
         drop(rx.try_recv().expect("queued"));
-        assert!(outbound.try_send(Message::Pong { nonce: 1 }));
+        assert!(outbound.try_send(Message::Pong { nonce: 1 }).is_ok());
     }
 
     #[test]
     fn the_queue_is_bounded_in_messages() {
         let (outbound, _rx) = Outbound::new();
         for nonce in 0..OUTBOUND_QUEUE as u64 {
-            assert!(outbound.try_send(Message::Pong { nonce }));
+            assert!(outbound.try_send(Message::Pong { nonce }).is_ok());
         }
-        assert!(!outbound.try_send(Message::Pong { nonce: 0 }));
+        assert!(outbound.try_send(Message::Pong { nonce: 0 }).is_err());
     }
 
     #[test]
     fn nothing_is_queued_once_the_session_ended() {
         let (outbound, rx) = Outbound::new();
         drop(rx);
-        assert!(!outbound.try_send(Message::Pong { nonce: 1 }));
+        assert!(outbound.try_send(Message::Pong { nonce: 1 }).is_err());
     }
 }

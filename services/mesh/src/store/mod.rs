@@ -4,7 +4,7 @@
 //! - `merge`: the rules, pure;
 //! - `storage`: the engine (sled), behind a small interface;
 //! - `digest`: the digest tree anti-entropy compares;
-//! - `sync`: the node's side: pushing writes, answering anti-entropy;
+//! - the core's `store_sync`: pushing writes, answering anti-entropy;
 //! - `rpc`: the `db.*` API methods.
 //!
 //! The mesh process keeps the store open for its whole life; the CLI opens it itself only when
@@ -14,7 +14,6 @@ pub mod digest;
 pub mod merge;
 pub mod rpc;
 pub mod storage;
-pub(crate) mod sync;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -154,8 +153,7 @@ impl Store {
 
     /// Merges entries from a peer; returns those that changed the store. Invalid entries (too
     /// large, or from too far in the future) are logged and skipped.
-    pub fn apply_remote(&self, entries: Vec<StoreEntry>, from: &str) -> Vec<Change> {
-        let now = merge::now_ms();
+    pub fn apply_remote(&self, entries: Vec<StoreEntry>, from: &str, now: u64) -> Vec<Change> {
         let mut changes = Vec::new();
         let mut inner = self.lock();
         for entry in entries {
@@ -345,16 +343,20 @@ mod tests {
             writer: [2; 32],
             value: Some(value.to_vec()),
         };
-        assert!(store.apply_remote(vec![remote(1, b"old")], "b").is_empty());
+        assert!(
+            store
+                .apply_remote(vec![remote(1, b"old")], "b", merge::now_ms())
+                .is_empty()
+        );
         let now = merge::now_ms();
         assert!(
             store
-                .apply_remote(vec![remote(now + 3_600_000, b"future")], "b")
+                .apply_remote(vec![remote(now + 3_600_000, b"future")], "b", now)
                 .is_empty()
         );
         assert_eq!(
             store
-                .apply_remote(vec![remote(now + 1000, b"new")], "b")
+                .apply_remote(vec![remote(now + 1000, b"new")], "b", now)
                 .len(),
             1
         );
@@ -411,8 +413,8 @@ mod tests {
                 value: Some(vec![1]),
             })
             .collect();
-        a.apply_remote(shared.clone(), "x");
-        b.apply_remote(shared, "x");
+        a.apply_remote(shared.clone(), "x", merge::now_ms());
+        b.apply_remote(shared, "x", merge::now_ms());
         assert_eq!(a.top(), b.top());
         for i in 0..5 {
             a.write_local(&format!("a{i}"), Some(vec![2])).unwrap();

@@ -11,11 +11,11 @@ use cnsprcy::rpc::{self, RpcError};
 use cnsprcy::wire::KeyBytes;
 use serde::Deserialize;
 use serde_json::Value;
-use tokio::sync::oneshot;
 
 use super::{Store, StoreError, item};
 use crate::Mesh;
-use crate::node::{Request, code};
+use crate::core::{Answer, ApiCall, code};
+use crate::node::Request;
 
 pub const METHODS: &[&str] = &["db.set", "db.get", "db.del", "db.list", "db.stats"];
 
@@ -71,20 +71,14 @@ async fn blocking<T: Send + 'static>(
 
 /// Writers' names: this device and the members.
 async fn names(mesh: &Mesh) -> HashMap<KeyBytes, String> {
-    let (reply, answer) = oneshot::channel();
-    let mut names: HashMap<KeyBytes, String> = HashMap::new();
-    if mesh.node.requests.send(Request::Peers(reply)).await.is_ok()
-        && let Ok(peers) = answer.await
-    {
-        for peer in peers {
-            names.insert(*peer.public_key.as_bytes(), peer.name.to_string());
-        }
+    match mesh.node.call(ApiCall::Names).await {
+        Ok(Answer::Names(names)) => names,
+        // Stopping: the items then name writers by ID.
+        _ => HashMap::from([(
+            *mesh.identity.public_key().as_bytes(),
+            mesh.name.to_string(),
+        )]),
     }
-    names.insert(
-        *mesh.identity.public_key().as_bytes(),
-        mesh.name.to_string(),
-    );
-    names
 }
 
 pub(crate) async fn call(mesh: &Mesh, method: &str, params: Value) -> Result<Value, RpcError> {

@@ -1,18 +1,18 @@
-//! The node's side of the store: pushing local writes to every member (directly or through a
-//! relay), merging what peers send, anti-entropy with each member that has a session with this
-//! device, and the `store-change` event. `docs/store.md` describes the protocol.
+//! The store, as the core moves it: local writes pushed to every member, what peers send merged,
+//! anti-entropy with each member that has a session with this device, and the `store-change`
+//! event. `docs/store.md` describes the protocol.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 
 use cnsprcy::api::WatchEvent;
 use cnsprcy::identity::PublicKey;
-use cnsprcy::ipc::{Outcome, RunResult};
-use cnsprcy::wire::{MAX_RELAY_HOPS, Message, StoreBody, StoreEntry, StoreEnvelope, StoreSummary};
+use cnsprcy::wire::{
+    ROUTED_OVERHEAD, RoutedBody, StoreBody, StoreEntry, StoreSummary, encoded_len,
+};
 
-use super::digest::{self, LEAVES_PER_BUCKET};
-use super::merge::Version;
-use crate::node::Node;
+use super::{Core, Now, StoreAccess, StoreCounter};
+use crate::store::digest::{self, LEAVES_PER_BUCKET};
+use crate::store::merge::Version;
 
 /// The built-in event raised when a key changes.
 pub const EVENT: &str = "store-change";
@@ -22,61 +22,46 @@ pub const MAX_EVENTS_PER_BATCH: usize = 64;
 /// The most value bytes one `Update` carries; more goes in further messages.
 const UPDATE_BYTES: usize = 4 * 1024 * 1024;
 
-impl Node {
+impl<S: StoreAccess> Core<S> {
     /// A local write is durable: tell every member, `watch` and the handlers.
-    pub(crate) fn store_written(&mut self, entry: StoreEntry) {
+    pub(super) fn store_written(&mut self, entry: StoreEntry, _now: Now) {
         let members: Vec<PublicKey> = self.roster.members().iter().map(|m| m.public_key).collect();
         let body = StoreBody::Update(vec![entry.clone()]);
         for key in members {
-            self.store_send(&key, body.clone(), false);
+            self.store_send(&key, body.clone(), StoreCounter::PushBytesSent);
         }
         self.store_changed(std::slice::from_ref(&entry), true);
     }
 
     /// Sends a store message to `to`, directly or through its relay; counts the bytes.
-    fn store_send(&self, to: &PublicKey, body: StoreBody, sync: bool) -> bool {
-        let envelope = StoreEnvelope {
-            from: *self.own_key().as_bytes(),
-            to: *to.as_bytes(),
-            hops: 0,
-            body,
-        };
-        let message = Message::Store(envelope);
-        let size = message.encode().len() as u64;
-        let sent = self.route(to, message);
+    fn store_send(&mut self, to: &PublicKey, body: StoreBody, counter: StoreCounter) -> bool {
+        let body = RoutedBody::Store(body);
+        let size = (ROUTED_OVERHEAD + encoded_len(&body)) as u64;
+        let sent = self.route(to, body);
         if sent {
-            let stats = &self.handle.store.stats;
-            let counter = if sync {
-                &stats.sync_bytes_sent
-            } else {
-                &stats.push_bytes_sent
-            };
-            counter.fetch_add(size, Ordering::Relaxed);
+            self.store.count(counter, size);
         }
         sent
     }
 
     /// A session came up: the side with the smaller key starts anti-entropy (one walk repairs
     /// both sides, so one is enough).
-    pub(crate) fn store_session_up(&mut self, key: &PublicKey) {
-        if self.own_key().as_bytes() < key.as_bytes() {
+    pub(super) fn store_session_up(&mut self, key: &PublicKey) {
+        if self.own.as_bytes() < key.as_bytes() {
             self.store_start_sync(key);
         }
     }
 
-    fn store_start_sync(&self, key: &PublicKey) {
-        self.handle
-            .store
-            .stats
-            .sync_rounds
-            .fetch_add(1, Ordering::Relaxed);
-        self.store_send(key, StoreBody::Top(self.handle.store.top()), true);
+    fn store_start_sync(&mut self, key: &PublicKey) {
+        self.store.count(StoreCounter::SyncRounds, 1);
+        let top = self.store.top();
+        self.store_send(key, StoreBody::Top(top), StoreCounter::SyncBytesSent);
     }
 
     /// The periodic round: anti-entropy with every member this device has a session with (and a
     /// smaller key than).
-    pub(crate) fn store_anti_entropy(&mut self) {
-        let own = self.own_key();
+    pub(super) fn store_anti_entropy(&mut self) {
+        let own = self.own;
         let keys: Vec<PublicKey> = self
             .sessions
             .keys()
@@ -88,56 +73,33 @@ impl Node {
         }
     }
 
-    pub(crate) fn on_store(&mut self, envelope: StoreEnvelope) {
-        let own = *self.own_key().as_bytes();
-        let from = PublicKey::from_bytes(envelope.from);
-        if !self.table.contains(&from) {
-            return;
-        }
-        if envelope.to != own {
-            let to = PublicKey::from_bytes(envelope.to);
-            if envelope.hops < MAX_RELAY_HOPS && self.table.contains(&to) {
-                self.route(
-                    &to,
-                    Message::Store(StoreEnvelope {
-                        hops: envelope.hops + 1,
-                        ..envelope
-                    }),
-                );
-            }
-            return;
-        }
-        let size = Message::Store(envelope.clone()).encode().len() as u64;
-        self.handle
-            .store
-            .stats
-            .bytes_received
-            .fetch_add(size, Ordering::Relaxed);
-        let store = self.handle.store.clone();
-        match envelope.body {
+    pub(super) fn on_store(&mut self, from: &PublicKey, body: StoreBody, now: Now) {
+        let size = ROUTED_OVERHEAD + 1 + encoded_len(&body);
+        self.store.count(StoreCounter::BytesReceived, size as u64);
+        let sync = StoreCounter::SyncBytesSent;
+        match body {
             StoreBody::Update(entries) => {
-                let name = self.member_name(&from);
-                let changes: Vec<StoreEntry> = store
-                    .apply_remote(entries, &name)
-                    .into_iter()
-                    .map(|c| c.entry)
-                    .collect();
+                let name = self.member_name(from);
+                let changes = self.store.apply_remote(entries, &name, now.wall_ms);
                 if !changes.is_empty() {
                     tracing::debug!(peer = %name, "{} store key(s) changed", changes.len());
                     self.store_changed(&changes, false);
                 }
             }
             StoreBody::Top(theirs) => {
-                let differing = digest::differing(&store.top(), &theirs);
+                let differing: Vec<u8> = digest::differing(&self.store.top(), &theirs)
+                    .into_iter()
+                    .map(|b| b as u8)
+                    .collect();
                 if !differing.is_empty() {
-                    let buckets = store.buckets(differing.into_iter().map(|b| b as u8));
-                    self.store_send(&from, StoreBody::Buckets(buckets), true);
+                    let buckets = self.store.buckets(&differing);
+                    self.store_send(from, StoreBody::Buckets(buckets), sync);
                 }
             }
             StoreBody::Buckets(theirs) => {
                 let mut leaves = Vec::new();
                 for (bucket, digests) in theirs {
-                    let ours = store.leaf_digests(bucket);
+                    let ours = self.store.leaf_digests(bucket);
                     for leaf in digest::differing(&ours, &digests) {
                         if leaf < LEAVES_PER_BUCKET {
                             leaves.push(u16::from(bucket) << 8 | leaf as u16);
@@ -147,15 +109,15 @@ impl Node {
                 leaves.sort_unstable();
                 leaves.dedup();
                 if !leaves.is_empty() {
-                    let entries = store.summaries(&leaves);
-                    self.store_send(&from, StoreBody::Summaries { leaves, entries }, true);
+                    let entries = self.store.summaries(&leaves);
+                    self.store_send(from, StoreBody::Summaries { leaves, entries }, sync);
                 }
             }
             StoreBody::Summaries { leaves, entries } => {
-                let versions = |summaries: Vec<_>| -> HashMap<String, Version> {
+                let versions = |summaries: Vec<StoreSummary>| -> HashMap<String, Version> {
                     summaries
                         .into_iter()
-                        .map(|s: StoreSummary| {
+                        .map(|s| {
                             let version = Version {
                                 ts: s.ts,
                                 writer: s.writer,
@@ -164,55 +126,55 @@ impl Node {
                         })
                         .collect()
                 };
-                let ours = versions(store.summaries(&leaves));
+                let ours = versions(self.store.summaries(&leaves));
                 let theirs = versions(entries);
-                let give: Vec<&str> = ours
+                let give: Vec<String> = ours
                     .iter()
                     .filter(|(k, v)| theirs.get(*k).is_none_or(|t| t < *v))
-                    .map(|(k, _)| k.as_str())
+                    .map(|(k, _)| k.clone())
                     .collect();
                 let want: Vec<String> = theirs
                     .iter()
                     .filter(|(k, t)| ours.get(*k).is_none_or(|v| v < *t))
                     .map(|(k, _)| k.clone())
                     .collect();
-                self.store_send_entries(&from, give);
+                self.store_send_entries(from, &give);
                 if !want.is_empty() {
-                    self.store_send(&from, StoreBody::Want(want), true);
+                    self.store_send(from, StoreBody::Want(want), sync);
                 }
             }
-            StoreBody::Want(keys) => {
-                self.store_send_entries(&from, keys.iter().map(String::as_str).collect());
-            }
+            StoreBody::Want(keys) => self.store_send_entries(from, &keys),
         }
     }
 
     /// Sends the entries for `keys` in `Update`s of at most `UPDATE_BYTES` of values each.
-    fn store_send_entries(&self, to: &PublicKey, keys: Vec<&str>) {
+    fn store_send_entries(&mut self, to: &PublicKey, keys: &[String]) {
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
         let mut batch = Vec::new();
         let mut bytes = 0;
-        for entry in self.handle.store.entries(keys) {
+        for entry in self.store.entries(&keys) {
             let size = entry.key.len() + entry.value.as_ref().map_or(0, Vec::len);
             if !batch.is_empty() && bytes + size > UPDATE_BYTES {
-                self.store_send(to, StoreBody::Update(std::mem::take(&mut batch)), true);
+                let full = std::mem::take(&mut batch);
+                self.store_send(to, StoreBody::Update(full), StoreCounter::SyncBytesSent);
                 bytes = 0;
             }
             bytes += size;
             batch.push(entry);
         }
         if !batch.is_empty() {
-            self.store_send(to, StoreBody::Update(batch), true);
+            self.store_send(to, StoreBody::Update(batch), StoreCounter::SyncBytesSent);
         }
     }
 
     /// Tells `watch` about changed keys, and runs the `store-change` handler.
-    fn store_changed(&self, changes: &[StoreEntry], local: bool) {
+    fn store_changed(&mut self, changes: &[StoreEntry], local: bool) {
         let names: HashMap<[u8; 32], String> = self
             .roster
             .members()
             .iter()
             .map(|m| (*m.public_key.as_bytes(), m.name.to_string()))
-            .chain([(*self.own_key().as_bytes(), self.name.to_string())])
+            .chain([(self.own_bytes(), self.name.to_string())])
             .collect();
         let writer_name = |entry: &StoreEntry| {
             names
@@ -221,7 +183,7 @@ impl Node {
                 .unwrap_or_else(|| PublicKey::from_bytes(entry.writer).device_id().to_string())
         };
         for entry in changes {
-            let _ = self.handle.watch.send(WatchEvent::Store {
+            self.watch(WatchEvent::Store {
                 key: entry.key.clone(),
                 deleted: entry.value.is_none(),
                 writer: writer_name(entry),
@@ -239,7 +201,7 @@ impl Node {
                 ("CNSPRCY_STORE_PREFIX".to_owned(), prefix),
                 ("CNSPRCY_STORE_ORIGIN".to_owned(), origin.to_owned()),
             ];
-            self.run_store_event(env, Vec::new());
+            self.raise_event(EVENT, env);
             return;
         }
         for entry in changes {
@@ -261,26 +223,10 @@ impl Node {
                 ("CNSPRCY_STORE_ORIGIN".to_owned(), origin.to_owned()),
                 ("CNSPRCY_STORE_CHANGES".to_owned(), "1".to_owned()),
             ];
-            self.run_store_event(env, entry.value.clone().unwrap_or_default());
+            let mut run = self.event_run(EVENT, env);
+            run.payload = entry.value.clone().unwrap_or_default();
+            self.outputs.push(super::Output::RaiseEvent(Box::new(run)));
         }
-    }
-
-    fn run_store_event(&self, env: Vec<(String, String)>, payload: Vec<u8>) {
-        let mut run = self.event_run(EVENT, env);
-        run.payload = payload;
-        let handlers = self.handlers.clone();
-        self.tasks.spawn(async move {
-            match handlers.run(run).await {
-                Ok(RunResult {
-                    outcome: Outcome::NoHandler,
-                    ..
-                }) => {}
-                Ok(result) => {
-                    tracing::debug!(event = EVENT, ?result.outcome, "event handler finished")
-                }
-                Err(e) => tracing::debug!(event = EVENT, "event handler not run: {e}"),
-            }
-        });
     }
 }
 

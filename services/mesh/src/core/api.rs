@@ -1,0 +1,204 @@
+//! The API calls the core answers: peers, ping, members, retry, send, interfaces.
+
+use std::collections::HashMap;
+
+use cnsprcy::api::{MemberInfo, PeerInfo, PeerStatus};
+use cnsprcy::rpc::RpcError;
+
+use super::{Answer, ApiCall, Core, Now, Output, PersistOp, RequestId, RosterChange, StoreAccess};
+use crate::peers::Reach;
+use crate::roster::{Member, RosterError};
+
+/// Error codes of the peer methods (JSON-RPC implementation-defined range).
+pub mod code {
+    pub const NOT_FOUND: i64 = -32004;
+    pub const CONFLICT: i64 = -32005;
+    pub const UNREACHABLE: i64 = -32006;
+    pub const STORAGE: i64 = -32007;
+    /// `send`: the outbox holds as much as it may; nothing was sent.
+    pub const OUTBOX_FULL: i64 = -32008;
+}
+
+pub(crate) fn error(code: i64, message: impl Into<String>) -> RpcError {
+    RpcError::new(code, message)
+}
+
+pub(crate) fn roster_error(e: RosterError) -> RpcError {
+    match e {
+        RosterError::NotFound(_) => error(code::NOT_FOUND, e.to_string()),
+        RosterError::NameTaken(_) | RosterError::KeyTaken(_) | RosterError::OwnKey => {
+            error(code::CONFLICT, e.to_string())
+        }
+        other => error(code::STORAGE, other.to_string()),
+    }
+}
+
+pub(crate) fn member_info(member: &Member) -> MemberInfo {
+    MemberInfo {
+        name: member.name.clone(),
+        id: member.id(),
+        public_key: member.public_key,
+        addresses: member.addresses.clone(),
+    }
+}
+
+impl<S: StoreAccess> Core<S> {
+    pub(super) fn on_api(&mut self, request: RequestId, call: ApiCall, now: Now) {
+        match call {
+            ApiCall::Peers => {
+                let peers = self
+                    .roster
+                    .members()
+                    .iter()
+                    .map(|m| self.peer_info(m, now))
+                    .collect();
+                self.answer(request, Answer::Peers(peers));
+            }
+            ApiCall::Peer { name } => {
+                let result = self
+                    .roster
+                    .find(&name)
+                    .map(|m| self.peer_info(m, now))
+                    .map_err(roster_error);
+                self.answer(request, Answer::Peer(result));
+            }
+            ApiCall::Ping { name, timeout } => self.start_ping(request, &name, timeout, now),
+            ApiCall::AddMember(member) => self.add_member(request, member, now),
+            ApiCall::RemoveMember { name } => self.remove_member(request, &name, now),
+            ApiCall::Retry => {
+                let count = self.table.retry_all(now.mono);
+                self.answer(request, Answer::Retry(count));
+            }
+            ApiCall::Send(send) => self.start_send(request, send, now),
+            ApiCall::Interfaces => {
+                let interfaces = self.interfaces.clone();
+                self.answer(request, Answer::Interfaces(interfaces));
+            }
+            ApiCall::Names => {
+                let mut names: HashMap<[u8; 32], String> = self
+                    .roster
+                    .members()
+                    .iter()
+                    .map(|m| (*m.public_key.as_bytes(), m.name.to_string()))
+                    .collect();
+                names.insert(self.own_bytes(), self.name.to_string());
+                self.answer(request, Answer::Names(names));
+            }
+        }
+    }
+
+    /// Writes the roster as it is now; nobody waits for it.
+    pub(super) fn save_roster(&mut self) {
+        self.persist(PersistOp::Roster(self.roster.members().to_vec()), false);
+    }
+
+    /// The member set changed: the peer table, the accept path and the disk follow. Returns the
+    /// token of the write.
+    fn members_changed(&mut self, now: Now) -> Option<super::Token> {
+        self.table
+            .sync_members(self.roster.members().iter().map(|m| m.public_key), now.mono);
+        self.outputs.push(Output::Members(self.member_keys()));
+        self.persist(PersistOp::Roster(self.roster.members().to_vec()), true)
+    }
+
+    fn add_member(&mut self, request: RequestId, member: Member, now: Now) {
+        if let Err(e) = self.roster.add(member.clone(), &self.own) {
+            return self.answer(request, Answer::Member(Err(roster_error(e))));
+        }
+        if let Some(token) = self.members_changed(now) {
+            self.roster_changes
+                .insert(token, (request, RosterChange::Added(member)));
+        }
+    }
+
+    fn remove_member(&mut self, request: RequestId, name: &str, now: Now) {
+        let member = match self.roster.remove(name) {
+            Ok(member) => member,
+            Err(e) => return self.answer(request, Answer::Member(Err(roster_error(e)))),
+        };
+        let key = member.public_key;
+        self.forget_target(&key);
+        self.close_session(&key, "removed from the roster", now);
+        self.reported.remove(&key);
+        if let Some(token) = self.members_changed(now) {
+            self.roster_changes
+                .insert(token, (request, RosterChange::Removed(member)));
+        }
+    }
+
+    /// A roster change is on disk (answer it), or could not be written (undo it, and answer
+    /// with the error).
+    pub(super) fn roster_saved(
+        &mut self,
+        request: RequestId,
+        change: RosterChange,
+        saved: Result<(), String>,
+        now: Now,
+    ) {
+        let member = match (&change, saved) {
+            (RosterChange::Added(member), Ok(())) => {
+                tracing::info!(peer = %member.name, "added member {} ({})", member.name, member.id());
+                Ok(member_info(member))
+            }
+            (RosterChange::Removed(member), Ok(())) => {
+                tracing::info!(peer = %member.name, "removed member {}", member.name);
+                Ok(member_info(member))
+            }
+            (change, Err(reason)) => {
+                // Undone, so that memory and disk agree; the undo is written too.
+                match change {
+                    RosterChange::Added(member) => {
+                        let _ = self.roster.remove(&member.id().to_string());
+                    }
+                    RosterChange::Removed(member) => {
+                        let _ = self.roster.add(member.clone(), &self.own);
+                    }
+                }
+                self.members_changed(now);
+                Err(error(
+                    code::STORAGE,
+                    format!("{reason}; nothing was changed"),
+                ))
+            }
+        };
+        self.answer(request, Answer::Member(member));
+    }
+
+    pub(super) fn peer_info(&self, member: &Member, now: Now) -> PeerInfo {
+        let key = member.public_key;
+        let reach = self.table.reach(&key);
+        let mut addresses = Vec::new();
+        let (status, latency, via) = match reach {
+            Reach::Direct { addr, rtt } => {
+                addresses.push(addr);
+                (PeerStatus::Direct, rtt, None)
+            }
+            Reach::Relayed { via, rtt } => (
+                PeerStatus::Relayed,
+                rtt,
+                self.roster.get(&via).map(|m| m.name.clone()),
+            ),
+            Reach::Unreachable => (PeerStatus::Unreachable, None, None),
+        };
+        for addr in &member.addresses {
+            if !addresses.contains(addr) {
+                addresses.push(*addr);
+            }
+        }
+        let last_seen = if reach.is_reachable() {
+            Some(now.wall())
+        } else {
+            self.table.last_seen(&key)
+        };
+        PeerInfo {
+            name: member.name.clone(),
+            id: member.id(),
+            public_key: key,
+            status,
+            addresses,
+            latency_ms: latency.map(super::millis),
+            via,
+            last_seen: last_seen.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+        }
+    }
+}

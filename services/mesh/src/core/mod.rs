@@ -1,0 +1,644 @@
+//! The mesh's rules, without I/O: sessions (one per pair, keepalive, who is direct, relayed or
+//! unreachable), dialling, routed envelopes, tagged messages (outbox, acknowledgements, replies,
+//! delivery at most once), the roster and anti-entropy of the store.
+//!
+//! `Core::handle` takes one `Input` and the time, and returns `Output`s for the driver to carry
+//! out: bytes to send, dials, handler runs, things to make durable, answers to API calls, events.
+//! It never reads a clock, a random generator, a socket or a file of its own: time comes with each
+//! input, randomness from a generator seeded at construction, and the store is read through the
+//! `StoreAccess` trait (sled in the daemon, a map in the simulator). So one core can be driven by
+//! tokio (`node.rs`) or by the deterministic simulator (`tests/sim`), and both see the same rules.
+//!
+//! Invariants (checked by the simulator after every run):
+//! - at most one session per pair of devices, the same one on both sides once both know of it;
+//! - a member is `direct` exactly while a session with it is up; `relayed` only through a direct
+//!   peer that reports a session with it;
+//! - a message ran its handler at most once per target (the id is durable before the ack and
+//!   the run), and at least once per target that was reachable within its TTL;
+//! - what the outbox holds, it holds on disk before `send` answers;
+//! - every queue the core keeps is bounded.
+
+mod api;
+mod forward;
+mod messages;
+mod sessions;
+mod store_sync;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use cnsprcy::api::{HandlerReply, MemberInfo, PeerInfo, PingResult, SendResult, WatchEvent};
+use cnsprcy::config::MeshConfig;
+use cnsprcy::identity::{DeviceName, PublicKey};
+use cnsprcy::ipc::{Interface, Run, RunResult};
+use cnsprcy::netif::InterfaceFilter;
+use cnsprcy::rpc::RpcError;
+use cnsprcy::wire::{KeyBytes, Message, MessageId, StoreEntry, StoreSummary};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+
+use crate::liveness::Liveness;
+use crate::messaging::{Delivered, Outbox, OutboxEntry, Wait};
+use crate::peers::PeerTable;
+use crate::roster::{Member, Roster};
+
+pub use api::code;
+pub use messages::{DEFAULT_TTL, SendRequest};
+
+/// A session, numbered by the driver when its handshake completed; never reused.
+pub type SessionId = u64;
+/// An API call, numbered by the driver; its answer carries the number back.
+pub type RequestId = u64;
+/// A handler run the core asked for; its result carries the number back.
+pub type RunId = u64;
+/// A persistence action whose completion the core waits for.
+pub type Token = u64;
+
+/// The time of an input: monotonic for timers and round trips, the wall clock (Unix
+/// milliseconds) for message lifetimes, store timestamps and what users read.
+#[derive(Debug, Clone, Copy)]
+pub struct Now {
+    pub mono: Instant,
+    pub wall_ms: u64,
+}
+
+impl Now {
+    /// The system's clocks: for the driver only.
+    pub fn system() -> Self {
+        Self {
+            mono: Instant::now(),
+            wall_ms: crate::messaging::now_ms(),
+        }
+    }
+
+    pub fn wall(&self) -> std::time::SystemTime {
+        std::time::UNIX_EPOCH + Duration::from_millis(self.wall_ms)
+    }
+}
+
+/// The replicated store as the core reads and merges it. Reads and merges are quick (an
+/// in-memory tree and a cache-backed engine); local writes are made durable by the API before
+/// the core hears of them (`Input::StoreWritten`).
+pub trait StoreAccess {
+    /// The 256 bucket digests.
+    fn top(&self) -> Vec<u64>;
+    /// The leaf digests of the given buckets.
+    fn buckets(&self, which: &[u8]) -> Vec<(u8, Vec<u64>)>;
+    /// The leaf digests of one bucket.
+    fn leaf_digests(&self, bucket: u8) -> Vec<u64>;
+    /// The versions held in the given leaves.
+    fn summaries(&self, leaves: &[u16]) -> Vec<StoreSummary>;
+    /// The stored entries for `keys` (tombstones included; absent keys left out).
+    fn entries(&self, keys: &[&str]) -> Vec<StoreEntry>;
+    /// Merges entries from `from`; returns those that changed the store. `now_ms` bounds how
+    /// far in the future a timestamp may be.
+    fn apply_remote(&self, entries: Vec<StoreEntry>, from: &str, now_ms: u64) -> Vec<StoreEntry>;
+    /// Counts traffic for `db.stats`: bytes of store messages sent (for anti-entropy or for
+    /// pushing writes) and received, and rounds started.
+    fn count(&self, counter: StoreCounter, amount: u64);
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreCounter {
+    SyncBytesSent,
+    PushBytesSent,
+    BytesReceived,
+    SyncRounds,
+}
+
+/// Everything the core is told.
+#[derive(Debug)]
+pub enum Input {
+    /// A handshake completed: by this device (`initiator`) or accepted. For an accepted session
+    /// the driver reports it once its first message arrived (and then that message as a `Frame`).
+    SessionUp {
+        session: SessionId,
+        peer: PublicKey,
+        initiator: bool,
+        /// The peer's incarnation from the handshake.
+        incarnation: u64,
+        /// The peer's address.
+        addr: SocketAddr,
+        /// This device's end.
+        local: Option<SocketAddr>,
+    },
+    /// The session's connection ended (read or write failed, or the peer closed it).
+    SessionDown {
+        session: SessionId,
+        reason: String,
+    },
+    /// A whole message arrived on a session.
+    Frame {
+        session: SessionId,
+        message: Message,
+    },
+    /// Part of a large message arrived: the session is alive.
+    Activity {
+        session: SessionId,
+    },
+    /// A message `Output::Send` asked for did not fit the session's queue.
+    Unsent {
+        session: SessionId,
+        message: Message,
+    },
+    /// A session's queue, which refused a message, has room again.
+    Writable {
+        session: SessionId,
+    },
+    /// Every address of a dial failed.
+    DialFailed {
+        peer: PublicKey,
+        error: String,
+    },
+    Api {
+        request: RequestId,
+        call: ApiCall,
+    },
+    /// A handler run asked for with `Output::RunHandler` finished (or could not run).
+    HandlerDone {
+        run: RunId,
+        result: Result<RunResult, String>,
+    },
+    /// A `Persist` with a token was carried out.
+    Persisted {
+        token: Token,
+        result: Result<(), String>,
+    },
+    /// The interfaces and addresses now (netwatch).
+    Network(Vec<Interface>),
+    /// A device advertising `instance` on the local network (discovery).
+    Discovered {
+        instance: String,
+        addresses: Vec<SocketAddr>,
+    },
+    /// A local store write is durable: push it to the members and raise its events.
+    StoreWritten(StoreEntry),
+    /// Time passed (`Core::next_wakeup` fell due).
+    Tick,
+}
+
+/// What the API asks.
+#[derive(Debug)]
+pub enum ApiCall {
+    Peers,
+    Peer {
+        name: String,
+    },
+    Ping {
+        name: String,
+        timeout: Duration,
+    },
+    AddMember(Member),
+    RemoveMember {
+        name: String,
+    },
+    Retry,
+    Send(SendRequest),
+    Interfaces,
+    /// Writers' names for store items: this device and the members.
+    Names,
+}
+
+/// The core's answer to an `ApiCall`.
+#[derive(Debug)]
+pub enum Answer {
+    Peers(Vec<PeerInfo>),
+    Peer(Result<PeerInfo, RpcError>),
+    Ping(Result<PingResult, RpcError>),
+    Member(Result<MemberInfo, RpcError>),
+    Retry(usize),
+    Send(Result<SendResult, RpcError>),
+    Interfaces(Vec<Interface>),
+    Names(HashMap<KeyBytes, String>),
+}
+
+/// What to make durable. The driver's writer carries these out in order.
+#[derive(Debug, Clone)]
+pub enum PersistOp {
+    /// Write (or rewrite) a message of the outbox.
+    OutboxSave(Box<OutboxEntry>),
+    OutboxRemove(MessageId),
+    /// Append a delivered message's id, kept until `until_ms`.
+    Delivered {
+        id: MessageId,
+        until_ms: u64,
+    },
+    /// Write the roster.
+    Roster(Vec<Member>),
+}
+
+/// Everything the core asks for.
+#[derive(Debug)]
+pub enum Output {
+    Send {
+        session: SessionId,
+        message: Message,
+    },
+    Close {
+        session: SessionId,
+        reason: String,
+    },
+    Dial {
+        peer: PublicKey,
+        addresses: Vec<SocketAddr>,
+    },
+    /// Run the handler for a message delivered here; `Input::HandlerDone` follows.
+    RunHandler {
+        run: RunId,
+        handler: Box<Run>,
+    },
+    /// Run the handler for a built-in event; nobody waits for it.
+    RaiseEvent(Box<Run>),
+    Persist {
+        op: PersistOp,
+        token: Option<Token>,
+    },
+    Answer {
+        request: RequestId,
+        answer: Answer,
+    },
+    /// A reply for a streaming `send` (`request`), as it arrived.
+    Progress {
+        request: RequestId,
+        reply: Box<HandlerReply>,
+    },
+    /// For `subscribe`.
+    Watch(WatchEvent),
+    /// The members whose handshakes to accept changed.
+    Members(HashSet<PublicKey>),
+    /// This device's incarnation (sent in handshakes) changed.
+    Incarnation(u64),
+}
+
+/// What the core is built from: this device, its settings, and the state restored from disk.
+pub struct Setup {
+    pub own: PublicKey,
+    pub name: DeviceName,
+    pub config: MeshConfig,
+    /// Where this device accepts sessions (ports resolved).
+    pub listening: Vec<SocketAddr>,
+    pub filter: InterfaceFilter,
+    pub interfaces: Vec<Interface>,
+    pub members: Vec<Member>,
+    pub outbox: Vec<OutboxEntry>,
+    pub delivered: Vec<(MessageId, u64)>,
+    pub seed: u64,
+}
+
+/// One live session, as the core sees it.
+#[derive(Debug)]
+pub(crate) struct Live {
+    id: SessionId,
+    initiator: bool,
+    incarnation: u64,
+    addr: SocketAddr,
+    local: Option<SocketAddr>,
+    liveness: Liveness,
+    /// The queue refused a message; `Writable` clears it.
+    full: bool,
+}
+
+/// A ping the API waits for.
+#[derive(Debug)]
+struct PendingPing {
+    request: RequestId,
+    key: PublicKey,
+    sent: Instant,
+    deadline: Instant,
+    path: cnsprcy::api::PeerStatus,
+    via: Option<PublicKey>,
+    address: Option<SocketAddr>,
+}
+
+/// A roster change waiting to be on disk before it is answered.
+#[derive(Debug)]
+enum RosterChange {
+    Added(Member),
+    Removed(Member),
+}
+
+pub struct Core<S: StoreAccess> {
+    own: PublicKey,
+    name: DeviceName,
+    config: MeshConfig,
+    listening: Vec<SocketAddr>,
+    filter: InterfaceFilter,
+    /// The interfaces as last reported.
+    interfaces: Vec<Interface>,
+    /// Whether netwatch has reported yet (until then, changes are not compared).
+    network_reported: bool,
+    incarnation: u64,
+    rng: StdRng,
+    roster: Roster,
+    table: PeerTable,
+    /// Live sessions by peer; one per peer.
+    sessions: HashMap<PublicKey, Live>,
+    /// Peers by session, for every live session.
+    session_peers: HashMap<SessionId, PublicKey>,
+    outbox: Outbox,
+    delivered: Delivered,
+    /// Messages for this device whose id is being made durable, by persistence token.
+    delivering: HashMap<Token, cnsprcy::wire::Data>,
+    /// Ids in `delivering`, so that a second copy meanwhile is neither recorded nor run twice.
+    delivering_ids: HashSet<MessageId>,
+    /// Handler runs under way: the message (without payload) and its payload size.
+    runs: HashMap<RunId, (cnsprcy::wire::Data, usize)>,
+    waits: HashMap<MessageId, Wait>,
+    /// Sends whose outbox entry is being made durable, by token.
+    storing: HashMap<Token, (RequestId, MessageId, SendResult)>,
+    pending_pings: HashMap<u64, PendingPing>,
+    roster_changes: HashMap<Token, (RequestId, RosterChange)>,
+    /// RTTs last announced in `Neighbors`, to announce again only on real change.
+    announced: Vec<(PublicKey, Option<Duration>)>,
+    announced_at: Option<Instant>,
+    /// Status last reported per member.
+    reported: HashMap<PublicKey, (cnsprcy::api::PeerStatus, Option<PublicKey>)>,
+    /// Members whose failed dials were logged since they were last reachable.
+    quiet_dials: HashSet<PublicKey>,
+    next_housekeeping: Instant,
+    next_sync: Instant,
+    next_token: Token,
+    next_run: RunId,
+    store: S,
+    outputs: Vec<Output>,
+}
+
+/// How often expired messages are dropped and unacknowledged ones considered for resending.
+pub const HOUSEKEEPING: Duration = Duration::from_secs(5);
+
+impl<S: StoreAccess> Core<S> {
+    pub fn new(setup: Setup, store: S, now: Now) -> Self {
+        let mut rng = StdRng::seed_from_u64(setup.seed);
+        let incarnation = rand::Rng::random(&mut rng);
+        let roster = Roster::new(setup.members);
+        let mut table = PeerTable::default();
+        table.sync_members(roster.members().iter().map(|m| m.public_key), now.mono);
+        let network_reported = false;
+        let mut core = Self {
+            own: setup.own,
+            name: setup.name,
+            config: setup.config,
+            listening: setup.listening,
+            filter: setup.filter,
+            interfaces: setup.interfaces,
+            network_reported,
+            incarnation,
+            rng,
+            roster,
+            table,
+            sessions: HashMap::new(),
+            session_peers: HashMap::new(),
+            outbox: Outbox::restore(setup.outbox, now.wall_ms),
+            delivered: Delivered::restore(setup.delivered, now.wall_ms),
+            delivering: HashMap::new(),
+            delivering_ids: HashSet::new(),
+            runs: HashMap::new(),
+            waits: HashMap::new(),
+            storing: HashMap::new(),
+            pending_pings: HashMap::new(),
+            roster_changes: HashMap::new(),
+            announced: Vec::new(),
+            announced_at: None,
+            reported: HashMap::new(),
+            quiet_dials: HashSet::new(),
+            next_housekeeping: now.mono + HOUSEKEEPING,
+            next_sync: now.mono + crate::store::SYNC_INTERVAL,
+            next_token: 0,
+            next_run: 0,
+            store,
+            outputs: Vec::new(),
+        };
+        core.outputs.push(Output::Incarnation(incarnation));
+        core.outputs.push(Output::Members(core.member_keys()));
+        core.raise_event("daemon-start", Vec::new());
+        core
+    }
+
+    /// What the core asked for while it was built (the incarnation, the members, the
+    /// `daemon-start` event, the first dials).
+    pub fn start(&mut self, now: Now) -> Vec<Output> {
+        self.after(now);
+        std::mem::take(&mut self.outputs)
+    }
+
+    /// Takes one input at `now`; returns what to do.
+    pub fn handle(&mut self, input: Input, now: Now) -> Vec<Output> {
+        match input {
+            Input::SessionUp {
+                session,
+                peer,
+                initiator,
+                incarnation,
+                addr,
+                local,
+            } => self.on_session_up(session, peer, initiator, incarnation, addr, local, now),
+            Input::SessionDown { session, reason } => self.on_session_down(session, &reason, now),
+            Input::Frame { session, message } => self.on_frame(session, message, now),
+            Input::Activity { session } => {
+                if let Some(live) = self.live_mut(session) {
+                    live.liveness.on_receive(now.mono);
+                }
+            }
+            Input::Unsent { session, message } => self.on_unsent(session, message),
+            Input::Writable { session } => {
+                if let Some(live) = self.live_mut(session) {
+                    live.full = false;
+                }
+            }
+            Input::DialFailed { peer, error } => self.on_dial_failed(peer, &error, now),
+            Input::Api { request, call } => self.on_api(request, call, now),
+            Input::HandlerDone { run, result } => self.on_handler_done(run, result, now),
+            Input::Persisted { token, result } => self.on_persisted(token, result, now),
+            Input::Network(interfaces) => self.on_network(interfaces, now),
+            Input::Discovered {
+                instance,
+                addresses,
+            } => self.on_discovered(&instance, addresses, now),
+            Input::StoreWritten(entry) => self.store_written(entry, now),
+            Input::Tick => self.on_tick(now),
+        }
+        self.after(now);
+        std::mem::take(&mut self.outputs)
+    }
+
+    /// The daemon stops: answer every waiting call, raise `daemon-stop`, close the sessions.
+    pub fn stop(&mut self, now: Now) -> Vec<Output> {
+        self.finish_waits(now, true);
+        let pings: Vec<u64> = self.pending_pings.keys().copied().collect();
+        for nonce in pings {
+            if let Some(ping) = self.pending_pings.remove(&nonce) {
+                self.answer(ping.request, Answer::Ping(Err(shutting_down())));
+            }
+        }
+        let storing: Vec<Token> = self.storing.keys().copied().collect();
+        for token in storing {
+            if let Some((request, _, result)) = self.storing.remove(&token) {
+                // Its outbox entry is being written now; it goes out after the restart.
+                self.answer(request, Answer::Send(Ok(result)));
+            }
+        }
+        self.raise_event("daemon-stop", Vec::new());
+        let sessions: Vec<SessionId> = self.session_peers.keys().copied().collect();
+        for session in sessions {
+            self.outputs.push(Output::Close {
+                session,
+                reason: "this device is stopping".into(),
+            });
+        }
+        std::mem::take(&mut self.outputs)
+    }
+
+    /// When the core next has something to do by itself (send `Input::Tick` then).
+    pub fn next_wakeup(&self) -> Instant {
+        let mut wake = self.next_housekeeping.min(self.next_sync);
+        for live in self.sessions.values() {
+            wake = wake.min(live.liveness.next_deadline());
+        }
+        if let Some(dial) = self.table.next_dial_at() {
+            wake = wake.min(dial);
+        }
+        for wait in self.waits.values() {
+            wake = wake.min(wait.deadline);
+        }
+        for ping in self.pending_pings.values() {
+            wake = wake.min(ping.deadline);
+        }
+        wake
+    }
+
+    fn on_tick(&mut self, now: Now) {
+        self.poll_sessions(now);
+        self.expire_pings(now);
+        if now.mono >= self.next_housekeeping {
+            self.next_housekeeping = now.mono + HOUSEKEEPING;
+            self.expire_messages(now);
+        }
+        if now.mono >= self.next_sync {
+            self.next_sync = now.mono + crate::store::SYNC_INTERVAL;
+            self.store_anti_entropy();
+        }
+    }
+
+    /// After every input: dial who is due, tell peers and subscribers what changed, send what
+    /// the outbox owes, answer finished waits.
+    fn after(&mut self, now: Now) {
+        self.dial_due(now);
+        self.after_change(now);
+        self.flush_outbox(now);
+        self.finish_waits(now, false);
+    }
+
+    pub(crate) fn own_bytes(&self) -> KeyBytes {
+        *self.own.as_bytes()
+    }
+
+    fn member_keys(&self) -> HashSet<PublicKey> {
+        self.roster.members().iter().map(|m| m.public_key).collect()
+    }
+
+    pub(crate) fn member_name(&self, key: &PublicKey) -> String {
+        self.roster
+            .get(key)
+            .map(|m| m.name.to_string())
+            .unwrap_or_else(|| key.device_id().to_string())
+    }
+
+    fn jitter(&mut self) -> f64 {
+        rand::Rng::random::<f64>(&mut self.rng)
+    }
+
+    fn token(&mut self) -> Token {
+        self.next_token += 1;
+        self.next_token
+    }
+
+    fn answer(&mut self, request: RequestId, answer: Answer) {
+        self.outputs.push(Output::Answer { request, answer });
+    }
+
+    fn persist(&mut self, op: PersistOp, wait: bool) -> Option<Token> {
+        let token = wait.then(|| self.token());
+        self.outputs.push(Output::Persist { op, token });
+        token
+    }
+
+    fn watch(&mut self, event: WatchEvent) {
+        self.outputs.push(Output::Watch(event));
+    }
+
+    fn live_mut(&mut self, session: SessionId) -> Option<&mut Live> {
+        let peer = self.session_peers.get(&session)?;
+        self.sessions.get_mut(peer).filter(|l| l.id == session)
+    }
+
+    fn on_persisted(&mut self, token: Token, result: Result<(), String>, now: Now) {
+        if let Some(data) = self.delivering.remove(&token) {
+            self.delivery_recorded(data, result, now);
+        } else if let Some((request, id, send)) = self.storing.remove(&token) {
+            self.send_stored(request, id, send, result, now);
+        } else if let Some((request, change)) = self.roster_changes.remove(&token) {
+            self.roster_saved(request, change, result, now);
+        }
+    }
+
+    /// A built-in event's handler run (`peer-up`, `store-change`, ...), if there is one.
+    fn raise_event(&mut self, event: &str, env: Vec<(String, String)>) {
+        let run = self.event_run(event, env);
+        self.outputs.push(Output::RaiseEvent(Box::new(run)));
+    }
+
+    fn event_run(&self, event: &str, env: Vec<(String, String)>) -> Run {
+        Run {
+            run_id: 0,
+            event: event.to_owned(),
+            tag: event.to_owned(),
+            from: None,
+            message_id: None,
+            device: self.name.to_string(),
+            env,
+            payload: Vec::new(),
+        }
+    }
+
+    /// The number of sessions, for tests and the simulator's checks.
+    pub fn session_of(&self, peer: &PublicKey) -> Option<SessionId> {
+        self.sessions.get(peer).map(|l| l.id)
+    }
+
+    /// Where `peer` stands, for the simulator's checks.
+    pub fn reach(&self, peer: &PublicKey) -> crate::peers::Reach {
+        self.table.reach(peer)
+    }
+
+    /// How many messages the outbox holds.
+    pub fn outbox_len(&self) -> usize {
+        self.outbox.len()
+    }
+
+    /// The sizes of the core's queues and maps, for the simulator's bound checks.
+    pub fn queue_sizes(&self) -> BTreeMap<&'static str, usize> {
+        BTreeMap::from([
+            ("outbox", self.outbox.len()),
+            ("delivered", self.delivered.len()),
+            ("delivering", self.delivering.len()),
+            ("runs", self.runs.len()),
+            ("waits", self.waits.len()),
+            ("pings", self.pending_pings.len()),
+            ("sessions", self.sessions.len()),
+        ])
+    }
+
+    pub fn members(&self) -> &[Member] {
+        self.roster.members()
+    }
+}
+
+fn shutting_down() -> RpcError {
+    RpcError::new(cnsprcy::rpc::code::UNAVAILABLE, "the mesh is shutting down")
+}
+
+/// Milliseconds with microsecond precision, for `latency_ms` and `rtt_ms`.
+pub(crate) fn millis(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0
+}

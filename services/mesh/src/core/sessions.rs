@@ -1,0 +1,623 @@
+//! Sessions and peers: one session per pair, keepalive, `Hello` and `Neighbors`, dialling with
+//! backoff, network changes and discovery, and telling everyone when a member's status changes.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use cnsprcy::api::{PeerStatus, WatchEvent};
+use cnsprcy::identity::PublicKey;
+use cnsprcy::ipc::Interface;
+use cnsprcy::netif::{self, LocalCheck};
+use cnsprcy::wire::{self, Hello, Message, Neighbor};
+
+use super::{Core, Live, Now, Output, SessionId, StoreAccess};
+use crate::liveness::{Action, Liveness, Role};
+use crate::peers::Reach;
+
+/// An RTT change larger than this fraction is announced to peers (for their relay choice)...
+const RTT_ANNOUNCE_CHANGE: f64 = 0.25;
+/// ... and by more than this.
+const RTT_ANNOUNCE_FLOOR: Duration = Duration::from_millis(2);
+
+/// Decides which of two sessions with the same peer survives, the same way on both sides:
+/// - a session from a new incarnation of the peer replaces one from the old (it restarted);
+/// - a new session dialled by the same side as the old one replaces it (that side thinks the old
+///   one is gone, and only it can know);
+/// - of two sessions dialled by opposite sides at once, the one whose initiator has the smaller
+///   public key survives.
+pub(crate) fn keep_new_session(
+    own: &PublicKey,
+    remote: &PublicKey,
+    old: (bool, u64),
+    new: (bool, u64),
+) -> bool {
+    let (old_we_initiated, old_incarnation) = old;
+    let (new_we_initiated, new_incarnation) = new;
+    if old_incarnation != new_incarnation || old_we_initiated == new_we_initiated {
+        return true;
+    }
+    let initiator = |we: bool| if we { own } else { remote };
+    initiator(new_we_initiated).as_bytes() < initiator(old_we_initiated).as_bytes()
+}
+
+impl<S: StoreAccess> Core<S> {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn on_session_up(
+        &mut self,
+        session: SessionId,
+        peer: PublicKey,
+        initiator: bool,
+        incarnation: u64,
+        addr: SocketAddr,
+        local: Option<SocketAddr>,
+        now: Now,
+    ) {
+        if !self.table.contains(&peer) {
+            self.outputs.push(Output::Close {
+                session,
+                reason: "not a member".into(),
+            });
+            return;
+        }
+        if let Some(old) = self.sessions.get(&peer) {
+            if !keep_new_session(
+                &self.own,
+                &peer,
+                (old.initiator, old.incarnation),
+                (initiator, incarnation),
+            ) {
+                tracing::debug!(peer = %self.member_name(&peer), "dropped a duplicate session");
+                self.outputs.push(Output::Close {
+                    session,
+                    reason: "a duplicate of the session kept".into(),
+                });
+                return;
+            }
+            let old = old.id;
+            self.session_peers.remove(&old);
+            self.outputs.push(Output::Close {
+                session: old,
+                reason: "replaced by a newer session".into(),
+            });
+        }
+        let role = if initiator {
+            Role::Initiator
+        } else {
+            Role::Responder
+        };
+        let liveness = Liveness::new(
+            role,
+            now.mono,
+            self.config.keepalive_interval,
+            self.config.keepalive_timeout,
+        );
+        self.sessions.insert(
+            peer,
+            Live {
+                id: session,
+                initiator,
+                incarnation,
+                addr,
+                local,
+                liveness,
+                full: false,
+            },
+        );
+        self.session_peers.insert(session, peer);
+        self.send(session, self.hello());
+        self.send(session, self.neighbors_message());
+        // For an accepted session, show the address the member listens on at that IP, if known,
+        // until its Hello says for sure.
+        let shown = if initiator {
+            addr
+        } else {
+            self.roster
+                .get(&peer)
+                .and_then(|m| m.addresses.iter().find(|a| a.ip() == addr.ip()).copied())
+                .unwrap_or(addr)
+        };
+        self.table.session_up(&peer, shown, now.mono);
+        self.quiet_dials.remove(&peer);
+        self.outbox.reset_pacing(peer.as_bytes());
+        if initiator {
+            self.learn_address(&peer, addr);
+        }
+        self.store_session_up(&peer);
+        // The keepalive's first ping goes at once (its deadline is now).
+        self.poll_session(&peer, now);
+    }
+
+    /// The session's connection is gone (or the core closed it: then it is no longer live).
+    pub(super) fn on_session_down(&mut self, session: SessionId, reason: &str, now: Now) {
+        let Some(peer) = self.session_peers.remove(&session) else {
+            return;
+        };
+        if self.sessions.get(&peer).is_some_and(|l| l.id == session) {
+            self.sessions.remove(&peer);
+            let name = self.member_name(&peer);
+            tracing::info!(peer = %name, "session with {name} ended: {reason}");
+            let jitter = self.jitter();
+            self.table.session_down(&peer, now.mono, jitter);
+        }
+    }
+
+    /// Ends the session with `peer` from this side.
+    pub(super) fn close_session(&mut self, peer: &PublicKey, reason: &str, now: Now) {
+        let Some(live) = self.sessions.get(peer) else {
+            return;
+        };
+        let session = live.id;
+        self.outputs.push(Output::Close {
+            session,
+            reason: reason.to_owned(),
+        });
+        self.on_session_down(session, reason, now);
+    }
+
+    /// Queues `message` on `session`.
+    pub(super) fn send(&mut self, session: SessionId, message: Message) {
+        self.outputs.push(Output::Send { session, message });
+    }
+
+    /// Queues `message` on the session with `peer`; false when there is none.
+    pub(super) fn send_to(&mut self, peer: &PublicKey, message: Message) -> bool {
+        let Some(live) = self.sessions.get(peer) else {
+            return false;
+        };
+        let session = live.id;
+        self.send(session, message);
+        true
+    }
+
+    pub(super) fn on_frame(&mut self, session: SessionId, message: Message, now: Now) {
+        let Some(peer) = self.session_peers.get(&session).copied() else {
+            return;
+        };
+        let Some(live) = self.sessions.get_mut(&peer).filter(|l| l.id == session) else {
+            return;
+        };
+        live.liveness.on_receive(now.mono);
+        match message {
+            Message::Ping { nonce, rtt_us } => {
+                live.liveness
+                    .on_ping_report(rtt_us.map(|us| Duration::from_micros(us.into())));
+                let rtt = live.liveness.rtt();
+                self.send(session, Message::Pong { nonce });
+                if let Some(rtt) = rtt {
+                    self.table.set_rtt(&peer, rtt);
+                }
+            }
+            Message::Pong { nonce } => {
+                if live.liveness.on_pong(nonce, now.mono) {
+                    if let Some(rtt) = live.liveness.rtt() {
+                        self.table.set_rtt(&peer, rtt);
+                    }
+                } else {
+                    self.complete_ping(nonce, now);
+                }
+            }
+            Message::Hello(hello) => self.on_hello(&peer, hello),
+            Message::Neighbors(neighbors) => {
+                let list = neighbors
+                    .into_iter()
+                    .map(|n| {
+                        (
+                            PublicKey::from_bytes(n.key),
+                            n.rtt_us.map(|us| Duration::from_micros(us.into())),
+                        )
+                    })
+                    .collect();
+                self.table.set_report(&peer, list);
+            }
+            Message::Data(data) => self.on_data(data, now),
+            Message::Routed(routed) => self.on_routed(&peer, routed, now),
+        }
+    }
+
+    /// Keepalive for every session: pings due, sessions silent too long.
+    pub(super) fn poll_sessions(&mut self, now: Now) {
+        let peers: Vec<PublicKey> = self.sessions.keys().copied().collect();
+        for peer in peers {
+            self.poll_session(&peer, now);
+        }
+    }
+
+    fn poll_session(&mut self, peer: &PublicKey, now: Now) {
+        let nonce: u64 = rand::Rng::random(&mut self.rng);
+        let Some(live) = self.sessions.get_mut(peer) else {
+            return;
+        };
+        if now.mono < live.liveness.next_deadline() {
+            return;
+        }
+        match live.liveness.poll(now.mono, nonce) {
+            Action::Ping { nonce, rtt } => {
+                let rtt_us = rtt.map(|d| d.as_micros().min(u32::MAX.into()) as u32);
+                let session = live.id;
+                self.send(session, Message::Ping { nonce, rtt_us });
+            }
+            Action::Dead => {
+                let reason = format!(
+                    "nothing received for {}",
+                    humantime::format_duration(
+                        self.config.keepalive_interval + self.config.keepalive_timeout
+                    )
+                );
+                self.close_session(peer, &reason, now);
+            }
+            Action::Wait => {}
+        }
+    }
+
+    /// This device's `Hello`: its name, where it listens and its other addresses.
+    pub(super) fn hello(&self) -> Message {
+        Message::Hello(Hello {
+            name: self.name.to_string(),
+            listen: self.announced_listen(),
+            addresses: self.announced_addresses(),
+        })
+    }
+
+    /// The addresses peers may dial besides the one they reached this device at: those of the
+    /// interfaces `[mesh] interfaces` allows that are up, without loopback, link-local and
+    /// unspecified ones (link-local IPv6 needs a scope no peer could know).
+    fn announced_addresses(&self) -> Vec<IpAddr> {
+        netif::usable_addresses(&self.filter, &self.interfaces)
+            .into_iter()
+            .filter(|ip| !ip.is_loopback() && !ip.is_unspecified() && !ip.is_multicast())
+            .filter(|ip| match ip {
+                IpAddr::V4(v4) => !v4.is_link_local(),
+                IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) != 0xfe80,
+            })
+            .take(wire::MAX_ANNOUNCED_ADDRESSES)
+            .collect()
+    }
+
+    /// Where this device listens, as told to peers: a listen address at a specific IP only if
+    /// that IP is on an interface `[mesh] interfaces` allows (an unspecified one means "the
+    /// address you reached me at", which is on an allowed interface, or the session would not
+    /// exist).
+    fn announced_listen(&self) -> Vec<SocketAddr> {
+        self.listening
+            .iter()
+            .filter(|a| {
+                a.ip().is_unspecified()
+                    || self.filter.is_any()
+                    || netif::check_local(&self.filter, &self.interfaces, a.ip())
+                        == LocalCheck::Allowed
+            })
+            .copied()
+            .collect()
+    }
+
+    fn on_hello(&mut self, peer: &PublicKey, hello: Hello) {
+        let Some((observed, initiator)) = self.sessions.get(peer).map(|l| (l.addr, l.initiator))
+        else {
+            return;
+        };
+        // Where the peer listens, at the address it reached us from.
+        for listen in &hello.listen {
+            let ip = listen.ip();
+            if (ip.is_unspecified() && ip.is_ipv4() == observed.is_ipv4()) || ip == observed.ip() {
+                let addr = SocketAddr::new(observed.ip(), listen.port());
+                self.learn_address(peer, addr);
+                if !initiator {
+                    self.table.set_address(peer, addr);
+                }
+            }
+        }
+        // ...and at its other addresses, so that a move to a network where the address this
+        // device knew no longer reaches still finds it, with or without discovery.
+        let announced: Vec<SocketAddr> = hello
+            .addresses
+            .iter()
+            .take(wire::MAX_ANNOUNCED_ADDRESSES)
+            .filter(|ip| **ip != observed.ip())
+            .flat_map(|ip| {
+                hello
+                    .listen
+                    .iter()
+                    .filter(|l| l.ip().is_unspecified() && l.is_ipv4() == ip.is_ipv4())
+                    .map(|l| SocketAddr::new(*ip, l.port()))
+            })
+            .collect();
+        if self.roster.learn_announced(peer, &announced) {
+            self.save_roster();
+        }
+    }
+
+    pub(super) fn learn_address(&mut self, peer: &PublicKey, addr: SocketAddr) {
+        if self.roster.learn_address(peer, addr) {
+            self.save_roster();
+        }
+    }
+
+    pub(super) fn neighbors_message(&self) -> Message {
+        Message::Neighbors(
+            self.table
+                .direct_neighbors()
+                .into_iter()
+                .map(|(key, rtt)| Neighbor {
+                    key: *key.as_bytes(),
+                    rtt_us: rtt.map(|d| d.as_micros().min(u32::MAX.into()) as u32),
+                })
+                .collect(),
+        )
+    }
+
+    /// Dials the members that are due, or backs them off when no address is known.
+    pub(super) fn dial_due(&mut self, now: Now) {
+        for peer in self.table.take_due_dials(now.mono) {
+            let addresses = self
+                .roster
+                .get(&peer)
+                .map(|m| m.addresses.clone())
+                .unwrap_or_default();
+            if addresses.is_empty() {
+                // Nothing to dial yet; the member may dial us, or discovery may find it.
+                let jitter = self.jitter();
+                self.table.dial_failed(&peer, now.mono, jitter);
+                continue;
+            }
+            self.outputs.push(Output::Dial { peer, addresses });
+        }
+    }
+
+    pub(super) fn on_dial_failed(&mut self, peer: PublicKey, error: &str, now: Now) {
+        let name = self.member_name(&peer);
+        let jitter = self.jitter();
+        if let Some(delay) = self.table.dial_failed(&peer, now.mono, jitter) {
+            if self.quiet_dials.insert(peer) {
+                tracing::info!(peer = %name, "cannot reach {name}: {error}; retrying with backoff");
+            } else {
+                tracing::debug!(peer = %name, "still cannot reach {name}: {error}; next try in {delay:?}");
+            }
+        }
+    }
+
+    /// Discovery resolved `instance`: if it is a member's name for this epoch (or the one
+    /// before or after, for clocks a little apart), learn its addresses and dial it now.
+    pub(super) fn on_discovered(&mut self, instance: &str, addresses: Vec<SocketAddr>, now: Now) {
+        let epoch = cnsprcy::identity::discovery_epoch_at(now.wall_ms / 1000);
+        let member = self.roster.members().iter().find(|m| {
+            [epoch.saturating_sub(1), epoch, epoch + 1]
+                .iter()
+                .any(|e| m.public_key.discovery_name(*e) == instance)
+        });
+        let Some(member) = member.cloned() else {
+            // Not a member (or this device itself): strangers are ignored.
+            return;
+        };
+        let mut changed = false;
+        for addr in addresses.iter().rev() {
+            changed |= self.roster.learn_address(&member.public_key, *addr);
+        }
+        if changed {
+            self.save_roster();
+        }
+        if !matches!(self.table.reach(&member.public_key), Reach::Direct { .. }) {
+            tracing::info!(peer = %member.name, ?addresses, "found {} on the local network", member.name);
+            self.table.retry(&member.public_key, now.mono);
+        }
+    }
+
+    /// The network changed (netwatch): sessions on an address this device no longer has (or on a
+    /// link that went down) end at once, and when anything changed, every member without a
+    /// session is dialled now, with a fresh incarnation so peers drop a session they still
+    /// think alive in favour of the new one.
+    pub(super) fn on_network(&mut self, interfaces: Vec<Interface>, now: Now) {
+        let usable = netif::usable_addresses(&self.filter, &interfaces);
+        let was = netif::usable_addresses(&self.filter, &self.interfaces);
+        self.interfaces = interfaces;
+        let first_report = !std::mem::replace(&mut self.network_reported, true);
+        if first_report || was == usable {
+            return;
+        }
+        let lost: Vec<IpAddr> = was.difference(&usable).copied().collect();
+        let gained: Vec<IpAddr> = usable.difference(&was).copied().collect();
+        let stale: Vec<PublicKey> = self
+            .sessions
+            .iter()
+            .filter(|(_, live)| live.local.is_some_and(|l| lost.contains(&l.ip())))
+            .map(|(key, _)| *key)
+            .collect();
+        if !stale.is_empty() || !lost.is_empty() {
+            self.incarnation = rand::Rng::random(&mut self.rng);
+            self.outputs.push(Output::Incarnation(self.incarnation));
+        }
+        for peer in &stale {
+            self.close_session(peer, "its local address is gone", now);
+        }
+        let dialling = self.table.retry_all(now.mono);
+        tracing::info!(
+            lost = ?lost,
+            gained = ?gained,
+            "the network changed; redialling {dialling} member(s) now"
+        );
+        // The sessions that remain tell their peers where this device is now.
+        let hello = self.hello();
+        let sessions: Vec<SessionId> = self.sessions.values().map(|l| l.id).collect();
+        for session in sessions {
+            self.send(session, hello.clone());
+        }
+    }
+
+    /// After every input: tell peers about changed direct sessions, report status changes (log,
+    /// `watch`, built-in events), and note who is reachable.
+    pub(super) fn after_change(&mut self, now: Now) {
+        let neighbors = self.table.direct_neighbors();
+        let announce = match announcement_differs(&self.announced, &neighbors) {
+            Announce::Same => false,
+            Announce::SetChanged => true,
+            Announce::RttMoved => self
+                .announced_at
+                .is_none_or(|at| now.mono.duration_since(at) >= self.config.keepalive_interval),
+        };
+        if announce {
+            let message = self.neighbors_message();
+            let sessions: Vec<SessionId> = self.sessions.values().map(|l| l.id).collect();
+            for session in sessions {
+                self.send(session, message.clone());
+            }
+            self.announced = neighbors;
+            self.announced_at = Some(now.mono);
+        }
+        let mut changes = Vec::new();
+        for member in self.roster.members() {
+            let key = member.public_key;
+            let reach = self.table.reach(&key);
+            let status = match reach {
+                Reach::Direct { .. } => (PeerStatus::Direct, None),
+                Reach::Relayed { via, .. } => (PeerStatus::Relayed, Some(via)),
+                Reach::Unreachable => (PeerStatus::Unreachable, None),
+            };
+            let before = self.reported.insert(key, status);
+            let first = before.is_none();
+            if before == Some(status) || (first && status.0 == PeerStatus::Unreachable) {
+                continue;
+            }
+            let was_reachable = before.is_some_and(|(s, _)| s != PeerStatus::Unreachable);
+            changes.push((member.clone(), reach, was_reachable));
+        }
+        self.table.touch_reachable(now.wall());
+        for (member, reach, was_reachable) in changes {
+            self.peer_changed(&member, reach, was_reachable);
+        }
+    }
+
+    /// A member's status changed: log it, tell subscribers and run the built-in event handlers.
+    fn peer_changed(&mut self, member: &crate::roster::Member, reach: Reach, was_reachable: bool) {
+        let name = &member.name;
+        let (status, via, address) = match reach {
+            Reach::Direct { addr, .. } => {
+                tracing::info!(peer = %name, status = "direct", "{name} is direct at {addr}");
+                (PeerStatus::Direct, None, Some(addr))
+            }
+            Reach::Relayed { via, .. } => {
+                let via_name = self.member_name(&via);
+                tracing::info!(peer = %name, status = "relayed", "{name} is relayed via {via_name}");
+                (PeerStatus::Relayed, Some(via), None)
+            }
+            Reach::Unreachable => {
+                tracing::info!(peer = %name, status = "unreachable", "{name} is unreachable");
+                (PeerStatus::Unreachable, None, None)
+            }
+        };
+        let via_name = via.and_then(|v| self.roster.get(&v).map(|m| m.name.clone()));
+        self.watch(WatchEvent::Peer {
+            name: member.name.clone(),
+            id: member.id(),
+            status,
+            via: via_name.clone(),
+        });
+        let event = match (reach.is_reachable(), was_reachable) {
+            (true, false) => "peer-up",
+            (false, true) => "peer-down",
+            (true, true) => "peer-address",
+            (false, false) => return,
+        };
+        let mut env = vec![
+            ("CNSPRCY_PEER".to_owned(), member.name.to_string()),
+            ("CNSPRCY_PEER_ID".to_owned(), member.id().to_string()),
+            ("CNSPRCY_PEER_STATUS".to_owned(), status.as_str().to_owned()),
+        ];
+        if let Some(addr) = address {
+            env.push(("CNSPRCY_PEER_ADDRESS".to_owned(), addr.to_string()));
+        }
+        if let Some(via) = via_name {
+            env.push(("CNSPRCY_PEER_VIA".to_owned(), via.to_string()));
+        }
+        self.raise_event(event, env);
+    }
+}
+
+/// Whether the direct set changed, or an RTT moved by more than `RTT_ANNOUNCE_CHANGE` and by
+/// more than `RTT_ANNOUNCE_FLOOR` (on a fast LAN, ordinary jitter is a large fraction of the RTT
+/// and would be announced to every peer all the time).
+fn announcement_differs(
+    old: &[(PublicKey, Option<Duration>)],
+    new: &[(PublicKey, Option<Duration>)],
+) -> Announce {
+    if old.len() != new.len() || old.iter().zip(new).any(|((a, _), (b, _))| a != b) {
+        return Announce::SetChanged;
+    }
+    let moved = old
+        .iter()
+        .zip(new)
+        .any(|((_, ra), (_, rb))| match (ra, rb) {
+            (Some(a), Some(b)) => {
+                let diff = if a > b { *a - *b } else { *b - *a };
+                diff > RTT_ANNOUNCE_FLOOR
+                    && diff.as_secs_f64() > RTT_ANNOUNCE_CHANGE * a.max(b).as_secs_f64()
+            }
+            (a, b) => a.is_some() != b.is_some(),
+        });
+    if moved {
+        Announce::RttMoved
+    } else {
+        Announce::Same
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Announce {
+    Same,
+    /// Sessions came or went: tell peers at once.
+    SetChanged,
+    /// Only RTTs moved: tell peers at most once per keepalive interval.
+    RttMoved,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cnsprcy::identity::Identity;
+
+    fn key(seed: u8) -> PublicKey {
+        Identity::from_secret([seed; 32]).public_key()
+    }
+
+    #[test]
+    fn both_sides_keep_the_same_session() {
+        let (a, b) = (key(1), key(2));
+        let (low, high) = if a.as_bytes() < b.as_bytes() {
+            (a, b)
+        } else {
+            (b, a)
+        };
+        // Crossing dials: each side holds one it dialled and one it accepted, in either order.
+        // The session dialled by `low` survives on both sides.
+        // On `low`: old = dialled by high (we_initiated=false), new = dialled by low (true).
+        assert!(keep_new_session(&low, &high, (false, 7), (true, 7)));
+        assert!(!keep_new_session(&low, &high, (true, 7), (false, 7)));
+        // On `high`: old = dialled by low (false), new = dialled by high (true): keep old.
+        assert!(!keep_new_session(&high, &low, (false, 7), (true, 7)));
+        assert!(keep_new_session(&high, &low, (true, 7), (false, 7)));
+        // A redial by the same side, or a restarted peer, always replaces.
+        assert!(keep_new_session(&high, &low, (false, 7), (false, 7)));
+        assert!(keep_new_session(&low, &high, (true, 7), (false, 8)));
+    }
+
+    #[test]
+    fn announcements_ignore_small_rtt_changes() {
+        let ms = Duration::from_millis;
+        let a = key(1);
+        let old = vec![(a, Some(ms(10)))];
+        assert_eq!(
+            announcement_differs(&old, &[(a, Some(ms(11)))]),
+            Announce::Same
+        );
+        assert_eq!(
+            announcement_differs(&old, &[(a, Some(ms(20)))]),
+            Announce::RttMoved
+        );
+        assert_eq!(announcement_differs(&old, &[(a, None)]), Announce::RttMoved);
+        assert_eq!(announcement_differs(&old, &[]), Announce::SetChanged);
+        // Sub-millisecond jitter on a fast LAN is not news, however large in proportion.
+        let fast = vec![(a, Some(Duration::from_micros(80)))];
+        assert_eq!(
+            announcement_differs(&fast, &[(a, Some(Duration::from_micros(400)))]),
+            Announce::Same
+        );
+    }
+}

@@ -1,0 +1,338 @@
+//! The files that keep the core's state across restarts, and the writer that makes the core's
+//! `Persist` outputs durable off the event loop.
+//!
+//! - `outbox/ID.msg`: one file per message some target has not acknowledged (postcard).
+//! - `delivered.log`: records of 16-byte id and 8-byte forget-after time, appended and synced
+//!   before the ack; rewritten without forgotten ids now and then.
+//! - `roster.json`: the members (`roster.rs`).
+//!
+//! The writer runs on a thread of its own and takes the operations in the order the core gave
+//! them. It syncs appends to `delivered.log` once per batch (group commit), and reports each
+//! operation with a token when it is durable, so "recorded before acknowledged" holds without
+//! the event loop ever waiting for a disk.
+
+use std::collections::VecDeque;
+use std::fs::{self, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use cnsprcy::wire::MessageId;
+use tokio::sync::mpsc;
+
+use crate::core::{PersistOp, Token};
+use crate::messaging::{OutboxEntry, SEEN_MAX, id_text, now_ms};
+
+const OUTBOX_DIR: &str = "outbox";
+const DELIVERED_FILE: &str = "delivered.log";
+/// Bytes per record in `delivered.log`: the id and the forget-after time.
+const RECORD: usize = 16 + 8;
+/// `delivered.log` is rewritten without forgotten ids after this many appends.
+const COMPACT_EVERY: usize = 10_000;
+
+/// What was on disk at start.
+pub struct Restored {
+    pub outbox: Vec<OutboxEntry>,
+    /// Oldest first.
+    pub delivered: Vec<(MessageId, u64)>,
+}
+
+/// The state directory's files, as the writer holds them.
+pub struct Files {
+    state_dir: PathBuf,
+    outbox_dir: PathBuf,
+    delivered: PathBuf,
+    appended: usize,
+}
+
+impl Files {
+    /// Opens (creating what is missing) and reads what a previous run left. Unreadable outbox
+    /// entries and half-written files are removed, with a warning.
+    pub fn open(state_dir: &Path) -> io::Result<(Self, Restored)> {
+        let outbox_dir = state_dir.join(OUTBOX_DIR);
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&outbox_dir)?;
+        let mut outbox = Vec::new();
+        for file in fs::read_dir(&outbox_dir)? {
+            let path = file?.path();
+            // A half-written entry from a crash: the complete one, if any, has the .msg name.
+            if path.extension().is_none_or(|e| e != "msg") {
+                let _ = fs::remove_file(&path);
+                continue;
+            }
+            let entry: Option<OutboxEntry> = fs::read(&path)
+                .ok()
+                .and_then(|bytes| postcard::from_bytes(&bytes).ok());
+            match entry {
+                Some(entry) => outbox.push(entry),
+                None => {
+                    tracing::warn!(file = %path.display(), "unreadable outbox entry; removing it");
+                    let _ = fs::remove_file(&path);
+                }
+            }
+        }
+        let delivered_path = state_dir.join(DELIVERED_FILE);
+        let delivered = read_delivered(&delivered_path)?;
+        let mut files = Self {
+            state_dir: state_dir.to_owned(),
+            outbox_dir,
+            delivered: delivered_path,
+            appended: 0,
+        };
+        // Rewritten without what was forgotten, so the file does not grow without end.
+        files.compact()?;
+        Ok((files, Restored { outbox, delivered }))
+    }
+
+    fn outbox_path(&self, id: &MessageId) -> PathBuf {
+        self.outbox_dir.join(format!("{}.msg", id_text(id)))
+    }
+
+    /// Carries out `op`. Appends to `delivered.log` are durable only after `sync`.
+    fn apply(&mut self, op: &PersistOp) -> io::Result<()> {
+        match op {
+            PersistOp::OutboxSave(entry) => {
+                let bytes = postcard::to_stdvec(entry.as_ref()).map_err(io::Error::other)?;
+                cnsprcy::fsutil::write_private(&self.outbox_path(&entry.data.id), &bytes)
+            }
+            PersistOp::OutboxRemove(id) => match fs::remove_file(self.outbox_path(id)) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            },
+            PersistOp::Delivered { id, until_ms } => {
+                let mut file = OpenOptions::new()
+                    .append(true)
+                    .create(true)
+                    .mode(0o600)
+                    .open(&self.delivered)?;
+                let mut record = Vec::with_capacity(RECORD);
+                record.extend_from_slice(id);
+                record.extend_from_slice(&until_ms.to_le_bytes());
+                file.write_all(&record)?;
+                self.appended += 1;
+                Ok(())
+            }
+            PersistOp::Roster(members) => {
+                crate::roster::save(&self.state_dir, members).map_err(io::Error::other)
+            }
+        }
+    }
+
+    /// Makes the appends to `delivered.log` durable; compacts it now and then.
+    fn sync(&mut self) -> io::Result<()> {
+        match fs::File::open(&self.delivered) {
+            Ok(file) => file.sync_data()?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        if self.appended > COMPACT_EVERY {
+            self.compact()?;
+        }
+        Ok(())
+    }
+
+    /// Rewrites `delivered.log` with the ids still to be remembered, at most `SEEN_MAX`.
+    fn compact(&mut self) -> io::Result<()> {
+        let records = read_delivered(&self.delivered)?;
+        let keep = records.len().saturating_sub(SEEN_MAX);
+        let mut out = Vec::with_capacity((records.len() - keep) * RECORD);
+        for (id, until) in &records[keep..] {
+            out.extend_from_slice(id);
+            out.extend_from_slice(&until.to_le_bytes());
+        }
+        cnsprcy::fsutil::write_private(&self.delivered, &out)?;
+        self.appended = 0;
+        Ok(())
+    }
+}
+
+/// The records of `delivered.log` still to be remembered, oldest first, each id once.
+fn read_delivered(path: &Path) -> io::Result<Vec<(MessageId, u64)>> {
+    let mut bytes = Vec::new();
+    match fs::File::open(path) {
+        Ok(mut file) => {
+            file.read_to_end(&mut bytes)?;
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let now = now_ms();
+    let mut seen = std::collections::HashSet::new();
+    let mut records = Vec::new();
+    for record in bytes.chunks_exact(RECORD) {
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&record[..16]);
+        let mut until = [0u8; 8];
+        until.copy_from_slice(&record[16..]);
+        let until = u64::from_le_bytes(until);
+        if until > now && seen.insert(id) {
+            records.push((id, until));
+        }
+    }
+    Ok(records)
+}
+
+/// An operation for the writer, and where to report it.
+pub struct Job {
+    pub op: PersistOp,
+    pub token: Option<Token>,
+}
+
+/// Starts the writer thread. It reports `(token, result)` for every job with a token; it ends
+/// when the sender is dropped, after the jobs already given.
+pub fn spawn_writer(
+    mut files: Files,
+    done: mpsc::UnboundedSender<(Token, Result<(), String>)>,
+) -> io::Result<(mpsc::UnboundedSender<Job>, std::thread::JoinHandle<()>)> {
+    let (jobs, mut rx) = mpsc::unbounded_channel::<Job>();
+    let thread = std::thread::Builder::new()
+        .name("cnsprcy-writer".into())
+        .spawn(move || {
+            let mut batch: VecDeque<Job> = VecDeque::new();
+            while let Some(job) = rx.blocking_recv() {
+                batch.push_back(job);
+                while let Ok(job) = rx.try_recv() {
+                    batch.push_back(job);
+                }
+                let mut results = Vec::new();
+                let mut appended = false;
+                while let Some(job) = batch.pop_front() {
+                    // A roster written again later in the same batch need not be written now.
+                    if matches!(job.op, PersistOp::Roster(_))
+                        && job.token.is_none()
+                        && batch.iter().any(|j| matches!(j.op, PersistOp::Roster(_)))
+                    {
+                        continue;
+                    }
+                    appended |= matches!(job.op, PersistOp::Delivered { .. });
+                    let result = files.apply(&job.op).map_err(|e| describe(&job.op, &e));
+                    if let Err(e) = &result {
+                        tracing::warn!("{e}");
+                    }
+                    results.push((job, result));
+                }
+                let synced = if appended {
+                    files.sync().map_err(|e| {
+                        let e = format!("cannot sync {}: {e}", files.delivered.display());
+                        tracing::warn!("{e}");
+                        e
+                    })
+                } else {
+                    Ok(())
+                };
+                for (job, result) in results {
+                    let Some(token) = job.token else { continue };
+                    let result = match (&job.op, result) {
+                        (PersistOp::Delivered { .. }, Ok(())) => synced.clone(),
+                        (_, result) => result,
+                    };
+                    if done.send((token, result)).is_err() {
+                        return;
+                    }
+                }
+            }
+        })?;
+    Ok((jobs, thread))
+}
+
+fn describe(op: &PersistOp, e: &io::Error) -> String {
+    match op {
+        PersistOp::OutboxSave(entry) => {
+            format!("cannot store message {}: {e}", id_text(&entry.data.id))
+        }
+        PersistOp::OutboxRemove(id) => {
+            format!("cannot remove message {} from the outbox: {e}", id_text(id))
+        }
+        PersistOp::Delivered { .. } => format!("cannot record a delivered message: {e}"),
+        PersistOp::Roster(_) => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cnsprcy::wire::Data;
+
+    fn entry(id: u8, seq: u64) -> OutboxEntry {
+        OutboxEntry {
+            seq,
+            data: Data {
+                id: [id; 16],
+                origin: [0; 32],
+                sent_ms: now_ms(),
+                ttl_ms: 60_000,
+                tag: "t".into(),
+                targets: vec![[7; 32]],
+                want_reply: false,
+                hops: 0,
+                payload: vec![1, 2, 3].into(),
+            },
+            pending: vec![[7; 32]],
+        }
+    }
+
+    #[test]
+    fn the_files_keep_the_outbox_and_the_delivered_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut files, restored) = Files::open(dir.path()).unwrap();
+        assert!(restored.outbox.is_empty() && restored.delivered.is_empty());
+        files
+            .apply(&PersistOp::OutboxSave(Box::new(entry(1, 0))))
+            .unwrap();
+        files
+            .apply(&PersistOp::OutboxSave(Box::new(entry(2, 1))))
+            .unwrap();
+        files.apply(&PersistOp::OutboxRemove([1; 16])).unwrap();
+        files.apply(&PersistOp::OutboxRemove([9; 16])).unwrap();
+        let later = now_ms() + 60_000;
+        for id in [3u8, 4, 3] {
+            files
+                .apply(&PersistOp::Delivered {
+                    id: [id; 16],
+                    until_ms: later,
+                })
+                .unwrap();
+        }
+        files
+            .apply(&PersistOp::Delivered {
+                id: [5; 16],
+                until_ms: 1,
+            })
+            .unwrap();
+        files.sync().unwrap();
+        fs::write(dir.path().join("outbox/.half.msg.new"), b"x").unwrap();
+        fs::write(dir.path().join("outbox/bad.msg"), b"x").unwrap();
+        let (_, restored) = Files::open(dir.path()).unwrap();
+        assert_eq!(restored.outbox.len(), 1);
+        assert_eq!(restored.outbox[0].data.id, [2; 16]);
+        assert_eq!(restored.delivered, vec![([3; 16], later), ([4; 16], later)]);
+        assert_eq!(fs::read_dir(dir.path().join("outbox")).unwrap().count(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_writer_reports_each_job_with_a_token_once_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let (files, _) = Files::open(dir.path()).unwrap();
+        let (done_tx, mut done) = mpsc::unbounded_channel();
+        let (jobs, thread) = spawn_writer(files, done_tx).unwrap();
+        for i in 0..100u8 {
+            jobs.send(Job {
+                op: PersistOp::Delivered {
+                    id: [i; 16],
+                    until_ms: now_ms() + 60_000,
+                },
+                token: Some(u64::from(i)),
+            })
+            .unwrap();
+        }
+        for i in 0..100u64 {
+            assert_eq!(done.recv().await, Some((i, Ok(()))));
+        }
+        drop(jobs);
+        thread.join().unwrap();
+        let (_, restored) = Files::open(dir.path()).unwrap();
+        assert_eq!(restored.delivered.len(), 100);
+    }
+}
