@@ -9,10 +9,11 @@
 pub mod allow;
 pub mod resolve;
 pub mod runner;
+pub mod safe_open;
 pub mod scan;
 pub mod sched;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -507,7 +508,9 @@ async fn execute(shared: &Shared, run: &Run, payload: Vec<u8>) -> RunResult {
     }
     tracing::debug!(handler = %handler.rel, tag = %run.tag, kind = handler.kind.describe(), "running the handler for {what}");
     let spec = runner::Spec {
-        env: handler_env(run, &handler.rel),
+        env: handler_env(run, &handler.rel, &handler.path),
+        program: handler.file.fd.clone(),
+        script: handler.file.format == safe_open::Format::Script,
         path: handler.path,
         dir: handler.dir,
         name: handler.rel.clone(),
@@ -526,7 +529,7 @@ async fn execute(shared: &Shared, run: &Run, payload: Vec<u8>) -> RunResult {
 
 /// The variables a handler gets on top of the service's own environment: the run's extra ones
 /// first, then those that describe the run (which they may not override).
-fn handler_env(run: &Run, handler: &str) -> Vec<(String, String)> {
+fn handler_env(run: &Run, handler: &str, path: &Path) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = Vec::new();
     for (name, value) in &run.env {
         if is_env_name(name) && !value.contains('\0') {
@@ -536,6 +539,7 @@ fn handler_env(run: &Run, handler: &str) -> Vec<(String, String)> {
         }
     }
     let from = run.from.as_ref();
+    let handler_path = path.to_string_lossy();
     let own = [
         ("CNSPRCY_EVENT", run.event.as_str()),
         ("CNSPRCY_TAG", run.tag.as_str()),
@@ -547,6 +551,8 @@ fn handler_env(run: &Run, handler: &str) -> Vec<(String, String)> {
         ),
         ("CNSPRCY_DEVICE", run.device.as_str()),
         ("CNSPRCY_HANDLER", handler),
+        // A script's $0 is /dev/fd/N (it runs from the descriptor that was checked).
+        ("CNSPRCY_HANDLER_PATH", handler_path.as_ref()),
     ];
     for (name, value) in own {
         // A NUL cannot be passed in the environment; such a value (from a broken peer) is
@@ -569,6 +575,7 @@ fn is_env_name(name: &str) -> bool {
 mod tests {
     use super::*;
     use cnsprcy::ipc::Sender;
+    use std::os::unix::fs::PermissionsExt;
 
     fn run(event: &str, tag: &str) -> Run {
         Run {
@@ -592,7 +599,11 @@ mod tests {
 
     #[test]
     fn environment_describes_the_run_and_cannot_be_spoofed() {
-        let env = handler_env(&run(EVENT_MESSAGE, "clipboard/set"), "clipboard/set.sh");
+        let env = handler_env(
+            &run(EVENT_MESSAGE, "clipboard/set"),
+            "clipboard/set.sh",
+            Path::new("/h/clipboard/set.sh"),
+        );
         let get = |name: &str| {
             env.iter()
                 .rev()
@@ -606,6 +617,7 @@ mod tests {
         assert_eq!(get("CNSPRCY_DEVICE"), Some("desk"));
         assert_eq!(get("CNSPRCY_EVENT"), Some("message"));
         assert_eq!(get("CNSPRCY_HANDLER"), Some("clipboard/set.sh"));
+        assert_eq!(get("CNSPRCY_HANDLER_PATH"), Some("/h/clipboard/set.sh"));
         assert_eq!(get("EXTRA"), Some("1"));
         assert_eq!(get("BAD=NAME"), None);
     }
@@ -628,5 +640,58 @@ mod tests {
                 peer: "phone".into()
             }
         );
+    }
+
+    /// Check and use are one object: once the handler is opened and checked, replacing what is
+    /// at its path does not change what runs.
+    #[tokio::test]
+    async fn the_checked_file_runs_even_when_its_path_is_replaced() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let write = |name: &str, text: &str| {
+            std::fs::write(root.join(name), text).unwrap();
+            std::fs::set_permissions(root.join(name), std::fs::Permissions::from_mode(0o700))
+                .unwrap();
+        };
+        write(
+            "h",
+            "#!/bin/sh\necho \"checked $0 $CNSPRCY_HANDLER_PATH\"\n",
+        );
+        let Resolution::Found(handler) = resolve(root, EVENT_MESSAGE, "h") else {
+            panic!("no handler")
+        };
+        // Another file put in its place, and then a link to yet another one.
+        write("other", "#!/bin/sh\necho swapped\n");
+        std::fs::rename(root.join("other"), root.join("h")).unwrap();
+        let spec = |handler: &resolve::Handler| runner::Spec {
+            env: handler_env(&run(EVENT_MESSAGE, "h"), &handler.rel, &handler.path),
+            program: handler.file.fd.clone(),
+            script: handler.file.format == safe_open::Format::Script,
+            path: handler.path.clone(),
+            dir: handler.dir.clone(),
+            name: handler.rel.clone(),
+            tag: "h".into(),
+            payload: Vec::new(),
+            timeout: Duration::from_secs(10),
+        };
+        let done = runner::run(spec(&handler), &CancellationToken::new()).await;
+        assert_eq!(done.outcome, Outcome::Exited { code: 0 });
+        let stdout = String::from_utf8_lossy(&done.stdout).into_owned();
+        // A script runs as `sh /dev/fd/N`, and learns its path from the environment.
+        let expected_tail = format!(" {}\n", root.join("h").display());
+        assert!(
+            stdout.starts_with("checked /dev/fd/") && stdout.ends_with(&expected_tail),
+            "{stdout}"
+        );
+
+        let Resolution::Found(handler) = resolve(root, EVENT_MESSAGE, "h") else {
+            panic!("no handler")
+        };
+        write("third", "#!/bin/sh\necho third\n");
+        std::fs::remove_file(root.join("h")).unwrap();
+        std::os::unix::fs::symlink(root.join("third"), root.join("h")).unwrap();
+        let done = runner::run(spec(&handler), &CancellationToken::new()).await;
+        assert_eq!(String::from_utf8_lossy(&done.stdout), "swapped\n");
     }
 }
