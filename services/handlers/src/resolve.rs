@@ -20,7 +20,7 @@ use cnsprcy::tag::{
 use serde::Serialize;
 
 use crate::allow::AllowList;
-use crate::safe_open::{self, CheckedFile, End, PathProblem, Place, Trust, Want};
+use crate::safe_open::{self, CheckedFile, End, Format, PathProblem, Place, Trust, Want};
 
 /// Why a file handles what it handles.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -231,6 +231,8 @@ pub enum FileProblem {
     TooManyLinks,
     /// It was replaced while it was being checked.
     Changed,
+    /// Executable, but neither a `#!` script nor an ELF program: the kernel would refuse it.
+    NotAProgram,
 }
 
 impl FileProblem {
@@ -261,6 +263,9 @@ impl FileProblem {
             FileProblem::Changed => {
                 format!("{what} changed while it was being checked; try again")
             }
+            FileProblem::NotAProgram => format!(
+                "{what} starts neither with a #! line nor as a program (ELF binary), so it cannot be started; fix: make its first line #!/bin/sh (or the interpreter it needs)"
+            ),
         }
     }
 
@@ -276,6 +281,7 @@ impl FileProblem {
             FileProblem::NotADirectory => "not_a_directory",
             FileProblem::TooManyLinks => "link_loop",
             FileProblem::Changed => "changed",
+            FileProblem::NotAProgram => "not_a_program",
         }
     }
 }
@@ -395,7 +401,13 @@ pub(crate) fn open_checked(
     };
     let format = safe_open::format_of(&opened);
     let own = match usage {
-        Use::Execute => check_handler_stat(opened.stat, trust.own_uid),
+        Use::Execute => {
+            let mut problems = check_handler_stat(opened.stat, trust.own_uid);
+            if format == Format::Other {
+                problems.push(FileProblem::NotAProgram);
+            }
+            problems
+        }
         Use::Read => check_data_stat(opened.stat, trust.own_uid),
     };
     for problem in own {
@@ -875,5 +887,27 @@ mod tests {
         assert!(!runs("swap"));
         assert!(runs("mine"));
         assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+    }
+
+    #[test]
+    fn an_executable_without_interpreter_line_is_refused() {
+        let tmp = tree();
+        let root = tmp.path();
+        fs::write(root.join("bare"), "echo no interpreter line\n").unwrap();
+        fs::set_permissions(root.join("bare"), fs::Permissions::from_mode(0o700)).unwrap();
+        let reason = refused(root, "bare");
+        assert!(
+            reason.contains("bare starts neither with a #! line nor as a program"),
+            "{reason}"
+        );
+        let report = crate::scan::scan(root);
+        assert_eq!(report.problems[0].kind, "not_a_program");
+        // A program is fine.
+        fs::copy("/bin/true", root.join("prog")).unwrap();
+        fs::set_permissions(root.join("prog"), fs::Permissions::from_mode(0o700)).unwrap();
+        let Resolution::Found(prog) = resolve(root, EVENT_MESSAGE, "prog") else {
+            panic!()
+        };
+        assert_eq!(prog.file.format, Format::Elf);
     }
 }

@@ -74,7 +74,7 @@ pub async fn run(spec: Spec, shutdown: &CancellationToken) -> Finished {
         Ok(child) => child,
         Err(e) => {
             let hint = if e.raw_os_error() == Some(nix::errno::Errno::ENOEXEC as i32) {
-                " (does the script start with a #! line?)"
+                " (is it a script starting with a #! line, or a program for this machine?)"
             } else {
                 ""
             };

@@ -635,6 +635,7 @@ mod tests {
         let root = tmp.path();
         write(root, "v1.2", 0o700);
         write(root, "v1.2.sh", 0o700);
+        fs::write(root.join("bare"), "echo no interpreter line\n").unwrap();
         // Links out of the handler directory: into a directory others may write, into a sticky
         // one, and into one whose owner is the overflow uid (root, or anyone, in a sandbox).
         let outside = tempfile::tempdir().unwrap();
@@ -673,7 +674,7 @@ mod tests {
                     .unwrap()
                     .runs
             };
-            assert!(!runs("swap") && runs("mine") && !runs("hidden"));
+            assert!(!runs("swap") && runs("mine") && !runs("hidden") && !runs("bare"));
             for entry in &report.handlers {
                 agree(root, entry, &trust);
             }
