@@ -593,6 +593,19 @@ pub(crate) fn resolve_as(root: &Path, event: &str, tag: &str, trust: &Trust) -> 
     Resolution::NoHandler
 }
 
+/// Whether any file would be a candidate for the run: `false` exactly when `resolve` would
+/// answer `NoHandler`. Cheaper than `resolve` (a directory listing or two), for runs that are
+/// refused anyway. When it cannot tell, it says `true`.
+pub fn has_candidate(root: &Path, event: &str, tag: &str) -> bool {
+    let Ok(levels) = levels(event, tag) else {
+        return true;
+    };
+    levels.iter().any(|level| {
+        let dir = level.dir.iter().fold(root.to_owned(), |d, s| d.join(s));
+        candidates(&dir, &level.stem).map_or(true, |found| !found.is_empty())
+    })
+}
+
 impl Handler {
     /// Whether `from` may run this handler: `Err` has the reason for the sender.
     pub fn allows(&self, from: Option<&Sender>) -> Result<(), String> {
