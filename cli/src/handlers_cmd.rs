@@ -31,8 +31,10 @@ itself: the daemon need not run. See docs/event_handlers.md.")]
     #[command(
         long_about = "Check the handler directory for everything that keeps a \
 handler from running or a file from ever being used: handlers that are not executable, not owned \
-by you (or root), or writable by group or others, directories writable by group or others, two \
-files for one tag (set and set.sh), names no tag can match (spaces, a leading '_' or '.', too \
+by you (or root), writable by group or others, or neither #! scripts nor programs; \
+directories owned by others or writable by group or others, in the handler directory, above it, \
+and wherever a symbolic link leads (a link into /srv/shared, mode 0777, is refused); two files \
+for one tag (set and set.sh), names no tag can match (spaces, a leading '_' or '.', too \
 deep), unknown event names in _events, and .from allow lists that cannot be read, have bad lines \
 or belong to no handler. Prints each problem with its fix and exits with status 1 if there is \
 any, 0 if there is none. Reads the directory itself: the daemon need not run."

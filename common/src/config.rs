@@ -66,10 +66,10 @@ pub struct MeshConfig {
     /// The network interfaces sessions may use, dialled or accepted; empty: every interface.
     pub interfaces: Vec<InterfaceName>,
     /// A session that received nothing for this long sends a ping.
-    #[serde(with = "duration_text")]
+    #[serde(with = "duration_text::up_to_an_hour")]
     pub keepalive_interval: Duration,
     /// A session that then still receives nothing for this long is declared dead.
-    #[serde(with = "duration_text")]
+    #[serde(with = "duration_text::up_to_an_hour")]
     pub keepalive_timeout: Duration,
 }
 
@@ -92,7 +92,7 @@ impl Default for MeshConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct HandlersConfig {
     /// A handler still running after this long is killed with its whole process group.
-    #[serde(with = "duration_text")]
+    #[serde(with = "duration_text::up_to_a_day")]
     pub timeout: Duration,
     /// At most this many handlers run at once; further runs wait in a queue.
     pub max_running: std::num::NonZeroUsize,
@@ -100,7 +100,7 @@ pub struct HandlersConfig {
     pub max_queued: usize,
     /// Started by socket activation, the service exits after this long without runs; the next
     /// message starts it again.
-    #[serde(with = "duration_text")]
+    #[serde(with = "duration_text::up_to_a_day")]
     pub idle_exit: Duration,
 }
 
@@ -115,7 +115,8 @@ impl Default for HandlersConfig {
     }
 }
 
-/// Durations as people write them: "20s", "1m 30s", "500ms".
+/// Durations as people write them: "20s", "1m 30s", "500ms". Each key names the module of its
+/// range; a value outside it is an error that says the range.
 mod duration_text {
     use std::time::Duration;
 
@@ -128,20 +129,60 @@ mod duration_text {
         s.collect_str(&humantime::format_duration(*value))
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    fn deserialize_within<'de, D: Deserializer<'de>>(
+        d: D,
+        max: Duration,
+    ) -> Result<Duration, D::Error> {
         let text = String::deserialize(d)?;
         let value = humantime::parse_duration(&text).map_err(|e| {
             serde::de::Error::custom(format!(
                 "{text:?} is not a duration ({e}); write it like \"20s\" or \"1m 30s\""
             ))
         })?;
+        let range = || {
+            format!(
+                "it must be between {} and {}",
+                humantime::format_duration(MIN),
+                humantime::format_duration(max)
+            )
+        };
         if value < MIN {
             return Err(serde::de::Error::custom(format!(
-                "{text:?} is too short; the minimum is {}",
-                humantime::format_duration(MIN)
+                "{text:?} is too short; {}",
+                range()
+            )));
+        }
+        if value > max {
+            return Err(serde::de::Error::custom(format!(
+                "{text:?} is too long; {}",
+                range()
             )));
         }
         Ok(value)
+    }
+
+    /// Keepalive: a session silent for longer is dead to anyone (NAT and firewall mappings are
+    /// long gone), and a dead link must be noticed within the hour.
+    pub mod up_to_an_hour {
+        pub use super::serialize;
+
+        pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+            d: D,
+        ) -> Result<std::time::Duration, D::Error> {
+            super::deserialize_within(d, std::time::Duration::from_secs(3600))
+        }
+    }
+
+    /// The handler service's time-out and idle exit: work that takes longer belongs in the
+    /// background, and an exit after more than a day is no exit.
+    pub mod up_to_a_day {
+        pub use super::serialize;
+
+        pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+            d: D,
+        ) -> Result<std::time::Duration, D::Error> {
+            super::deserialize_within(d, std::time::Duration::from_secs(24 * 3600))
+        }
     }
 }
 
@@ -421,7 +462,8 @@ pub const EXAMPLE: &str = r#"# cnsprcy configuration: $XDG_CONFIG_HOME/cnsprcy/c
 # A session that has received nothing for keepalive_interval sends an encrypted ping; one that
 # then receives nothing for keepalive_timeout more is declared dead and redialled. A silently
 # dead link (cable pulled, packets dropped) is so noticed at most interval + timeout after the
-# last frame arrived. Shorter values notice sooner but wake the device more often.
+# last frame arrived. Shorter values notice sooner but wake the device more often. Each is
+# between 100ms and 1h.
 # keepalive_interval = "20s"
 # keepalive_timeout = "10s"
 
@@ -437,7 +479,8 @@ pub const EXAMPLE: &str = r#"# cnsprcy configuration: $XDG_CONFIG_HOME/cnsprcy/c
 
 [handlers]
 # A handler (see docs/event_handlers.md) still running after timeout is sent SIGTERM with its
-# whole process group, and SIGKILL shortly after; the sender learns it timed out.
+# whole process group, and SIGKILL shortly after; the sender learns it timed out. Between
+# 100ms and 24h: longer work belongs in the background.
 # timeout = "30s"
 
 # At most max_running handlers run at once. Runs of one tag from one sender always run one
@@ -449,7 +492,8 @@ pub const EXAMPLE: &str = r#"# cnsprcy configuration: $XDG_CONFIG_HOME/cnsprcy/c
 # max_queued = 256
 
 # Started by systemd socket activation, the handler service exits after this long without
-# running anything; the next message starts it again. (Under `cnspr serve` it stays.)
+# running anything; the next message starts it again. (Under `cnspr serve` it stays.) Between
+# 100ms and 24h.
 # idle_exit = "5m"
 
 [paths]
@@ -589,7 +633,38 @@ mod tests {
         assert_eq!(key.as_deref(), Some("mesh.keepalive_timeout"));
         assert!(message.contains("is not a duration"), "{message}");
         let (_, _, _, message, _) = invalid("[mesh]\nkeepalive_timeout = \"1ms\"\n");
-        assert!(message.contains("too short"), "{message}");
+        assert!(
+            message.contains("too short; it must be between 100ms and 1h"),
+            "{message}"
+        );
+        let (line, _, key, message, _) =
+            invalid("[mesh]\nlisten = []\nkeepalive_interval = \"2h\"\n");
+        assert_eq!(line, 3);
+        assert_eq!(key.as_deref(), Some("mesh.keepalive_interval"));
+        assert!(
+            message.contains("\"2h\" is too long; it must be between 100ms and 1h"),
+            "{message}"
+        );
+        assert!(parse("[mesh]\nkeepalive_timeout = \"1h\"\n").is_ok());
+    }
+
+    /// A time-out of a thousand years is no time-out: it would overflow deadlines, and means
+    /// "never", which the key does not offer.
+    #[test]
+    fn handler_durations_are_bounded() {
+        let path = Path::new("/home/me/.config/cnsprcy/config.toml");
+        let error = Config::parse("[handlers]\ntimeout = \"1000y\"\n", path).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "/home/me/.config/cnsprcy/config.toml:2:11: bad value for `handlers.timeout`: \"1000y\" is too long; it must be between 100ms and 1day"
+        );
+        let (line, _, key, message, _) =
+            invalid("[handlers]\nmax_running = 2\nidle_exit = \"25h\"\n");
+        assert_eq!(line, 3);
+        assert_eq!(key.as_deref(), Some("handlers.idle_exit"));
+        assert!(message.contains("too long"), "{message}");
+        let config = parse("[handlers]\ntimeout = \"24h\"\nidle_exit = \"1day\"\n").unwrap();
+        assert_eq!(config.handlers.timeout, Duration::from_secs(86400));
     }
 
     #[test]

@@ -382,6 +382,95 @@ async fn handlers_that_may_not_run_are_refused_with_the_reason() {
     assert_eq!(log.matches("handler finished").count(), 1, "{log}");
 }
 
+/// The hole from the issue: a handler that is a link to `X/t.sh`, where X is a directory others
+/// may write, outside the handler directory. Another user swapped t.sh for a link to /bin/sh
+/// between the check and the exec, and /bin/sh ran the message's payload as the device's user.
+/// Now every directory on the way must be safe, so the link is refused (and `check` says why),
+/// and what runs is the file that was checked.
+#[tokio::test]
+async fn a_link_into_a_directory_others_may_write_is_refused_even_while_it_is_swapped() {
+    let mut h = Handlers::new("timeout = \"10s\"");
+    let outside = tempfile::tempdir().unwrap();
+    fs::set_permissions(outside.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let x = outside.path().join("x");
+    fs::create_dir(&x).unwrap();
+    fs::write(x.join("t.sh"), "#!/bin/sh\necho safe\n").unwrap();
+    fs::set_permissions(x.join("t.sh"), fs::Permissions::from_mode(0o700)).unwrap();
+    fs::set_permissions(&x, fs::Permissions::from_mode(0o777)).unwrap();
+    std::os::unix::fs::symlink(x.join("t.sh"), h.dir().join("linked")).unwrap();
+    let x_real = x.canonicalize().unwrap();
+    let mut client = h.start().await;
+
+    let result = client.run(message("linked", "laptop", b"")).await;
+    let Outcome::Refused { reason } = &result.outcome else {
+        panic!("expected a refusal, got {:?}\n{}", result.outcome, h.log());
+    };
+    for needle in [
+        "linked leads out of the handler directory".to_owned(),
+        format!(
+            "directory {} is writable by group or others",
+            x_real.display()
+        ),
+        "chmod go-w".to_owned(),
+    ] {
+        assert!(reason.contains(&needle), "{needle:?} not in {reason}");
+    }
+    let check = h.device.cnspr(&["handlers", "check"]).code(1);
+    assert!(
+        check
+            .stdout
+            .contains("linked leads out of the handler directory")
+            && check.stdout.contains(&x_real.display().to_string()),
+        "{}",
+        check.stdout
+    );
+
+    // The race itself, as another user (nobody) would run it, for a few seconds.
+    if !is_root() || Command::new("setpriv").arg("--help").output().is_err() {
+        eprintln!("skipping the race: needs root and setpriv");
+        return;
+    }
+    let swapper = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c"])
+        .arg(
+            "cd \"$1\" && while :; do mv -f t.sh t.orig; ln -s /bin/sh t.sh; mv -f t.orig t.sh; done",
+        )
+        .args(["swapper", &x.display().to_string()])
+        .spawn()
+        .unwrap();
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _swapper = KillOnDrop(swapper);
+    let pwned = x.join("pwned");
+    let payload = format!("touch {}\n", pwned.display());
+    let begun = Instant::now();
+    let mut runs = 0;
+    while begun.elapsed() < Duration::from_secs(3) {
+        let result = client
+            .run(message("linked", "laptop", payload.as_bytes()))
+            .await;
+        assert!(
+            matches!(result.outcome, Outcome::Refused { .. }),
+            "run {runs}: {:?}",
+            result.outcome
+        );
+        runs += 1;
+    }
+    assert!(runs > 10, "only {runs} runs");
+    assert!(!pwned.exists(), "the swapped-in /bin/sh ran the payload");
+    assert_eq!(
+        h.log().matches("handler finished").count(),
+        0,
+        "{}",
+        h.log()
+    );
+}
+
 /// The expected reply of the checksum handler: `sha256sum`'s digest of `data`.
 fn sha256(data: &[u8]) -> String {
     let tmp = tempfile::NamedTempFile::new().unwrap();

@@ -2,15 +2,16 @@
 //! it, one device name or device ID per line; `#` starts a comment. Without the file, every
 //! member may; with it, only those listed (an empty list: none).
 
-use std::fs;
-use std::io::{self, Read};
+use std::fs::File;
+use std::io::Read;
 use std::path::Path;
 
 use cnsprcy::identity::{DeviceId, DeviceName};
 use cnsprcy::ipc::Sender;
 use serde::Serialize;
 
-use crate::resolve::{FileProblem, check_data_stat, stat_path};
+use crate::resolve::{FileProblem, Use, open_checked, rel_name};
+use crate::safe_open::{Format, Trust};
 
 /// Allow lists are short; a larger file is a mistake, not a list to read whole.
 const MAX_ALLOW_LIST_BYTES: u64 = 64 * 1024;
@@ -62,35 +63,51 @@ impl AllowList {
         }
     }
 
-    /// Reads the allow list at `path` (`rel` names it in messages): `None` when there is none.
-    /// One that cannot be read, or that others could have written, is an error: the handler is
-    /// then refused rather than opened to everyone.
-    pub fn load(path: &Path, rel: &str, own_uid: u32) -> Result<Option<Self>, String> {
-        match fs::symlink_metadata(path) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(format!("cannot inspect {rel}: {e}")),
-            Ok(_) => {}
-        }
-        let stat = stat_path(path).map_err(|p| p.describe(rel, own_uid))?;
-        if let Some(problem) = check_data_stat(stat, own_uid).into_iter().next() {
-            return Err(problem.describe(rel, own_uid));
+    /// Reads the allow list `name` in the directory `dir` (segments below the handler directory
+    /// `root`): `None` when there is none. It is read from the descriptor that was checked,
+    /// like a handler is run from one. One that cannot be read, or that others could have
+    /// written (it or a directory on its way), is an error: the handler is then refused rather
+    /// than opened to everyone.
+    pub fn load(
+        root: &Path,
+        dir: &[String],
+        name: &str,
+        trust: &Trust,
+    ) -> Result<Option<Self>, String> {
+        let rel = rel_name(dir, Some(name));
+        let file = match open_checked(root, dir, name, Use::Read, trust) {
+            Ok(None) => return Ok(None),
+            Ok(Some(file)) => file,
+            Err(findings) => {
+                return Err(findings
+                    .into_iter()
+                    .next()
+                    .map(|f| f.message)
+                    .unwrap_or_else(|| format!("{rel} cannot be checked")));
+            }
+        };
+        if file.format == Format::Unknown {
+            return Err(format!("{rel} cannot be read; fix: chmod u+r"));
         }
         let mut text = String::new();
-        fs::File::open(path)
-            .and_then(|f| f.take(MAX_ALLOW_LIST_BYTES + 1).read_to_string(&mut text))
-            .map_err(|e| {
-                FileProblem::Unreadable {
-                    error: e.to_string(),
-                }
-                .describe(rel, own_uid)
-            })?;
+        let read = file
+            .fd
+            .try_clone()
+            .map(File::from)
+            .and_then(|f| f.take(MAX_ALLOW_LIST_BYTES + 1).read_to_string(&mut text));
+        if let Err(e) = read {
+            return Err(FileProblem::Unreadable {
+                error: e.to_string(),
+            }
+            .describe(&rel, trust.own_uid));
+        }
         if text.len() as u64 > MAX_ALLOW_LIST_BYTES {
             return Err(format!(
                 "{rel} is larger than {} KiB; an allow list names a few devices",
                 MAX_ALLOW_LIST_BYTES / 1024
             ));
         }
-        Ok(Some(Self::parse(rel, &text)))
+        Ok(Some(Self::parse(&rel, &text)))
     }
 
     /// Whether the list names `sender`, by name or by device ID.

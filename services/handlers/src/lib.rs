@@ -9,10 +9,11 @@
 pub mod allow;
 pub mod resolve;
 pub mod runner;
+pub mod safe_open;
 pub mod scan;
 pub mod sched;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -53,6 +54,8 @@ const STOP_EVENT: &str = "daemon-stop";
 const FLUSH_GRACE: Duration = Duration::from_millis(500);
 /// The environment variable of peer events that names the peer (it orders their runs).
 const PEER_ENV: &str = "CNSPRCY_PEER";
+/// Under a burst, runs refused for a full queue are logged once per this interval, with a count.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Binds `handlers.sock` and starts serving it. Returns once the socket accepts connections.
 pub async fn start(env: DeviceEnv, shutdown: CancellationToken) -> anyhow::Result<Running> {
@@ -82,6 +85,7 @@ pub async fn start(env: DeviceEnv, shutdown: CancellationToken) -> anyhow::Resul
         }),
         tasks: TaskTracker::new(),
         kill: CancellationToken::new(),
+        queue_full_log: Mutex::new(Throttle::new(REFUSAL_LOG_INTERVAL)),
     });
     if listener.activated {
         tokio::spawn(exit_when_idle(
@@ -175,6 +179,8 @@ struct Shared {
     tasks: TaskTracker,
     /// Fires at the end of the stop grace: running handlers are killed, connections closed.
     kill: CancellationToken,
+    /// The warnings about runs refused for a full queue.
+    queue_full_log: Mutex<Throttle>,
 }
 
 impl Shared {
@@ -182,6 +188,70 @@ impl Shared {
     /// it was locked leaves nothing half-done: a poisoned lock is used as it is.
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Plain counting, like `state`.
+    fn queue_full_log(&self) -> MutexGuard<'_, Throttle> {
+        self.queue_full_log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Holds back repeated log lines: the first is written, those within the next `interval` are
+/// counted, and the count is written when the interval ends. A burst of thousands of refusals so
+/// makes one line per interval, not one each.
+#[derive(Debug)]
+struct Throttle {
+    interval: Duration,
+    /// Lines are held back until then.
+    quiet_until: Option<Instant>,
+    held: u64,
+}
+
+/// What to do with one more line.
+#[derive(Debug, PartialEq, Eq)]
+enum Note {
+    /// Write it, saying how many were held back before it (if the count was not written yet).
+    Write { held_before: u64 },
+    /// It was counted. `flush_at`: the first one held since the last line; write the count then.
+    Held { flush_at: Option<Instant> },
+}
+
+impl Throttle {
+    fn new(interval: Duration) -> Self {
+        Self {
+            interval,
+            quiet_until: None,
+            held: 0,
+        }
+    }
+
+    fn note(&mut self, now: Instant) -> Note {
+        match self.quiet_until {
+            Some(until) if now < until => {
+                self.held += 1;
+                Note::Held {
+                    flush_at: (self.held == 1).then_some(until),
+                }
+            }
+            _ => {
+                self.quiet_until = Some(now + self.interval);
+                Note::Write {
+                    held_before: std::mem::take(&mut self.held),
+                }
+            }
+        }
+    }
+
+    /// The count held back, to be written now; a burst that goes on is counted for another
+    /// interval.
+    fn flush(&mut self, now: Instant) -> u64 {
+        let held = std::mem::take(&mut self.held);
+        if held > 0 {
+            self.quiet_until = Some(now + self.interval);
+        }
+        held
     }
 }
 
@@ -418,9 +488,82 @@ fn submit(shared: &Arc<Shared>, run: Run, reply: mpsc::Sender<FromHandlers>) {
     match admitted {
         Admit::Start(job) => start_job(shared.clone(), key, job),
         Admit::Queued => tracing::debug!(%tag, "run queued"),
-        Admit::Full(job, reason) => {
-            tracing::warn!(%tag, "run not accepted: {reason}");
-            answer(shared, job.reply, run_id, failed(None, &reason));
+        Admit::Full(job, reason) => refuse_full(shared, job, reason),
+    }
+}
+
+/// Answers a run that did not fit the queue. One that has no handler (most built-in events: a
+/// store write or a peer change raises one whether a handler wants it or not) is answered "no
+/// handler", as it would have been when run: nothing is lost, so nothing is logged. The others
+/// are refused, with a warning that a burst does not turn into thousands of lines.
+fn refuse_full(shared: &Arc<Shared>, job: Job, reason: String) {
+    let shared = shared.clone();
+    let tasks = shared.tasks.clone();
+    tasks.spawn(
+        async move {
+            let run = &job.run;
+            let root = shared.handlers_dir.clone();
+            let (event, tag) = (run.event.clone(), run.tag.clone());
+            // A directory listing or two; like `resolve`, not on the runtime's threads.
+            let has_candidate = tokio::task::spawn_blocking(move || {
+                resolve::has_candidate(&root, &event, &tag)
+            })
+            .await
+            .unwrap_or(true);
+            let result = if has_candidate {
+                warn_queue_full(&shared, &run.tag, &reason);
+                failed(None, &reason)
+            } else {
+                tracing::debug!(tag = %run.tag, event = %run.event, "no handler (the queue was full)");
+                RunResult {
+                    handler: None,
+                    outcome: Outcome::NoHandler,
+                    stdout: Vec::new(),
+                    duration_ms: 0,
+                }
+            };
+            // The connection may be gone; the result is then lost, as the mesh service expects.
+            let _ = job
+                .reply
+                .send(FromHandlers::Done {
+                    run_id: run.run_id,
+                    result,
+                })
+                .await;
+        }
+        .in_current_span(),
+    );
+}
+
+/// Logs a refusal for a full queue, through the throttle.
+fn warn_queue_full(shared: &Arc<Shared>, tag: &str, reason: &str) {
+    let note = shared.queue_full_log().note(Instant::now());
+    match note {
+        Note::Write { held_before: 0 } => tracing::warn!(%tag, "run not accepted: {reason}"),
+        Note::Write { held_before } => tracing::warn!(
+            %tag,
+            "run not accepted: {reason} (and {held_before} more before it, not logged one by one)"
+        ),
+        Note::Held { flush_at: None } => {}
+        Note::Held { flush_at: Some(at) } => {
+            let flusher = shared.clone();
+            shared.tasks.spawn(
+                async move {
+                    // At the stop, the count is written at once: the service does not wait.
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(at.into()) => {}
+                        _ = flusher.kill.cancelled() => {}
+                    }
+                    let held = flusher.queue_full_log().flush(Instant::now());
+                    if held > 0 {
+                        tracing::warn!(
+                            "{held} more runs not accepted in the last {}: handler queue full",
+                            secs_text(REFUSAL_LOG_INTERVAL)
+                        );
+                    }
+                }
+                .in_current_span(),
+            );
         }
     }
 }
@@ -507,7 +650,9 @@ async fn execute(shared: &Shared, run: &Run, payload: Vec<u8>) -> RunResult {
     }
     tracing::debug!(handler = %handler.rel, tag = %run.tag, kind = handler.kind.describe(), "running the handler for {what}");
     let spec = runner::Spec {
-        env: handler_env(run, &handler.rel),
+        env: handler_env(run, &handler.rel, &handler.path),
+        program: handler.file.fd.clone(),
+        script: handler.file.format == safe_open::Format::Script,
         path: handler.path,
         dir: handler.dir,
         name: handler.rel.clone(),
@@ -526,7 +671,7 @@ async fn execute(shared: &Shared, run: &Run, payload: Vec<u8>) -> RunResult {
 
 /// The variables a handler gets on top of the service's own environment: the run's extra ones
 /// first, then those that describe the run (which they may not override).
-fn handler_env(run: &Run, handler: &str) -> Vec<(String, String)> {
+fn handler_env(run: &Run, handler: &str, path: &Path) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = Vec::new();
     for (name, value) in &run.env {
         if is_env_name(name) && !value.contains('\0') {
@@ -536,6 +681,7 @@ fn handler_env(run: &Run, handler: &str) -> Vec<(String, String)> {
         }
     }
     let from = run.from.as_ref();
+    let handler_path = path.to_string_lossy();
     let own = [
         ("CNSPRCY_EVENT", run.event.as_str()),
         ("CNSPRCY_TAG", run.tag.as_str()),
@@ -547,6 +693,8 @@ fn handler_env(run: &Run, handler: &str) -> Vec<(String, String)> {
         ),
         ("CNSPRCY_DEVICE", run.device.as_str()),
         ("CNSPRCY_HANDLER", handler),
+        // A script's $0 is /dev/fd/N (it runs from the descriptor that was checked).
+        ("CNSPRCY_HANDLER_PATH", handler_path.as_ref()),
     ];
     for (name, value) in own {
         // A NUL cannot be passed in the environment; such a value (from a broken peer) is
@@ -569,6 +717,7 @@ fn is_env_name(name: &str) -> bool {
 mod tests {
     use super::*;
     use cnsprcy::ipc::Sender;
+    use std::os::unix::fs::PermissionsExt;
 
     fn run(event: &str, tag: &str) -> Run {
         Run {
@@ -592,7 +741,11 @@ mod tests {
 
     #[test]
     fn environment_describes_the_run_and_cannot_be_spoofed() {
-        let env = handler_env(&run(EVENT_MESSAGE, "clipboard/set"), "clipboard/set.sh");
+        let env = handler_env(
+            &run(EVENT_MESSAGE, "clipboard/set"),
+            "clipboard/set.sh",
+            Path::new("/h/clipboard/set.sh"),
+        );
         let get = |name: &str| {
             env.iter()
                 .rev()
@@ -606,6 +759,7 @@ mod tests {
         assert_eq!(get("CNSPRCY_DEVICE"), Some("desk"));
         assert_eq!(get("CNSPRCY_EVENT"), Some("message"));
         assert_eq!(get("CNSPRCY_HANDLER"), Some("clipboard/set.sh"));
+        assert_eq!(get("CNSPRCY_HANDLER_PATH"), Some("/h/clipboard/set.sh"));
         assert_eq!(get("EXTRA"), Some("1"));
         assert_eq!(get("BAD=NAME"), None);
     }
@@ -628,5 +782,180 @@ mod tests {
                 peer: "phone".into()
             }
         );
+    }
+
+    #[test]
+    fn a_burst_of_refusals_makes_one_line_per_interval() {
+        let second = Duration::from_secs(1);
+        let mut throttle = Throttle::new(5 * second);
+        let t0 = Instant::now();
+        assert_eq!(throttle.note(t0), Note::Write { held_before: 0 });
+        assert_eq!(
+            throttle.note(t0 + second),
+            Note::Held {
+                flush_at: Some(t0 + 5 * second)
+            }
+        );
+        for i in 0..600 {
+            assert_eq!(
+                throttle.note(t0 + second + Duration::from_millis(i)),
+                Note::Held { flush_at: None }
+            );
+        }
+        // At the end of the interval, the count of all held back since the first line.
+        assert_eq!(throttle.flush(t0 + 5 * second), 601);
+        // The burst goes on: counted for another interval, then written as one count.
+        assert_eq!(
+            throttle.note(t0 + 6 * second),
+            Note::Held {
+                flush_at: Some(t0 + 10 * second)
+            }
+        );
+        assert_eq!(throttle.flush(t0 + 10 * second), 1);
+        // Quiet for a while: the next one is written at once.
+        assert_eq!(throttle.flush(t0 + 15 * second), 0);
+        assert_eq!(
+            throttle.note(t0 + 20 * second),
+            Note::Write { held_before: 0 }
+        );
+        // A line written before a late count says what it held back.
+        throttle.note(t0 + 21 * second);
+        assert_eq!(
+            throttle.note(t0 + 26 * second),
+            Note::Write { held_before: 1 }
+        );
+    }
+
+    fn test_shared(root: &Path, max_queued: usize) -> Arc<Shared> {
+        Arc::new(Shared {
+            handlers_dir: root.to_owned(),
+            timeout: Duration::from_secs(10),
+            state: Mutex::new(State {
+                scheduler: Scheduler::new(Limits {
+                    max_running: 1,
+                    max_queued,
+                    max_queued_per_key: MAX_QUEUED_PER_KEY,
+                    max_queued_bytes: MAX_QUEUED_BYTES,
+                }),
+                stopping: false,
+                connections: 0,
+            }),
+            tasks: TaskTracker::new(),
+            kill: CancellationToken::new(),
+            queue_full_log: Mutex::new(Throttle::new(REFUSAL_LOG_INTERVAL)),
+        })
+    }
+
+    /// Submits `count` store-change events at once; returns their outcomes.
+    async fn store_change_burst(shared: &Arc<Shared>, count: u64) -> Vec<Outcome> {
+        let (tx, mut rx) = mpsc::channel(16);
+        for run_id in 0..count {
+            let mut event = run("store-change", "store-change");
+            event.run_id = run_id;
+            event.from = None;
+            submit(shared, event, tx.clone());
+        }
+        drop(tx);
+        let mut outcomes = Vec::new();
+        while let Some(FromHandlers::Done { result, .. }) = rx.recv().await {
+            outcomes.push(result.outcome);
+        }
+        outcomes
+    }
+
+    #[tokio::test]
+    async fn an_event_without_handler_is_never_refused_for_a_full_queue() {
+        let tmp = tempfile::tempdir().unwrap();
+        let shared = test_shared(tmp.path(), 0);
+        let outcomes = store_change_burst(&shared, 200).await;
+        assert_eq!(outcomes.len(), 200);
+        assert!(
+            outcomes.iter().all(|o| *o == Outcome::NoHandler),
+            "{outcomes:?}"
+        );
+        // Nothing was refused, so nothing was logged.
+        let log = shared.queue_full_log();
+        assert_eq!((log.quiet_until, log.held), (None, 0));
+    }
+
+    #[tokio::test]
+    async fn refusals_of_an_event_with_a_handler_are_counted_not_logged_each() {
+        let tmp = tempfile::tempdir().unwrap();
+        let events = tmp.path().join("_events");
+        std::fs::create_dir(&events).unwrap();
+        let script = events.join("store-change");
+        std::fs::write(&script, "#!/bin/sh\nsleep 0.3\n").unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let shared = test_shared(tmp.path(), 0);
+        let outcomes = store_change_burst(&shared, 100).await;
+        assert_eq!(outcomes.len(), 100);
+        let full = outcomes
+            .iter()
+            .filter(|o| matches!(o, Outcome::Failed { reason } if reason.contains("handler queue full")))
+            .count();
+        assert!(
+            outcomes.contains(&Outcome::Exited { code: 0 }),
+            "{outcomes:?}"
+        );
+        assert_eq!(full, 99, "{outcomes:?}");
+        // One line written, the other 98 held for the count.
+        assert_eq!(shared.queue_full_log().held, 98);
+        shared.kill.cancel();
+        shared.tasks.close();
+        shared.tasks.wait().await;
+        assert_eq!(shared.queue_full_log().held, 0);
+    }
+
+    /// Check and use are one object: once the handler is opened and checked, replacing what is
+    /// at its path does not change what runs.
+    #[tokio::test]
+    async fn the_checked_file_runs_even_when_its_path_is_replaced() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let write = |name: &str, text: &str| {
+            std::fs::write(root.join(name), text).unwrap();
+            std::fs::set_permissions(root.join(name), std::fs::Permissions::from_mode(0o700))
+                .unwrap();
+        };
+        write(
+            "h",
+            "#!/bin/sh\necho \"checked $0 $CNSPRCY_HANDLER_PATH\"\n",
+        );
+        let Resolution::Found(handler) = resolve(root, EVENT_MESSAGE, "h") else {
+            panic!("no handler")
+        };
+        // Another file put in its place, and then a link to yet another one.
+        write("other", "#!/bin/sh\necho swapped\n");
+        std::fs::rename(root.join("other"), root.join("h")).unwrap();
+        let spec = |handler: &resolve::Handler| runner::Spec {
+            env: handler_env(&run(EVENT_MESSAGE, "h"), &handler.rel, &handler.path),
+            program: handler.file.fd.clone(),
+            script: handler.file.format == safe_open::Format::Script,
+            path: handler.path.clone(),
+            dir: handler.dir.clone(),
+            name: handler.rel.clone(),
+            tag: "h".into(),
+            payload: Vec::new(),
+            timeout: Duration::from_secs(10),
+        };
+        let done = runner::run(spec(&handler), &CancellationToken::new()).await;
+        assert_eq!(done.outcome, Outcome::Exited { code: 0 });
+        let stdout = String::from_utf8_lossy(&done.stdout).into_owned();
+        // A script runs as `sh /dev/fd/N`, and learns its path from the environment.
+        let expected_tail = format!(" {}\n", root.join("h").display());
+        assert!(
+            stdout.starts_with("checked /dev/fd/") && stdout.ends_with(&expected_tail),
+            "{stdout}"
+        );
+
+        let Resolution::Found(handler) = resolve(root, EVENT_MESSAGE, "h") else {
+            panic!("no handler")
+        };
+        write("third", "#!/bin/sh\necho third\n");
+        std::fs::remove_file(root.join("h")).unwrap();
+        std::os::unix::fs::symlink(root.join("third"), root.join("h")).unwrap();
+        let done = runner::run(spec(&handler), &CancellationToken::new()).await;
+        assert_eq!(String::from_utf8_lossy(&done.stdout), "swapped\n");
     }
 }

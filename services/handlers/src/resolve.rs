@@ -11,7 +11,6 @@
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use cnsprcy::ipc::{EVENT_MESSAGE, Sender};
@@ -21,6 +20,7 @@ use cnsprcy::tag::{
 use serde::Serialize;
 
 use crate::allow::AllowList;
+use crate::safe_open::{self, CheckedFile, End, Format, PathProblem, Place, Trust, Want};
 
 /// Why a file handles what it handles.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -67,6 +67,9 @@ pub struct Handler {
     pub kind: MatchKind,
     /// The sender allow list that applies (`STEM.from` next to the file), if there is one.
     pub allow: Option<AllowList>,
+    /// The file, opened and checked: what runs is this descriptor, not whatever is at `path`
+    /// by then.
+    pub file: CheckedFile,
 }
 
 /// The answer to "which handler runs this?".
@@ -210,6 +213,10 @@ pub enum FileProblem {
     WrongOwner {
         uid: u32,
     },
+    /// Owned by the uid a user namespace without root shows for root and every other user.
+    HiddenOwner {
+        uid: u32,
+    },
     /// Group or others may write it: they could make it run anything.
     Writable {
         mode: u32,
@@ -218,6 +225,14 @@ pub enum FileProblem {
     Unreadable {
         error: String,
     },
+    /// A directory was expected.
+    NotADirectory,
+    /// Symbolic links lead on and on (a loop).
+    TooManyLinks,
+    /// It was replaced while it was being checked.
+    Changed,
+    /// Executable, but neither a `#!` script nor an ELF program: the kernel would refuse it.
+    NotAProgram,
 }
 
 impl FileProblem {
@@ -237,7 +252,20 @@ impl FileProblem {
             FileProblem::Writable { mode } => format!(
                 "{what} is writable by group or others (mode {mode:04o}), who could make it run anything; fix: chmod go-w"
             ),
+            FileProblem::HiddenOwner { uid } => format!(
+                "{what} belongs to uid {uid}, which stands for root and every other user alike in the user namespace this runs in (systemd's PrivateUsers=), so it cannot be trusted; fix: keep handlers, and what they link to, in your own directories"
+            ),
             FileProblem::Unreadable { error } => format!("{what} cannot be inspected: {error}"),
+            FileProblem::NotADirectory => format!("{what} is not a directory"),
+            FileProblem::TooManyLinks => {
+                format!("{what} leads through too many symbolic links (a loop?)")
+            }
+            FileProblem::Changed => {
+                format!("{what} changed while it was being checked; try again")
+            }
+            FileProblem::NotAProgram => format!(
+                "{what} starts neither with a #! line nor as a program (ELF binary), so it cannot be started; fix: make its first line #!/bin/sh (or the interpreter it needs)"
+            ),
         }
     }
 
@@ -247,9 +275,13 @@ impl FileProblem {
             FileProblem::Dangling => "dangling_link",
             FileProblem::NotRegular => "not_a_file",
             FileProblem::NotExecutable { .. } => "not_executable",
-            FileProblem::WrongOwner { .. } => "wrong_owner",
+            FileProblem::WrongOwner { .. } | FileProblem::HiddenOwner { .. } => "wrong_owner",
             FileProblem::Writable { .. } => "writable_by_others",
             FileProblem::Unreadable { .. } => "unreadable",
+            FileProblem::NotADirectory => "not_a_directory",
+            FileProblem::TooManyLinks => "link_loop",
+            FileProblem::Changed => "changed",
+            FileProblem::NotAProgram => "not_a_program",
         }
     }
 }
@@ -263,20 +295,9 @@ pub struct Stat {
     pub is_dir: bool,
 }
 
-impl Stat {
-    pub fn of(meta: &fs::Metadata) -> Self {
-        Self {
-            uid: meta.uid(),
-            mode: meta.mode() & 0o7777,
-            is_file: meta.is_file(),
-            is_dir: meta.is_dir(),
-        }
-    }
-}
-
 /// Root may already change anything of this user's, so a file of root's (typically a link to a
 /// system program) is as trustworthy as the user's own.
-fn trusted_owner(uid: u32, own_uid: u32) -> bool {
+pub(crate) fn trusted_owner(uid: u32, own_uid: u32) -> bool {
     uid == own_uid || uid == 0
 }
 
@@ -311,36 +332,6 @@ pub fn check_data_stat(stat: Stat, own_uid: u32) -> Vec<FileProblem> {
     problems
 }
 
-/// The problems of a directory that holds handlers (or directories of them).
-pub fn check_dir_stat(stat: Stat, own_uid: u32) -> Vec<FileProblem> {
-    let mut problems = Vec::new();
-    if !trusted_owner(stat.uid, own_uid) {
-        problems.push(FileProblem::WrongOwner { uid: stat.uid });
-    }
-    if stat.mode & 0o022 != 0 {
-        problems.push(FileProblem::Writable { mode: stat.mode });
-    }
-    problems
-}
-
-/// This process's user id, as the file checks compare it.
-pub fn own_uid() -> u32 {
-    nix::unistd::getuid().as_raw()
-}
-
-/// Inspects `path` (following links): its `Stat`, or the problem that it cannot be inspected.
-pub(crate) fn stat_path(path: &Path) -> Result<Stat, FileProblem> {
-    match fs::metadata(path) {
-        Ok(meta) => Ok(Stat::of(&meta)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound && fs::symlink_metadata(path).is_ok() => {
-            Err(FileProblem::Dangling)
-        }
-        Err(e) => Err(FileProblem::Unreadable {
-            error: e.to_string(),
-        }),
-    }
-}
-
 /// Describes a directory for messages: "the handler directory" or "directory a/b".
 pub(crate) fn dir_label(segments: &[String]) -> String {
     if segments.is_empty() {
@@ -350,28 +341,177 @@ pub(crate) fn dir_label(segments: &[String]) -> String {
     }
 }
 
-/// The first problem of the handler directory and each directory down to `segments`.
-fn first_dir_problem(root: &Path, segments: &[String], own_uid: u32) -> Option<String> {
-    let mut dir = root.to_owned();
-    for depth in 0..=segments.len() {
-        if depth > 0 {
-            dir.push(&segments[depth - 1]);
+/// One thing wrong with a handler, its allow list, or what leads to them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Finding {
+    /// What `cnspr handlers check` files it under: the file, or the directory in the handler
+    /// directory it is about ("" for the handler directory and the directories above it).
+    pub file: String,
+    pub code: &'static str,
+    pub message: String,
+}
+
+/// What an opened file is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Use {
+    /// A handler, run from its descriptor.
+    Execute,
+    /// An allow list, read from its descriptor.
+    Read,
+}
+
+/// Opens `name` in the directory `dir` (segments below `root`) through `safe_open`, and checks
+/// it and every directory and link on its way. `Ok(None)`: there is no such file (only for
+/// `Use::Read`; a handler that vanished since it was listed changed while being checked).
+/// `Err` holds every problem, in the order met, and is never empty.
+pub(crate) fn open_checked(
+    root: &Path,
+    dir: &[String],
+    name: &str,
+    usage: Use,
+    trust: &Trust,
+) -> Result<Option<CheckedFile>, Vec<Finding>> {
+    let rel = rel_name(dir, Some(name));
+    let mut names: Vec<&str> = dir.iter().map(String::as_str).collect();
+    names.push(name);
+    let walk = safe_open::walk(root, &names, Want::File, trust);
+    let root_real = walk.root_real.as_deref();
+    let mut findings: Vec<Finding> = walk
+        .problems
+        .iter()
+        .map(|p| path_finding(&p.place, &p.problem, root_real, &rel, trust))
+        .collect();
+    let opened = match walk.end {
+        End::Opened(opened) => opened,
+        End::Missing { through_link: true } => {
+            findings.push(file_finding(&rel, &FileProblem::Dangling, trust));
+            return Err(findings);
         }
-        let label = dir_label(&segments[..depth]);
-        let problem = match stat_path(&dir) {
-            Ok(stat) => check_dir_stat(stat, own_uid).into_iter().next(),
-            Err(problem) => Some(problem),
+        End::Missing {
+            through_link: false,
+        } if usage == Use::Read => return Ok(None),
+        End::Missing { .. } => {
+            findings.push(file_finding(&rel, &FileProblem::Changed, trust));
+            return Err(findings);
+        }
+        End::Stopped(p) => {
+            findings.push(path_finding(&p.place, &p.problem, root_real, &rel, trust));
+            return Err(findings);
+        }
+    };
+    let format = safe_open::format_of(&opened);
+    let own = match usage {
+        Use::Execute => {
+            let mut problems = check_handler_stat(opened.stat, trust.own_uid);
+            if format == Format::Other {
+                problems.push(FileProblem::NotAProgram);
+            }
+            problems
+        }
+        Use::Read => check_data_stat(opened.stat, trust.own_uid),
+    };
+    for problem in own {
+        let problem = match problem {
+            FileProblem::WrongOwner { uid } => trust.owner_problem(uid),
+            other => other,
         };
-        if let Some(problem) = problem {
-            return Some(problem.describe(&label, own_uid));
+        findings.push(file_finding(&rel, &problem, trust));
+    }
+    if !findings.is_empty() {
+        return Err(findings);
+    }
+    Ok(Some(CheckedFile {
+        fd: std::sync::Arc::new(opened.fd),
+        id: opened.id,
+        format,
+        real: opened.real,
+    }))
+}
+
+/// The problems of the handler directory itself and of everything above it, or of the
+/// directory `dir` in it and everything on the way there.
+pub(crate) fn dir_findings(root: &Path, dir: &[String], trust: &Trust) -> Vec<Finding> {
+    let names: Vec<&str> = dir.iter().map(String::as_str).collect();
+    let walk = safe_open::walk(root, &names, Want::Dir, trust);
+    let root_real = walk.root_real.as_deref();
+    let rel = dir.join("/");
+    let mut findings: Vec<Finding> = walk
+        .problems
+        .iter()
+        .map(|p| path_finding(&p.place, &p.problem, root_real, &rel, trust))
+        .collect();
+    match walk.end {
+        End::Opened(_) => {}
+        End::Missing { .. } => findings.push(Finding {
+            file: rel.clone(),
+            code: "changed",
+            message: FileProblem::Changed.describe(&dir_label(dir), trust.own_uid),
+        }),
+        End::Stopped(PathProblem {
+            place: Place::Target,
+            problem,
+        }) => findings.push(Finding {
+            file: rel.clone(),
+            code: problem.code(),
+            message: problem.describe(&dir_label(dir), trust.own_uid),
+        }),
+        End::Stopped(p) => {
+            findings.push(path_finding(&p.place, &p.problem, root_real, &rel, trust))
         }
     }
-    None
+    findings
+}
+
+fn file_finding(rel: &str, problem: &FileProblem, trust: &Trust) -> Finding {
+    Finding {
+        file: rel.to_owned(),
+        code: problem.code(),
+        message: problem.describe(rel, trust.own_uid),
+    }
+}
+
+/// A problem of `place` on the way to `rel` (a file or directory in the handler directory).
+fn path_finding(
+    place: &Place,
+    problem: &FileProblem,
+    root_real: Option<&Path>,
+    rel: &str,
+    trust: &Trust,
+) -> Finding {
+    let label = safe_open::label(place, root_real, rel);
+    let described = problem.describe(&label, trust.own_uid);
+    if safe_open::is_elsewhere(place, root_real) {
+        return Finding {
+            file: rel.to_owned(),
+            code: problem.code(),
+            message: format!(
+                "{rel} leads out of the handler directory (through a symbolic link), and {described}, or put the file itself in the handler directory instead of a link to it"
+            ),
+        };
+    }
+    let file = match (place, root_real) {
+        (Place::Target, _) => rel.to_owned(),
+        (Place::Dir(path) | Place::Link(path), Some(root)) => path
+            .strip_prefix(root)
+            .map(|inner| inner.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        (Place::Dir(_) | Place::Link(_), None) => String::new(),
+    };
+    Finding {
+        file,
+        code: problem.code(),
+        message: described,
+    }
 }
 
 /// Finds the handler for a run of `event` with `tag` in the handler directory `root`, and checks
 /// that it may run (but not yet whether the sender is allowed: see `Handler::allows`).
 pub fn resolve(root: &Path, event: &str, tag: &str) -> Resolution {
+    resolve_as(root, event, tag, &Trust::current())
+}
+
+/// `resolve`, trusting what `trust` trusts.
+pub(crate) fn resolve_as(root: &Path, event: &str, tag: &str, trust: &Trust) -> Resolution {
     let levels = match levels(event, tag) {
         Ok(levels) => levels,
         Err(reason) => {
@@ -381,7 +521,6 @@ pub fn resolve(root: &Path, event: &str, tag: &str) -> Resolution {
             };
         }
     };
-    let own_uid = own_uid();
     for level in levels {
         let dir = level.dir.iter().fold(root.to_owned(), |d, s| d.join(s));
         let found = match candidates(&dir, &level.stem) {
@@ -408,32 +547,32 @@ pub fn resolve(root: &Path, event: &str, tag: &str) -> Resolution {
             }
         };
         let rel = rel_name(&level.dir, Some(&candidate.file_name));
-        let refuse = |reason: String| Resolution::Refused {
+        let refuse = |findings: Vec<Finding>| Resolution::Refused {
             handler: Some(rel.clone()),
-            reason,
+            reason: findings
+                .into_iter()
+                .next()
+                .map(|f| f.message)
+                .unwrap_or_else(|| format!("{rel} cannot be checked")),
         };
-        if let Some(reason) = first_dir_problem(root, &level.dir, own_uid) {
-            return refuse(reason);
-        }
-        let path = dir.join(&candidate.file_name);
-        let problem = match stat_path(&path) {
-            Ok(stat) => check_handler_stat(stat, own_uid).into_iter().next(),
-            Err(problem) => Some(problem),
+        let file = match open_checked(root, &level.dir, &candidate.file_name, Use::Execute, trust) {
+            Ok(Some(file)) => file,
+            // `Execute` never answers "no such file".
+            Ok(None) => return refuse(Vec::new()),
+            Err(findings) => return refuse(findings),
         };
-        if let Some(problem) = problem {
-            return refuse(problem.describe(&rel, own_uid));
-        }
         // Built-in events have no sender, so an allow list has nothing to limit there.
         let allow = if event == EVENT_MESSAGE {
-            let allow_path = dir.join(format!("{}.{ALLOW_LIST_EXTENSION}", level.stem));
-            let allow_rel = rel_name(
-                &level.dir,
-                Some(&format!("{}.{ALLOW_LIST_EXTENSION}", level.stem)),
-            );
-            match AllowList::load(&allow_path, &allow_rel, own_uid) {
+            let allow_name = format!("{}.{ALLOW_LIST_EXTENSION}", level.stem);
+            match AllowList::load(root, &level.dir, &allow_name, trust) {
                 Ok(allow) => allow,
                 // An allow list that cannot be trusted allows nobody.
-                Err(reason) => return refuse(reason),
+                Err(reason) => {
+                    return Resolution::Refused {
+                        handler: Some(rel.clone()),
+                        reason,
+                    };
+                }
             }
         } else {
             None
@@ -443,14 +582,28 @@ pub fn resolve(root: &Path, event: &str, tag: &str) -> Resolution {
             (kind, _) => kind,
         };
         return Resolution::Found(Handler {
-            path,
+            path: dir.join(&candidate.file_name),
             rel,
             dir,
             kind,
             allow,
+            file,
         });
     }
     Resolution::NoHandler
+}
+
+/// Whether any file would be a candidate for the run: `false` exactly when `resolve` would
+/// answer `NoHandler`. Cheaper than `resolve` (a directory listing or two), for runs that are
+/// refused anyway. When it cannot tell, it says `true`.
+pub fn has_candidate(root: &Path, event: &str, tag: &str) -> bool {
+    let Ok(levels) = levels(event, tag) else {
+        return true;
+    };
+    levels.iter().any(|level| {
+        let dir = level.dir.iter().fold(root.to_owned(), |d, s| d.join(s));
+        candidates(&dir, &level.stem).map_or(true, |found| !found.is_empty())
+    })
 }
 
 impl Handler {
@@ -664,22 +817,6 @@ mod tests {
             ..file(me, 0o700)
         };
         assert_eq!(check_handler_stat(fifo, me), vec![FileProblem::NotRegular]);
-        let dir = |uid, mode| Stat {
-            uid,
-            mode,
-            is_file: false,
-            is_dir: true,
-        };
-        assert_eq!(check_dir_stat(dir(me, 0o755), me), vec![]);
-        assert_eq!(check_dir_stat(dir(0, 0o755), me), vec![]);
-        assert_eq!(
-            check_dir_stat(dir(me, 0o1777), me),
-            vec![FileProblem::Writable { mode: 0o1777 }]
-        );
-        assert_eq!(
-            check_dir_stat(dir(7, 0o700), me),
-            vec![FileProblem::WrongOwner { uid: 7 }]
-        );
     }
 
     #[test]
@@ -709,5 +846,81 @@ mod tests {
         // An allow list others may write is refused: it could let anyone in.
         fs::set_permissions(root.join("lock.from"), fs::Permissions::from_mode(0o666)).unwrap();
         assert!(refused(root, "lock").contains("lock.from is writable"));
+    }
+
+    /// The hole this closes: a handler that is a link into a directory others may write was
+    /// checked and then run by its path, so they could swap what ran.
+    #[test]
+    fn a_link_into_a_directory_others_may_write_is_refused_and_reported() {
+        let tmp = tree();
+        let root = tmp.path().join("handlers");
+        fs::create_dir(&root).unwrap();
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o700)).unwrap();
+        let open = tmp.path().join("open");
+        write(&open, "t.sh", 0o700);
+        fs::set_permissions(&open, fs::Permissions::from_mode(0o777)).unwrap();
+        symlink(open.join("t.sh"), root.join("swap")).unwrap();
+        // A sticky directory (like /tmp) protects the files of ours in it.
+        let sticky = tmp.path().join("sticky");
+        write(&sticky, "mine.sh", 0o700);
+        fs::set_permissions(&sticky, fs::Permissions::from_mode(0o1777)).unwrap();
+        symlink(sticky.join("mine.sh"), root.join("mine")).unwrap();
+
+        let reason = refused(&root, "swap");
+        let open_real = open.canonicalize().unwrap();
+        assert!(
+            reason.contains(&format!(
+                "swap leads out of the handler directory (through a symbolic link), and directory {} is writable by group or others (mode 0777)",
+                open_real.display()
+            )),
+            "{reason}"
+        );
+        assert!(reason.contains("chmod go-w"), "{reason}");
+        assert_eq!(found(&root, EVENT_MESSAGE, "mine").0, "mine");
+
+        let report = crate::scan::scan(&root);
+        let problem = report
+            .problems
+            .iter()
+            .find(|p| p.file == "swap")
+            .unwrap_or_else(|| panic!("{:?}", report.problems));
+        assert_eq!(problem.kind, "writable_by_others");
+        assert!(
+            problem.message.contains(&open_real.display().to_string()),
+            "{problem:?}"
+        );
+        let runs = |file: &str| {
+            report
+                .handlers
+                .iter()
+                .find(|e| e.file == file)
+                .unwrap()
+                .runs
+        };
+        assert!(!runs("swap"));
+        assert!(runs("mine"));
+        assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+    }
+
+    #[test]
+    fn an_executable_without_interpreter_line_is_refused() {
+        let tmp = tree();
+        let root = tmp.path();
+        fs::write(root.join("bare"), "echo no interpreter line\n").unwrap();
+        fs::set_permissions(root.join("bare"), fs::Permissions::from_mode(0o700)).unwrap();
+        let reason = refused(root, "bare");
+        assert!(
+            reason.contains("bare starts neither with a #! line nor as a program"),
+            "{reason}"
+        );
+        let report = crate::scan::scan(root);
+        assert_eq!(report.problems[0].kind, "not_a_program");
+        // A program is fine.
+        fs::copy("/bin/true", root.join("prog")).unwrap();
+        fs::set_permissions(root.join("prog"), fs::Permissions::from_mode(0o700)).unwrap();
+        let Resolution::Found(prog) = resolve(root, EVENT_MESSAGE, "prog") else {
+            panic!()
+        };
+        assert_eq!(prog.file.format, Format::Elf);
     }
 }

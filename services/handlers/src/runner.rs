@@ -1,9 +1,16 @@
 //! Running one handler process: payload on stdin, stdout kept as the reply, stderr to the log,
 //! a time-out that kills the whole process group.
+//!
+//! The handler is executed from the descriptor it was checked through (`fexecve`), never by
+//! its path: the path may lead somewhere else by then.
 
+use std::ffi::{CString, OsString};
 use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cnsprcy::ipc::{MAX_REPLY_BYTES, Outcome};
@@ -29,6 +36,12 @@ const BUSY_RETRIES: u32 = 5;
 /// Everything needed to start a handler.
 #[derive(Debug, Clone)]
 pub struct Spec {
+    /// The opened, checked handler file: this is what runs.
+    pub program: Arc<OwnedFd>,
+    /// It is a `#!` script: the kernel hands the interpreter `/dev/fd/N`, so the descriptor
+    /// must stay open in the handler.
+    pub script: bool,
+    /// Where it was found: its `argv[0]`.
     pub path: PathBuf,
     pub dir: PathBuf,
     /// The handler's name (relative path) and tag, for log lines.
@@ -61,7 +74,7 @@ pub async fn run(spec: Spec, shutdown: &CancellationToken) -> Finished {
         Ok(child) => child,
         Err(e) => {
             let hint = if e.raw_os_error() == Some(nix::errno::Errno::ENOEXEC as i32) {
-                " (does the script start with a #! line?)"
+                " (is it a script starting with a #! line, or a program for this machine?)"
             } else {
                 ""
             };
@@ -190,18 +203,30 @@ pub async fn run(spec: Spec, shutdown: &CancellationToken) -> Finished {
 /// directory, with the three pipes. A script written a moment ago may still be open for
 /// writing somewhere (ETXTBSY); that clears within milliseconds, so it is retried.
 async fn spawn(spec: &Spec) -> io::Result<Child> {
+    let exec = Arc::new(ExecArgs::new(spec)?);
     let mut attempt = 0;
     loop {
+        // The program name is never executed: `pre_exec` below replaces the process first.
         let mut command = Command::new(&spec.path);
         command
             .current_dir(&spec.dir)
-            .envs(spec.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0)
             // Killing is done on purpose, to the whole group; a dropped child is left alone.
             .kill_on_drop(false);
+        let program = spec.program.clone();
+        let script = spec.script;
+        let exec = exec.clone();
+        // SAFETY: the closure runs in the child between fork and exec, where only
+        // async-signal-safe calls are allowed: it calls fcntl and fexecve with values prepared
+        // before the fork (a descriptor kept open by `program`, pointer arrays into `exec`),
+        // and allocates nothing. std has set up the pipes, the directory and the process
+        // group by then.
+        unsafe {
+            command.pre_exec(move || exec_from_fd(program.as_raw_fd(), script, &exec));
+        }
         match command.spawn() {
             Err(e) if e.kind() == io::ErrorKind::ExecutableFileBusy && attempt < BUSY_RETRIES => {
                 attempt += 1;
@@ -210,6 +235,80 @@ async fn spawn(spec: &Spec) -> io::Result<Child> {
             other => return other,
         }
     }
+}
+
+/// `argv` and `envp` for `fexecve`, built before the fork so that the child allocates nothing.
+struct ExecArgs {
+    /// Owns the strings the pointers below point into.
+    _strings: Vec<CString>,
+    /// NULL-terminated.
+    argv: Vec<*const libc::c_char>,
+    /// NULL-terminated.
+    envp: Vec<*const libc::c_char>,
+}
+
+// SAFETY: the pointers point into the heap buffers of `_strings`, which the same value owns and
+// never changes after `new`; they are only read (by `fexecve`). Moving an `ExecArgs` moves the
+// vectors, not the buffers they point to.
+unsafe impl Send for ExecArgs {}
+// SAFETY: as above: nothing is ever written through the pointers.
+unsafe impl Sync for ExecArgs {}
+
+impl ExecArgs {
+    /// `argv[0]` is the handler's path; the environment is the service's own with the run's
+    /// variables set on top (later ones win). std applies its own environment changes only at
+    /// its own exec, which never happens here, so the whole environment is built here.
+    fn new(spec: &Spec) -> io::Result<Self> {
+        let mut vars: Vec<(OsString, OsString)> = std::env::vars_os().collect();
+        for (name, value) in &spec.env {
+            vars.retain(|(existing, _)| existing.as_os_str() != name.as_str());
+            vars.push((name.into(), value.into()));
+        }
+        let c_string = |bytes: Vec<u8>| {
+            CString::new(bytes).map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "an argument or environment variable holds a NUL byte",
+                )
+            })
+        };
+        let argv0 = c_string(spec.path.as_os_str().as_bytes().to_vec())?;
+        let mut env_strings = Vec::with_capacity(vars.len());
+        for (name, value) in vars {
+            let mut entry = name.into_vec();
+            entry.push(b'=');
+            entry.extend_from_slice(value.as_bytes());
+            env_strings.push(c_string(entry)?);
+        }
+        let argv = vec![argv0.as_ptr(), std::ptr::null()];
+        let mut envp: Vec<*const libc::c_char> = env_strings.iter().map(|s| s.as_ptr()).collect();
+        envp.push(std::ptr::null());
+        let mut strings = env_strings;
+        strings.push(argv0);
+        Ok(Self {
+            _strings: strings,
+            argv,
+            envp,
+        })
+    }
+}
+
+/// In the child: keeps a script's descriptor open across exec, then executes the descriptor.
+/// Returns only on failure, with the error std reports from `spawn`.
+fn exec_from_fd(fd: libc::c_int, script: bool, exec: &ExecArgs) -> io::Result<()> {
+    if script {
+        // SAFETY: fcntl on a descriptor this process holds open, no pointers involved.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+        // SAFETY: as above.
+        if flags == -1 || unsafe { libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) } == -1
+        {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    // SAFETY: `argv` and `envp` are NULL-terminated arrays of pointers to NUL-terminated strings
+    // that `exec` keeps alive (see `ExecArgs`).
+    unsafe { libc::fexecve(fd, exec.argv.as_ptr(), exec.envp.as_ptr()) };
+    Err(io::Error::last_os_error())
 }
 
 /// SIGTERM to the group, then SIGKILL once the handler exited or `KILL_GRACE` passed. The
@@ -394,6 +493,8 @@ mod tests {
         fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
         fs::set_permissions(&path, fs::Permissions::from_mode(0o700)).unwrap();
         Spec {
+            program: Arc::new(fs::File::open(&path).unwrap().into()),
+            script: true,
             path,
             dir: dir.to_owned(),
             name: "h.sh".into(),
@@ -490,13 +591,28 @@ mod tests {
     #[tokio::test]
     async fn a_script_without_interpreter_line_fails_with_a_hint() {
         let tmp = tempfile::tempdir().unwrap();
-        let spec = script(tmp.path(), "");
+        let mut spec = script(tmp.path(), "");
         fs::write(&spec.path, "echo no shebang\n").unwrap();
+        spec.script = false;
         let done = run(spec, &CancellationToken::new()).await;
         match done.outcome {
             Outcome::Failed { reason } => assert!(reason.contains("#!"), "{reason}"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn a_program_runs_from_its_descriptor() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut spec = script(tmp.path(), "");
+        // /bin/sh itself, an ELF program: its descriptor is not kept open across exec.
+        spec.program = Arc::new(fs::File::open("/bin/sh").unwrap().into());
+        spec.script = false;
+        spec.payload = b"echo \"from stdin, as $0\"".to_vec();
+        let done = run(spec, &CancellationToken::new()).await;
+        assert_eq!(done.outcome, Outcome::Exited { code: 0 });
+        let expected = format!("from stdin, as {}\n", tmp.path().join("h.sh").display());
+        assert_eq!(String::from_utf8_lossy(&done.stdout), expected);
     }
 
     /// Whether the process `pid` has ended (a zombie waiting for its parent counts as ended).

@@ -15,9 +15,9 @@ use serde::Serialize;
 
 use crate::allow::AllowList;
 use crate::resolve::{
-    FileProblem, MatchKind, check_dir_stat, check_handler_stat, dir_label, is_candidate_name,
-    own_uid, rel_name, stat_path,
+    Finding, MatchKind, Use, dir_findings, dir_label, is_candidate_name, open_checked, rel_name,
 };
+use crate::safe_open::Trust;
 
 /// Everything `scan` found.
 #[derive(Debug, Clone, Serialize)]
@@ -81,15 +81,20 @@ struct FileEntry {
 
 struct Scanner {
     root: PathBuf,
-    own_uid: u32,
+    trust: Trust,
     report: Report,
 }
 
 /// Looks at every file below the handler directory `root`.
 pub fn scan(root: &Path) -> Report {
+    scan_as(root, Trust::current())
+}
+
+/// `scan`, trusting what `trust` trusts.
+pub(crate) fn scan_as(root: &Path, trust: Trust) -> Report {
     let mut scanner = Scanner {
         root: root.to_owned(),
-        own_uid: own_uid(),
+        trust,
         report: Report {
             dir: root.to_owned(),
             exists: false,
@@ -124,8 +129,8 @@ pub fn scan(root: &Path) -> Report {
         ),
         Ok(_) => {
             scanner.report.exists = true;
-            let inherited = scanner.dir_problems(&[]);
-            scanner.walk(&[], &inherited);
+            scanner.dir_problems(&[]);
+            scanner.walk(&[]);
         }
     }
     let mut report = scanner.report;
@@ -150,32 +155,31 @@ impl Scanner {
         });
     }
 
-    fn file_problem(&mut self, file: &str, what: &str, problem: &FileProblem) -> String {
-        let message = problem.describe(what, self.own_uid);
-        self.problem(file, problem.code(), message.clone());
-        message
+    /// Reports `finding`, once: the directories on the way are on the way of many files.
+    fn finding(&mut self, finding: &Finding) {
+        let problem = Problem {
+            file: finding.file.clone(),
+            kind: finding.code,
+            message: finding.message.clone(),
+        };
+        if !self.report.problems.contains(&problem) {
+            self.report.problems.push(problem);
+        }
     }
 
-    /// Checks the directory `segments` itself; returns its problems as messages.
-    fn dir_problems(&mut self, segments: &[String]) -> Vec<String> {
-        let rel = segments.join("/");
-        let label = dir_label(segments);
-        let problems = match stat_path(&self.path(segments)) {
-            Ok(stat) => check_dir_stat(stat, self.own_uid),
-            Err(problem) => vec![problem],
-        };
-        problems
-            .iter()
-            .map(|p| self.file_problem(&rel, &label, p))
-            .collect()
+    /// Checks the directory `segments` and everything on the way to it.
+    fn dir_problems(&mut self, segments: &[String]) {
+        for finding in dir_findings(&self.root, segments, &self.trust) {
+            self.finding(&finding);
+        }
     }
 
     fn path(&self, segments: &[String]) -> PathBuf {
         segments.iter().fold(self.root.clone(), |p, s| p.join(s))
     }
 
-    /// Scans the directory `segments`, whose own and whose parents' problems are `inherited`.
-    fn walk(&mut self, segments: &[String], inherited: &[String]) {
+    /// Scans the directory `segments`.
+    fn walk(&mut self, segments: &[String]) {
         let dir = self.path(segments);
         let in_events = segments.len() == 1 && segments[0] == EVENTS_DIR;
         let read = match fs::read_dir(&dir) {
@@ -227,7 +231,7 @@ impl Scanner {
             }
             let rel = rel_name(segments, Some(&name));
             if fs::metadata(dir.join(&name)).is_ok_and(|m| m.is_dir()) {
-                self.directory(segments, &name, &rel, in_events, inherited);
+                self.directory(segments, &name, &rel, in_events);
                 continue;
             }
             let (stem, extension) = split_extension(&name);
@@ -251,7 +255,7 @@ impl Scanner {
 
         let stems: BTreeSet<String> = files.iter().map(|f| f.stem.clone()).collect();
         for stem in &stems {
-            self.handlers_of_stem(segments, stem, &files, &allow_stems, in_events, inherited);
+            self.handlers_of_stem(segments, stem, &files, &allow_stems, in_events);
         }
         for stem in allow_stems.iter().filter(|s| !stems.contains(*s)) {
             let rel = rel_name(segments, Some(&format!("{stem}.{ALLOW_LIST_EXTENSION}")));
@@ -274,14 +278,7 @@ impl Scanner {
     }
 
     /// A directory entry that is a directory.
-    fn directory(
-        &mut self,
-        segments: &[String],
-        name: &str,
-        rel: &str,
-        in_events: bool,
-        inherited: &[String],
-    ) {
+    fn directory(&mut self, segments: &[String], name: &str, rel: &str, in_events: bool) {
         let reason = if segments.is_empty() && name == EVENTS_DIR {
             None
         } else if in_events {
@@ -308,9 +305,8 @@ impl Scanner {
         }
         let mut inner: Vec<String> = segments.to_vec();
         inner.push(name.to_owned());
-        let mut inherited = inherited.to_vec();
-        inherited.extend(self.dir_problems(&inner));
-        self.walk(&inner, &inherited);
+        self.dir_problems(&inner);
+        self.walk(&inner);
     }
 
     /// Whether a file in `_events` names an event handler; reports it if not.
@@ -360,7 +356,6 @@ impl Scanner {
         files: &[FileEntry],
         allow_stems: &[String],
         in_events: bool,
-        inherited: &[String],
     ) {
         // The same test as at run time, so a file whose full name is the stem counts too
         // (`v1.2` beside `v1.2.sh`).
@@ -392,14 +387,15 @@ impl Scanner {
         let allow = self.allow_list(segments, stem, allow_stems, in_events);
         for file in files.iter().filter(|f| f.stem == stem) {
             let rel = rel_name(segments, Some(&file.name));
-            let mut problems = inherited.to_vec();
-            let stat = stat_path(&self.path(segments).join(&file.name));
-            let own = match stat {
-                Ok(stat) => check_handler_stat(stat, self.own_uid),
-                Err(problem) => vec![problem],
-            };
-            for problem in &own {
-                problems.push(self.file_problem(&rel, &rel, problem));
+            // Opened and checked as for a run, with everything on its way.
+            let mut problems = Vec::new();
+            if let Err(findings) =
+                open_checked(&self.root, segments, &file.name, Use::Execute, &self.trust)
+            {
+                for finding in &findings {
+                    self.finding(finding);
+                    problems.push(finding.message.clone());
+                }
             }
             problems.extend(ambiguity.clone());
             if let Some(error) = allow.as_ref().and_then(|a| a.error.clone()) {
@@ -467,8 +463,7 @@ impl Scanner {
             );
             return None;
         }
-        let path = self.path(segments).join(&name);
-        match AllowList::load(&path, &rel, self.own_uid) {
+        match AllowList::load(&self.root, segments, &name, &self.trust) {
             Ok(None) => None,
             Ok(Some(list)) => {
                 for (line, text) in &list.bad_lines {
@@ -506,7 +501,7 @@ impl Scanner {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::resolve::{Resolution, resolve};
+    use crate::resolve::{Resolution, resolve_as};
     use cnsprcy::ipc::EVENT_MESSAGE;
     use std::os::unix::fs::PermissionsExt;
 
@@ -640,45 +635,88 @@ mod tests {
         let root = tmp.path();
         write(root, "v1.2", 0o700);
         write(root, "v1.2.sh", 0o700);
-        let report = scan(root);
-        assert!(
-            report
-                .problems
-                .iter()
-                .any(|p| p.file == "v1.2" && p.kind == "ambiguous"),
-            "{:?}",
-            report.problems
-        );
-        for entry in &report.handlers {
-            let (event, tag) = match (&entry.event, &entry.tag) {
-                (Some(event), _) if event == "*" => {
-                    ("daemon-stop".to_owned(), "daemon-stop".to_owned())
-                }
-                (Some(event), _) => (event.clone(), event.clone()),
-                (None, Some(tag)) => (
-                    EVENT_MESSAGE.to_owned(),
-                    tag.replace('*', "zz").trim_start_matches('/').to_owned(),
-                ),
-                (None, None) => unreachable!(),
+        fs::write(root.join("bare"), "echo no interpreter line\n").unwrap();
+        // Links out of the handler directory: into a directory others may write, into a sticky
+        // one, and into one whose owner is the overflow uid (root, or anyone, in a sandbox).
+        let outside = tempfile::tempdir().unwrap();
+        for (dir, mode, link) in [
+            ("open", 0o777, "swap"),
+            ("sticky", 0o1777, "mine"),
+            ("hidden", 0o755, "hidden"),
+        ] {
+            write(outside.path(), &format!("{dir}/t.sh"), 0o700);
+            let dir = outside.path().join(dir);
+            fs::set_permissions(&dir, fs::Permissions::from_mode(mode)).unwrap();
+            std::os::unix::fs::symlink(dir.join("t.sh"), root.join(link)).unwrap();
+        }
+        std::os::unix::fs::lchown(outside.path().join("hidden"), Some(65534), None).unwrap();
+
+        let here = Trust::current();
+        let sandboxed = Trust {
+            unidentified: Some(65534),
+            ..here
+        };
+        for trust in [here, sandboxed] {
+            let report = scan_as(root, trust);
+            assert!(
+                report
+                    .problems
+                    .iter()
+                    .any(|p| p.file == "v1.2" && p.kind == "ambiguous"),
+                "{:?}",
+                report.problems
+            );
+            let runs = |file: &str| {
+                report
+                    .handlers
+                    .iter()
+                    .find(|e| e.file == file)
+                    .unwrap()
+                    .runs
             };
-            match resolve(root, &event, &tag) {
-                Resolution::Found(handler) => {
-                    assert!(
-                        entry.runs,
-                        "{tag}: resolve runs {}, scan says {:?}",
-                        handler.rel, entry.problems
-                    );
-                    assert_eq!(handler.rel, entry.file, "{tag}");
-                }
-                Resolution::Refused { handler, reason } => {
-                    assert!(
-                        !entry.runs,
-                        "{tag}: resolve refuses ({reason}), scan says it runs"
-                    );
-                    assert!(handler.is_some(), "{tag}");
-                }
-                Resolution::NoHandler => panic!("{tag}: no handler, but scan lists {}", entry.file),
+            assert!(!runs("swap") && runs("mine") && !runs("hidden") && !runs("bare"));
+            for entry in &report.handlers {
+                agree(root, entry, &trust);
             }
+        }
+    }
+
+    /// Resolves what `entry` handles, and checks that the answer is what the scan says.
+    fn agree(root: &Path, entry: &Entry, trust: &Trust) {
+        let (event, tag) = match (&entry.event, &entry.tag) {
+            (Some(event), _) if event == "*" => {
+                ("daemon-stop".to_owned(), "daemon-stop".to_owned())
+            }
+            (Some(event), _) => (event.clone(), event.clone()),
+            (None, Some(tag)) => (
+                EVENT_MESSAGE.to_owned(),
+                tag.replace('*', "zz").trim_start_matches('/').to_owned(),
+            ),
+            (None, None) => unreachable!(),
+        };
+        match resolve_as(root, &event, &tag, trust) {
+            Resolution::Found(handler) => {
+                assert!(
+                    entry.runs,
+                    "{tag}: resolve runs {}, scan says {:?}",
+                    handler.rel, entry.problems
+                );
+                assert_eq!(handler.rel, entry.file, "{tag}");
+            }
+            Resolution::Refused { handler, reason } => {
+                assert!(
+                    !entry.runs,
+                    "{tag}: resolve refuses ({reason}), scan says it runs"
+                );
+                assert!(handler.is_some(), "{tag}");
+                // The same words, but for an ambiguity (the scan names every candidate).
+                assert!(
+                    entry.problems.contains(&reason) || reason.starts_with("ambiguous"),
+                    "{tag}: {reason} is not among {:?}",
+                    entry.problems
+                );
+            }
+            Resolution::NoHandler => panic!("{tag}: no handler, but scan lists {}", entry.file),
         }
     }
 }
