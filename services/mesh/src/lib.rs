@@ -7,6 +7,7 @@ mod api;
 mod api_conn;
 pub mod backoff;
 pub mod core;
+mod det;
 mod handlers_link;
 mod interfaces;
 mod listener;

@@ -6,13 +6,15 @@
 //! Delivery is at least once on the wire (the origin resends until acknowledged) and at most once
 //! to the handler (the recipient records the id durably before running the handler).
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cnsprcy::api::HandlerReply;
 use cnsprcy::identity::PublicKey;
 use cnsprcy::wire::{Data, KeyBytes, MessageId};
 use serde::{Deserialize, Serialize};
+
+use crate::det::{Map, Set};
 
 /// Delivered ids are remembered at least this long, and longer for messages with a longer TTL.
 pub const SEEN_MIN: Duration = Duration::from_secs(3600);
@@ -76,14 +78,14 @@ pub enum OutboxChange {
 /// The origin's unacknowledged messages.
 #[derive(Debug, Default)]
 pub struct Outbox {
-    entries: HashMap<MessageId, OutboxEntry>,
+    entries: Map<MessageId, OutboxEntry>,
     /// Entries by `seq`: the order they go out in.
     order: BTreeMap<u64, MessageId>,
     next_seq: u64,
     /// Payload bytes held.
     bytes: usize,
     /// When each (message, target) was last queued for sending, to pace resends.
-    sent: HashMap<(MessageId, KeyBytes), Instant>,
+    sent: Map<(MessageId, KeyBytes), Instant>,
 }
 
 impl Outbox {
@@ -120,7 +122,7 @@ impl Outbox {
         if self.entries.len() >= MAX_OUTBOX_MESSAGES
             || self.bytes + data.payload.len() > MAX_OUTBOX_BYTES
         {
-            let mut waiting: HashMap<KeyBytes, usize> = HashMap::new();
+            let mut waiting: Map<KeyBytes, usize> = Map::default();
             for entry in self.entries.values() {
                 for key in &entry.pending {
                     *waiting.entry(*key).or_default() += 1;
@@ -246,7 +248,7 @@ impl Outbox {
 /// Ids of messages this device delivered to its handler, with when they may be forgotten.
 #[derive(Debug, Default)]
 pub struct Delivered {
-    ids: HashMap<MessageId, u64>,
+    ids: Map<MessageId, u64>,
     order: VecDeque<MessageId>,
 }
 
@@ -300,9 +302,9 @@ pub struct Wait {
     /// The API call that waits.
     pub request: u64,
     pub tag: String,
-    pub expected: HashSet<KeyBytes>,
+    pub expected: Set<KeyBytes>,
     /// Those that replied; their replies, unless they went out as progress already.
-    pub replied: HashSet<KeyBytes>,
+    pub replied: Set<KeyBytes>,
     pub replies: Vec<HandlerReply>,
     pub deadline: Instant,
     /// A streaming `send`: each reply goes out as it arrives.

@@ -6,13 +6,13 @@
 //! - a member with a direct session is never dialled; one being dialled is not dialled twice;
 //! - a report from a peer counts only while this device has a direct session with it.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime};
 
 use cnsprcy::identity::PublicKey;
 
 use crate::backoff::Backoff;
+use crate::det::Map;
 
 /// A session must last this long before its end resets the member's backoff; a peer that
 /// accepts and immediately drops sessions is otherwise redialled in a tight loop.
@@ -58,9 +58,9 @@ struct Peer {
 
 #[derive(Debug, Default)]
 pub struct PeerTable {
-    peers: HashMap<PublicKey, Peer>,
+    peers: Map<PublicKey, Peer>,
     /// What each direct peer said it is directly connected to, with its RTT.
-    reports: HashMap<PublicKey, Vec<(PublicKey, Option<Duration>)>>,
+    reports: Map<PublicKey, Vec<(PublicKey, Option<Duration>)>>,
 }
 
 impl PeerTable {

@@ -2,7 +2,6 @@
 //! passing copies on, delivering to this device's handler once (the id durable first), acks,
 //! replies and waits, and the outbox's resends and expiry. `docs/protocol.md#tagged-messages`.
 
-use std::collections::HashSet;
 use std::time::Duration;
 
 use cnsprcy::api::{Bytes, HandlerReply, SendResult, WatchEvent};
@@ -15,6 +14,7 @@ use cnsprcy::wire::{
 
 use super::api::{code, error};
 use super::{Answer, Core, Now, Output, PersistOp, RequestId, RunId, SessionId, StoreAccess};
+use crate::det::Set;
 use crate::messaging::{Delivered, OutboxChange, OutboxError, Wait, expires_ms, id_text};
 use crate::roster::Member;
 use crate::routing;
@@ -110,7 +110,7 @@ impl<S: StoreAccess> Core<S> {
                     request,
                     tag,
                     expected: targets.into_iter().collect(),
-                    replied: HashSet::new(),
+                    replied: Set::default(),
                     replies: Vec::new(),
                     deadline: now.mono + wait,
                     streaming: send.stream,
@@ -198,7 +198,7 @@ impl<S: StoreAccess> Core<S> {
             now.mono,
         );
         // A hop whose queue is full gets nothing newer, so that copies to it keep their order.
-        let mut full: HashSet<PublicKey> = self
+        let mut full: Set<PublicKey> = self
             .sessions
             .iter()
             .filter(|(_, live)| live.full)
@@ -217,7 +217,7 @@ impl<S: StoreAccess> Core<S> {
         &mut self,
         data: &Data,
         targets: &[PublicKey],
-        full: &mut HashSet<PublicKey>,
+        full: &mut Set<PublicKey>,
     ) -> Vec<PublicKey> {
         let plan = routing::plan(targets, &self.table);
         let mut served = Vec::new();
@@ -290,7 +290,7 @@ impl<S: StoreAccess> Core<S> {
             .collect();
         if !rest.is_empty() {
             // Passed on once; the origin resends what does not arrive.
-            let mut full = HashSet::new();
+            let mut full = Set::default();
             self.pass_on(&data, &rest, &mut full);
         }
     }

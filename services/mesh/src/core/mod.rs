@@ -24,7 +24,7 @@ mod messages;
 mod sessions;
 mod store_sync;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -38,6 +38,7 @@ use cnsprcy::wire::{KeyBytes, Message, MessageId, StoreEntry, StoreSummary};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
+use crate::det::{Map, Set};
 use crate::liveness::Liveness;
 use crate::messaging::{Delivered, Outbox, OutboxEntry, Wait};
 use crate::peers::PeerTable;
@@ -210,7 +211,7 @@ pub enum Answer {
     Retry(usize),
     Send(Result<SendResult, RpcError>),
     Interfaces(Vec<Interface>),
-    Names(HashMap<KeyBytes, String>),
+    Names(std::collections::HashMap<KeyBytes, String>),
 }
 
 /// What to make durable. The driver's writer carries these out in order.
@@ -266,7 +267,7 @@ pub enum Output {
     /// For `subscribe`.
     Watch(WatchEvent),
     /// The members whose handshakes to accept changed.
-    Members(HashSet<PublicKey>),
+    Members(std::collections::HashSet<PublicKey>),
     /// This device's incarnation (sent in handshakes) changed.
     Incarnation(u64),
 }
@@ -333,29 +334,29 @@ pub struct Core<S: StoreAccess> {
     roster: Roster,
     table: PeerTable,
     /// Live sessions by peer; one per peer.
-    sessions: HashMap<PublicKey, Live>,
+    sessions: Map<PublicKey, Live>,
     /// Peers by session, for every live session.
-    session_peers: HashMap<SessionId, PublicKey>,
+    session_peers: Map<SessionId, PublicKey>,
     outbox: Outbox,
     delivered: Delivered,
     /// Messages for this device whose id is being made durable, by persistence token.
-    delivering: HashMap<Token, cnsprcy::wire::Data>,
+    delivering: Map<Token, cnsprcy::wire::Data>,
     /// Ids in `delivering`, so that a second copy meanwhile is neither recorded nor run twice.
-    delivering_ids: HashSet<MessageId>,
+    delivering_ids: Set<MessageId>,
     /// Handler runs under way: the message (without payload) and its payload size.
-    runs: HashMap<RunId, (cnsprcy::wire::Data, usize)>,
-    waits: HashMap<MessageId, Wait>,
+    runs: Map<RunId, (cnsprcy::wire::Data, usize)>,
+    waits: Map<MessageId, Wait>,
     /// Sends whose outbox entry is being made durable, by token.
-    storing: HashMap<Token, (RequestId, MessageId, SendResult)>,
-    pending_pings: HashMap<u64, PendingPing>,
-    roster_changes: HashMap<Token, (RequestId, RosterChange)>,
+    storing: Map<Token, (RequestId, MessageId, SendResult)>,
+    pending_pings: Map<u64, PendingPing>,
+    roster_changes: Map<Token, (RequestId, RosterChange)>,
     /// RTTs last announced in `Neighbors`, to announce again only on real change.
     announced: Vec<(PublicKey, Option<Duration>)>,
     announced_at: Option<Instant>,
     /// Status last reported per member.
-    reported: HashMap<PublicKey, (cnsprcy::api::PeerStatus, Option<PublicKey>)>,
+    reported: Map<PublicKey, (cnsprcy::api::PeerStatus, Option<PublicKey>)>,
     /// Members whose failed dials were logged since they were last reachable.
-    quiet_dials: HashSet<PublicKey>,
+    quiet_dials: Set<PublicKey>,
     next_housekeeping: Instant,
     next_sync: Instant,
     next_token: Token,
@@ -387,21 +388,21 @@ impl<S: StoreAccess> Core<S> {
             rng,
             roster,
             table,
-            sessions: HashMap::new(),
-            session_peers: HashMap::new(),
+            sessions: Map::default(),
+            session_peers: Map::default(),
             outbox: Outbox::restore(setup.outbox, now.wall_ms),
             delivered: Delivered::restore(setup.delivered, now.wall_ms),
-            delivering: HashMap::new(),
-            delivering_ids: HashSet::new(),
-            runs: HashMap::new(),
-            waits: HashMap::new(),
-            storing: HashMap::new(),
-            pending_pings: HashMap::new(),
-            roster_changes: HashMap::new(),
+            delivering: Map::default(),
+            delivering_ids: Set::default(),
+            runs: Map::default(),
+            waits: Map::default(),
+            storing: Map::default(),
+            pending_pings: Map::default(),
+            roster_changes: Map::default(),
             announced: Vec::new(),
             announced_at: None,
-            reported: HashMap::new(),
-            quiet_dials: HashSet::new(),
+            reported: Map::default(),
+            quiet_dials: Set::default(),
             next_housekeeping: now.mono + HOUSEKEEPING,
             next_sync: now.mono + crate::store::SYNC_INTERVAL,
             next_token: 0,
@@ -533,7 +534,7 @@ impl<S: StoreAccess> Core<S> {
         *self.own.as_bytes()
     }
 
-    fn member_keys(&self) -> HashSet<PublicKey> {
+    fn member_keys(&self) -> std::collections::HashSet<PublicKey> {
         self.roster.members().iter().map(|m| m.public_key).collect()
     }
 

@@ -2,8 +2,6 @@
 //! anti-entropy with each member that has a session with this device, and the `store-change`
 //! event. `docs/store.md` describes the protocol.
 
-use std::collections::HashMap;
-
 use cnsprcy::api::WatchEvent;
 use cnsprcy::identity::PublicKey;
 use cnsprcy::wire::{
@@ -11,6 +9,7 @@ use cnsprcy::wire::{
 };
 
 use super::{Core, Now, StoreAccess, StoreCounter};
+use crate::det::Map;
 use crate::store::digest::{self, LEAVES_PER_BUCKET};
 use crate::store::merge::Version;
 
@@ -114,7 +113,7 @@ impl<S: StoreAccess> Core<S> {
                 }
             }
             StoreBody::Summaries { leaves, entries } => {
-                let versions = |summaries: Vec<StoreSummary>| -> HashMap<String, Version> {
+                let versions = |summaries: Vec<StoreSummary>| -> Map<String, Version> {
                     summaries
                         .into_iter()
                         .map(|s| {
@@ -169,7 +168,7 @@ impl<S: StoreAccess> Core<S> {
 
     /// Tells `watch` about changed keys, and runs the `store-change` handler.
     fn store_changed(&mut self, changes: &[StoreEntry], local: bool) {
-        let names: HashMap<[u8; 32], String> = self
+        let names: Map<[u8; 32], String> = self
             .roster
             .members()
             .iter()
