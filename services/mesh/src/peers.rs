@@ -61,14 +61,32 @@ pub struct PeerTable {
     peers: Map<PublicKey, Peer>,
     /// What each direct peer said it is directly connected to, with its RTT.
     reports: Map<PublicKey, Vec<(PublicKey, Option<Duration>)>>,
+    /// The same, by reported device: who reports it, with that reporter's RTT to it. Finding a
+    /// relay is then one look-up, not a pass over every report.
+    reported_by: Map<PublicKey, Map<PublicKey, Option<Duration>>>,
+    /// Bumped by every change of who is direct, reported or a member: whoever reports
+    /// statuses need not look again while it stays the same.
+    generation: u64,
+    /// Bumped by every change of a measured RTT (which changes latencies, and may change the
+    /// choice of relay).
+    rtt_generation: u64,
 }
 
 impl PeerTable {
     /// Makes the table's members exactly `members`; new ones are due for dialling at once.
     pub fn sync_members(&mut self, members: impl IntoIterator<Item = PublicKey>, now: Instant) {
+        self.generation += 1;
         let members: Vec<PublicKey> = members.into_iter().collect();
         self.peers.retain(|key, _| members.contains(key));
-        self.reports.retain(|key, _| members.contains(key));
+        let gone: Vec<PublicKey> = self
+            .reports
+            .keys()
+            .filter(|key| !members.contains(key))
+            .copied()
+            .collect();
+        for key in gone {
+            self.drop_report(&key);
+        }
         for key in members {
             self.peers.entry(key).or_insert_with(|| Peer {
                 direct: None,
@@ -110,6 +128,7 @@ impl PeerTable {
     }
 
     pub fn session_up(&mut self, key: &PublicKey, addr: SocketAddr, now: Instant) {
+        self.generation += 1;
         if let Some(peer) = self.peers.get_mut(key) {
             peer.dialing = false;
             peer.direct = Some(Direct {
@@ -123,7 +142,8 @@ impl PeerTable {
     /// The direct session ended; the next dial waits for the backoff (reset first if the
     /// session had been stable).
     pub fn session_down(&mut self, key: &PublicKey, now: Instant, jitter: f64) {
-        self.reports.remove(key);
+        self.generation += 1;
+        self.drop_report(key);
         let Some(peer) = self.peers.get_mut(key) else {
             return;
         };
@@ -138,14 +158,20 @@ impl PeerTable {
     /// Where the peer of a direct session listens, once known (an accepted session's own address
     /// has the peer's ephemeral port, which is no use to anyone).
     pub fn set_address(&mut self, key: &PublicKey, addr: SocketAddr) {
-        if let Some(direct) = self.peers.get_mut(key).and_then(|p| p.direct.as_mut()) {
+        if let Some(direct) = self.peers.get_mut(key).and_then(|p| p.direct.as_mut())
+            && direct.addr != addr
+        {
             direct.addr = addr;
+            self.generation += 1;
         }
     }
 
     pub fn set_rtt(&mut self, key: &PublicKey, rtt: Duration) {
-        if let Some(direct) = self.peers.get_mut(key).and_then(|p| p.direct.as_mut()) {
+        if let Some(direct) = self.peers.get_mut(key).and_then(|p| p.direct.as_mut())
+            && direct.rtt != Some(rtt)
+        {
             direct.rtt = Some(rtt);
+            self.rtt_generation += 1;
         }
     }
 
@@ -157,9 +183,40 @@ impl PeerTable {
         mut neighbors: Vec<(PublicKey, Option<Duration>)>,
     ) {
         neighbors.truncate(MAX_REPORTED);
-        if self.peers.get(reporter).is_some_and(|p| p.direct.is_some()) {
-            self.reports.insert(*reporter, neighbors);
+        if self.peers.get(reporter).is_none_or(|p| p.direct.is_none()) {
+            return;
         }
+        let old = self.drop_report(reporter);
+        for (target, rtt) in &neighbors {
+            self.reported_by
+                .entry(*target)
+                .or_default()
+                .insert(*reporter, *rtt);
+        }
+        let same_devices = old.as_ref().is_some_and(|old| {
+            old.len() == neighbors.len()
+                && old.iter().zip(&neighbors).all(|((a, _), (b, _))| a == b)
+        });
+        if !same_devices {
+            self.generation += 1;
+        } else if old.as_ref() != Some(&neighbors) {
+            self.rtt_generation += 1;
+        }
+        self.reports.insert(*reporter, neighbors);
+    }
+
+    /// Forgets what `reporter` reported; returns it.
+    fn drop_report(&mut self, reporter: &PublicKey) -> Option<Vec<(PublicKey, Option<Duration>)>> {
+        let old = self.reports.remove(reporter)?;
+        for (target, _) in &old {
+            if let Some(by) = self.reported_by.get_mut(target) {
+                by.remove(reporter);
+                if by.is_empty() {
+                    self.reported_by.remove(target);
+                }
+            }
+        }
+        Some(old)
     }
 
     /// Dial every unconnected member now and start their backoff afresh: the network changed,
@@ -196,15 +253,17 @@ impl PeerTable {
                 rtt: direct.rtt,
             };
         }
-        // The relay with the lowest total RTT; unmeasured legs count as slow but usable.
+        // The relay with the lowest total RTT; unmeasured legs count as slow but usable; equal
+        // costs go to the smaller key.
         const UNKNOWN: Duration = Duration::from_secs(10);
-        self.reports
-            .iter()
+        self.reported_by
+            .get(key)
+            .into_iter()
+            .flatten()
             .filter(|(reporter, _)| *reporter != key)
-            .filter_map(|(reporter, neighbors)| {
+            .filter_map(|(reporter, second)| {
                 let first = self.peers.get(reporter)?.direct.as_ref()?.rtt;
-                let second = neighbors.iter().find(|(k, _)| k == key)?.1;
-                let total = first.zip(second).map(|(a, b)| a + b);
+                let total = first.zip(*second).map(|(a, b)| a + b);
                 let cost = first.unwrap_or(UNKNOWN) + second.unwrap_or(UNKNOWN);
                 Some((cost, *reporter.as_bytes(), *reporter, total))
             })
@@ -215,20 +274,21 @@ impl PeerTable {
             })
     }
 
-    /// Records "seen now" for every member that is reachable, so an unreachable member shows when
-    /// it was last reachable.
-    pub fn touch_reachable(&mut self, wall: SystemTime) {
-        let reachable: Vec<PublicKey> = self
-            .peers
-            .keys()
-            .filter(|k| self.reach(k).is_reachable())
-            .copied()
-            .collect();
-        for key in reachable {
-            if let Some(peer) = self.peers.get_mut(&key) {
-                peer.last_seen = Some(wall);
-            }
+    /// The member stopped being reachable at `wall`: that is when it was last seen.
+    pub fn seen_until(&mut self, key: &PublicKey, wall: SystemTime) {
+        if let Some(peer) = self.peers.get_mut(key) {
+            peer.last_seen = Some(wall);
         }
+    }
+
+    /// Changes with every change of who is direct, reported or a member.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Changes with every change of a measured RTT.
+    pub fn rtt_generation(&self) -> u64 {
+        self.rtt_generation
     }
 
     pub fn last_seen(&self, key: &PublicKey) -> Option<SystemTime> {
@@ -359,17 +419,35 @@ mod tests {
     }
 
     #[test]
-    fn last_seen_stays_when_a_member_becomes_unreachable() {
+    fn the_generation_moves_with_every_change_that_can_change_a_reach() {
         let t0 = Instant::now();
-        let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
         let mut table = PeerTable::default();
-        table.sync_members([key(1)], t0);
-        table.touch_reachable(wall);
-        assert_eq!(table.last_seen(&key(1)), None);
+        let mut seen = table.generation();
+        let mut changed = |table: &PeerTable| {
+            let moved = table.generation() != seen;
+            seen = table.generation();
+            moved
+        };
+        table.sync_members([key(1), key(2)], t0);
+        assert!(changed(&table));
+        table.take_due_dials(t0);
+        table.dial_failed(&key(2), t0, 0.5);
+        assert!(!changed(&table), "dialling changes no reach");
         table.session_up(&key(1), addr(1), t0);
-        table.touch_reachable(wall);
+        assert!(changed(&table));
+        let rtts = table.rtt_generation();
+        table.set_rtt(&key(1), MS);
+        assert!(!changed(&table), "RTTs have a generation of their own");
+        assert_ne!(table.rtt_generation(), rtts);
+        let rtts = table.rtt_generation();
+        table.set_rtt(&key(1), MS);
+        assert_eq!(table.rtt_generation(), rtts, "the same RTT again");
+        table.set_report(&key(1), vec![(key(2), None)]);
+        assert!(changed(&table));
         table.session_down(&key(1), t0, 0.5);
-        table.touch_reachable(wall + Duration::from_secs(60));
+        assert!(changed(&table));
+        let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+        table.seen_until(&key(1), wall);
         assert_eq!(table.last_seen(&key(1)), Some(wall));
         table.sync_members([], t0);
         assert!(!table.contains(&key(1)));

@@ -80,7 +80,10 @@ impl<S: StoreAccess> Core<S> {
         };
         let (id, tag, size) = (data.id, data.tag.clone(), data.payload.len());
         let entry = match self.outbox.add(data, targets.clone()) {
-            Ok(entry) => entry,
+            Ok(entry) => {
+                self.outbox_dirty = true;
+                entry
+            }
             Err(e) => {
                 let e = self.outbox_error(e);
                 return self.answer(request, Answer::Send(Err(e)));
@@ -189,7 +192,7 @@ impl<S: StoreAccess> Core<S> {
     /// their sessions take it: what a full session queue did not take stays due, and goes when
     /// the queue has room again (`Input::Writable`).
     pub(super) fn flush_outbox(&mut self, now: Now) {
-        if self.outbox.is_empty() {
+        if !std::mem::take(&mut self.outbox_dirty) || self.outbox.is_empty() {
             return;
         }
         let table = &self.table;
@@ -250,6 +253,7 @@ impl<S: StoreAccess> Core<S> {
             for target in &data.targets {
                 self.outbox.unqueued(&data.id, target);
             }
+            self.outbox_dirty = true;
         }
     }
 

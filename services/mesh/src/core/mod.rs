@@ -353,6 +353,14 @@ pub struct Core<S: StoreAccess> {
     /// RTTs last announced in `Neighbors`, to announce again only on real change.
     announced: Vec<(PublicKey, Option<Duration>)>,
     announced_at: Option<Instant>,
+    /// Only RTTs moved since the last announcement, which may go again at this time.
+    rtt_announce_due: Option<Instant>,
+    /// The peer table's generations when statuses were last reported.
+    reported_generation: Option<u64>,
+    reported_rtts: u64,
+    /// Something the outbox's sending depends on changed (or the housekeeping timer ran): look
+    /// at it again after this input.
+    outbox_dirty: bool,
     /// Status last reported per member.
     reported: Map<PublicKey, (cnsprcy::api::PeerStatus, Option<PublicKey>)>,
     /// Members whose failed dials were logged since they were last reachable.
@@ -401,6 +409,10 @@ impl<S: StoreAccess> Core<S> {
             roster_changes: Map::default(),
             announced: Vec::new(),
             announced_at: None,
+            rtt_announce_due: None,
+            reported_generation: None,
+            reported_rtts: 0,
+            outbox_dirty: true,
             reported: Map::default(),
             quiet_dials: Set::default(),
             next_housekeeping: now.mono + HOUSEKEEPING,
@@ -446,6 +458,7 @@ impl<S: StoreAccess> Core<S> {
                 if let Some(live) = self.live_mut(session) {
                     live.full = false;
                 }
+                self.outbox_dirty = true;
             }
             Input::DialFailed { peer, error } => self.on_dial_failed(peer, &error, now),
             Input::Api { request, call } => self.on_api(request, call, now),
@@ -505,6 +518,9 @@ impl<S: StoreAccess> Core<S> {
         for ping in self.pending_pings.values() {
             wake = wake.min(ping.deadline);
         }
+        if let Some(at) = self.rtt_announce_due {
+            wake = wake.min(at);
+        }
         wake
     }
 
@@ -514,6 +530,8 @@ impl<S: StoreAccess> Core<S> {
         if now.mono >= self.next_housekeeping {
             self.next_housekeeping = now.mono + HOUSEKEEPING;
             self.expire_messages(now);
+            // Resends fall due with time: considered at least this often.
+            self.outbox_dirty = true;
         }
         if now.mono >= self.next_sync {
             self.next_sync = now.mono + crate::store::SYNC_INTERVAL;

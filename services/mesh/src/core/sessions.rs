@@ -445,13 +445,37 @@ impl<S: StoreAccess> Core<S> {
     /// After every input: tell peers about changed direct sessions, report status changes (log,
     /// `watch`, built-in events), and note who is reachable.
     pub(super) fn after_change(&mut self, now: Now) {
+        let generation = self.table.generation();
+        // RTTs move with every keepalive: looked at again at most once per announcement
+        // interval (the relay choice they may change, too).
+        let rtts_moved = self.reported_rtts != self.table.rtt_generation()
+            && self
+                .announced_at
+                .is_none_or(|at| now.mono >= at + self.config.keepalive_interval);
+        let announce_due = self.rtt_announce_due.is_some_and(|at| now.mono >= at);
+        if self.reported_generation == Some(generation) && !announce_due && !rtts_moved {
+            // Nothing that a status or an announcement depends on moved.
+            return;
+        }
+        self.reported_rtts = self.table.rtt_generation();
+        if self.reported_generation != Some(generation) {
+            self.reported_generation = Some(generation);
+            self.outbox_dirty = true;
+        }
         let neighbors = self.table.direct_neighbors();
         let announce = match announcement_differs(&self.announced, &neighbors) {
-            Announce::Same => false,
+            Announce::Same => {
+                self.rtt_announce_due = None;
+                false
+            }
             Announce::SetChanged => true,
-            Announce::RttMoved => self
-                .announced_at
-                .is_none_or(|at| now.mono.duration_since(at) >= self.config.keepalive_interval),
+            Announce::RttMoved => {
+                let at = self
+                    .announced_at
+                    .map_or(now.mono, |at| at + self.config.keepalive_interval);
+                self.rtt_announce_due = (now.mono < at).then_some(at);
+                now.mono >= at
+            }
         };
         if announce {
             let message = self.neighbors_message();
@@ -461,6 +485,7 @@ impl<S: StoreAccess> Core<S> {
             }
             self.announced = neighbors;
             self.announced_at = Some(now.mono);
+            self.rtt_announce_due = None;
         }
         let mut changes = Vec::new();
         for member in self.roster.members() {
@@ -479,7 +504,11 @@ impl<S: StoreAccess> Core<S> {
             let was_reachable = before.is_some_and(|(s, _)| s != PeerStatus::Unreachable);
             changes.push((member.clone(), reach, was_reachable));
         }
-        self.table.touch_reachable(now.wall());
+        for (member, reach, was_reachable) in &changes {
+            if *was_reachable && !reach.is_reachable() {
+                self.table.seen_until(&member.public_key, now.wall());
+            }
+        }
         for (member, reach, was_reachable) in changes {
             self.peer_changed(&member, reach, was_reachable);
         }

@@ -1,0 +1,179 @@
+//! What must hold after a run, once every link healed, every device runs again and the mesh had
+//! time to settle: the invariants of `core/mod.rs`, checked from outside.
+
+use std::collections::BTreeMap;
+
+use cnsprcy_mesh::messaging::MAX_OUTBOX_MESSAGES;
+use cnsprcy_mesh::peers::Reach;
+
+use crate::world::{DeviceIndex, World};
+
+/// Bounds on the core's queues and maps during a run (`Core::queue_sizes`).
+fn bound(name: &str, devices: usize) -> usize {
+    match name {
+        "outbox" => MAX_OUTBOX_MESSAGES,
+        "sessions" => devices,
+        "pings" => 0,
+        // One per message being recorded or run; the workload sends far fewer.
+        _ => 10_000,
+    }
+}
+
+pub fn all(world: &World) -> Result<(), String> {
+    sessions(world)?;
+    statuses(world)?;
+    messages(world)?;
+    stores(world)?;
+    outboxes(world)?;
+    queues(world)
+}
+
+/// One session per pair, the same connection on both sides.
+pub fn sessions(world: &World) -> Result<(), String> {
+    for (a, b) in world.up_pairs() {
+        let core_a = world.devices[a].core.as_ref().expect("up");
+        let core_b = world.devices[b].core.as_ref().expect("up");
+        let (ka, kb) = (world.devices[a].key, world.devices[b].key);
+        let (Some(sa), Some(sb)) = (core_a.session_of(&kb), core_b.session_of(&ka)) else {
+            return Err(format!(
+                "d{a} and d{b}: no session on {} (d{a}: {:?}, d{b}: {:?})",
+                if core_a.session_of(&kb).is_none() {
+                    format!("d{a}")
+                } else {
+                    format!("d{b}")
+                },
+                core_a.reach(&kb),
+                core_b.reach(&ka),
+            ));
+        };
+        let conn = world
+            .connection_of(a, sa)
+            .ok_or_else(|| format!("d{a}'s session {sa} with d{b} has no connection"))?;
+        if !conn.ends.contains(&(b, sb)) {
+            return Err(format!(
+                "d{a} and d{b} keep different sessions ({sa} on d{a}, {sb} on d{b})"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// With every link up, every member is direct.
+pub fn statuses(world: &World) -> Result<(), String> {
+    for (a, b) in world.up_pairs() {
+        for (x, y) in [(a, b), (b, a)] {
+            let core = world.devices[x].core.as_ref().expect("up");
+            let reach = core.reach(&world.devices[y].key);
+            if world.link_up(x, y) && !matches!(reach, Reach::Direct { .. }) {
+                return Err(format!(
+                    "d{x} sees d{y} as {reach:?} though their link is up"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Every accepted message with a TTL longer than the run ran its handler exactly once on every
+/// target (a device wiped since it was sent may have run it again, or lost it with its sender).
+pub fn messages(world: &World) -> Result<(), String> {
+    let mut runs: BTreeMap<(&str, DeviceIndex), usize> = BTreeMap::new();
+    for run in &world.runs {
+        *runs.entry((run.message.as_str(), run.device)).or_default() += 1;
+    }
+    let wiped_after = |d: DeviceIndex, at| world.devices[d].wiped_at.is_some_and(|w| w >= at);
+    for ((message, device), count) in &runs {
+        if *count > 1 && world.devices[*device].wiped_at.is_none() {
+            return Err(format!("d{device} ran message {message} {count} times"));
+        }
+    }
+    for send in &world.sends {
+        let Some(id) = &send.accepted else { continue };
+        if send.ttl < world.now || wiped_after(send.from, send.at) {
+            continue;
+        }
+        for target in &send.targets {
+            let count = runs.get(&(id.as_str(), *target)).copied().unwrap_or(0);
+            if count == 0 && !wiped_after(*target, send.at) {
+                return Err(format!(
+                    "d{target} never ran message {id} from d{} (sent at {:?})",
+                    send.from, send.at
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// All stores hold the same, and every acknowledged write is there (or overwritten by a later
+/// one), unless its writer was wiped before it could spread it.
+pub fn stores(world: &World) -> Result<(), String> {
+    let up: Vec<DeviceIndex> = (0..world.devices.len())
+        .filter(|d| world.is_up(*d))
+        .collect();
+    let Some(first) = up.first() else {
+        return Ok(());
+    };
+    let reference = world.devices[*first].store.records();
+    for d in &up[1..] {
+        let records = world.devices[*d].store.records();
+        if records != reference {
+            let differing = reference
+                .iter()
+                .find(|(k, v)| records.get(*k) != Some(*v))
+                .map(|(k, _)| k.clone())
+                .or_else(|| {
+                    records
+                        .keys()
+                        .find(|k| !reference.contains_key(*k))
+                        .cloned()
+                });
+            return Err(format!(
+                "the stores of d{first} and d{d} differ ({} and {} keys; first at {differing:?})",
+                reference.len(),
+                records.len()
+            ));
+        }
+    }
+    for write in &world.writes {
+        if world.devices[write.device]
+            .wiped_at
+            .is_some_and(|w| w >= write.at)
+        {
+            continue;
+        }
+        let held = reference.get(&write.entry.key);
+        let kept = held.is_some_and(|r| (r.ts, r.writer) >= (write.entry.ts, write.entry.writer));
+        if !kept {
+            return Err(format!(
+                "the write of {:?} by d{} at {:?} is lost",
+                write.entry.key, write.device, write.at
+            ));
+        }
+    }
+    Ok(())
+}
+
+pub fn outboxes(world: &World) -> Result<(), String> {
+    for (d, device) in world.devices.iter().enumerate() {
+        if let Some(core) = &device.core
+            && core.outbox_len() > 0
+        {
+            return Err(format!(
+                "d{d}'s outbox still holds {} messages",
+                core.outbox_len()
+            ));
+        }
+    }
+    Ok(())
+}
+
+pub fn queues(world: &World) -> Result<(), String> {
+    for (name, peak) in &world.peak_queues {
+        let limit = bound(name, world.devices.len());
+        if *peak > limit && *name != "pings" {
+            return Err(format!("the core's {name} grew to {peak} (bound {limit})"));
+        }
+    }
+    Ok(())
+}

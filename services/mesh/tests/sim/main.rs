@@ -1,0 +1,394 @@
+//! The deterministic simulator: many mesh cores (`cnsprcy_mesh::core`) over a virtual network in
+//! virtual time, with faults, checked against the invariants after every run.
+//!
+//! - `cargo test -p cnsprcy-mesh --test sim` runs the scenarios below and 1000 seeded chaos runs
+//!   (`CNSPRCY_SIM_RUNS=N` for another number).
+//! - A failing run prints its seed; `CNSPRCY_SIM_SEED=SEED cargo test -p cnsprcy-mesh --test sim
+//!   chaos` replays exactly that run, and `CNSPRCY_SIM_TRACE=1` prints every input and output.
+
+mod checks;
+mod memstore;
+mod world;
+
+use std::time::Duration;
+
+use cnsprcy_mesh::peers::Reach;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use world::{DeviceIndex, World};
+
+const SECOND: Duration = Duration::from_secs(1);
+/// Long enough for every rule to have done its work once faults stopped: a redial after the
+/// longest backoff (60 s), a silent session declared dead (30 s), an anti-entropy round (30 s).
+const SETTLE: Duration = Duration::from_secs(150);
+
+/// A repair or restart the chaos scheduled for later.
+enum Later {
+    Heal(DeviceIndex, DeviceIndex),
+    Clear(DeviceIndex, DeviceIndex),
+    Restart(DeviceIndex),
+}
+
+/// Summary of one run, for the aggregate line.
+struct Ran {
+    devices: usize,
+    events: u64,
+    virtual_time: Duration,
+}
+
+/// One seeded run: devices come up, send, write, and suffer cut links, partitions, loss, crashes
+/// (some wiping their state) and clock errors; then everything heals and the checks run.
+fn chaos(seed: u64) -> Result<Ran, String> {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed_cafe);
+    // Mostly the sizes people have, now and then up to 50: the cost of a run grows with the
+    // square of its devices.
+    let devices = if rng.random_bool(0.9) {
+        rng.random_range(10..=15)
+    } else {
+        rng.random_range(16..=50)
+    };
+    let wipes = rng.random_bool(0.1);
+    let mut world = World::new(seed, devices, |_, _| true);
+    for d in 0..devices {
+        world.skew(d, rng.random_range(-2000..=2000));
+        world.start(d);
+    }
+    let chaos_time = Duration::from_secs(rng.random_range(90..=180));
+    let mut later: Vec<(Duration, Later)> = Vec::new();
+    let mut keys = 0usize;
+    while world.now < chaos_time {
+        world.run_for(Duration::from_millis(rng.random_range(100..3000)));
+        let now = world.now;
+        let due: Vec<Later> = {
+            let (due, rest): (Vec<_>, Vec<_>) = later.drain(..).partition(|(at, _)| *at <= now);
+            later = rest;
+            due.into_iter().map(|(_, l)| l).collect()
+        };
+        for action in due {
+            match action {
+                Later::Heal(a, b) => world.set_link(a, b, true),
+                Later::Clear(a, b) => world.set_loss(a, b, 0.0),
+                Later::Restart(d) => {
+                    if !world.is_up(d) {
+                        world.start(d);
+                    }
+                }
+            }
+        }
+        let up: Vec<DeviceIndex> = (0..devices).filter(|d| world.is_up(*d)).collect();
+        if up.is_empty() {
+            continue;
+        }
+        let device = up[rng.random_range(0..up.len())];
+        let action = rng.random_range(0..100);
+        match action {
+            0..40 => {
+                let targets: Vec<DeviceIndex> = if rng.random_bool(0.3) {
+                    Vec::new()
+                } else {
+                    let count = rng.random_range(1..=4.min(devices - 1));
+                    let mut targets: Vec<DeviceIndex> =
+                        (0..devices).filter(|t| *t != device).collect();
+                    for i in 0..count {
+                        let j = rng.random_range(i..targets.len());
+                        targets.swap(i, j);
+                    }
+                    targets.truncate(count);
+                    targets
+                };
+                let ttl = if rng.random_bool(0.85) {
+                    Duration::from_secs(3600)
+                } else {
+                    Duration::from_millis(rng.random_range(500..5000))
+                };
+                world.send(device, &targets, ttl);
+            }
+            40..70 => {
+                keys += 1;
+                let key = format!("k{}", rng.random_range(0..keys.min(60)));
+                let value = rng
+                    .random_bool(0.9)
+                    .then(|| format!("v{keys}").into_bytes());
+                world.write(device, &key, value);
+            }
+            70..80 => {
+                let (a, b) = pair(&mut rng, devices);
+                world.set_link(a, b, false);
+                later.push((now + SECOND * rng.random_range(5..60), Later::Heal(a, b)));
+            }
+            80..83 => {
+                let side: Vec<bool> = (0..devices).map(|_| rng.random_bool(0.5)).collect();
+                let heal = now + SECOND * rng.random_range(10..60);
+                for a in 0..devices {
+                    for b in (a + 1)..devices {
+                        if side[a] != side[b] {
+                            world.set_link(a, b, false);
+                            later.push((heal, Later::Heal(a, b)));
+                        }
+                    }
+                }
+            }
+            83..90 => {
+                if wipes && rng.random_bool(0.2) {
+                    world.wipe(device);
+                } else {
+                    world.crash(device);
+                }
+                later.push((
+                    now + SECOND * rng.random_range(1..20),
+                    Later::Restart(device),
+                ));
+            }
+            90..95 => {
+                let (a, b) = pair(&mut rng, devices);
+                world.set_loss(a, b, 0.1);
+                later.push((now + SECOND * rng.random_range(10..60), Later::Clear(a, b)));
+            }
+            _ => {
+                let (a, b) = pair(&mut rng, devices);
+                world.set_link(a, b, false);
+                later.push((
+                    now + Duration::from_millis(rng.random_range(100..3000)),
+                    Later::Heal(a, b),
+                ));
+            }
+        }
+    }
+    world.heal_all();
+    for d in 0..devices {
+        if !world.is_up(d) {
+            world.start(d);
+        }
+    }
+    world.run_for(SETTLE);
+    checks::all(&world)?;
+    Ok(Ran {
+        devices,
+        events: world.events_handled,
+        virtual_time: world.now,
+    })
+}
+
+/// Two different devices.
+fn pair(rng: &mut StdRng, devices: usize) -> (DeviceIndex, DeviceIndex) {
+    let a = rng.random_range(0..devices);
+    let b = (a + 1 + rng.random_range(0..devices - 1)) % devices;
+    (a, b)
+}
+
+#[test]
+fn chaos_runs_keep_every_invariant() {
+    let seeds: Vec<u64> = match std::env::var("CNSPRCY_SIM_SEED") {
+        Ok(seed) => vec![seed.parse().expect("CNSPRCY_SIM_SEED is a number")],
+        Err(_) => {
+            let runs: u64 = std::env::var("CNSPRCY_SIM_RUNS")
+                .ok()
+                .and_then(|r| r.parse().ok())
+                .unwrap_or(1000);
+            (1..=runs).collect()
+        }
+    };
+    let started = std::time::Instant::now();
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let chunks: Vec<Vec<u64>> = (0..threads)
+        .map(|t| seeds.iter().copied().skip(t).step_by(threads).collect())
+        .collect();
+    let results: Vec<(u64, Result<Ran, String>)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = chunks
+            .into_iter()
+            .map(|chunk| {
+                scope.spawn(move || {
+                    chunk
+                        .into_iter()
+                        .map(|seed| (seed, chaos(seed)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("a simulator thread"))
+            .collect()
+    });
+    let failed: Vec<String> = results
+        .iter()
+        .filter_map(|(seed, r)| r.as_ref().err().map(|e| format!("seed {seed}: {e}")))
+        .collect();
+    let ran: Vec<&Ran> = results
+        .iter()
+        .filter_map(|(_, r)| r.as_ref().ok())
+        .collect();
+    let events: u64 = ran.iter().map(|r| r.events).sum();
+    let virtual_time: Duration = ran.iter().map(|r| r.virtual_time).sum();
+    let largest = ran.iter().map(|r| r.devices).max().unwrap_or(0);
+    eprintln!(
+        "{} runs ({} failed) of up to {largest} devices, {:.0} virtual minutes, {events} inputs, in {:.1?}",
+        results.len(),
+        failed.len(),
+        virtual_time.as_secs_f64() / 60.0,
+        started.elapsed()
+    );
+    assert!(
+        failed.is_empty(),
+        "{} of {} runs failed; replay one with CNSPRCY_SIM_SEED=SEED (and CNSPRCY_SIM_TRACE=1):\n{}",
+        failed.len(),
+        results.len(),
+        failed.join("\n")
+    );
+}
+
+/// Every device dials every other at once: crossing dials everywhere. Both sides keep the same
+/// one of each pair's two connections at once, so no pair needs a third (a redial after both
+/// sides dropped different ones).
+#[test]
+fn crossing_dials_leave_one_session_per_pair() {
+    for seed in 0..20 {
+        let mut world = World::new(seed, 12, |_, _| true);
+        for d in 0..12 {
+            world.start(d);
+        }
+        world.run_for(SECOND * 10);
+        checks::sessions(&world).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        checks::statuses(&world).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        let mut per_pair = std::collections::BTreeMap::new();
+        for conn in &world.connections {
+            let (a, b) = (conn.ends[0].0, conn.ends[1].0);
+            *per_pair.entry((a.min(b), a.max(b))).or_insert(0) += 1;
+        }
+        for (pair, count) in per_pair {
+            assert!(
+                count <= 2,
+                "seed {seed}: {pair:?} needed {count} connections"
+            );
+        }
+    }
+}
+
+/// `d0` and `d2` know no address of each other and the link between them is cut: each sees the
+/// other relayed via `d1`, and a message between them arrives through it.
+#[test]
+fn a_member_without_a_path_of_its_own_is_relayed() {
+    let mut world = World::new(7, 3, |a, b| (a, b) != (0, 2) && (a, b) != (2, 0));
+    world.set_link(0, 2, false);
+    for d in 0..3 {
+        world.start(d);
+    }
+    world.run_for(SECOND * 5);
+    let key = |d: usize| world.devices[d].key;
+    let reach =
+        |world: &World, a: usize, b: usize| world.devices[a].core.as_ref().unwrap().reach(&key(b));
+    assert!(
+        matches!(reach(&world, 0, 2), Reach::Relayed { via, .. } if via == key(1)),
+        "{:?}",
+        reach(&world, 0, 2)
+    );
+    assert!(matches!(reach(&world, 2, 0), Reach::Relayed { .. }));
+    world.send(0, &[2], SECOND * 3600);
+    world.run_for(SECOND);
+    let id = world.sends[0].accepted.clone().expect("accepted");
+    assert_eq!(
+        world
+            .runs
+            .iter()
+            .filter(|r| r.device == 2 && r.message == id)
+            .count(),
+        1
+    );
+    checks::outboxes(&world).unwrap();
+}
+
+/// A target that is down when the message is sent gets it once after it returns, also when the
+/// sender restarted meanwhile (the outbox is on its disk).
+#[test]
+fn messages_wait_for_a_device_that_is_down_and_arrive_once() {
+    let mut world = World::new(11, 4, |_, _| true);
+    for d in 0..4 {
+        world.start(d);
+    }
+    world.run_for(SECOND * 5);
+    world.crash(3);
+    world.run_for(SECOND);
+    world.send(0, &[3], SECOND * 3600);
+    world.send(0, &[], SECOND * 3600);
+    world.run_for(SECOND);
+    world.crash(0);
+    world.run_for(SECOND * 5);
+    world.start(0);
+    world.start(3);
+    world.run_for(SECOND * 70);
+    checks::messages(&world).unwrap();
+    checks::outboxes(&world).unwrap();
+    assert_eq!(world.runs.iter().filter(|r| r.device == 3).count(), 2);
+}
+
+/// A message whose TTL runs out while its target is down never runs there, and leaves the
+/// outbox.
+#[test]
+fn a_message_expires_with_its_ttl() {
+    let mut world = World::new(13, 3, |_, _| true);
+    for d in 0..3 {
+        world.start(d);
+    }
+    world.run_for(SECOND * 5);
+    world.crash(2);
+    world.run_for(SECOND);
+    world.send(0, &[1, 2], SECOND * 5);
+    world.run_for(SECOND * 20);
+    world.start(2);
+    world.run_for(SECOND * 40);
+    assert_eq!(world.runs.iter().filter(|r| r.device == 1).count(), 1);
+    assert_eq!(world.runs.iter().filter(|r| r.device == 2).count(), 0);
+    checks::outboxes(&world).unwrap();
+}
+
+/// Both sides of a partition write, some to the same keys; once it heals, anti-entropy makes every
+/// store the same, and no acknowledged write is lost.
+#[test]
+fn anti_entropy_repairs_a_partition() {
+    let mut world = World::new(17, 6, |_, _| true);
+    for d in 0..6 {
+        world.start(d);
+    }
+    world.run_for(SECOND * 5);
+    for a in 0..3 {
+        for b in 3..6 {
+            world.set_link(a, b, false);
+        }
+    }
+    for i in 0..30 {
+        world.write(
+            i % 6,
+            &format!("key{}", i % 10),
+            Some(format!("{i}").into_bytes()),
+        );
+        world.run_for(Duration::from_millis(300));
+    }
+    world.run_for(SECOND * 40);
+    assert!(checks::stores(&world).is_err(), "the partition held");
+    world.heal_all();
+    world.run_for(SECOND * 90);
+    checks::stores(&world).unwrap();
+    checks::sessions(&world).unwrap();
+}
+
+/// A link cut silently (no FIN, no RST) is noticed by both sides within interval + timeout, and
+/// the session comes back once it heals.
+#[test]
+fn a_silent_cut_is_noticed_and_repaired() {
+    let mut world = World::new(19, 2, |_, _| true);
+    world.start(0);
+    world.start(1);
+    world.run_for(SECOND * 5);
+    world.set_link(0, 1, false);
+    world.run_for(SECOND * 31);
+    let key1 = world.devices[1].key;
+    assert_eq!(
+        world.devices[0].core.as_ref().unwrap().reach(&key1),
+        Reach::Unreachable
+    );
+    world.set_link(0, 1, true);
+    world.run_for(SECOND * 65);
+    checks::sessions(&world).unwrap();
+    checks::statuses(&world).unwrap();
+}

@@ -1,0 +1,948 @@
+//! The virtual world the cores run in: devices with their disks and stores, a network of links
+//! with latency, loss, cuts and partitions, TCP-like connections, handler runs, and virtual time
+//! driven by one event queue. Everything random comes from the run's seed.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use cnsprcy::config::MeshConfig;
+use cnsprcy::identity::{DeviceName, Identity, PublicKey};
+use cnsprcy::ipc::{Interface, Outcome, RunResult};
+use cnsprcy::netif::InterfaceFilter;
+use cnsprcy::wire::{Message, MessageId, StoreEntry};
+use cnsprcy_mesh::core::{
+    Answer, ApiCall, Core, Input, Now, Output, PersistOp, SendRequest, SessionId, Setup,
+};
+use cnsprcy_mesh::messaging::OutboxEntry;
+use cnsprcy_mesh::roster::Member;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::memstore::MemStore;
+
+pub const PORT: u16 = 7332;
+/// How long a TCP connect to a black hole takes to fail.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the writer takes to make something durable.
+const DISK_DELAY: Duration = Duration::from_millis(2);
+/// How long a handler runs.
+const HANDLER_TIME: Duration = Duration::from_millis(5);
+/// The wall clock at the start of every run (Unix ms): 2026-12-06.
+const WALL_START_MS: u64 = 1_796_515_200_000;
+
+pub type DeviceIndex = usize;
+
+/// What is on a device's disk: what the writer made durable.
+#[derive(Default, Clone)]
+pub struct Disk {
+    pub outbox: BTreeMap<MessageId, OutboxEntry>,
+    pub delivered: Vec<(MessageId, u64)>,
+    pub roster: Vec<Member>,
+}
+
+pub struct Device {
+    pub name: String,
+    pub key: PublicKey,
+    pub addr: SocketAddr,
+    pub core: Option<Core<MemStore>>,
+    pub store: MemStore,
+    pub disk: Disk,
+    /// Added to the world's wall clock: this device's clock error.
+    pub skew_ms: i64,
+    pub incarnation: u64,
+    /// The tick the device waits for; a queued tick of another generation is stale.
+    tick_generation: u64,
+    /// When that tick comes.
+    next_tick: Option<Duration>,
+    /// Bumped at every restart: events of an older life are dropped.
+    pub life: u64,
+    /// Wiped (restarted without its state) at this time, if ever.
+    pub wiped_at: Option<Duration>,
+}
+
+/// One TCP connection between two devices, each end with its own session number. Like TCP, it
+/// loses nothing while both ends hold it open: what is sent while the link is cut waits, and
+/// arrives in order when the link heals.
+#[derive(Debug, Clone)]
+pub struct Connection {
+    pub ends: [(DeviceIndex, SessionId); 2],
+    /// The life of each end's device when it connected.
+    lives: [u64; 2],
+    /// Whether each end still holds it open.
+    open: [bool; 2],
+    /// The last arrival time scheduled in each direction (from end 0, from end 1).
+    last_arrival: [Duration; 2],
+    /// The next sequence number in each direction.
+    next_seq: [u64; 2],
+    /// What was sent in each direction while the link was cut, by sequence number.
+    held: [BTreeMap<u64, Segment>; 2],
+}
+
+/// What one end sends the other.
+#[derive(Debug, Clone)]
+enum Segment {
+    Frame(Message),
+    /// The end closed (FIN).
+    Fin,
+}
+
+#[derive(Debug, Clone)]
+struct Link {
+    up: bool,
+    latency: Duration,
+    /// Chance that a segment needs a retransmission (it then arrives an RTO later).
+    loss: f64,
+}
+
+/// What happens at a moment of virtual time.
+#[derive(Debug)]
+enum Event {
+    Tick {
+        device: DeviceIndex,
+        generation: u64,
+    },
+    /// A dial's handshake finished at the initiator (or failed).
+    DialDone {
+        device: DeviceIndex,
+        life: u64,
+        peer: PublicKey,
+        target: Option<DeviceIndex>,
+    },
+    /// The responder's side of a connection comes up (with the initiator's first message).
+    Accepted { connection: usize },
+    /// A segment from end `from` arrives at the other end.
+    Arrive {
+        connection: usize,
+        from: usize,
+        seq: u64,
+        segment: Segment,
+    },
+    /// The other end answered a segment with RST: end `to` learns the connection is gone.
+    Reset { connection: usize, to: usize },
+    Persisted {
+        device: DeviceIndex,
+        life: u64,
+        op: PersistOp,
+        token: Option<u64>,
+    },
+    HandlerDone {
+        device: DeviceIndex,
+        life: u64,
+        run: u64,
+    },
+}
+
+/// A handler run, as the checks see it.
+#[derive(Debug, Clone)]
+pub struct RunRecord {
+    pub device: DeviceIndex,
+    pub message: String,
+}
+
+/// A `send` the workload made, and how it was answered.
+#[derive(Debug, Clone)]
+pub struct SendRecord {
+    pub from: DeviceIndex,
+    pub targets: Vec<DeviceIndex>,
+    pub ttl: Duration,
+    pub at: Duration,
+    /// `Some(id)` once answered with success.
+    pub accepted: Option<String>,
+    pub answered: bool,
+}
+
+/// A local store write the workload made (acknowledged at once in the simulator).
+#[derive(Debug, Clone)]
+pub struct WriteRecord {
+    pub device: DeviceIndex,
+    pub entry: StoreEntry,
+    pub at: Duration,
+}
+
+pub struct World {
+    pub rng: StdRng,
+    pub base: Instant,
+    pub now: Duration,
+    pub devices: Vec<Device>,
+    links: BTreeMap<(DeviceIndex, DeviceIndex), Link>,
+    pub connections: Vec<Connection>,
+    /// Each session's connection and end (session numbers are unique in the world).
+    ends: std::collections::HashMap<SessionId, (usize, usize)>,
+    queue: BinaryHeap<Reverse<(Duration, u64, usize)>>,
+    events: Vec<Option<Event>>,
+    seq: u64,
+    next_session: SessionId,
+    pub runs: Vec<RunRecord>,
+    pub sends: Vec<SendRecord>,
+    pub writes: Vec<WriteRecord>,
+    /// API calls under way: request → the send it is.
+    pending_sends: BTreeMap<(DeviceIndex, u64), usize>,
+    next_request: u64,
+    /// The largest of each core queue seen, for the bound checks.
+    pub peak_queues: BTreeMap<&'static str, usize>,
+    pub events_handled: u64,
+    pub trace: bool,
+}
+
+impl World {
+    /// `n` devices that are all members of each other. `known(i, j)`: whether `i` is given `j`'s
+    /// address (else it must be dialled by `j`, relayed, or learnt).
+    pub fn new(seed: u64, n: usize, known: impl Fn(usize, usize) -> bool) -> Self {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let devices: Vec<Device> = (0..n)
+            .map(|i| {
+                let mut secret = [0u8; 32];
+                rng.fill(&mut secret);
+                let key = Identity::from_secret(secret).public_key();
+                let addr = SocketAddr::new(
+                    IpAddr::V4(Ipv4Addr::new(10, 0, (i / 250) as u8, (i % 250 + 1) as u8)),
+                    PORT,
+                );
+                Device {
+                    name: format!("d{i}"),
+                    key,
+                    addr,
+                    core: None,
+                    store: MemStore::new(),
+                    disk: Disk::default(),
+                    skew_ms: 0,
+                    incarnation: 0,
+                    tick_generation: 0,
+                    next_tick: None,
+                    life: 0,
+                    wiped_at: None,
+                }
+            })
+            .collect();
+        let mut world = Self {
+            rng,
+            base: Instant::now(),
+            now: Duration::ZERO,
+            devices,
+            links: BTreeMap::new(),
+            connections: Vec::new(),
+            ends: std::collections::HashMap::new(),
+            queue: BinaryHeap::new(),
+            events: Vec::new(),
+            seq: 0,
+            next_session: 0,
+            runs: Vec::new(),
+            sends: Vec::new(),
+            writes: Vec::new(),
+            pending_sends: BTreeMap::new(),
+            next_request: 0,
+            peak_queues: BTreeMap::new(),
+            events_handled: 0,
+            trace: std::env::var_os("CNSPRCY_SIM_TRACE").is_some(),
+        };
+        for i in 0..n {
+            for j in (i + 1)..n {
+                let latency = Duration::from_micros(world.rng.random_range(200..20_000));
+                world.links.insert(
+                    (i, j),
+                    Link {
+                        up: true,
+                        latency,
+                        loss: 0.0,
+                    },
+                );
+            }
+        }
+        for i in 0..n {
+            let roster = (0..n)
+                .filter(|j| *j != i)
+                .map(|j| Member {
+                    name: DeviceName::new(&world.devices[j].name).expect("a valid name"),
+                    public_key: world.devices[j].key,
+                    addresses: if known(i, j) {
+                        vec![world.devices[j].addr]
+                    } else {
+                        Vec::new()
+                    },
+                })
+                .collect();
+            world.devices[i].disk.roster = roster;
+        }
+        world
+    }
+
+    pub fn instant(&self) -> Instant {
+        self.base + self.now
+    }
+
+    fn now_of(&self, device: DeviceIndex) -> Now {
+        let wall =
+            WALL_START_MS as i64 + self.now.as_millis() as i64 + self.devices[device].skew_ms;
+        Now {
+            mono: self.instant(),
+            wall_ms: wall.max(0) as u64,
+        }
+    }
+
+    fn link(&self, a: DeviceIndex, b: DeviceIndex) -> &Link {
+        &self.links[&(a.min(b), a.max(b))]
+    }
+
+    fn link_mut(&mut self, a: DeviceIndex, b: DeviceIndex) -> &mut Link {
+        self.links
+            .get_mut(&(a.min(b), a.max(b)))
+            .expect("a link between every pair")
+    }
+
+    pub fn set_link(&mut self, a: DeviceIndex, b: DeviceIndex, up: bool) {
+        let was = self.link(a, b).up;
+        self.link_mut(a, b).up = up;
+        if up && !was {
+            self.release_held(a, b);
+        }
+    }
+
+    /// The link between `a` and `b` healed: what waited on it goes, in order.
+    fn release_held(&mut self, a: DeviceIndex, b: DeviceIndex) {
+        for c in 0..self.connections.len() {
+            let (x, y) = (self.connections[c].ends[0].0, self.connections[c].ends[1].0);
+            if (x, y) != (a, b) && (x, y) != (b, a) {
+                continue;
+            }
+            for from in 0..2 {
+                let held = std::mem::take(&mut self.connections[c].held[from]);
+                for (seq, segment) in held {
+                    self.transmit(c, from, seq, segment);
+                }
+            }
+        }
+    }
+
+    pub fn set_loss(&mut self, a: DeviceIndex, b: DeviceIndex, loss: f64) {
+        self.link_mut(a, b).loss = loss;
+    }
+
+    pub fn link_up(&self, a: DeviceIndex, b: DeviceIndex) -> bool {
+        self.link(a, b).up
+    }
+
+    pub fn heal_all(&mut self) {
+        let links: Vec<(DeviceIndex, DeviceIndex)> = self.links.keys().copied().collect();
+        for (a, b) in links {
+            self.set_link(a, b, true);
+            self.set_loss(a, b, 0.0);
+        }
+    }
+
+    pub fn is_up(&self, device: DeviceIndex) -> bool {
+        self.devices[device].core.is_some()
+    }
+
+    fn schedule(&mut self, after: Duration, event: Event) {
+        self.seq += 1;
+        let index = self.events.len();
+        self.events.push(Some(event));
+        self.queue
+            .push(Reverse((self.now + after, self.seq, index)));
+    }
+
+    /// One way, `from` to `to`: the link's latency, and an RTO more for each lost try.
+    fn transit(&mut self, from: DeviceIndex, to: DeviceIndex) -> Duration {
+        let link = self.link(from, to).clone();
+        let mut delay = link.latency;
+        while link.loss > 0.0 && self.rng.random_bool(link.loss.min(0.9)) {
+            delay += Duration::from_millis(200).max(link.latency * 3);
+        }
+        delay
+    }
+
+    // --- devices ---
+
+    /// Starts (or restarts) `device` from what is on its disk.
+    pub fn start(&mut self, device: DeviceIndex) {
+        let seed = self.rng.random();
+        let now = self.now_of(device);
+        let d = &mut self.devices[device];
+        d.life += 1;
+        d.next_tick = None;
+        let setup = Setup {
+            own: d.key,
+            name: DeviceName::new(&d.name).expect("a valid name"),
+            config: MeshConfig::default(),
+            listening: vec![SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), PORT)],
+            filter: InterfaceFilter::any(),
+            interfaces: vec![Interface {
+                name: "eth0".into(),
+                up: true,
+                loopback: false,
+                addresses: vec![d.addr.ip()],
+            }],
+            members: d.disk.roster.clone(),
+            outbox: d.disk.outbox.values().cloned().collect(),
+            delivered: d.disk.delivered.clone(),
+            seed,
+        };
+        let mut core = Core::new(setup, d.store.clone(), now);
+        let outputs = core.start(now);
+        d.core = Some(core);
+        self.carry_out(device, outputs);
+    }
+
+    /// Kills `device`: its connections are reset (the peers' kernels answer RST), what it had
+    /// not made durable is lost.
+    pub fn crash(&mut self, device: DeviceIndex) {
+        self.devices[device].core = None;
+        for c in 0..self.connections.len() {
+            for end in 0..2 {
+                if self.connections[c].ends[end].0 == device && self.connections[c].open[end] {
+                    self.close_end(c, end);
+                }
+            }
+        }
+    }
+
+    /// Kills `device` and wipes its state (outbox, delivered ids, store); the roster stays.
+    pub fn wipe(&mut self, device: DeviceIndex) {
+        self.crash(device);
+        let d = &mut self.devices[device];
+        d.disk.outbox.clear();
+        d.disk.delivered.clear();
+        d.store = MemStore::new();
+        d.wiped_at = Some(self.now);
+    }
+
+    /// Sets `device`'s clock error.
+    pub fn skew(&mut self, device: DeviceIndex, skew_ms: i64) {
+        self.devices[device].skew_ms = skew_ms;
+    }
+
+    // --- the workload's calls ---
+
+    /// `device` sends a message to `targets` (every member when empty).
+    pub fn send(&mut self, device: DeviceIndex, targets: &[DeviceIndex], ttl: Duration) {
+        if !self.is_up(device) {
+            return;
+        }
+        let names = targets
+            .iter()
+            .map(|t| self.devices[*t].name.clone())
+            .collect();
+        let all: Vec<DeviceIndex> = if targets.is_empty() {
+            (0..self.devices.len()).filter(|t| *t != device).collect()
+        } else {
+            targets.to_vec()
+        };
+        self.sends.push(SendRecord {
+            from: device,
+            targets: all,
+            ttl,
+            at: self.now,
+            accepted: None,
+            answered: false,
+        });
+        let send = SendRequest {
+            tag: "sim/note".into(),
+            to: (!targets.is_empty()).then_some(names),
+            payload: format!("{}", self.sends.len() - 1).into_bytes(),
+            wait: None,
+            ttl,
+            stream: false,
+        };
+        self.next_request += 1;
+        let request = self.next_request;
+        self.pending_sends
+            .insert((device, request), self.sends.len() - 1);
+        self.input(
+            device,
+            Input::Api {
+                request,
+                call: ApiCall::Send(send),
+            },
+        );
+    }
+
+    /// `device` writes `key` locally (durable at once), and tells its core.
+    pub fn write(&mut self, device: DeviceIndex, key: &str, value: Option<Vec<u8>>) {
+        if !self.is_up(device) {
+            return;
+        }
+        let now = self.now_of(device);
+        let own = *self.devices[device].key.as_bytes();
+        let entry = self.devices[device]
+            .store
+            .write_local(own, key, value, now.wall_ms);
+        self.writes.push(WriteRecord {
+            device,
+            entry: entry.clone(),
+            at: self.now,
+        });
+        self.input(device, Input::StoreWritten(entry));
+    }
+
+    // --- running ---
+
+    /// Feeds `device` one input now and carries out what it answers.
+    pub fn input(&mut self, device: DeviceIndex, input: Input) {
+        let now = self.now_of(device);
+        if self.trace {
+            eprintln!(
+                "{:>10.3} {} <- {input:?}",
+                self.now.as_secs_f64(),
+                self.devices[device].name
+            );
+        }
+        let Some(core) = self.devices[device].core.as_mut() else {
+            return;
+        };
+        let outputs = core.handle(input, now);
+        self.events_handled += 1;
+        self.carry_out(device, outputs);
+    }
+
+    fn carry_out(&mut self, device: DeviceIndex, outputs: Vec<Output>) {
+        let life = self.devices[device].life;
+        for output in outputs {
+            if self.trace {
+                eprintln!(
+                    "{:>10.3} {} -> {output:?}",
+                    self.now.as_secs_f64(),
+                    self.devices[device].name
+                );
+            }
+            match output {
+                Output::Send { session, message } => self.send_frame(device, session, message),
+                Output::Close { session, .. } => {
+                    if let Some((c, end)) = self.find_end(device, session) {
+                        self.close_end(c, end);
+                    }
+                }
+                Output::Dial { peer, addresses } => self.dial(device, peer, &addresses),
+                Output::RunHandler { run, handler } => {
+                    self.runs.push(RunRecord {
+                        device,
+                        message: handler.message_id.clone().unwrap_or_default(),
+                    });
+                    self.schedule(HANDLER_TIME, Event::HandlerDone { device, life, run });
+                }
+                Output::RaiseEvent(_) | Output::Watch(_) | Output::Members(_) => {}
+                Output::Persist { op, token } => {
+                    self.schedule(
+                        DISK_DELAY,
+                        Event::Persisted {
+                            device,
+                            life,
+                            op,
+                            token,
+                        },
+                    );
+                }
+                Output::Answer { request, answer } => self.answered(device, request, answer),
+                Output::Progress { .. } => {}
+                Output::Incarnation(incarnation) => {
+                    self.devices[device].incarnation = incarnation;
+                }
+            }
+        }
+        // Sampled: the sizes move slowly, and looking costs as much as a small input.
+        if self.events_handled % 64 == 0 {
+            self.note_queues(device);
+        }
+        self.schedule_tick(device);
+    }
+
+    fn note_queues(&mut self, device: DeviceIndex) {
+        let Some(core) = self.devices[device].core.as_ref() else {
+            return;
+        };
+        for (name, size) in core.queue_sizes() {
+            let peak = self.peak_queues.entry(name).or_default();
+            *peak = (*peak).max(size);
+        }
+    }
+
+    /// Makes sure a tick comes at the core's next wake-up: a tick already due earlier stays
+    /// (the core then finds nothing to do, and says when next), a later one is replaced.
+    fn schedule_tick(&mut self, device: DeviceIndex) {
+        let Some(core) = self.devices[device].core.as_ref() else {
+            return;
+        };
+        let wake = core.next_wakeup().saturating_duration_since(self.base);
+        let d = &mut self.devices[device];
+        if d.next_tick.is_some_and(|at| at <= wake) {
+            return;
+        }
+        d.next_tick = Some(wake);
+        d.tick_generation += 1;
+        let generation = d.tick_generation;
+        let after = wake.saturating_sub(self.now);
+        self.schedule(after, Event::Tick { device, generation });
+    }
+
+    fn answered(&mut self, device: DeviceIndex, request: u64, answer: Answer) {
+        let Some(send) = self.pending_sends.remove(&(device, request)) else {
+            return;
+        };
+        self.sends[send].answered = true;
+        if let Answer::Send(Ok(result)) = answer {
+            self.sends[send].accepted = Some(result.id);
+        }
+    }
+
+    fn find_end(&self, device: DeviceIndex, session: SessionId) -> Option<(usize, usize)> {
+        self.ends
+            .get(&session)
+            .copied()
+            .filter(|(c, end)| self.connections[*c].ends[*end].0 == device)
+    }
+
+    fn send_frame(&mut self, device: DeviceIndex, session: SessionId, message: Message) {
+        let Some((c, end)) = self.find_end(device, session) else {
+            return;
+        };
+        if !self.connections[c].open[end] {
+            return;
+        }
+        self.segment(c, end, Segment::Frame(message));
+    }
+
+    /// Sends a segment from end `from`: now, or when the link heals.
+    fn segment(&mut self, c: usize, from: usize, segment: Segment) {
+        let seq = self.connections[c].next_seq[from];
+        self.connections[c].next_seq[from] += 1;
+        self.transmit(c, from, seq, segment);
+    }
+
+    fn transmit(&mut self, c: usize, from: usize, seq: u64, segment: Segment) {
+        let (a, b) = (
+            self.connections[c].ends[from].0,
+            self.connections[c].ends[1 - from].0,
+        );
+        if !self.link_up(a, b) {
+            self.connections[c].held[from].insert(seq, segment);
+            return;
+        }
+        let transit = self.transit(a, b);
+        let arrival = (self.now + transit).max(self.connections[c].last_arrival[from]);
+        self.connections[c].last_arrival[from] = arrival;
+        self.schedule(
+            arrival - self.now,
+            Event::Arrive {
+                connection: c,
+                from,
+                seq,
+                segment,
+            },
+        );
+    }
+
+    /// Closes one end: a FIN goes to the other end (when the link carries it).
+    fn close_end(&mut self, c: usize, end: usize) {
+        if !self.connections[c].open[end] {
+            return;
+        }
+        self.connections[c].open[end] = false;
+        self.segment(c, end, Segment::Fin);
+    }
+
+    /// Whether end `end` of connection `c` is open and its device still in the same life.
+    fn end_alive(&self, c: usize, end: usize) -> bool {
+        let conn = &self.connections[c];
+        let device = conn.ends[end].0;
+        conn.open[end] && self.devices[device].life == conn.lives[end] && self.is_up(device)
+    }
+
+    fn arrive(&mut self, c: usize, from: usize, seq: u64, segment: Segment) {
+        let to = 1 - from;
+        let (a, b) = (
+            self.connections[c].ends[from].0,
+            self.connections[c].ends[to].0,
+        );
+        if !self.link_up(a, b) {
+            // Cut while in flight: retransmitted once the link heals.
+            self.connections[c].held[from].insert(seq, segment);
+            return;
+        }
+        let (device, session) = self.connections[c].ends[to];
+        if !self.end_alive(c, to) {
+            // Nobody holds that end: its kernel answers a segment with RST.
+            if matches!(segment, Segment::Frame(_)) && self.connections[c].open[from] {
+                let transit = self.transit(b, a);
+                self.schedule(
+                    transit,
+                    Event::Reset {
+                        connection: c,
+                        to: from,
+                    },
+                );
+            }
+            return;
+        }
+        match segment {
+            Segment::Frame(message) => self.input(device, Input::Frame { session, message }),
+            Segment::Fin => {
+                self.connections[c].open[to] = false;
+                self.input(
+                    device,
+                    Input::SessionDown {
+                        session,
+                        reason: "closed by the other side".into(),
+                    },
+                );
+            }
+        }
+    }
+
+    fn dial(&mut self, device: DeviceIndex, peer: PublicKey, addresses: &[SocketAddr]) {
+        let life = self.devices[device].life;
+        let target = addresses.iter().find_map(|addr| {
+            self.devices
+                .iter()
+                .position(|d| d.addr == *addr && d.key == peer)
+        });
+        let Some(target) = target else {
+            // Nobody there: refused at once... or, for an address of nobody, no answer.
+            self.schedule(
+                CONNECT_TIMEOUT,
+                Event::DialDone {
+                    device,
+                    life,
+                    peer,
+                    target: None,
+                },
+            );
+            return;
+        };
+        if !self.link_up(device, target) {
+            self.schedule(
+                CONNECT_TIMEOUT,
+                Event::DialDone {
+                    device,
+                    life,
+                    peer,
+                    target: None,
+                },
+            );
+            return;
+        }
+        // SYN, SYN-ACK, then the two handshake messages: the initiator is done after about two
+        // round trips.
+        let rtt = self.transit(device, target) + self.transit(target, device);
+        self.schedule(
+            rtt * 2,
+            Event::DialDone {
+                device,
+                life,
+                peer,
+                target: Some(target),
+            },
+        );
+    }
+
+    fn dial_done(&mut self, device: DeviceIndex, peer: PublicKey, target: Option<DeviceIndex>) {
+        let failed = |world: &mut Self, error: &str| {
+            world.input(
+                device,
+                Input::DialFailed {
+                    peer,
+                    error: error.into(),
+                },
+            );
+        };
+        let Some(target) = target else {
+            return failed(self, "connect timed out");
+        };
+        if !self.is_up(target) {
+            return failed(self, "connection refused");
+        }
+        if !self.link_up(device, target) {
+            return failed(self, "handshake did not complete within 5s");
+        }
+        self.next_session += 1;
+        let initiator_session = self.next_session;
+        self.next_session += 1;
+        let responder_session = self.next_session;
+        let c = self.connections.len();
+        self.connections.push(Connection {
+            ends: [(device, initiator_session), (target, responder_session)],
+            lives: [self.devices[device].life, self.devices[target].life],
+            open: [true, true],
+            last_arrival: [self.now, self.now],
+            next_seq: [0, 0],
+            held: [BTreeMap::new(), BTreeMap::new()],
+        });
+        self.ends.insert(initiator_session, (c, 0));
+        self.ends.insert(responder_session, (c, 1));
+        // The responder counts the session once the initiator's first message arrives: before
+        // any frame of the initiator's (scheduled later, never to arrive earlier).
+        let transit = self.transit(device, target);
+        self.schedule(transit, Event::Accepted { connection: c });
+        self.connections[c].last_arrival[0] = self.now + transit;
+        let incarnation = self.devices[target].incarnation;
+        let addr = self.devices[target].addr;
+        let local = Some(SocketAddr::new(self.devices[device].addr.ip(), 40000));
+        self.input(
+            device,
+            Input::SessionUp {
+                session: initiator_session,
+                peer,
+                initiator: true,
+                incarnation,
+                addr,
+                local,
+            },
+        );
+    }
+
+    fn accepted(&mut self, c: usize) {
+        let conn = self.connections[c].clone();
+        let (initiator, responder) = (conn.ends[0].0, conn.ends[1].0);
+        if !self.link_up(initiator, responder) {
+            // The first message never came: the responder's handshake timed out, and what the
+            // initiator sends will be answered with RST.
+            self.connections[c].open[1] = false;
+            return;
+        }
+        if !conn.open[1] || self.devices[responder].life != conn.lives[1] || !self.is_up(responder)
+        {
+            return;
+        }
+        // Even if the initiator closed it meanwhile: its first message went before its FIN, which
+        // arrives after this.
+        let peer = self.devices[initiator].key;
+        let incarnation = self.devices[initiator].incarnation;
+        self.input(
+            responder,
+            Input::SessionUp {
+                session: conn.ends[1].1,
+                peer,
+                initiator: false,
+                incarnation,
+                addr: SocketAddr::new(self.devices[initiator].addr.ip(), 40000),
+                local: Some(self.devices[responder].addr),
+            },
+        );
+    }
+
+    fn persisted(&mut self, device: DeviceIndex, op: PersistOp, token: Option<u64>) {
+        let disk = &mut self.devices[device].disk;
+        match op {
+            PersistOp::OutboxSave(entry) => {
+                disk.outbox.insert(entry.data.id, *entry);
+            }
+            PersistOp::OutboxRemove(id) => {
+                disk.outbox.remove(&id);
+            }
+            PersistOp::Delivered { id, until_ms } => disk.delivered.push((id, until_ms)),
+            PersistOp::Roster(members) => disk.roster = members,
+        }
+        if let Some(token) = token {
+            self.input(
+                device,
+                Input::Persisted {
+                    token,
+                    result: Ok(()),
+                },
+            );
+        }
+    }
+
+    /// Runs events until virtual time `until`.
+    pub fn run_until(&mut self, until: Duration) {
+        while let Some(Reverse((at, _, index))) = self.queue.peek().copied() {
+            if at > until {
+                break;
+            }
+            self.queue.pop();
+            self.now = at;
+            let Some(event) = self.events[index].take() else {
+                continue;
+            };
+            self.handle(event);
+        }
+        self.now = until;
+        if self.events.len() > 1 << 16 && self.queue.is_empty() {
+            self.events.clear();
+        }
+    }
+
+    pub fn run_for(&mut self, time: Duration) {
+        self.run_until(self.now + time);
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Tick { device, generation } => {
+                if self.devices[device].tick_generation == generation && self.is_up(device) {
+                    self.devices[device].next_tick = None;
+                    self.input(device, Input::Tick);
+                }
+            }
+            Event::DialDone {
+                device,
+                life,
+                peer,
+                target,
+            } => {
+                if self.devices[device].life == life && self.is_up(device) {
+                    self.dial_done(device, peer, target);
+                }
+            }
+            Event::Accepted { connection } => self.accepted(connection),
+            Event::Arrive {
+                connection,
+                from,
+                seq,
+                segment,
+            } => self.arrive(connection, from, seq, segment),
+            Event::Reset { connection, to } => {
+                if self.end_alive(connection, to) {
+                    let (device, session) = self.connections[connection].ends[to];
+                    self.connections[connection].open[to] = false;
+                    self.input(
+                        device,
+                        Input::SessionDown {
+                            session,
+                            reason: "connection reset by peer".into(),
+                        },
+                    );
+                }
+            }
+            Event::Persisted {
+                device,
+                life,
+                op,
+                token,
+            } => {
+                if self.devices[device].life == life && self.is_up(device) {
+                    self.persisted(device, op, token);
+                }
+            }
+            Event::HandlerDone { device, life, run } => {
+                if self.devices[device].life == life && self.is_up(device) {
+                    let result = Ok(RunResult {
+                        handler: Some("sim/note".into()),
+                        outcome: Outcome::Exited { code: 0 },
+                        stdout: Vec::new(),
+                        duration_ms: HANDLER_TIME.as_millis() as u64,
+                    });
+                    self.input(device, Input::HandlerDone { run, result });
+                }
+            }
+        }
+    }
+
+    /// Devices `a` and `b` both up, and the pairs of them, for the checks.
+    pub fn up_pairs(&self) -> Vec<(DeviceIndex, DeviceIndex)> {
+        let up: Vec<DeviceIndex> = (0..self.devices.len()).filter(|d| self.is_up(*d)).collect();
+        let mut pairs = Vec::new();
+        for (i, a) in up.iter().enumerate() {
+            for b in &up[i + 1..] {
+                pairs.push((*a, *b));
+            }
+        }
+        pairs
+    }
+
+    /// The connection that holds `device`'s live session `session`, if any.
+    pub fn connection_of(&self, device: DeviceIndex, session: SessionId) -> Option<&Connection> {
+        self.find_end(device, session)
+            .map(|(c, _)| &self.connections[c])
+    }
+}
