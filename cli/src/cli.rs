@@ -204,8 +204,10 @@ without the daemon too, reading this device's copy of the store."
     /// List the keys (starting with PREFIX) and their values
     #[command(
         long_about = "Print one line per key starting with PREFIX (all keys without one): \
-the key, a tab, the value, with tabs, newlines and backslashes escaped as \\t, \\n and \\\\. \
---json prints an array of entries with writer and time. Works without the daemon too."
+the key, a tab, the value, with tabs, newlines and backslashes escaped as \\t, \\n and \\\\, \
+and other control characters as \\0, \\u{1b}, ...; a binary value shows as its size. --json \
+prints an array of entries with writer and time. Prints page by page, so any number of keys \
+works. Works without the daemon too."
     )]
     List {
         prefix: Option<String>,
@@ -213,7 +215,7 @@ the key, a tab, the value, with tabs, newlines and backslashes escaped as \\t, \
         #[arg(long)]
         json: bool,
     },
-    /// Show the store's size and replication traffic since the daemon started
+    /// Show the store's live keys, tombstones and replication traffic since the daemon started
     Stats {
         /// Print JSON (the `db.stats` API method's result)
         #[arg(long)]
@@ -222,7 +224,8 @@ the key, a tab, the value, with tabs, newlines and backslashes escaped as \\t, \
     /// Delete KEY on every device
     #[command(
         long_about = "Delete KEY: a deletion is a write like any other (a tombstone), so the \
-latest of a deletion and a set wins on every device. Returns once durable. Needs the daemon."
+latest of a deletion and a set wins on every device. Returns once durable. A KEY that is not set \
+on this device is an error (exit status 1), and nothing is written. Needs the daemon."
     )]
     Del {
         key: String,

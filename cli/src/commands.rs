@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::CommandFactory;
-use cnsprcy::api::Status;
+use cnsprcy::api::{Status, StoreState, StoreStatus};
 use cnsprcy::client::{Client, ClientError};
 use cnsprcy::config::EXAMPLE;
 use cnsprcy::env::DeviceEnv;
@@ -21,7 +21,7 @@ use crate::cli::{Cli, Command, ConfigCommand, ManageCommand};
 use crate::{messages, peers};
 
 /// How long a command waits for the daemon's answer.
-const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
     // The example helps fix a broken configuration, so it must not need a working one.
@@ -199,6 +199,9 @@ fn format_status(status: &Status) -> String {
         },
         status.socket.display(),
     );
+    if let Some(store) = &status.store {
+        out.push_str(&format_store(store));
+    }
     // Loopback is shown only where the configuration names it: when the mesh is kept to some
     // interfaces and lo is one of them, or discovery runs on it.
     let restricted = status.interfaces.iter().any(|i| !i.loopback && !i.mesh);
@@ -247,6 +250,33 @@ fn format_status(status: &Status) -> String {
         }
         out.push_str(&line);
         out.push('\n');
+    }
+    out
+}
+
+/// The store's line, and what to do when something is wrong with it.
+fn format_store(store: &StoreStatus) -> String {
+    let mut out = match (&store.state, &store.problem) {
+        (StoreState::Ok, _) | (_, None) => {
+            format!(
+                "store       {}  {}\n",
+                store.state.as_str(),
+                store.path.display()
+            )
+        }
+        (StoreState::Degraded, Some(problem)) => format!(
+            "store       DEGRADED since {}: {problem}\n",
+            store.since.as_deref().unwrap_or("?")
+        ),
+    };
+    if let Some(aside) = &store.set_aside {
+        out.push_str(&format!(
+            "            a damaged store was moved to {} at {} ({}); {}\n",
+            aside.path.display(),
+            aside.time,
+            aside.reason,
+            aside.advice
+        ));
     }
     out
 }
@@ -429,6 +459,36 @@ mod tests {
     use super::*;
 
     #[test]
+    fn status_shows_the_store_and_what_to_do_about_it() {
+        let mut store = StoreStatus {
+            path: "/home/me/.local/share/cnsprcy/store".into(),
+            state: StoreState::Ok,
+            problem: None,
+            since: None,
+            set_aside: None,
+        };
+        assert_eq!(
+            format_store(&store),
+            "store       ok  /home/me/.local/share/cnsprcy/store\n"
+        );
+        store.state = StoreState::Degraded;
+        store.problem = Some("disk full; free some space".into());
+        store.since = Some("2026-12-06T07:16:35Z".into());
+        store.set_aside = Some(cnsprcy::api::SetAsideStore {
+            path: "/s/store.damaged-20261206T071600Z".into(),
+            reason: "index out of bounds".into(),
+            time: "2026-12-06T07:16:00Z".into(),
+            advice: "delete it once refilled".into(),
+        });
+        assert_eq!(
+            format_store(&store),
+            "store       DEGRADED since 2026-12-06T07:16:35Z: disk full; free some space\n            \
+             a damaged store was moved to /s/store.damaged-20261206T071600Z at \
+             2026-12-06T07:16:00Z (index out of bounds); delete it once refilled\n"
+        );
+    }
+
+    #[test]
     fn durations_read_naturally() {
         assert_eq!(format_duration(5), "5s");
         assert_eq!(format_duration(125), "2m 5s");
@@ -465,6 +525,7 @@ mod tests {
                 interface("tun0", false, false, "10.8.0.5"),
             ],
             absent_interfaces: vec!["usb0".into()],
+            store: None,
         };
         let text = format_status(&status);
         assert!(

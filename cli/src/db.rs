@@ -6,19 +6,22 @@ use std::collections::HashMap;
 use std::io::{IsTerminal, Read, Write};
 use std::process::ExitCode;
 
+use std::ops::ControlFlow;
+
 use anyhow::{Context, bail};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use cnsprcy::api::StoreItem;
+use cnsprcy::api::{StoreItem, StoreListPage};
+use cnsprcy::client::{Client, ClientError};
 use cnsprcy::env::DeviceEnv;
 use cnsprcy::identity::{self, Identity};
 use cnsprcy::lock::InstanceLock;
 use cnsprcy_mesh::store::merge::MAX_VALUE_BYTES;
-use cnsprcy_mesh::store::{OfflineStore, item};
+use cnsprcy_mesh::store::{OfflineStore, StorageError, item};
 use serde_json::{Value, json};
 
 use crate::cli::DbCommand;
-use crate::commands::{CallError, call, not_running, print_json};
+use crate::commands::{CALL_TIMEOUT, CallError, call, not_running, print_json};
 
 pub async fn run(env: &DeviceEnv, command: DbCommand) -> anyhow::Result<ExitCode> {
     match command {
@@ -99,6 +102,26 @@ async fn del(env: &DeviceEnv, key: String, as_json: bool) -> anyhow::Result<Exit
     write(env, "db.del", json!({ "key": key }), as_json).await
 }
 
+/// Why the daemon did not answer a read, when the store may be read on disk instead: `Ok` with
+/// the store (or `None`: this device has none yet), or the error to report.
+fn offline_store(env: &DeviceEnv, error: ClientError) -> anyhow::Result<Option<OfflineStore>> {
+    if InstanceLock::is_held(&env.paths.lock_file("mesh")) {
+        // Running but not answering (starting or stopping): the store is its to hold.
+        bail!("{error}; the mesh service holds the store, try again in a moment");
+    }
+    OfflineStore::open(&env.paths.state_dir).map_err(offline_error)
+}
+
+/// A store error while the daemon is stopped, with what to do about it.
+fn offline_error(e: StorageError) -> anyhow::Error {
+    match e {
+        StorageError::Damaged { .. } => anyhow::anyhow!(
+            "cannot read the store while the daemon is stopped: {e}.\nStart the daemon (`cnspr serve`, or `systemctl --user start cnsprcy.target`): it moves the damaged copy aside and refills the store from your other devices"
+        ),
+        e => anyhow::anyhow!("cannot read the store while the daemon is stopped: {e}"),
+    }
+}
+
 /// A read: from the daemon, or from the store on disk when the daemon does not run.
 async fn read(
     env: &DeviceEnv,
@@ -111,15 +134,7 @@ async fn read(
         Err(CallError::Other(e)) => return Err(e),
         Err(CallError::NotRunning(e)) => e,
     };
-    if InstanceLock::is_held(&env.paths.lock_file("mesh")) {
-        // Running but not answering (starting or stopping): the store is its to hold.
-        return Err(anyhow::anyhow!(
-            "{error}; the mesh service holds the store, try again in a moment"
-        ));
-    }
-    match OfflineStore::open(&env.paths.state_dir)
-        .with_context(|| "cannot read the store while the daemon is stopped")?
-    {
+    match offline_store(env, error)? {
         Some(store) => offline(&store),
         // No store yet: nothing was ever written on this device.
         None => Ok(Value::Null),
@@ -145,7 +160,7 @@ fn offline_names(env: &DeviceEnv) -> HashMap<[u8; 32], String> {
 
 async fn get(env: &DeviceEnv, key: String, as_json: bool) -> anyhow::Result<ExitCode> {
     let value = read(env, "db.get", json!({ "key": key }), |store| {
-        Ok(match store.get(&key)? {
+        Ok(match store.get(&key).map_err(offline_error)? {
             Some(record) => serde_json::to_value(item(&key, &record, &offline_names(env)))?,
             None => Value::Null,
         })
@@ -163,8 +178,8 @@ async fn get(env: &DeviceEnv, key: String, as_json: bool) -> anyhow::Result<Exit
         print_json(&value)?;
         return Ok(ExitCode::SUCCESS);
     }
-    let bytes = BASE64
-        .decode(item.value_base64.as_bytes())
+    let bytes = item
+        .value_bytes()
         .context("the daemon sent a value that is not base64")?;
     let mut out = std::io::stdout().lock();
     out.write_all(&bytes)?;
@@ -175,35 +190,107 @@ async fn get(env: &DeviceEnv, key: String, as_json: bool) -> anyhow::Result<Exit
     Ok(ExitCode::SUCCESS)
 }
 
+/// Prints `db list` as the items come, page by page: lines of text, or one JSON array.
+struct ListPrinter<W: Write> {
+    out: W,
+    json: bool,
+    printed: usize,
+}
+
+impl<W: Write> ListPrinter<W> {
+    fn item(&mut self, item: &StoreItem) -> std::io::Result<()> {
+        if self.json {
+            let text = serde_json::to_string_pretty(item)?;
+            self.out
+                .write_all(if self.printed == 0 { b"[\n" } else { b",\n" })?;
+            // Indented as one element of a pretty-printed array.
+            for (i, line) in text.lines().enumerate() {
+                if i > 0 {
+                    self.out.write_all(b"\n")?;
+                }
+                write!(self.out, "  {line}")?;
+            }
+        } else {
+            writeln!(self.out, "{}\t{}", escape(&item.key), shown_value(item))?;
+        }
+        self.printed += 1;
+        Ok(())
+    }
+
+    /// Ends the output; returns the writer.
+    fn finish(mut self) -> std::io::Result<W> {
+        if self.json {
+            self.out
+                .write_all(if self.printed == 0 { b"[]\n" } else { b"\n]\n" })?;
+        }
+        self.out.flush()?;
+        Ok(self.out)
+    }
+}
+
 async fn list(env: &DeviceEnv, prefix: String, as_json: bool) -> anyhow::Result<ExitCode> {
-    let value = read(env, "db.list", json!({ "prefix": prefix }), |store| {
-        let names = offline_names(env);
-        let items: Vec<StoreItem> = store
-            .list(&prefix)?
-            .iter()
-            .map(|(key, record)| item(key, record, &names))
-            .collect();
-        Ok(serde_json::to_value(items)?)
-    })
-    .await?;
-    let items: Vec<StoreItem> = if value.is_null() {
-        Vec::new()
-    } else {
-        serde_json::from_value(value)?
+    let mut printer = ListPrinter {
+        out: std::io::BufWriter::new(std::io::stdout().lock()),
+        json: as_json,
+        printed: 0,
     };
-    if as_json {
-        print_json(&items)?;
-        return Ok(ExitCode::SUCCESS);
+    let socket = env.paths.public_socket();
+    let not_running = match Client::connect(&socket).await {
+        Ok(mut client) => {
+            // Page after page on one connection; each page is printed before the next is
+            // asked for, so memory holds one page at most.
+            let mut after: Option<String> = None;
+            loop {
+                let params = json!({ "prefix": prefix, "after": after });
+                let page =
+                    client
+                        .call("db.list", params, CALL_TIMEOUT)
+                        .await
+                        .map_err(|e| match e {
+                            ClientError::Rpc(e) => anyhow::anyhow!(e.message),
+                            e => e.into(),
+                        })?;
+                let page: StoreListPage =
+                    serde_json::from_value(page).context("the daemon's list is not understood")?;
+                for item in &page.items {
+                    printer.item(item)?;
+                }
+                match page.next_after {
+                    Some(next) => after = Some(next),
+                    None => break,
+                }
+            }
+            printer.finish()?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Err(e @ ClientError::NotRunning { .. }) => e,
+        Err(e) => return Err(e.into()),
+    };
+    if let Some(store) = offline_store(env, not_running)? {
+        let names = offline_names(env);
+        let mut failed = None;
+        store
+            .scan_live(&prefix, None, |key, record| {
+                match printer.item(&item(&key, &record, &names)) {
+                    Ok(()) => ControlFlow::Continue(()),
+                    Err(e) => {
+                        failed = Some(e);
+                        ControlFlow::Break(())
+                    }
+                }
+            })
+            .map_err(offline_error)?;
+        if let Some(e) = failed {
+            return Err(e.into());
+        }
     }
-    let mut out = std::io::stdout().lock();
-    for item in &items {
-        writeln!(out, "{}\t{}", escape(&item.key), shown_value(item))?;
-    }
-    out.flush()?;
+    printer.finish()?;
     Ok(ExitCode::SUCCESS)
 }
 
-/// One line per key: tabs, newlines and backslashes escaped as `\t`, `\n`, `\\`.
+/// One line per key: tab, newline, carriage return and backslash escaped as `\t`, `\n`, `\r`,
+/// `\\`, and every other control character as Rust writes it (`\0`, `\u{1b}`), so that nothing
+/// printed can move the cursor, clear the screen or break the line format.
 fn escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
@@ -212,6 +299,7 @@ fn escape(text: &str) -> String {
             '\t' => out.push_str("\\t"),
             '\n' => out.push_str("\\n"),
             '\r' => out.push_str("\\r"),
+            c if c.is_control() => out.extend(c.escape_debug()),
             c => out.push(c),
         }
     }
@@ -219,22 +307,78 @@ fn escape(text: &str) -> String {
 }
 
 fn shown_value(item: &StoreItem) -> String {
-    match &item.value {
-        Some(text) => escape(text),
-        None => format!(
+    match (&item.value, item.value_bytes()) {
+        (Some(text), _) => escape(text),
+        (None, Ok(bytes)) => format!(
             "({} bytes of binary data; --json shows them in base64)",
-            item.value_base64.len() / 4 * 3
+            bytes.len()
         ),
+        (None, Err(_)) => "(a value the daemon sent in broken base64)".to_owned(),
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::escape;
+    use super::*;
 
     #[test]
-    fn list_lines_escape_separators() {
+    fn list_lines_escape_separators_and_control_characters() {
         assert_eq!(escape("a\tb\nc\\d"), "a\\tb\\nc\\\\d");
         assert_eq!(escape("plain ü"), "plain ü");
+        assert_eq!(
+            escape("nul\0esc\u{1b}[2J\u{85}"),
+            "nul\\0esc\\u{1b}[2J\\u{85}"
+        );
+    }
+
+    fn stored(value: &[u8]) -> StoreItem {
+        let record = cnsprcy_mesh::store::Record {
+            ts: cnsprcy::wire::StoreTimestamp { ms: 1, counter: 0 },
+            writer: [1; 32],
+            value: Some(value.to_vec()),
+        };
+        item("k", &record, &HashMap::new())
+    }
+
+    #[test]
+    fn binary_values_show_their_exact_size() {
+        for len in [0usize, 1, 5, 20, 100, 1000] {
+            let value: Vec<u8> = (0..len).map(|i| 0x80 | i as u8).collect();
+            let shown = shown_value(&stored(&value));
+            if len == 0 {
+                assert_eq!(shown, "");
+            } else {
+                assert_eq!(
+                    shown,
+                    format!("({len} bytes of binary data; --json shows them in base64)")
+                );
+            }
+        }
+        assert_eq!(shown_value(&stored(b"a\0b")), "a\\0b");
+    }
+
+    #[test]
+    fn the_json_list_is_one_array_however_it_is_paged() {
+        let items: Vec<StoreItem> = [b"x".as_slice(), &[0xff, 0], b""]
+            .iter()
+            .map(|v| stored(v))
+            .collect();
+        let mut printer = ListPrinter {
+            out: Vec::new(),
+            json: true,
+            printed: 0,
+        };
+        for item in &items {
+            printer.item(item).unwrap();
+        }
+        let out = printer.finish().unwrap();
+        let expected = format!("{}\n", serde_json::to_string_pretty(&items).unwrap());
+        assert_eq!(String::from_utf8(out).unwrap(), expected);
+        let empty = ListPrinter {
+            out: Vec::new(),
+            json: true,
+            printed: 0,
+        };
+        assert_eq!(empty.finish().unwrap(), b"[]\n");
     }
 }

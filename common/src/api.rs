@@ -32,6 +32,57 @@ pub struct Status {
     /// now (a USB tether not plugged in, or a typo).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub absent_interfaces: Vec<String>,
+    /// The replicated store (absent from daemons older than this field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<StoreStatus>,
+}
+
+/// The replicated store, in `status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoreStatus {
+    /// The store's directory.
+    pub path: PathBuf,
+    pub state: StoreState,
+    /// While degraded: what is wrong, and what to do.
+    #[serde(default)]
+    pub problem: Option<String>,
+    /// While degraded: since when (RFC 3339, UTC).
+    #[serde(default)]
+    pub since: Option<String>,
+    /// A damaged store this daemon moved aside (since it started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub set_aside: Option<SetAsideStore>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreState {
+    Ok,
+    /// Writes fail (and change nothing) until the problem is gone; the daemon retries by
+    /// itself.
+    Degraded,
+}
+
+impl StoreState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreState::Ok => "ok",
+            StoreState::Degraded => "degraded",
+        }
+    }
+}
+
+/// A damaged store, moved aside so that the daemon could start with an empty one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetAsideStore {
+    /// Where the damaged copy is now.
+    pub path: PathBuf,
+    /// What was wrong with it.
+    pub reason: String,
+    /// When it was moved (RFC 3339, UTC).
+    pub time: String,
+    /// What to do about it.
+    pub advice: String,
 }
 
 /// One network interface in `status`.
@@ -284,8 +335,10 @@ pub struct StoreItem {
     /// The value, if it is UTF-8 text (absent for binary values and deletions).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value: Option<String>,
-    /// The value in base64, always (binary-safe; empty for deletions).
-    pub value_base64: String,
+    /// The value in base64, when it is not UTF-8 text (absent otherwise; older daemons sent it
+    /// always).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_base64: Option<String>,
     /// Whether this is a deletion (only `db.del` returns one).
     #[serde(default)]
     pub deleted: bool,
@@ -297,6 +350,21 @@ pub struct StoreItem {
     /// The same as Unix milliseconds, and the clock's counter within that millisecond.
     pub timestamp: u64,
     pub counter: u32,
+}
+
+impl StoreItem {
+    /// The value's bytes, from `value` or `value_base64` (empty for a deletion).
+    pub fn value_bytes(&self) -> Result<Vec<u8>, base64::DecodeError> {
+        Bytes::decode(self.value.as_deref(), self.value_base64.as_deref())
+    }
+}
+
+/// One page of `db.list`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoreListPage {
+    pub items: Vec<StoreItem>,
+    /// Where the next page starts: pass it as `after`. `null` when this page is the last.
+    pub next_after: Option<String>,
 }
 
 #[cfg(test)]

@@ -1,6 +1,8 @@
 //! The replicated store with devices as real processes: replication to every member, concurrent
 //! writes settling on one winner, a cut-off device catching up after the link returns (with the
-//! anti-entropy traffic measured), crash safety of `db set`, and reads with the daemon down.
+//! anti-entropy traffic measured), crash safety of `db set`, reads with the daemon down, a
+//! damaged store set aside and refilled, writes on a full disk, and listing more than fits in
+//! one answer.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -84,7 +86,8 @@ fn contents(device: &Device) -> Vec<(String, String, String)> {
         .map(|item| {
             (
                 item["key"].as_str().unwrap_or_default().to_owned(),
-                item["value_base64"].as_str().unwrap_or_default().to_owned(),
+                // Text in `value`, anything else in `value_base64`.
+                format!("{}|{}", item["value"], item["value_base64"]),
                 item["writer_id"].as_str().unwrap_or_default().to_owned(),
             )
         })
@@ -111,14 +114,19 @@ impl Api {
         }
     }
 
-    fn call(&mut self, method: &str, params: Value) -> Value {
+    /// The whole answer to one call.
+    fn answer(&mut self, method: &str, params: Value) -> Value {
         self.next += 1;
         let request =
             json!({"jsonrpc": "2.0", "id": self.next, "method": method, "params": params});
         writeln!(self.writer, "{request}").expect("send request");
         let mut line = String::new();
         self.reader.read_line(&mut line).expect("read answer");
-        let answer: Value = serde_json::from_str(&line).expect("answer is JSON");
+        serde_json::from_str(&line).expect("answer is JSON")
+    }
+
+    fn call(&mut self, method: &str, params: Value) -> Value {
+        let answer = self.answer(method, params);
         assert!(answer["error"].is_null(), "{method} failed: {answer}");
         answer["result"].clone()
     }
@@ -192,6 +200,24 @@ fn a_write_on_one_device_is_readable_on_all() {
         .cnspr(&["db", "get", "presence/user"])
         .code(1)
         .stderr_has("is not set");
+    // Deleting it again, or a key never set: refused, nothing written.
+    for key in ["presence/user", "never/set"] {
+        devices[0]
+            .cnspr(&["db", "del", key])
+            .code(1)
+            .stderr_has("on this device; nothing deleted");
+    }
+    let stats = devices[0].cnspr_json(&["db", "stats"]);
+    assert_eq!(
+        (stats["keys"].as_u64(), stats["tombstones"].as_u64()),
+        (Some(2), Some(1)),
+        "{stats}"
+    );
+    // A binary value shows as its exact size.
+    assert_eq!(
+        devices[0].cnspr(&["db", "list", "blob"]).success().stdout,
+        "blob\t(4 bytes of binary data; --json shows them in base64)\n"
+    );
 
     // Limits, with clear errors.
     let long = "k".repeat(1025);
@@ -458,4 +484,321 @@ fn a_device_that_was_offline_catches_up_when_it_returns() {
     assert_eq!(get(&devices[2], "before").as_deref(), Some("2"));
     assert_eq!(get(&devices[2], "while-away/0"), None);
     assert_eq!(get(&devices[2], "while-away/19").as_deref(), Some("v19"));
+}
+
+/// Cuts `device`'s `store/db` to half its length, as a crash of the disk might.
+fn truncate_store(device: &Device) {
+    let db = device.state_dir().join("store/db");
+    let len = std::fs::metadata(&db).expect("store/db").len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&db)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+}
+
+#[test]
+fn a_damaged_store_is_set_aside_and_refilled_from_another_device() {
+    let ns = NetNs::new();
+    let mut devices = mesh(&ns, &["a", "b"]);
+    // Enough keys, each write flushed, for sled to panic on the damaged file (as the report
+    // found: `index out of bounds`).
+    const KEYS: usize = 3000;
+    let mut api = Api::connect(&devices[0]);
+    for i in 0..KEYS {
+        api.call(
+            "db.set",
+            json!({"key": format!("k/{i:05}"), "value": "v".repeat(200)}),
+        );
+    }
+    drop(api);
+    assert!(
+        wait_until(RECOVERY, || list(&devices[1], "k/").len() == KEYS),
+        "b did not get the keys"
+    );
+    devices[0].stop_with("serve", Signal::SIGTERM);
+    // An offline read opens the store once more (sled writes a snapshot), then the damage.
+    assert_eq!(list(&devices[0], "k/").len(), KEYS);
+    truncate_store(&devices[0]);
+
+    // Offline reads: a clear error, no panic, nothing moved.
+    for args in [&["db", "get", "k/00001"][..], &["db", "list"]] {
+        devices[0]
+            .cnspr(args)
+            .code(1)
+            .stderr_has("is damaged")
+            .stderr_has("refills the store from your other devices");
+    }
+    let run = devices[0].cnspr(&["db", "list"]);
+    assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
+    assert!(devices[0].state_dir().join("store/db").exists());
+
+    // The daemon comes up, says so, and refills from b.
+    devices[0].start_in(&ns);
+    let status = devices[0].cnspr_json(&["status"]);
+    let aside = &status["store"]["set_aside"];
+    let path = std::path::PathBuf::from(aside["path"].as_str().expect("set aside"));
+    assert!(path.join("db").exists(), "{status}");
+    assert_eq!(status["store"]["state"], "ok", "{status}");
+    let log = devices[0].log("serve");
+    assert!(
+        log.contains("was damaged") && log.contains(&path.display().to_string()),
+        "{log}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
+    devices[0]
+        .cnspr(&["status"])
+        .success()
+        .stdout_has("a damaged store was moved to")
+        .stdout_has("refills from the other devices");
+    devices[1].wait_status("a", "direct", SOON);
+    assert!(
+        wait_until(RECOVERY, || list(&devices[0], "k/").len() == KEYS),
+        "a has {} keys after the refill",
+        list(&devices[0], "k/").len()
+    );
+    let mode = |p: &std::path::Path| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(p).unwrap().mode() & 0o777
+    };
+    assert_eq!(mode(&devices[0].state_dir().join("store")), 0o700);
+    assert_eq!(mode(&devices[0].state_dir().join("store/db")), 0o600);
+}
+
+/// `db set` on a full disk: an error, and no trace (not readable, not spread); `status` says
+/// the store is degraded and what to do; once space returns the store works again without a
+/// restart. The device's store is a small tmpfs in a mount namespace of the daemon's own.
+#[test]
+fn a_write_on_a_full_disk_fails_without_a_trace_and_the_store_recovers() {
+    let ns = NetNs::new();
+    let mut a = Device::new("a");
+    a.configure(&addr(20));
+    let store = a.state_dir().join("store");
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&store)
+            .unwrap();
+    }
+    let cnspr = cnsprcy_tests::bin("cnspr");
+    a.spawn_in(
+        &ns,
+        "serve",
+        std::path::Path::new("unshare"),
+        &[
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "sh",
+            "-c",
+            r#"mount -t tmpfs -o size=8m,mode=0700 tmpfs "$0" && exec "$1" serve"#,
+            store.to_str().unwrap(),
+            cnspr.to_str().unwrap(),
+        ],
+    );
+    a.wait_ready("serve");
+    let pid = a.pid("serve").to_string();
+    // Runs a shell command in the daemon's mount namespace (where the tmpfs is).
+    let in_mounts = |script: &str| {
+        let status = std::process::Command::new("nsenter")
+            .args(["--target", &pid, "--mount", "--", "sh", "-c", script])
+            .arg(&store)
+            .status()
+            .expect("nsenter");
+        assert!(status.success(), "{script}");
+    };
+    let mut b = Device::new("b");
+    b.configure(&addr(21));
+    b.start_in(&ns);
+    let mut devices = vec![a, b];
+    link(&devices, |j| addr(20 + j));
+    wait_all_direct(&mut devices);
+    let [a, b] = &devices[..] else { unreachable!() };
+
+    a.cnspr(&["db", "set", "before", "1"]).success();
+    assert!(wait_until(SOON, || get(b, "before").is_some()));
+    in_mounts(r#"cat /dev/zero > "$0/filler" 2>/dev/null; true"#);
+    let mut api = Api::connect(a);
+    let value = "x".repeat(100_000);
+    let error = (0..100).find_map(|i| {
+        let key = format!("full/{i}");
+        let answer = api.answer("db.set", json!({"key": key, "value": value}));
+        (!answer["error"].is_null()).then(|| (key, answer["error"].clone()))
+    });
+    let (failed, error) = error.expect("a write failed on the full disk");
+    assert_eq!(error["code"], -32007, "{error}");
+    let message = error["message"].as_str().unwrap();
+    assert!(
+        message.contains("No space left") && message.contains("nothing was changed"),
+        "{message}"
+    );
+    // No trace here, none on b.
+    assert_eq!(get(a, &failed), None);
+    assert!(list(a, "").iter().all(|i| i["key"] != failed.as_str()));
+    let status = a.cnspr_json(&["status"]);
+    assert_eq!(status["store"]["state"], "degraded", "{status}");
+    assert!(
+        status["store"]["problem"]
+            .as_str()
+            .unwrap()
+            .contains("free some space"),
+        "{status}"
+    );
+    a.cnspr(&["status"])
+        .success()
+        .stdout_has("store       DEGRADED since");
+    // Later writes fail clearly too, and reads keep working.
+    a.cnspr(&["db", "set", "small", "v"])
+        .code(1)
+        .stderr_has("No space left");
+    assert_eq!(get(a, "before").as_deref(), Some("1"));
+    // A new session makes b and a compare their stores: the failed key does not spread.
+    devices[1].stop_with("serve", Signal::SIGTERM);
+    devices[1].start_in(&ns);
+    devices[1].wait_status("a", "direct", SOON);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(get(&devices[1], &failed), None);
+
+    // Space returns: the store recovers by itself, no restart.
+    in_mounts(r#"rm "$0/filler""#);
+    let a = &devices[0];
+    assert!(
+        wait_until(RECOVERY, || a.cnspr_json(&["status"])["store"]["state"]
+            == "ok"),
+        "still degraded: {}",
+        a.cnspr_json(&["status"])["store"]
+    );
+    a.cnspr(&["db", "set", "after", "2"]).success();
+    assert!(wait_until(SOON, || get(&devices[1], "after").as_deref() == Some("2")));
+    assert_eq!(get(a, &failed), None);
+}
+
+/// Runs `cnspr ARGS` and returns its stdout and its peak resident memory in KiB. The peak is
+/// read from `/proc` while it runs (`VmHWM` counts from its exec; `wait4`'s `ru_maxrss` would
+/// include this test process's memory, inherited through the fork).
+fn cnspr_big_output(device: &Device, args: &[&str]) -> (Vec<u8>, u64) {
+    let mut child = device
+        .command(cnsprcy_tests::bin("cnspr"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status_file = format!("/proc/{}/status", child.id());
+    let sampler = std::thread::spawn(move || {
+        let mut peak = 0;
+        // Until the process is gone (a zombie has no memory lines).
+        while let Some(kib) = std::fs::read_to_string(&status_file).ok().and_then(|text| {
+            let line = text.lines().find(|l| l.starts_with("VmHWM:"))?;
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        }) {
+            peak = peak.max(kib);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        peak
+    });
+    let mut out = Vec::new();
+    std::io::Read::read_to_end(&mut child.stdout.take().unwrap(), &mut out).unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    let peak = sampler.join().unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "cnspr {args:?}: {status}\n{err}");
+    (out, peak)
+}
+
+/// More than fits in one answer of the API (24 MiB): 11 values of 1 MiB, and 50 000 small
+/// keys. `db list` pages, and prints as it goes, in text and JSON, with the daemon and without.
+#[test]
+fn listing_more_than_one_answer_holds() {
+    let ns = NetNs::new();
+    let mut device = Device::new("a");
+    device.configure(&addr(22));
+    const SMALL: usize = 50_000;
+    // The small keys go straight into the store (50 000 flushed writes through the API would
+    // take minutes); the big ones through the CLI.
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(device.state_dir())
+            .unwrap();
+        let own = [9; 32];
+        let store = cnsprcy_mesh::store::Store::open(&device.state_dir(), own).unwrap();
+        let entries: Vec<_> = (0..SMALL)
+            .map(|i| cnsprcy::wire::StoreEntry {
+                key: format!("small/{i:06}"),
+                ts: cnsprcy::wire::StoreTimestamp {
+                    ms: 1_700_000_000_000,
+                    counter: 0,
+                },
+                writer: own,
+                value: Some(vec![b's'; 200]),
+            })
+            .collect();
+        for chunk in entries.chunks(5000) {
+            assert_eq!(
+                store
+                    .apply_remote(chunk.to_vec(), "test", cnsprcy_mesh::store::merge::now_ms())
+                    .len(),
+                chunk.len()
+            );
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    device.start_in(&ns);
+    for i in 0..11u8 {
+        let mut cmd = device.command(cnsprcy_tests::bin("cnspr"));
+        cmd.args(["db", "set", &format!("big/{i:02}"), "-"])
+            .stdin(std::process::Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        // Binary for some (base64 in JSON), text for the others.
+        let byte = if i % 2 == 0 { b'a' + i } else { 0xff };
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(&vec![byte; 1024 * 1024])
+            .unwrap();
+        assert!(child.wait().unwrap().success());
+    }
+    let total = SMALL + 11;
+    for running in [true, false] {
+        if !running {
+            device.stop_with("serve", Signal::SIGTERM);
+        }
+        let (text, peak) = cnspr_big_output(&device, &["db", "list"]);
+        let lines: Vec<&[u8]> = text
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .collect();
+        assert_eq!(lines.len(), total);
+        assert!(lines[0].starts_with(b"big/00\t"));
+        assert!(
+            String::from_utf8_lossy(lines[1]).starts_with("big/01\t(1048576 bytes of binary data")
+        );
+        eprintln!(
+            "db list (daemon running: {running}): {} bytes, peak memory {peak} KiB",
+            text.len()
+        );
+        let (json, peak_json) = cnspr_big_output(&device, &["db", "list", "--json"]);
+        let items: Vec<Value> = serde_json::from_slice(&json).expect("one JSON array");
+        assert_eq!(items.len(), total);
+        assert_eq!(items[1]["value_base64"].as_str().unwrap().len(), 1398104);
+        assert_eq!(items[total - 1]["key"], format!("small/{:06}", SMALL - 1));
+        eprintln!(
+            "db list --json: {} bytes, peak memory {peak_json} KiB",
+            json.len()
+        );
+        // A page at a time, not the whole listing (about 30 MiB through the daemon; sled's
+        // own memory when reading the store itself, which grows with the store).
+        for peak in [peak, peak_json] {
+            assert!(peak > 0 && peak < 96 * 1024, "peak memory {peak} KiB");
+        }
+    }
 }

@@ -391,6 +391,11 @@ impl Api<'_> {
                 addresses: i.addresses,
             })
             .collect();
+        // Off the runtime's threads: the store's lock is held while it writes or recovers.
+        let store = mesh.node.store.clone();
+        let store = tokio::task::spawn_blocking(move || store.status())
+            .await
+            .ok();
         Status {
             name: mesh.name.clone(),
             id: mesh.identity.device_id(),
@@ -403,6 +408,7 @@ impl Api<'_> {
             services,
             interfaces,
             absent_interfaces: absent,
+            store,
         }
     }
 }

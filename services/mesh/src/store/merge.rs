@@ -92,6 +92,11 @@ impl Clock {
         self.last
     }
 
+    /// The latest timestamp given out or observed.
+    pub fn last(&self) -> StoreTimestamp {
+        self.last
+    }
+
     /// Takes note of a timestamp stored or accepted, so later local writes come after it.
     pub fn observe(&mut self, ts: StoreTimestamp) {
         self.last = self.last.max(ts);

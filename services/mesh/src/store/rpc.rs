@@ -3,10 +3,12 @@
 //! the node, which pushes them to every member and raises the events.
 
 use std::collections::HashMap;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use cnsprcy::api::{StoreItem, StoreListPage};
 use cnsprcy::rpc::{self, RpcError};
 use cnsprcy::wire::KeyBytes;
 use serde::Deserialize;
@@ -42,31 +44,92 @@ struct SetParams {
 struct ListParams {
     #[serde(default)]
     prefix: String,
+    /// The last key of the previous page: this page starts after it.
+    #[serde(default)]
+    after: Option<String>,
+    /// At most this many items (`DEFAULT_LIST_LIMIT` if not given).
+    #[serde(default)]
+    limit: Option<usize>,
 }
+
+/// Items per `db.list` page unless `limit` says otherwise, and the most `limit` may ask for.
+pub const DEFAULT_LIST_LIMIT: usize = 1000;
+pub const MAX_LIST_LIMIT: usize = 10_000;
+/// A page ends before its items' JSON passes this size (except that a page holds at least one
+/// item). One item is at most about 6 MiB (a 1 MiB text value of control characters, each
+/// escaped as `\u0000`), so a page always fits in the API's 24 MiB line.
+pub const PAGE_BYTES: usize = 8 * 1024 * 1024;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct NoParams {}
 
-fn store_error(e: StoreError) -> RpcError {
+/// An error of a read (`write`: false) or a write, for the API.
+fn store_error(e: StoreError, write: bool) -> RpcError {
     match e {
         StoreError::Invalid(e) => RpcError::invalid_params(e.to_string()),
-        StoreError::Storage(e) => RpcError::new(code::STORAGE, e.to_string()),
+        StoreError::NotFound(_) => RpcError::new(code::NOT_FOUND, e.to_string()),
+        StoreError::Storage(e) if write => RpcError::new(
+            code::STORAGE,
+            format!("{e}; nothing was changed. {}", e.advice()),
+        ),
+        StoreError::Storage(e) => RpcError::new(
+            code::STORAGE,
+            format!("cannot read the store: {e}. {}", e.advice()),
+        ),
+        StoreError::Degraded(_) => RpcError::new(code::STORAGE, e.to_string()),
     }
+}
+
+/// One page of `db.list`: up to `limit` items and `PAGE_BYTES` of JSON, and where the next
+/// page starts if there is more.
+fn list_page(
+    store: &Store,
+    params: ListParams,
+    names: &HashMap<KeyBytes, String>,
+) -> Result<StoreListPage, StoreError> {
+    let ListParams {
+        prefix,
+        after,
+        limit,
+    } = params;
+    let limit = limit.unwrap_or(DEFAULT_LIST_LIMIT);
+    let mut items = Vec::new();
+    let mut bytes = 0;
+    let mut more = false;
+    store.scan_live(&prefix, after.as_deref(), |key, record| {
+        let shown = item(&key, &record, names);
+        // The size it adds to the answer (its JSON and a comma).
+        let size = serde_json::to_vec(&shown).map_or(0, |v| v.len()) + 1;
+        if items.len() == limit || (!items.is_empty() && bytes + size > PAGE_BYTES) {
+            more = true;
+            return ControlFlow::Break(());
+        }
+        bytes += size;
+        items.push(shown);
+        ControlFlow::Continue(())
+    })?;
+    let next_after = if more {
+        items.last().map(|i: &StoreItem| i.key.clone())
+    } else {
+        None
+    };
+    Ok(StoreListPage { items, next_after })
 }
 
 fn to_value<T: serde::Serialize>(value: T) -> Result<Value, RpcError> {
     serde_json::to_value(value).map_err(|e| RpcError::internal(e.to_string()))
 }
 
-/// Runs blocking store work off the runtime's threads.
+/// Runs blocking store work off the runtime's threads; `write`: whether it is a write.
 async fn blocking<T: Send + 'static>(
+    write: bool,
     work: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, RpcError> {
     tokio::task::spawn_blocking(work)
         .await
         .map_err(|e| RpcError::internal(format!("store task failed: {e}")))?
-        .map_err(store_error)
+        .map_err(|e| store_error(e, write))
 }
 
 /// Writers' names: this device and the members.
@@ -88,7 +151,7 @@ pub(crate) async fn call(mesh: &Mesh, method: &str, params: Value) -> Result<Val
             let KeyParams { key } = rpc::params(params)?;
             let record = {
                 let (store, key) = (store.clone(), key.clone());
-                blocking(move || Ok(store.get(&key)?)).await?
+                blocking(false, move || Ok(store.get(&key)?)).await?
             };
             match record.filter(|r| r.value.is_some()) {
                 Some(record) => to_value(item(&key, &record, &names(mesh).await)),
@@ -96,15 +159,14 @@ pub(crate) async fn call(mesh: &Mesh, method: &str, params: Value) -> Result<Val
             }
         }
         "db.list" => {
-            let ListParams { prefix } = rpc::params(params)?;
-            let records = blocking(move || Ok(store.list(&prefix)?)).await?;
+            let params: ListParams = rpc::params(params)?;
+            if params.limit.is_some_and(|l| l == 0 || l > MAX_LIST_LIMIT) {
+                return Err(RpcError::invalid_params(format!(
+                    "limit must be between 1 and {MAX_LIST_LIMIT}"
+                )));
+            }
             let names = names(mesh).await;
-            to_value(
-                records
-                    .iter()
-                    .map(|(key, record)| item(key, record, &names))
-                    .collect::<Vec<_>>(),
-            )
+            to_value(blocking(false, move || list_page(&store, params, &names)).await?)
         }
         "db.set" | "db.del" => {
             let (key, value) = if method == "db.set" {
@@ -129,7 +191,7 @@ pub(crate) async fn call(mesh: &Mesh, method: &str, params: Value) -> Result<Val
                 let KeyParams { key } = rpc::params(params)?;
                 (key, None)
             };
-            let entry = blocking(move || store.write_local(&key, value)).await?;
+            let entry = blocking(true, move || store.write_local(&key, value)).await?;
             let record = super::Record {
                 ts: entry.ts,
                 writer: entry.writer,
@@ -146,7 +208,8 @@ pub(crate) async fn call(mesh: &Mesh, method: &str, params: Value) -> Result<Val
         }
         "db.stats" => {
             rpc::params::<NoParams>(params)?;
-            Ok(store.stats_json())
+            // Off the runtime's threads: the store's lock is held while it writes.
+            blocking(false, move || Ok(store.stats_json())).await
         }
         other => Err(RpcError::internal(format!(
             "method {other:?} has no handler"
