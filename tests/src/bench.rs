@@ -48,7 +48,10 @@ impl Api {
 /// namespaces) and a release build.
 pub fn release_cnspr() -> PathBuf {
     assert!(crate::is_root(), "needs root: it makes network namespaces");
-    let cnspr = bin_dir().join("cnspr");
+    // Another build's `cnspr` (an older version, to compare with), if named.
+    let cnspr = std::env::var_os("CNSPRCY_BENCH_CNSPR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| bin_dir().join("cnspr"));
     assert!(
         cnspr.exists(),
         "build first: cargo build --release --workspace"
