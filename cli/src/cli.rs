@@ -93,7 +93,9 @@ member: --all, the default). On each, the handler for TAG runs with PAYLOAD on i
 unreachable now gets the message when it comes back, until --ttl runs out. Without --wait, \
 returns once the local daemon has stored the message; with --wait, waits for every recipient's \
 handler and prints each reply (its standard output), and the exit status says whether all \
-handlers succeeded."
+handlers succeeded. Messages from one device with one tag run on each recipient one at a \
+time, in the order they were sent, also when some waited in a queue. `cnspr messages` shows what \
+is still queued and what became of recent messages."
     )]
     Send {
         /// The message's tag, which picks the handler (e.g. clipboard/set)
@@ -106,6 +108,10 @@ handlers succeeded."
         /// Send to every member (the default without --to)
         #[arg(long, conflicts_with = "to")]
         all: bool,
+        /// With --all: run this device's own handler too (to send only to this device, use
+        /// --to with its own name)
+        #[arg(long, conflicts_with = "to")]
+        include_self: bool,
         /// Wait for every recipient's handler and print the replies
         #[arg(long)]
         wait: bool,
@@ -128,6 +134,20 @@ messages sent from it, and peers changing status, one line each, until interrupt
     )]
     Watch {
         /// One JSON object per line
+        #[arg(long)]
+        json: bool,
+    },
+
+    /// Show the messages still queued here and what became of recent ones
+    #[command(
+        long_about = "List the messages this device sent that some target has not acknowledged \
+yet (the outbox: tag, size, when they expire, whom they wait for), then the most recent outcomes \
+of messages (delivered to a device, handled there with a status, expired before reaching a \
+device; up to 200, oldest first). A handler's output that came back after `send --wait` stopped \
+waiting is kept here too (--json shows it)."
+    )]
+    Messages {
+        /// Print the outbox and outcomes as JSON (the `messages` API method's result)
         #[arg(long)]
         json: bool,
     },

@@ -45,6 +45,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             payload,
             to,
             all: _,
+            include_self,
             wait,
             timeout,
             ttl,
@@ -54,6 +55,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 tag,
                 payload,
                 to,
+                include_self,
                 wait,
                 timeout,
                 ttl,
@@ -61,6 +63,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             messages::send(&env, args, json).await
         }
         Command::Watch { json } => messages::watch(&env, json).await,
+        Command::Messages { json } => messages::list(&env, json).await,
         Command::Db(command) => crate::db::run(&env, command).await,
         Command::Manage(ManageCommand::Add {
             name,

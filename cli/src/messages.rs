@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use cnsprcy::api::{HandlerReply, SendResult, WatchEvent};
+use cnsprcy::api::{HandlerReply, MessagesInfo, SendResult, WatchEvent};
 use cnsprcy::client::{Client, ClientError};
 use cnsprcy::env::DeviceEnv;
 use cnsprcy::ipc::MAX_PAYLOAD_BYTES;
@@ -17,6 +17,7 @@ pub struct SendArgs {
     pub tag: String,
     pub payload: Option<String>,
     pub to: Vec<String>,
+    pub include_self: bool,
     pub wait: bool,
     pub timeout: Duration,
     pub ttl: Duration,
@@ -60,6 +61,9 @@ pub async fn send(env: &DeviceEnv, args: SendArgs, as_json: bool) -> anyhow::Res
     });
     if !args.to.is_empty() {
         params["to"] = json!(args.to);
+    }
+    if args.include_self {
+        params["include_self"] = json!(true);
     }
     if !args.wait {
         let value = match call_with_timeout(env, "send", params, Duration::from_secs(30)).await {
@@ -203,7 +207,11 @@ pub async fn watch(env: &DeviceEnv, as_json: bool) -> anyhow::Result<ExitCode> {
             println!("{params}");
             continue;
         }
-        let time = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+        // The daemon stamps each event; older daemons did not.
+        let time = match params["time"].as_str() {
+            Some(time) => time.to_owned(),
+            None => humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+        };
         match serde_json::from_value::<WatchEvent>(params.clone()) {
             Ok(event) => println!("{time}  {}", describe(&event)),
             Err(_) => println!("{time}  {params}"),
@@ -248,6 +256,28 @@ fn describe(event: &WatchEvent) -> String {
             Some(via) => format!("peer {name} is {} via {via}", status.as_str()),
             None => format!("peer {name} is {}", status.as_str()),
         },
+        WatchEvent::Delivered { id, tag, to, .. } => format!("delivered {tag} {id} to {to}"),
+        WatchEvent::Handled {
+            id,
+            tag,
+            by,
+            status,
+            exit_code,
+            error,
+            ..
+        } => {
+            let mut line = format!("handled {tag} {id} on {by}: {status}");
+            if let Some(code) = exit_code {
+                line.push_str(&format!(" (exit {code})"));
+            }
+            if let Some(error) = error {
+                line.push_str(&format!(": {error}"));
+            }
+            line
+        }
+        WatchEvent::Expired { id, tag, missed } => {
+            format!("expired {tag} {id} before reaching {}", names(missed))
+        }
         WatchEvent::Lagged { missed } => format!("(missed {missed} events: too slow to keep up)"),
         WatchEvent::Store {
             key,
@@ -258,4 +288,44 @@ fn describe(event: &WatchEvent) -> String {
             false => format!("store {key:?} set by {writer}"),
         },
     }
+}
+
+/// `cnspr messages`: the outbox, then recent outcomes.
+pub async fn list(env: &DeviceEnv, as_json: bool) -> anyhow::Result<ExitCode> {
+    let value = match call_with_timeout(env, "messages", json!({}), Duration::from_secs(10)).await {
+        Ok(value) => value,
+        Err(CallError::NotRunning(e)) => return not_running(env, e, as_json),
+        Err(CallError::Other(e)) => return Err(e),
+    };
+    if as_json {
+        print_json(&value)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let info: MessagesInfo = serde_json::from_value(value)
+        .context("the daemon's answer to `messages` is not understood")?;
+    if info.outbox.is_empty() {
+        println!("outbox: empty");
+    } else {
+        println!("outbox ({} waiting):", info.outbox.len());
+        for message in &info.outbox {
+            println!(
+                "  {} {} ({} bytes), sent {}, expires {}, waiting for {}",
+                message.id,
+                message.tag,
+                message.size,
+                message.sent,
+                message.expires,
+                names(&message.waiting_for)
+            );
+        }
+    }
+    if info.recent.is_empty() {
+        println!("recent: none");
+    } else {
+        println!("recent:");
+        for outcome in &info.recent {
+            println!("  {}  {}", outcome.time, describe(&outcome.event));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -317,6 +317,31 @@ pub enum WatchEvent {
         status: PeerStatus,
         via: Option<DeviceName>,
     },
+    /// A device recorded a message from this device: its handler runs next.
+    Delivered {
+        id: String,
+        tag: String,
+        to: DeviceName,
+        to_id: DeviceId,
+    },
+    /// A device's handler for a message from this device finished, or none ran. `status` is
+    /// one of `send --wait`'s: ok, failed, timeout, no_handler, refused, error.
+    Handled {
+        id: String,
+        tag: String,
+        by: DeviceName,
+        by_id: DeviceId,
+        status: String,
+        exit_code: Option<i32>,
+        handler: Option<String>,
+        error: Option<String>,
+    },
+    /// A message from this device expired (its TTL ran out) before it reached `missed`.
+    Expired {
+        id: String,
+        tag: String,
+        missed: Vec<DeviceName>,
+    },
     /// This subscriber fell behind and missed `missed` events.
     Lagged { missed: u64 },
     /// A key of the replicated store changed on this device (by a local write or one from a
@@ -326,6 +351,43 @@ pub enum WatchEvent {
         deleted: bool,
         writer: String,
     },
+}
+
+/// The `messages` method's result: what the outbox still owes, and what became of recent
+/// messages from this device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MessagesInfo {
+    /// Oldest first.
+    pub outbox: Vec<OutboxMessage>,
+    /// Oldest first; at most `messaging::RECENT_OUTCOMES`.
+    pub recent: Vec<RecentOutcome>,
+}
+
+/// A message in the outbox.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutboxMessage {
+    pub id: String,
+    pub tag: String,
+    pub size: usize,
+    /// When it was sent and when its TTL runs out (RFC 3339, UTC).
+    pub sent: String,
+    pub expires: String,
+    /// The targets that have not acknowledged it yet.
+    pub waiting_for: Vec<DeviceName>,
+}
+
+/// A `delivered`, `handled` or `expired` event, with when it happened, and the handler's output
+/// of a reply that came after `send --wait` stopped waiting.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecentOutcome {
+    /// RFC 3339, UTC, milliseconds.
+    pub time: String,
+    #[serde(flatten)]
+    pub event: WatchEvent,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdout: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdout_base64: Option<String>,
 }
 
 /// One key of the replicated store, as `db.get`, `db.list`, `db.set` and `db.del` return it.
@@ -370,6 +432,28 @@ pub struct StoreListPage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_recent_outcome_is_its_event_with_a_time() {
+        let outcome = RecentOutcome {
+            time: "2026-12-06T10:00:00.000Z".into(),
+            event: WatchEvent::Expired {
+                id: "ab".into(),
+                tag: "t".into(),
+                missed: vec![DeviceName::sanitized("phone")],
+            },
+            stdout: None,
+            stdout_base64: None,
+        };
+        let json = serde_json::to_value(&outcome).unwrap();
+        assert_eq!(json["event"], "expired");
+        assert_eq!(json["missed"][0], "phone");
+        assert_eq!(json["time"], "2026-12-06T10:00:00.000Z");
+        assert_eq!(
+            serde_json::from_value::<RecentOutcome>(json).unwrap(),
+            outcome
+        );
+    }
 
     #[test]
     fn bytes_go_as_text_or_base64_never_both() {

@@ -16,8 +16,8 @@ use thiserror::Error;
 
 /// Names protocol and version in the Noise prologue: devices speaking another version cannot
 /// complete a handshake, instead of misreading each other.
-pub const PROLOGUE: &[u8] = b"cnsprcy/2";
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROLOGUE: &[u8] = b"cnsprcy/3";
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// The largest Noise message (and so TCP frame).
 pub const MAX_NOISE_MESSAGE: usize = 65535;
@@ -92,9 +92,11 @@ pub enum RoutedBody {
     Ack {
         id: MessageId,
     },
-    /// A target's handler finished, for an origin that waits for replies.
+    /// A target's handler finished (or none ran): for every message, so that its origin learns
+    /// the outcome. `result.stdout` is empty unless the origin asked for replies.
     Reply {
         id: MessageId,
+        tag: String,
         result: HandlerResult,
     },
     /// The replicated store: writes pushed to every member, and anti-entropy between two
@@ -168,8 +170,20 @@ pub struct Data {
     pub targets: Vec<KeyBytes>,
     pub want_reply: bool,
     pub hops: u8,
+    /// Per target, the origin's previous message with the same tag that the target had not
+    /// acknowledged when this one was sent: the target runs this one only after that one (or
+    /// once that one expired), so that one sender's messages with one tag run in send order.
+    pub after: Vec<After>,
     /// Shared, not copied, between the outbox and the copies queued for each hop.
     pub payload: bytes::Bytes,
+}
+
+/// "For `target`, run only after `id`, which expires at `expires_ms`."
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct After {
+    pub target: KeyBytes,
+    pub id: MessageId,
+    pub expires_ms: u64,
 }
 
 /// How a target's handler ended, for an origin that waits.

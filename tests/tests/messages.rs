@@ -423,3 +423,115 @@ fn a_full_outbox_refuses_with_the_reason_and_drains_at_link_speed_when_the_targe
     // The outbox is empty again: a send goes.
     assert!(wait_until(SOON, || send(&devices[0]).status.success()));
 }
+
+/// Messages queued for a device that is down run there in the order they were sent, one at a
+/// time, without the one that expired meanwhile; `cnspr messages` shows the outbox and what
+/// became of each message.
+#[test]
+fn queued_messages_run_in_send_order_and_their_outcomes_are_listed() {
+    let ns = NetNs::new();
+    let mut devices = devices(&ns, &["a", "b"]);
+    link_all(&devices, &[]);
+    devices[0].wait_status("b", "direct", SOON);
+    let out = shared_dir();
+    let log = out.path().join("order");
+    // Slow, so that two runs at once would interleave their lines.
+    handler(
+        &devices[1],
+        "note",
+        &format!(
+            "p=$(cat); printf '%s start\\n' \"$p\" >> {0}; sleep 0.3; printf '%s end\\n' \"$p\" >> {0}",
+            log.display()
+        ),
+    );
+    devices[1].stop_with("serve", Signal::SIGTERM);
+    devices[0].wait_status("b", "unreachable", SOON);
+    let mut ids = Vec::new();
+    for (payload, ttl) in [("1", "1h"), ("2", "1s"), ("3", "1h"), ("4", "1h")] {
+        let sent = devices[0].cnspr_json(&["send", "--to", "b", "--ttl", ttl, "note", payload]);
+        assert_eq!(sent["queued"][0], "b", "{sent}");
+        ids.push(sent["id"].as_str().unwrap().to_owned());
+    }
+    // The second expires while b is down; the others wait in the outbox.
+    assert!(wait_until(SOON, || {
+        let info = devices[0].cnspr_json(&["messages"]);
+        info["recent"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|o| o["event"] == "expired" && o["id"] == ids[1].as_str() && o["missed"][0] == "b")
+    }));
+    let info = devices[0].cnspr_json(&["messages"]);
+    let waiting: Vec<&str> = info["outbox"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(waiting, [&ids[0], &ids[2], &ids[3]], "{info}");
+    assert_eq!(info["outbox"][0]["waiting_for"][0], "b", "{info}");
+    devices[1].start_in(&ns);
+    assert!(wait_until(SOON, || lines(&log).len() >= 6));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        lines(&log),
+        ["1 start", "1 end", "3 start", "3 end", "4 start", "4 end"]
+    );
+    // Each one's delivery and its handler's outcome came back to the sender.
+    assert!(wait_until(SOON, || {
+        let info = devices[0].cnspr_json(&["messages"]);
+        let recent = info["recent"].as_array().unwrap().clone();
+        info["outbox"].as_array().unwrap().is_empty()
+            && [&ids[0], &ids[2], &ids[3]].iter().all(|id| {
+                recent.iter().any(|o| {
+                    o["event"] == "handled"
+                        && o["id"] == id.as_str()
+                        && o["by"] == "b"
+                        && o["status"] == "ok"
+                })
+            })
+    }));
+    devices[0]
+        .cnspr(&["messages"])
+        .success()
+        .stdout_has("outbox: empty")
+        .stdout_has(&format!("handled note {} on b: ok (exit 0)", ids[3]))
+        .stdout_has(&format!("expired note {} before reaching b", ids[1]));
+}
+
+/// A device can send to itself: by its own name, or with --all --include-self.
+#[test]
+fn a_device_runs_its_own_handler_for_a_message_to_itself() {
+    let ns = NetNs::new();
+    let mut devices = devices(&ns, &["a", "b"]);
+    link_all(&devices, &[]);
+    devices[0].wait_status("b", "direct", SOON);
+    let out = shared_dir();
+    let log = out.path().join("notes");
+    note_handler(&devices[0], &log);
+    note_handler(&devices[1], &log);
+    devices[0]
+        .cnspr(&["send", "--to", "a", "--wait", "note", "self"])
+        .success()
+        .stdout_has("a: ok");
+    assert_eq!(lines(&log), ["a a message self"]);
+    let result = devices[0].cnspr_json(&["send", "--include-self", "--wait", "note", "both"]);
+    let mut names: Vec<&str> = result["replies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["a", "b"], "{result}");
+    let mut notes = lines(&log);
+    notes.sort();
+    assert_eq!(
+        notes,
+        ["a a message both", "a a message self", "b a message both"]
+    );
+    devices[0]
+        .cnspr(&["send", "--to", "b", "--include-self", "note", "x"])
+        .code(2)
+        .stderr_has("cannot be used with");
+}

@@ -72,6 +72,9 @@ struct SendParams {
     /// `replies` out of the result (large replies from many devices then never meet in one line).
     #[serde(default)]
     stream: bool,
+    /// With `to` left out: this device runs its handler too.
+    #[serde(default)]
+    include_self: bool,
 }
 
 /// `send --wait` waits this long unless told otherwise.
@@ -126,6 +129,7 @@ fn send_request(params: SendParams) -> Result<SendRequest, RpcError> {
         wait: params.wait.then(|| Duration::from_millis(wait_ms)),
         ttl: Duration::from_millis(ttl_ms),
         stream: params.stream,
+        include_self: params.include_self,
     })
 }
 
@@ -176,6 +180,7 @@ impl Methods for Api<'_> {
             "members.remove",
             "retry",
             "send",
+            "messages",
             "subscribe",
             "db.set",
             "db.get",
@@ -267,6 +272,13 @@ impl Methods for Api<'_> {
                 }
                 match answer? {
                     Answer::Send(sent) => to_value(sent?),
+                    other => Err(unexpected(other)),
+                }
+            }
+            "messages" => {
+                rpc::params::<NoParams>(params)?;
+                match self.mesh.node.call(ApiCall::Messages).await? {
+                    Answer::Messages(info) => to_value(info),
                     other => Err(unexpected(other)),
                 }
             }

@@ -239,7 +239,12 @@ pub async fn serve_api(
                         Err(RecvError::Lagged(missed)) => WatchEvent::Lagged { missed },
                         Err(RecvError::Closed) => return,
                     };
-                    let note = serde_json::json!({"jsonrpc": "2.0", "method": "event", "params": event});
+                    let mut params = serde_json::to_value(&event).unwrap_or_default();
+                    if let Some(fields) = params.as_object_mut() {
+                        let time = humantime::format_rfc3339_millis(std::time::SystemTime::now());
+                        fields.insert("time".into(), time.to_string().into());
+                    }
+                    let note = serde_json::json!({"jsonrpc": "2.0", "method": "event", "params": params});
                     if !send_line(&mut framed, note.to_string(), &shutdown).await {
                         return;
                     }

@@ -14,6 +14,7 @@ mod listener;
 pub mod liveness;
 pub mod messaging;
 mod node;
+pub mod ordering;
 pub mod peers;
 mod persist;
 mod ratelimit;

@@ -9,9 +9,9 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use cnsprcy::api::HandlerReply;
+use cnsprcy::api::{HandlerReply, RecentOutcome};
 use cnsprcy::identity::PublicKey;
-use cnsprcy::wire::{Data, KeyBytes, MessageId};
+use cnsprcy::wire::{After, Data, KeyBytes, MessageId};
 use serde::{Deserialize, Serialize};
 
 use crate::det::{Map, Set};
@@ -43,6 +43,10 @@ pub fn id_text(id: &MessageId) -> String {
 pub fn expires_ms(data: &Data) -> u64 {
     data.sent_ms.saturating_add(data.ttl_ms)
 }
+
+/// Predecessors named per target in a message's `after` at most: enough for any mix of a few
+/// TTLs; beyond, the order holds only until the newest named ones expire.
+pub const MAX_AFTER_PER_TARGET: usize = 32;
 
 /// A message the origin still owes to some targets.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -117,8 +121,13 @@ impl Outbox {
     }
 
     /// Takes `data` for `pending` until they acknowledge; returns the entry to save. Refused
-    /// when the outbox is at its bounds.
-    pub fn add(&mut self, data: Data, pending: Vec<KeyBytes>) -> Result<OutboxEntry, OutboxError> {
+    /// when the outbox is at its bounds. Sets `data.after`: per target, the newest message with
+    /// the same tag that target has not acknowledged (it runs first there).
+    pub fn add(
+        &mut self,
+        mut data: Data,
+        pending: Vec<KeyBytes>,
+    ) -> Result<OutboxEntry, OutboxError> {
         if self.entries.len() >= MAX_OUTBOX_MESSAGES
             || self.bytes + data.payload.len() > MAX_OUTBOX_BYTES
         {
@@ -137,6 +146,7 @@ impl Outbox {
                 waiting_for,
             });
         }
+        data.after = self.predecessors(&data.tag, &pending);
         let entry = OutboxEntry {
             seq: self.next_seq,
             data,
@@ -145,6 +155,37 @@ impl Outbox {
         self.next_seq += 1;
         self.insert(entry.clone());
         Ok(entry)
+    }
+
+    /// Per target, the earlier messages with `tag` it has not acknowledged that a new message
+    /// must run after. The newest suffices while it lives (it waits for the ones before it);
+    /// an older one that outlives every newer one is named too, so that the order holds when
+    /// a newer one with a shorter TTL expires first. At most `MAX_AFTER_PER_TARGET`, newest
+    /// first.
+    fn predecessors(&self, tag: &str, targets: &[KeyBytes]) -> Vec<After> {
+        let mut after = Vec::new();
+        for target in targets {
+            let mut covered_until = 0;
+            let pending = (self.order.values().rev())
+                .filter_map(|id| self.entries.get(id))
+                .filter(|e| e.data.tag == tag && e.pending.contains(target));
+            for entry in pending {
+                let expires = expires_ms(&entry.data);
+                if expires <= covered_until {
+                    continue;
+                }
+                covered_until = expires;
+                after.push(After {
+                    target: *target,
+                    id: entry.data.id,
+                    expires_ms: expires,
+                });
+                if after.iter().filter(|a| a.target == *target).count() == MAX_AFTER_PER_TARGET {
+                    break;
+                }
+            }
+        }
+        after
     }
 
     /// Drops a message that could not be saved: it was never accepted.
@@ -240,6 +281,15 @@ impl Outbox {
         self.entries.len()
     }
 
+    pub fn get(&self, id: &MessageId) -> Option<&OutboxEntry> {
+        self.entries.get(id)
+    }
+
+    /// The entries in the order they go out.
+    pub fn entries(&self) -> impl Iterator<Item = &OutboxEntry> {
+        self.order.values().filter_map(|id| self.entries.get(id))
+    }
+
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
@@ -296,6 +346,55 @@ impl Delivered {
     }
 }
 
+/// Outcomes `cnspr messages` shows at most.
+pub const RECENT_OUTCOMES: usize = 200;
+/// Bytes of late replies' output kept at most; the oldest output goes first.
+pub const RECENT_OUTPUT_BYTES: usize = 4 << 20;
+
+/// What became of this device's recent messages, newest last, bounded in count and bytes.
+#[derive(Debug, Default)]
+pub struct RecentOutcomes {
+    outcomes: VecDeque<RecentOutcome>,
+    output_bytes: usize,
+}
+
+impl RecentOutcomes {
+    pub fn push(&mut self, outcome: RecentOutcome) {
+        self.output_bytes += output_len(&outcome);
+        self.outcomes.push_back(outcome);
+        while self.outcomes.len() > RECENT_OUTCOMES {
+            if let Some(old) = self.outcomes.pop_front() {
+                self.output_bytes -= output_len(&old);
+            }
+        }
+        for old in self.outcomes.iter_mut() {
+            if self.output_bytes <= RECENT_OUTPUT_BYTES {
+                break;
+            }
+            self.output_bytes -= output_len(old);
+            old.stdout = None;
+            old.stdout_base64 = None;
+        }
+    }
+
+    pub fn list(&self) -> Vec<RecentOutcome> {
+        self.outcomes.iter().cloned().collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.outcomes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.outcomes.is_empty()
+    }
+}
+
+fn output_len(outcome: &RecentOutcome) -> usize {
+    outcome.stdout.as_ref().map_or(0, String::len)
+        + outcome.stdout_base64.as_ref().map_or(0, String::len)
+}
+
 /// An origin waiting for its targets' handlers to finish.
 #[derive(Debug)]
 pub struct Wait {
@@ -335,6 +434,7 @@ mod tests {
             targets: vec![],
             want_reply: false,
             hops: 0,
+            after: Vec::new(),
             payload: vec![1, 2, 3].into(),
         }
     }
@@ -406,6 +506,96 @@ mod tests {
         assert_eq!(order(&outbox), ids);
         outbox.add(data(2, 60_000), vec![[7; 32]]).unwrap();
         assert_eq!(order(&outbox), [9, 3, 7, 1, 5, 2]);
+    }
+
+    #[test]
+    fn each_message_names_per_target_the_unacknowledged_one_before_it_with_its_tag() {
+        let mut outbox = Outbox::default();
+        let (a, b) = ([7; 32], [8; 32]);
+        let tagged = |id: u8, tag: &str| Data {
+            tag: tag.into(),
+            ..data(id, 60_000)
+        };
+        assert!(
+            outbox
+                .add(tagged(1, "t"), vec![a, b])
+                .unwrap()
+                .data
+                .after
+                .is_empty()
+        );
+        outbox.add(tagged(2, "other"), vec![a, b]).unwrap();
+        outbox.acked(&[1; 16], &b);
+        let entry = outbox.add(tagged(3, "t"), vec![a, b]).unwrap();
+        // b acknowledged 1: nothing to wait for there; a did not.
+        assert_eq!(
+            entry.data.after,
+            vec![After {
+                target: a,
+                id: [1; 16],
+                expires_ms: 1_060_000
+            }]
+        );
+        let entry = outbox.add(tagged(4, "t"), vec![a, b]).unwrap();
+        let after: Vec<_> = entry
+            .data
+            .after
+            .iter()
+            .map(|x| (x.target, x.id[0]))
+            .collect();
+        assert_eq!(after, vec![(a, 3), (b, 3)]);
+    }
+
+    /// A newer message with a shorter TTL does not cover an older one that outlives it: the
+    /// older one is named too, or the order would break once the newer one expired.
+    #[test]
+    fn an_older_predecessor_that_outlives_the_newer_ones_is_named_too() {
+        let mut outbox = Outbox::default();
+        let target = [7; 32];
+        outbox.add(data(1, 60_000), vec![target]).unwrap();
+        outbox.add(data(2, 1_000), vec![target]).unwrap();
+        outbox.add(data(3, 2_000), vec![target]).unwrap();
+        outbox.add(data(4, 500), vec![target]).unwrap();
+        let entry = outbox.add(data(5, 60_000), vec![target]).unwrap();
+        let after: Vec<(u8, u64)> = (entry.data.after.iter())
+            .map(|a| (a.id[0], a.expires_ms - 1_000_000))
+            .collect();
+        // 2 is left out: 3 outlives it and waits for it.
+        assert_eq!(after, vec![(4, 500), (3, 2_000), (1, 60_000)]);
+        for id in 6..(6 + MAX_AFTER_PER_TARGET as u8 + 4) {
+            // Each older one outlives the newer ones: all would be named, but for the bound.
+            outbox
+                .add(data(id, 60_000 - u64::from(id) * 100), vec![target])
+                .unwrap();
+        }
+        let entry = outbox.add(data(200, 60_000), vec![target]).unwrap();
+        assert_eq!(entry.data.after.len(), MAX_AFTER_PER_TARGET);
+    }
+
+    #[test]
+    fn recent_outcomes_are_bounded_in_count_and_output() {
+        let mut recent = RecentOutcomes::default();
+        let outcome = |n: usize, output: usize| RecentOutcome {
+            time: n.to_string(),
+            event: cnsprcy::api::WatchEvent::Lagged { missed: 0 },
+            stdout: (output > 0).then(|| "x".repeat(output)),
+            stdout_base64: None,
+        };
+        for n in 0..RECENT_OUTCOMES + 10 {
+            recent.push(outcome(n, 0));
+        }
+        assert_eq!(recent.len(), RECENT_OUTCOMES);
+        assert_eq!(recent.list()[0].time, "10");
+        recent.push(outcome(1, RECENT_OUTPUT_BYTES / 2 + 1));
+        recent.push(outcome(2, RECENT_OUTPUT_BYTES / 2 + 1));
+        let list = recent.list();
+        let kept: Vec<bool> = list
+            .iter()
+            .rev()
+            .take(2)
+            .map(|o| o.stdout.is_some())
+            .collect();
+        assert_eq!(kept, [true, false], "the older output goes first");
     }
 
     #[test]

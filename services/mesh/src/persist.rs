@@ -267,6 +267,7 @@ mod tests {
                 targets: vec![[7; 32]],
                 want_reply: false,
                 hops: 0,
+                after: Vec::new(),
                 payload: vec![1, 2, 3].into(),
             },
             pending: vec![[7; 32]],

@@ -124,19 +124,10 @@ impl Roster {
         if let Some(member) = self.members.iter().find(|m| m.name.as_str() == name_or_id) {
             return Ok(member);
         }
-        // IDs are typed by hand: any case, with or without dashes, Crockford's look-alikes.
-        let wanted: String = name_or_id
-            .chars()
-            .filter(|c| *c != '-')
-            .map(|c| match c.to_ascii_lowercase() {
-                'o' => '0',
-                'i' | 'l' => '1',
-                other => other,
-            })
-            .collect();
-        let mut matches = self.members.iter().filter(|m| {
-            !wanted.is_empty() && m.id().to_string().replace('-', "").starts_with(&wanted)
-        });
+        let mut matches = self
+            .members
+            .iter()
+            .filter(|m| id_matches(&m.id(), name_or_id));
         match (matches.next(), matches.next()) {
             (Some(member), None) => Ok(member),
             _ => Err(RosterError::NotFound(name_or_id.to_owned())),
@@ -202,6 +193,21 @@ impl Roster {
         member.addresses.truncate(MAX_ADDRESSES);
         true
     }
+}
+
+/// Whether `typed` is `id` or the start of it, as people type IDs: any case, with or without
+/// dashes, Crockford's look-alikes (o for 0, i and l for 1).
+pub fn id_matches(id: &DeviceId, typed: &str) -> bool {
+    let wanted: String = typed
+        .chars()
+        .filter(|c| *c != '-')
+        .map(|c| match c.to_ascii_lowercase() {
+            'o' => '0',
+            'i' | 'l' => '1',
+            other => other,
+        })
+        .collect();
+    !wanted.is_empty() && id.to_string().replace('-', "").starts_with(&wanted)
 }
 
 #[cfg(test)]

@@ -226,6 +226,7 @@ mod tests {
             targets: vec![[2; 32]],
             want_reply: false,
             hops: 0,
+            after: Vec::new(),
             payload: vec![0; payload_len].into(),
         })
     }

@@ -1,4 +1,4 @@
-//! The API calls the core answers: peers, ping, members, retry, send, interfaces.
+//! The API calls the core answers: peers, ping, members, retry, send, messages, interfaces.
 
 use std::collections::HashMap;
 
@@ -70,6 +70,10 @@ impl<S: StoreAccess> Core<S> {
                 self.answer(request, Answer::Retry(count));
             }
             ApiCall::Send(send) => self.start_send(request, send, now),
+            ApiCall::Messages => {
+                let info = self.messages_info();
+                self.answer(request, Answer::Messages(Box::new(info)));
+            }
             ApiCall::Interfaces => {
                 let interfaces = self.interfaces.clone();
                 self.answer(request, Answer::Interfaces(interfaces));

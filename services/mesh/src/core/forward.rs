@@ -65,8 +65,8 @@ impl<S: StoreAccess> Core<S> {
                 self.route(&from, RoutedBody::Pong { nonce });
             }
             RoutedBody::Pong { nonce } => self.complete_ping(nonce, now),
-            RoutedBody::Ack { id } => self.on_ack(&from, id),
-            RoutedBody::Reply { id, result } => self.on_reply(&from, id, result, now),
+            RoutedBody::Ack { id } => self.on_ack(&from, id, now),
+            RoutedBody::Reply { id, tag, result } => self.on_reply(&from, id, result, &tag, now),
             RoutedBody::Store(body) => self.on_store(&from, body, now),
         }
     }

@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use cnsprcy::api::{Bytes, HandlerReply, SendResult, WatchEvent};
+use cnsprcy::api::{
+    Bytes, HandlerReply, MessagesInfo, OutboxMessage, RecentOutcome, SendResult, WatchEvent,
+};
 use cnsprcy::identity::{DeviceName, PublicKey};
 use cnsprcy::ipc::{EVENT_MESSAGE, MAX_PAYLOAD_BYTES, Outcome, Run, RunResult, Sender};
 use cnsprcy::rpc::RpcError;
@@ -16,7 +18,7 @@ use super::api::{code, error};
 use super::{Answer, Core, Now, Output, PersistOp, RequestId, RunId, SessionId, StoreAccess};
 use crate::det::Set;
 use crate::messaging::{Delivered, OutboxChange, OutboxError, Wait, expires_ms, id_text};
-use crate::roster::Member;
+use crate::ordering::{Lane, lane_of};
 use crate::routing;
 
 /// The default time a message waits for an unreachable target.
@@ -34,6 +36,8 @@ pub struct SendRequest {
     pub ttl: Duration,
     /// With `wait`: each reply goes out as `Output::Progress` as it arrives.
     pub stream: bool,
+    /// With `to` left out: this device runs its handler too.
+    pub include_self: bool,
 }
 
 impl<S: StoreAccess> Core<S> {
@@ -47,26 +51,11 @@ impl<S: StoreAccess> Core<S> {
             ));
             return self.answer(request, Answer::Send(Err(e)));
         }
-        let members: Result<Vec<Member>, RpcError> = match &send.to {
-            None => Ok(self.roster.members().to_vec()),
-            Some(names) => names
-                .iter()
-                .map(|n| self.roster.find(n).cloned())
-                .collect::<Result<_, _>>()
-                .map_err(super::api::roster_error),
-        };
-        let members = match members {
-            Ok(members) if members.is_empty() => {
-                let e = error(
-                    code::NOT_FOUND,
-                    "there are no members to send to; add one with `cnspr manage add`",
-                );
-                return self.answer(request, Answer::Send(Err(e)));
-            }
-            Ok(members) => members,
+        let recipients = match self.recipients(send.to.as_deref(), send.include_self) {
+            Ok(recipients) => recipients,
             Err(e) => return self.answer(request, Answer::Send(Err(e))),
         };
-        let targets: Vec<KeyBytes> = members.iter().map(|m| *m.public_key.as_bytes()).collect();
+        let targets: Vec<KeyBytes> = recipients.iter().map(|(k, _)| *k.as_bytes()).collect();
         let data = Data {
             id: rand::Rng::random(&mut self.rng),
             origin: self.own_bytes(),
@@ -76,6 +65,7 @@ impl<S: StoreAccess> Core<S> {
             targets: targets.clone(),
             want_reply: send.wait.is_some(),
             hops: 0,
+            after: Vec::new(),
             payload: send.payload.into(),
         };
         let (id, tag, size) = (data.id, data.tag.clone(), data.payload.len());
@@ -91,15 +81,15 @@ impl<S: StoreAccess> Core<S> {
         };
         let result = SendResult {
             id: id_text(&id),
-            recipients: members.iter().map(|m| m.name.clone()).collect(),
-            queued: members
+            recipients: recipients.iter().map(|(_, name)| name.clone()).collect(),
+            queued: recipients
                 .iter()
-                .filter(|m| !self.table.reach(&m.public_key).is_reachable())
-                .map(|m| m.name.clone())
+                .filter(|(k, _)| *k != self.own && !self.table.reach(k).is_reachable())
+                .map(|(_, name)| name.clone())
                 .collect(),
             replies: None,
         };
-        tracing::info!(tag = %tag, id = %result.id, "sending a message to {} member(s)", members.len());
+        tracing::info!(tag = %tag, id = %result.id, "sending a message to {} device(s)", recipients.len());
         self.watch(WatchEvent::Sent {
             id: result.id.clone(),
             tag: tag.clone(),
@@ -158,6 +148,57 @@ impl<S: StoreAccess> Core<S> {
         }
     }
 
+    /// The devices a send is for, by key and name: the members named (this device too, by its
+    /// own name or ID), or every member (and this device with `include_self`).
+    fn recipients(
+        &self,
+        to: Option<&[String]>,
+        include_self: bool,
+    ) -> Result<Vec<(PublicKey, DeviceName)>, RpcError> {
+        let own = (self.own, self.name.clone());
+        let mut recipients = Vec::new();
+        match to {
+            None => {
+                recipients.extend(
+                    self.roster
+                        .members()
+                        .iter()
+                        .map(|m| (m.public_key, m.name.clone())),
+                );
+                if include_self {
+                    recipients.push(own);
+                }
+            }
+            Some(names) => {
+                for name in names {
+                    let recipient = if self.is_own_name(name) {
+                        own.clone()
+                    } else {
+                        let member = self.roster.find(name).map_err(super::api::roster_error)?;
+                        (member.public_key, member.name.clone())
+                    };
+                    if !recipients.contains(&recipient) {
+                        recipients.push(recipient);
+                    }
+                }
+            }
+        }
+        if recipients.is_empty() {
+            return Err(error(
+                code::NOT_FOUND,
+                "there are no members to send to; add one with `cnspr manage add` (or send to this device itself with --include-self)",
+            ));
+        }
+        Ok(recipients)
+    }
+
+    /// Whether `name` names this device: its name, or its ID as `Roster::find` reads IDs.
+    fn is_own_name(&self, name: &str) -> bool {
+        name == self.name.as_str()
+            || (crate::roster::id_matches(&self.own.device_id(), name)
+                && self.roster.find(name).is_err())
+    }
+
     fn outbox_error(&self, e: OutboxError) -> RpcError {
         match e {
             OutboxError::Full {
@@ -195,9 +236,9 @@ impl<S: StoreAccess> Core<S> {
         if !std::mem::take(&mut self.outbox_dirty) || self.outbox.is_empty() {
             return;
         }
-        let table = &self.table;
+        let (table, own) = (&self.table, self.own_bytes());
         let due = self.outbox.due(
-            |k| table.reach(&PublicKey::from_bytes(*k)).is_reachable(),
+            |k| *k == own || table.reach(&PublicKey::from_bytes(*k)).is_reachable(),
             now.mono,
         );
         // A hop whose queue is full gets nothing newer, so that copies to it keep their order.
@@ -207,7 +248,12 @@ impl<S: StoreAccess> Core<S> {
             .filter(|(_, live)| live.full)
             .map(|(key, _)| *key)
             .collect();
-        for (data, targets) in due {
+        for (data, mut targets) in due {
+            if let Some(at) = targets.iter().position(|k| *k == self.own) {
+                targets.swap_remove(at);
+                self.receive(&data, now);
+                self.outbox.queued(&data.id, &self.own, now.mono);
+            }
             for target in self.pass_on(&data, &targets, &mut full) {
                 self.outbox.queued(&data.id, &target, now.mono);
             }
@@ -228,8 +274,13 @@ impl<S: StoreAccess> Core<S> {
             if full.contains(&hop) {
                 continue;
             }
+            let targets: Vec<KeyBytes> = serves.iter().map(|k| *k.as_bytes()).collect();
             let copy = Data {
-                targets: serves.iter().map(|k| *k.as_bytes()).collect(),
+                after: (data.after.iter())
+                    .filter(|a| targets.contains(&a.target))
+                    .copied()
+                    .collect(),
+                targets,
                 ..data.clone()
             };
             if self.send_to(&hop, Message::Data(copy)) {
@@ -267,22 +318,7 @@ impl<S: StoreAccess> Core<S> {
             return;
         }
         if data.targets.contains(&own) {
-            if self.delivered.contains(&data.id) {
-                // Delivered before: the ack was lost. Acknowledge again; do not run again.
-                self.route(&origin, RoutedBody::Ack { id: data.id });
-            } else if !self.delivering_ids.contains(&data.id) {
-                // Recorded before acknowledged: an ack for a message this device could lose
-                // would stop the origin's resends for good.
-                let until = Delivered::until(&data, now.wall_ms);
-                let op = PersistOp::Delivered {
-                    id: data.id,
-                    until_ms: until,
-                };
-                if let Some(token) = self.persist(op, true) {
-                    self.delivering_ids.insert(data.id);
-                    self.delivering.insert(token, data.clone());
-                }
-            }
+            self.receive(&data, now);
         }
         data.hops += 1;
         let rest: Vec<PublicKey> = data
@@ -299,22 +335,92 @@ impl<S: StoreAccess> Core<S> {
         }
     }
 
+    /// A message for this device arrived (or, from this device to itself, left the outbox):
+    /// record it as delivered unless it was, or hold it back while the message before it from
+    /// the same origin with the same tag is still to come.
+    fn receive(&mut self, data: &Data, now: Now) {
+        let origin = PublicKey::from_bytes(data.origin);
+        if self.delivered.contains(&data.id) {
+            // Delivered before: the ack was lost. Acknowledge again; do not run again.
+            self.send_to_origin(&origin, RoutedBody::Ack { id: data.id }, now);
+            return;
+        }
+        if self.delivering_ids.contains(&data.id) || self.holdback.is_held(&data.id) {
+            return;
+        }
+        let own = self.own_bytes();
+        // Any predecessor named for this device that is neither recorded nor expired; when it
+        // is, the message comes back here and the next one is checked.
+        if let Some(after) = data.after.iter().find(|a| {
+            a.target == own && !self.delivered.contains(&a.id) && now.wall_ms < a.expires_ms
+        }) {
+            if !(self.holdback).hold_for_predecessor(after.id, after.expires_ms, data.clone()) {
+                tracing::debug!(id = %id_text(&data.id), "too many messages wait for earlier ones; dropped one (its sender sends it again)");
+            }
+            return;
+        }
+        let lane = lane_of(data);
+        if self.holdback.lane_busy(&lane) {
+            if !self.holdback.hold_for_lane(data.clone()) {
+                tracing::debug!(id = %id_text(&data.id), "too many messages wait for earlier ones; dropped one (its sender sends it again)");
+            }
+            return;
+        }
+        // Recorded before acknowledged: an ack for a message this device could lose would stop
+        // the origin's resends for good.
+        let until = Delivered::until(data, now.wall_ms);
+        let op = PersistOp::Delivered {
+            id: data.id,
+            until_ms: until,
+        };
+        if let Some(token) = self.persist(op, true) {
+            self.delivering_ids.insert(data.id);
+            self.delivering.insert(token, data.clone());
+            self.holdback.occupy(lane);
+        }
+    }
+
+    /// What waited for `lane` is received again, in the order it came.
+    fn free_lane(&mut self, lane: &Lane, now: Now) {
+        for data in self.holdback.free(lane) {
+            self.receive(&data, now);
+        }
+    }
+
+    /// Messages held back whose predecessor expired go on.
+    pub(super) fn release_held(&mut self, now: Now) {
+        for data in self.holdback.release_expired(now.wall_ms) {
+            self.receive(&data, now);
+        }
+    }
+
     /// A message for this device is recorded as delivered (or could not be): acknowledge it and
-    /// run its handler.
+    /// run its handler (after the one before it from the same origin with the same tag).
     pub(super) fn delivery_recorded(&mut self, data: Data, recorded: Result<(), String>, now: Now) {
         self.delivering_ids.remove(&data.id);
         if let Err(e) = recorded {
             tracing::warn!("{e} (the sender will send the message again)");
+            self.free_lane(&lane_of(&data), now);
             return;
         }
         let until = Delivered::until(&data, now.wall_ms);
         self.delivered.insert(data.id, until);
         let origin = PublicKey::from_bytes(data.origin);
-        self.route(&origin, RoutedBody::Ack { id: data.id });
-        let from = self.roster.get(&origin).map(|m| Sender {
-            name: m.name.to_string(),
-            id: m.id().to_string(),
-        });
+        self.send_to_origin(&origin, RoutedBody::Ack { id: data.id }, now);
+        for next in self.holdback.recorded(&data.id) {
+            self.receive(&next, now);
+        }
+        let from = if origin == self.own {
+            Some(Sender {
+                name: self.name.to_string(),
+                id: self.own.device_id().to_string(),
+            })
+        } else {
+            self.roster.get(&origin).map(|m| Sender {
+                name: m.name.to_string(),
+                id: m.id().to_string(),
+            })
+        };
         let handler = Run {
             run_id: 0,
             event: EVENT_MESSAGE.to_owned(),
@@ -344,7 +450,7 @@ impl<S: StoreAccess> Core<S> {
         &mut self,
         run: RunId,
         result: Result<RunResult, String>,
-        _now: Now,
+        now: Now,
     ) {
         let Some((data, size)) = self.runs.remove(&run) else {
             return;
@@ -361,32 +467,119 @@ impl<S: StoreAccess> Core<S> {
         let (status, _, _) = reply_status(&result.outcome, &data.tag, "");
         let name = self.member_name(&origin);
         tracing::info!(tag = %data.tag, from = %name, id = %id_text(&data.id), status, "message handled");
-        if let Some(member) = self.roster.get(&origin) {
+        if origin == self.own || self.roster.get(&origin).is_some() {
+            let (from, from_id) = self.device_label(&origin);
             let event = WatchEvent::Message {
                 id: id_text(&data.id),
                 tag: data.tag.clone(),
-                from: member.name.clone(),
-                from_id: member.id(),
+                from,
+                from_id,
                 size,
                 status: status.to_owned(),
                 handler: result.handler.clone(),
             };
             self.watch(event);
         }
-        if data.want_reply {
-            self.route(
-                &origin,
-                RoutedBody::Reply {
-                    id: data.id,
-                    result,
-                },
-            );
+        // The origin learns every outcome; the output only when it asked for it.
+        let mut result = result;
+        if !data.want_reply {
+            result.stdout = Vec::new();
+        }
+        self.send_to_origin(
+            &origin,
+            RoutedBody::Reply {
+                id: data.id,
+                tag: data.tag.clone(),
+                result,
+            },
+            now,
+        );
+        self.free_lane(&lane_of(&data), now);
+    }
+
+    /// Sends an ack or reply to a message's origin: over the mesh, or to this device itself.
+    fn send_to_origin(&mut self, origin: &PublicKey, body: RoutedBody, now: Now) {
+        if *origin != self.own {
+            self.route(origin, body);
+            return;
+        }
+        let own = self.own;
+        match body {
+            RoutedBody::Ack { id } => self.on_ack(&own, id, now),
+            RoutedBody::Reply { id, tag, result } => self.on_reply(&own, id, result, &tag, now),
+            // Pings and the store never go to this device itself.
+            RoutedBody::Ping { .. } | RoutedBody::Pong { .. } | RoutedBody::Store(_) => {}
         }
     }
 
-    pub(super) fn on_ack(&mut self, from: &PublicKey, id: MessageId) {
+    /// A device's name and ID: this device's, a member's, or (for neither) its ID as name.
+    fn device_label(&self, key: &PublicKey) -> (DeviceName, cnsprcy::identity::DeviceId) {
+        let name = if *key == self.own {
+            self.name.clone()
+        } else {
+            self.roster
+                .get(key)
+                .map(|m| m.name.clone())
+                .unwrap_or_else(|| DeviceName::sanitized(&key.device_id().to_string()))
+        };
+        (name, key.device_id())
+    }
+
+    /// Tells subscribers what became of a message from this device, and keeps it for
+    /// `cnspr messages`.
+    fn outcome(&mut self, event: WatchEvent, stdout: &[u8], now: Now) {
+        let (stdout, stdout_base64) = if stdout.is_empty() {
+            (None, None)
+        } else {
+            Bytes::encode(stdout)
+        };
+        self.recent.push(RecentOutcome {
+            time: humantime::format_rfc3339_millis(now.wall()).to_string(),
+            event: event.clone(),
+            stdout,
+            stdout_base64,
+        });
+        self.watch(event);
+    }
+
+    /// The `messages` call: the outbox and recent outcomes.
+    pub(super) fn messages_info(&self) -> MessagesInfo {
+        let rfc3339 = |ms: u64| {
+            humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms))
+                .to_string()
+        };
+        let outbox = self
+            .outbox
+            .entries()
+            .map(|entry| OutboxMessage {
+                id: id_text(&entry.data.id),
+                tag: entry.data.tag.clone(),
+                size: entry.data.payload.len(),
+                sent: rfc3339(entry.data.sent_ms),
+                expires: rfc3339(expires_ms(&entry.data)),
+                waiting_for: (entry.pending.iter())
+                    .map(|k| self.device_label(&PublicKey::from_bytes(*k)).0)
+                    .collect(),
+            })
+            .collect();
+        MessagesInfo {
+            outbox,
+            recent: self.recent.list(),
+        }
+    }
+
+    pub(super) fn on_ack(&mut self, from: &PublicKey, id: MessageId, now: Now) {
+        let tag = self.outbox.get(&id).map(|e| e.data.tag.clone());
         if let Some(change) = self.outbox.acked(&id, from.as_bytes()) {
             self.outbox_changed(change);
+            let (to, to_id) = self.device_label(from);
+            let event = WatchEvent::Delivered {
+                id: id_text(&id),
+                tag: tag.unwrap_or_default(),
+                to,
+                to_id,
+            };
+            self.outcome(event, &[], now);
         }
     }
 
@@ -395,10 +588,16 @@ impl<S: StoreAccess> Core<S> {
         from: &PublicKey,
         id: MessageId,
         result: HandlerResult,
-        _now: Now,
+        tag: &str,
+        now: Now,
     ) {
         let Some(wait) = self.waits.get(&id) else {
-            // After the wait ended: nobody asks any more.
+            // After the wait ended (or none was asked for): the output is kept for `cnspr
+            // messages`.
+            let reply = self.handler_reply(from, result, tag);
+            let stdout = Bytes::decode(reply.stdout.as_deref(), reply.stdout_base64.as_deref())
+                .unwrap_or_default();
+            self.outcome(handled_event(&id, tag, reply), &stdout, now);
             return;
         };
         if !wait.expected.contains(from.as_bytes()) || wait.replied.contains(from.as_bytes()) {
@@ -406,6 +605,7 @@ impl<S: StoreAccess> Core<S> {
         }
         let tag = wait.tag.clone();
         let reply = self.handler_reply(from, result, &tag);
+        self.outcome(handled_event(&id, &tag, reply.clone()), &[], now);
         let Some(wait) = self.waits.get_mut(&id) else {
             return;
         };
@@ -474,11 +674,7 @@ impl<S: StoreAccess> Core<S> {
     }
 
     fn handler_reply(&self, from: &PublicKey, result: HandlerResult, tag: &str) -> HandlerReply {
-        let name = self
-            .roster
-            .get(from)
-            .map(|m| m.name.clone())
-            .unwrap_or_else(|| DeviceName::sanitized("unknown"));
+        let (name, _) = self.device_label(from);
         let (status, exit_code, error) = reply_status(&result.outcome, tag, name.as_str());
         let (stdout, stdout_base64) = Bytes::encode(&result.stdout);
         HandlerReply {
@@ -497,16 +693,22 @@ impl<S: StoreAccess> Core<S> {
     pub(super) fn expire_messages(&mut self, now: Now) {
         for entry in self.outbox.expire(now.wall_ms) {
             self.persist(PersistOp::OutboxRemove(entry.data.id), false);
-            let names: Vec<String> = entry
-                .pending
-                .iter()
-                .map(|k| self.member_name(&PublicKey::from_bytes(*k)))
+            let missed: Vec<DeviceName> = (entry.pending.iter())
+                .map(|k| self.device_label(&PublicKey::from_bytes(*k)).0)
                 .collect();
+            let names: Vec<&str> = missed.iter().map(DeviceName::as_str).collect();
             tracing::warn!(
                 id = %id_text(&entry.data.id),
+                tag = %entry.data.tag,
                 "a message expired before it reached {}",
                 names.join(", ")
             );
+            let event = WatchEvent::Expired {
+                id: id_text(&entry.data.id),
+                tag: entry.data.tag.clone(),
+                missed,
+            };
+            self.outcome(event, &[], now);
         }
     }
 
@@ -515,6 +717,19 @@ impl<S: StoreAccess> Core<S> {
         for change in self.outbox.forget_target(key.as_bytes()) {
             self.outbox_changed(change);
         }
+    }
+}
+
+fn handled_event(id: &MessageId, tag: &str, reply: HandlerReply) -> WatchEvent {
+    WatchEvent::Handled {
+        id: id_text(id),
+        tag: tag.to_owned(),
+        by: reply.name,
+        by_id: reply.id,
+        status: reply.status,
+        exit_code: reply.exit_code,
+        handler: reply.handler,
+        error: reply.error,
     }
 }
 

@@ -28,7 +28,9 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use cnsprcy::api::{HandlerReply, MemberInfo, PeerInfo, PingResult, SendResult, WatchEvent};
+use cnsprcy::api::{
+    HandlerReply, MemberInfo, MessagesInfo, PeerInfo, PingResult, SendResult, WatchEvent,
+};
 use cnsprcy::config::MeshConfig;
 use cnsprcy::identity::{DeviceName, PublicKey};
 use cnsprcy::ipc::{Interface, Run, RunResult};
@@ -40,7 +42,8 @@ use rand::rngs::StdRng;
 
 use crate::det::{Map, Set};
 use crate::liveness::Liveness;
-use crate::messaging::{Delivered, Outbox, OutboxEntry, Wait};
+use crate::messaging::{Delivered, Outbox, OutboxEntry, RecentOutcomes, Wait};
+use crate::ordering::Holdback;
 use crate::peers::PeerTable;
 use crate::roster::{Member, Roster};
 
@@ -196,6 +199,8 @@ pub enum ApiCall {
     },
     Retry,
     Send(SendRequest),
+    /// The outbox and recent outcomes of messages from this device.
+    Messages,
     Interfaces,
     /// Writers' names for store items: this device and the members.
     Names,
@@ -210,6 +215,7 @@ pub enum Answer {
     Member(Result<MemberInfo, RpcError>),
     Retry(usize),
     Send(Result<SendResult, RpcError>),
+    Messages(Box<MessagesInfo>),
     Interfaces(Vec<Interface>),
     Names(std::collections::HashMap<KeyBytes, String>),
 }
@@ -343,8 +349,13 @@ pub struct Core<S: StoreAccess> {
     delivering: Map<Token, cnsprcy::wire::Data>,
     /// Ids in `delivering`, so that a second copy meanwhile is neither recorded nor run twice.
     delivering_ids: Set<MessageId>,
+    /// Messages for this device that wait for an earlier one from the same origin and tag,
+    /// or for its handler to finish.
+    holdback: Holdback,
     /// Handler runs under way: the message (without payload) and its payload size.
     runs: Map<RunId, (cnsprcy::wire::Data, usize)>,
+    /// What became of recent messages from this device.
+    recent: RecentOutcomes,
     waits: Map<MessageId, Wait>,
     /// Sends whose outbox entry is being made durable, by token.
     storing: Map<Token, (RequestId, MessageId, SendResult)>,
@@ -402,7 +413,9 @@ impl<S: StoreAccess> Core<S> {
             delivered: Delivered::restore(setup.delivered, now.wall_ms),
             delivering: Map::default(),
             delivering_ids: Set::default(),
+            holdback: Holdback::default(),
             runs: Map::default(),
+            recent: RecentOutcomes::default(),
             waits: Map::default(),
             storing: Map::default(),
             pending_pings: Map::default(),
@@ -530,6 +543,7 @@ impl<S: StoreAccess> Core<S> {
         if now.mono >= self.next_housekeeping {
             self.next_housekeeping = now.mono + HOUSEKEEPING;
             self.expire_messages(now);
+            self.release_held(now);
             // Resends fall due with time: considered at least this often.
             self.outbox_dirty = true;
         }
@@ -642,6 +656,8 @@ impl<S: StoreAccess> Core<S> {
             ("delivered", self.delivered.len()),
             ("delivering", self.delivering.len()),
             ("runs", self.runs.len()),
+            ("held", self.holdback.len()),
+            ("recent outcomes", self.recent.len()),
             ("waits", self.waits.len()),
             ("pings", self.pending_pings.len()),
             ("sessions", self.sessions.len()),

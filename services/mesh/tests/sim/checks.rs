@@ -23,6 +23,7 @@ pub fn all(world: &World) -> Result<(), String> {
     sessions(world)?;
     statuses(world)?;
     messages(world)?;
+    order(world)?;
     stores(world)?;
     outboxes(world)?;
     queues(world)
@@ -100,6 +101,31 @@ pub fn messages(world: &World) -> Result<(), String> {
                     send.from, send.at
                 ));
             }
+        }
+    }
+    Ok(())
+}
+
+/// On every target, one sender's messages (all of one tag here) started their handlers in the
+/// order they were sent, leaving out messages never accepted and devices wiped in the run.
+pub fn order(world: &World) -> Result<(), String> {
+    let mut last: BTreeMap<(DeviceIndex, DeviceIndex), usize> = BTreeMap::new();
+    for run in &world.runs {
+        let Some(index) = run.send else { continue };
+        let send = &world.sends[index];
+        if send.accepted.is_none()
+            || world.devices[run.device].wiped_at.is_some()
+            || world.devices[send.from].wiped_at.is_some()
+        {
+            continue;
+        }
+        if let Some(before) = last.insert((send.from, run.device), index)
+            && before > index
+        {
+            return Err(format!(
+                "d{} ran send {index} from d{} after send {before}, which was sent later",
+                run.device, send.from
+            ));
         }
     }
     Ok(())

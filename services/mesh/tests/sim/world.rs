@@ -139,6 +139,8 @@ enum Event {
 pub struct RunRecord {
     pub device: DeviceIndex,
     pub message: String,
+    /// The workload's send it came from (its index in `World::sends`, the payload).
+    pub send: Option<usize>,
 }
 
 /// A `send` the workload made, and how it was answered.
@@ -415,7 +417,8 @@ impl World {
 
     // --- the workload's calls ---
 
-    /// `device` sends a message to `targets` (every member when empty).
+    /// `device` sends a message to `targets` (every member when empty; `device` itself may be
+    /// among them).
     pub fn send(&mut self, device: DeviceIndex, targets: &[DeviceIndex], ttl: Duration) {
         if !self.is_up(device) {
             return;
@@ -444,6 +447,7 @@ impl World {
             wait: None,
             ttl,
             stream: false,
+            include_self: false,
         };
         self.next_request += 1;
         let request = self.next_request;
@@ -518,6 +522,7 @@ impl World {
                     self.runs.push(RunRecord {
                         device,
                         message: handler.message_id.clone().unwrap_or_default(),
+                        send: String::from_utf8_lossy(&handler.payload).parse().ok(),
                     });
                     self.schedule(HANDLER_TIME, Event::HandlerDone { device, life, run });
                 }
