@@ -1396,19 +1396,19 @@ fn row_specs(options: &Options, serf: &Measured, cnsprcy: &Measured) -> Vec<RowS
                 "killed",
                 "SIGKILLed device seen failed by all others".into(),
                 "s",
-                2,
+                3,
             ),
             row(
                 "cut",
                 "link cut silently, seen unreachable by all others".into(),
                 "s",
-                2,
+                3,
             ),
             row(
                 "healed",
                 format!("back to everyone after a {cut:.0} s cut heals"),
                 "s",
-                2,
+                3,
             ),
             row(
                 "idle_bytes",
