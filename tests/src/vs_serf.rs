@@ -1161,7 +1161,7 @@ fn with_group<T>(
 ) -> T {
     let started = Instant::now();
     let n = lan.nodes().len();
-    let result = match product {
+    match product {
         Product::Serf => {
             let mut group = SerfGroup::start(lan, serf, dir);
             eprintln!(
@@ -1178,8 +1178,7 @@ fn with_group<T>(
             );
             scenarios(&mut group)
         }
-    };
-    result
+    }
 }
 
 /// The main scenarios for one product at `options.devices`.
