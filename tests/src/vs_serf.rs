@@ -129,7 +129,7 @@ impl Options {
             settle: Duration::from_secs(1),
             idle: Duration::from_secs(3),
             cut: Duration::from_secs(5),
-            fault_timeout: Duration::from_secs(30),
+            fault_timeout: Duration::from_secs(20),
             quick: true,
             ..Self::full(bins)
         }
