@@ -24,6 +24,7 @@ pub mod bench;
 pub mod netns;
 pub mod nspawn;
 pub mod packages;
+pub mod vs_serf;
 
 /// Generous: the CI machines are shared and slow.
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
