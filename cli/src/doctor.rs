@@ -308,15 +308,19 @@ async fn check_daemon(paths: &Paths, checks: &mut Vec<Check>) -> Option<(Status,
 fn check_identity(paths: &Paths) -> Check {
     let key = Identity::key_path(&paths.state_dir);
     match Identity::load(&paths.state_dir) {
-        Ok(identity) => Check::new(
-            "identity",
-            Verdict::Ok,
-            format!(
-                "{}: yours, mode 0600, device ID {}",
-                key.display(),
-                identity.device_id()
-            ),
-        ),
+        Ok(identity) => {
+            use std::os::unix::fs::MetadataExt;
+            let mode = std::fs::metadata(&key).map_or(0o600, |m| m.mode() & 0o7777);
+            Check::new(
+                "identity",
+                Verdict::Ok,
+                format!(
+                    "{}: yours, mode {mode:04o}, device ID {}",
+                    key.display(),
+                    identity.device_id()
+                ),
+            )
+        }
         Err(IdentityError::Missing { .. }) => Check::new(
             "identity",
             Verdict::Warning,
