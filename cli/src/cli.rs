@@ -176,6 +176,23 @@ daemon redials by itself with a capped exponential backoff."
     #[command(subcommand)]
     Manage(ManageCommand),
 
+    /// Check this device's setup and say what to do about each thing that is wrong
+    #[command(
+        long_about = "Check, on one screen, everything this device needs: the daemon \
+(does it answer on its socket, are its services connected), the configuration file (read \
+directly, so a mistake in it is shown with its line even when nothing else starts), the identity \
+key (present, yours, mode 0600), the handler directory (the same checks as `cnspr handlers \
+check`), the [mesh] and [discovery] interfaces settings against the interfaces this device has, \
+and each member: direct, or why not. Each line has a verdict, ok, warning or problem, and what to \
+do. Works without the daemon (it says so, and checks the files). Exits with status 1 when there \
+is a problem, 0 otherwise (warnings included)."
+    )]
+    Doctor {
+        /// Print a JSON array with one object per check: {"check", "subject", "verdict", "message", "fix"}
+        #[arg(long)]
+        json: bool,
+    },
+
     /// Print a shell completion script
     #[command(
         long_about = "Print a completion script for SHELL on stdout. For bash: \

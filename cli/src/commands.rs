@@ -29,6 +29,10 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
         print!("{EXAMPLE}");
         return Ok(ExitCode::SUCCESS);
     }
+    // The doctor reads the configuration itself, so that a broken one is one of its findings.
+    if let Command::Doctor { json } = command {
+        return crate::doctor::run(json).await;
+    }
     let env = DeviceEnv::load()?;
     match command {
         Command::Status { json } => status(&env, json).await,
@@ -84,6 +88,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Serve
         | Command::Completions { .. }
         | Command::Manpages { .. }
+        | Command::Doctor { .. }
         | Command::Config(ConfigCommand::Example) => {
             unreachable!("handled in main")
         }

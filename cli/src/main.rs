@@ -4,6 +4,7 @@
 mod cli;
 mod commands;
 mod db;
+mod doctor;
 mod handlers_cmd;
 mod messages;
 mod peers;

@@ -92,6 +92,9 @@ pub struct Device {
     pub name: String,
     dir: TempDir,
     processes: Vec<(String, Child)>,
+    /// Variables set for every process of this device, after the usual ones (so `PATH` here
+    /// replaces the inherited one).
+    env: Vec<(String, std::ffi::OsString)>,
 }
 
 impl Device {
@@ -109,7 +112,15 @@ impl Device {
             name: name.to_owned(),
             dir,
             processes: Vec::new(),
+            env: Vec::new(),
         }
+    }
+
+    /// Sets `key` to `value` for every process started for this device from now on: daemons
+    /// (and so the handlers they run) and `cnspr` commands alike.
+    pub fn set_env(&mut self, key: &str, value: impl Into<std::ffi::OsString>) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_owned(), value.into()));
     }
 
     pub fn root(&self) -> &Path {
@@ -152,6 +163,7 @@ impl Device {
             .env("XDG_DATA_HOME", self.root().join("data"))
             .env("XDG_RUNTIME_DIR", self.root().join("run"))
             .env("RUST_LOG", "debug")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null());
         cmd
     }

@@ -42,7 +42,15 @@ fn package(file_name: &str) -> PathBuf {
         Err(e) => panic!("{}: {e}; {hint}", path.display()),
     };
     let mut newest = (SystemTime::UNIX_EPOCH, PathBuf::new());
-    for dir in ["common", "services", "cli", "systemd", "packaging", "docs"] {
+    for dir in [
+        "common",
+        "services",
+        "cli",
+        "systemd",
+        "packaging",
+        "docs",
+        "examples",
+    ] {
         newest_file(&workspace().join(dir), &mut newest);
     }
     for file in ["Cargo.toml", "Cargo.lock", "README.md"] {

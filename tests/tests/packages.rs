@@ -63,6 +63,16 @@ fn expected_files() -> Vec<String> {
     {
         files.push(format!("/usr/share/man/man1/{page}.1.gz"));
     }
+    // Every example handler, at its place under examples/handlers/.
+    let examples = workspace().join("examples/handlers");
+    for dir in names("examples/handlers") {
+        for script in names(&format!("examples/handlers/{dir}")) {
+            assert!(examples.join(&dir).join(&script).is_file());
+            files.push(format!(
+                "/usr/share/cnsprcy/examples/handlers/{dir}/{script}"
+            ));
+        }
+    }
     files.push("/usr/share/bash-completion/completions/cnspr".to_owned());
     files.push("/usr/share/fish/vendor_completions.d/cnspr.fish".to_owned());
     files
