@@ -77,8 +77,8 @@ the path taken. Exits with status 1 if no pong came back."
         /// How many pings to send, one per second
         #[arg(short = 'c', long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
         count: u32,
-        /// How long to wait for each pong
-        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        /// How long to wait for each pong (at most 60s)
+        #[arg(long, default_value = "5s", value_parser = crate::args::ping_timeout)]
         timeout: std::time::Duration,
         /// Print a JSON array of ping results (failed rounds as {"error": ...})
         #[arg(long)]
@@ -99,6 +99,7 @@ is still queued and what became of recent messages."
     )]
     Send {
         /// The message's tag, which picks the handler (e.g. clipboard/set)
+        #[arg(value_parser = crate::args::tag)]
         tag: String,
         /// The payload; `-` reads it from standard input. Default: empty
         payload: Option<String>,
@@ -115,11 +116,11 @@ is still queued and what became of recent messages."
         /// Wait for every recipient's handler and print the replies
         #[arg(long)]
         wait: bool,
-        /// How long --wait waits
-        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        /// How long --wait waits (at most 1h)
+        #[arg(long, default_value = "10s", value_parser = crate::args::wait_timeout)]
         timeout: std::time::Duration,
-        /// How long the message waits for members that are unreachable
-        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        /// How long the message waits for members that are unreachable (100ms to 30days)
+        #[arg(long, default_value = "1h", value_parser = crate::args::ttl)]
         ttl: std::time::Duration,
         /// Print the result as JSON
         #[arg(long)]
@@ -353,6 +354,26 @@ mod tests {
     #[test]
     fn command_line_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn bad_tags_and_durations_are_usage_errors() {
+        for args in [
+            &["cnspr", "send", "_bad", "x"][..],
+            &["cnspr", "send", "notify", "--ttl", "60d"],
+            &["cnspr", "send", "notify", "--ttl", "soon"],
+            &["cnspr", "send", "notify", "--ttl", "5ms"],
+            &["cnspr", "send", "notify", "--wait", "--timeout", "2h"],
+            &["cnspr", "ping", "desk", "--timeout", "2m"],
+        ] {
+            let err = Cli::try_parse_from(args).unwrap_err();
+            assert_eq!(
+                err.kind(),
+                clap::error::ErrorKind::ValueValidation,
+                "{args:?}"
+            );
+            assert_eq!(err.exit_code(), 2);
+        }
     }
 
     #[test]

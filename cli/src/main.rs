@@ -1,6 +1,7 @@
 //! `cnspr`: the command-line interface of cnsprcy, and `cnspr serve`, the whole daemon in one
 //! process.
 
+mod args;
 mod cli;
 mod commands;
 mod db;

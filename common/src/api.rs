@@ -9,6 +9,16 @@ use serde::{Deserialize, Serialize};
 use crate::identity::{DeviceId, DeviceName, PublicKey};
 use crate::ipc::ServiceKind;
 
+/// The shortest message TTL (`send`'s `ttl_ms`, `cnspr send --ttl`): the same floor as every
+/// duration of the configuration file, below which a value is a slip, not a choice.
+pub const MIN_TTL_MS: u64 = 100;
+/// The longest message TTL: 30 days.
+pub const MAX_TTL_MS: u64 = 30 * 24 * 3_600_000;
+/// The longest `send` with `wait` waits (`timeout_ms`): 1 hour.
+pub const MAX_WAIT_MS: u64 = 3_600_000;
+/// The longest `ping` waits for its pong (`timeout_ms`): 60 seconds.
+pub const MAX_PING_TIMEOUT_MS: u64 = 60_000;
+
 /// The result of `status`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Status {

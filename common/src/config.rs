@@ -95,8 +95,10 @@ pub struct HandlersConfig {
     #[serde(with = "duration_text::up_to_a_day")]
     pub timeout: Duration,
     /// At most this many handlers run at once; further runs wait in a queue.
+    #[serde(deserialize_with = "whole_number::at_least_one")]
     pub max_running: std::num::NonZeroUsize,
     /// At most this many runs wait for a free slot; a run beyond it fails at once.
+    #[serde(deserialize_with = "whole_number::any")]
     pub max_queued: usize,
     /// Started by socket activation, the service exits after this long without runs; the next
     /// message starts it again.
@@ -115,12 +117,72 @@ impl Default for HandlersConfig {
     }
 }
 
+/// Counts, with errors that say what to write rather than serde's "expected a nonzero usize".
+mod whole_number {
+    use std::num::NonZeroUsize;
+
+    use serde::Deserializer;
+
+    struct WholeNumber {
+        min: usize,
+    }
+
+    impl WholeNumber {
+        fn wanted(&self) -> String {
+            format!("a whole number of at least {}", self.min)
+        }
+    }
+
+    impl serde::de::Visitor<'_> for WholeNumber {
+        type Value = usize;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str(&self.wanted())
+        }
+
+        fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<usize, E> {
+            match usize::try_from(n) {
+                Ok(n) => self.visit_u64(n as u64),
+                Err(_) => Err(E::custom(format!("{n} is not {}", self.wanted()))),
+            }
+        }
+
+        fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<usize, E> {
+            match usize::try_from(n) {
+                Ok(n) if n >= self.min => Ok(n),
+                _ => Err(E::custom(format!("{n} is not {}", self.wanted()))),
+            }
+        }
+
+        fn visit_f64<E: serde::de::Error>(self, n: f64) -> Result<usize, E> {
+            Err(E::custom(format!("{n} is not {}", self.wanted())))
+        }
+
+        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<usize, E> {
+            Err(E::custom(format!(
+                "{text:?} is text; write {} without quotes",
+                self.wanted()
+            )))
+        }
+    }
+
+    pub fn any<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+        d.deserialize_any(WholeNumber { min: 0 })
+    }
+
+    pub fn at_least_one<'de, D: Deserializer<'de>>(d: D) -> Result<NonZeroUsize, D::Error> {
+        let n = d.deserialize_any(WholeNumber { min: 1 })?;
+        // The visitor refused 0.
+        NonZeroUsize::new(n).ok_or_else(|| serde::de::Error::custom("0 is not allowed"))
+    }
+}
+
 /// Durations as people write them: "20s", "1m 30s", "500ms". Each key names the module of its
 /// range; a value outside it is an error that says the range.
 mod duration_text {
     use std::time::Duration;
 
-    use serde::{Deserialize, Deserializer, Serializer};
+    use serde::{Deserializer, Serializer};
 
     /// Shorter intervals would keep devices awake for nothing; they only make sense in tests.
     const MIN: Duration = Duration::from_millis(100);
@@ -133,10 +195,11 @@ mod duration_text {
         d: D,
         max: Duration,
     ) -> Result<Duration, D::Error> {
-        let text = String::deserialize(d)?;
-        let value = humantime::parse_duration(&text).map_err(|e| {
+        let text = d.deserialize_any(DurationText)?;
+        // humantime's own words ("expected number at 0") help no one reading a config file.
+        let value = humantime::parse_duration(&text).map_err(|_| {
             serde::de::Error::custom(format!(
-                "{text:?} is not a duration ({e}); write it like \"20s\" or \"1m 30s\""
+                "{text:?} is not a duration; write it like \"20s\" or \"1m 30s\""
             ))
         })?;
         let range = || {
@@ -159,6 +222,39 @@ mod duration_text {
             )));
         }
         Ok(value)
+    }
+
+    /// A duration's text; a bare number is refused with the form to write instead, since its
+    /// unit would be a guess.
+    struct DurationText;
+
+    impl serde::de::Visitor<'_> for DurationText {
+        type Value = String;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a duration string with its unit, like \"20s\" or \"1m 30s\"")
+        }
+
+        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<String, E> {
+            Ok(text.to_owned())
+        }
+
+        fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<String, E> {
+            Err(E::custom(format!(
+                "{n} has no unit; write the duration as a string with its unit, like \"{}s\" or \"1m 30s\"",
+                n.max(1)
+            )))
+        }
+
+        fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<String, E> {
+            self.visit_i64(i64::try_from(n).unwrap_or(i64::MAX))
+        }
+
+        fn visit_f64<E: serde::de::Error>(self, n: f64) -> Result<String, E> {
+            Err(E::custom(format!(
+                "{n} has no unit; write the duration as a string with its unit, like \"20s\" or \"1m 30s\""
+            )))
+        }
     }
 
     /// Keepalive: a session silent for longer is dead to anyone (NAT and firewall mappings are
@@ -680,6 +776,53 @@ mod tests {
         let (_, _, key, _, hint) = invalid("[handlers]\ntimout = \"1s\"\n");
         assert_eq!(key.as_deref(), Some("handlers.timout"));
         assert_eq!(hint.as_deref(), Some("did you mean `timeout`?"));
+    }
+
+    #[test]
+    fn a_number_without_a_unit_says_how_to_write_a_duration() {
+        let (line, _, key, message, _) = invalid("[mesh]\nkeepalive_interval = 20\n");
+        assert_eq!(line, 2);
+        assert_eq!(key.as_deref(), Some("mesh.keepalive_interval"));
+        assert!(
+            message.contains(
+                "20 has no unit; write the duration as a string with its unit, like \"20s\""
+            ),
+            "{message}"
+        );
+        let (_, _, _, message, _) = invalid("[handlers]\ntimeout = 1.5\n");
+        assert!(message.contains("1.5 has no unit"), "{message}");
+        let (_, _, _, message, _) = invalid("[handlers]\ntimeout = true\n");
+        assert!(
+            message.contains("a duration string with its unit"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn counts_say_what_number_is_wanted() {
+        for (text, wanted) in [
+            ("max_running = -1", "-1 is not a whole number of at least 1"),
+            ("max_running = 0", "0 is not a whole number of at least 1"),
+            (
+                "max_running = 2.5",
+                "2.5 is not a whole number of at least 1",
+            ),
+            (
+                "max_running = \"4\"",
+                "\"4\" is text; write a whole number of at least 1 without quotes",
+            ),
+            ("max_queued = -1", "-1 is not a whole number of at least 0"),
+        ] {
+            let (line, _, key, message, _) = invalid(&format!("[handlers]\n{text}\n"));
+            assert_eq!(line, 2, "{text}");
+            assert!(
+                key.is_some_and(|k| k.starts_with("handlers.max_")),
+                "{text}"
+            );
+            assert!(message.contains(wanted), "{text}: {message}");
+        }
+        let config = parse("[handlers]\nmax_running = 1\nmax_queued = 0\n").unwrap();
+        assert_eq!(config.handlers.max_running.get(), 1);
     }
 
     #[test]

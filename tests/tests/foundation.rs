@@ -208,6 +208,52 @@ fn config_errors_name_the_file_line_and_key() {
 }
 
 #[test]
+fn bad_arguments_are_usage_errors_in_the_users_units() {
+    let device = Device::new("desk");
+    for (args, needle) in [
+        (
+            &["send", "_bad", "x"][..],
+            "names starting with '_' are reserved",
+        ),
+        (
+            &["send", "notify", "--ttl", "60d"],
+            "`60d` is longer than the longest TTL, 30 days",
+        ),
+        (
+            &["send", "notify", "--ttl", "soon"],
+            "`soon` is not a duration; write it like 30s, 5m, 2h",
+        ),
+        (
+            &["send", "notify", "--ttl", "5ms"],
+            "`5ms` is shorter than the shortest TTL, 100 ms",
+        ),
+        (
+            &["send", "notify", "--wait", "--timeout", "2h"],
+            "`2h` is longer than the longest wait, 1 hour",
+        ),
+        (
+            &["ping", "desk", "--timeout", "2m"],
+            "`2m` is longer than the longest ping time-out, 60 seconds",
+        ),
+    ] {
+        device.cnspr(args).code(2).stderr_has(needle);
+    }
+
+    // The configuration file's numbers say what to write instead.
+    device.write_config("[mesh]\nkeepalive_interval = 20\n");
+    device
+        .cnspr(&["config", "show"])
+        .code(1)
+        .stderr_has("bad value for `mesh.keepalive_interval`: 20 has no unit")
+        .stderr_has("like \"20s\"");
+    device.write_config("[handlers]\nmax_running = -1\n");
+    device
+        .cnspr(&["config", "show"])
+        .code(1)
+        .stderr_has("bad value for `handlers.max_running`: -1 is not a whole number of at least 1");
+}
+
+#[test]
 fn config_example_and_show_and_path() {
     let device = Device::new("desk");
     let example = device.cnspr(&["config", "example"]).success().stdout;

@@ -3,7 +3,10 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use cnsprcy::api::{InterfaceStatus, ServiceState, ServiceStatus, Status};
+use cnsprcy::api::{
+    InterfaceStatus, MAX_PING_TIMEOUT_MS, MAX_TTL_MS, MAX_WAIT_MS, MIN_TTL_MS, ServiceState,
+    ServiceStatus, Status,
+};
 use cnsprcy::identity::{DeviceName, PublicKey};
 use cnsprcy::ipc::ServiceKind;
 use cnsprcy::netif::InterfaceFilter;
@@ -20,7 +23,6 @@ use crate::roster::{MAX_ADDRESSES, Member};
 
 /// `ping` waits this long for the pong unless told otherwise.
 const DEFAULT_PING_TIMEOUT_MS: u64 = 5000;
-const MAX_PING_TIMEOUT_MS: u64 = 60_000;
 
 pub struct Api<'a> {
     pub mesh: &'a Mesh,
@@ -79,8 +81,6 @@ struct SendParams {
 
 /// `send --wait` waits this long unless told otherwise.
 const DEFAULT_WAIT_MS: u64 = 10_000;
-const MAX_WAIT_MS: u64 = 3_600_000;
-const MAX_TTL_MS: u64 = 30 * 24 * 3_600_000;
 
 fn send_request(params: SendParams) -> Result<SendRequest, RpcError> {
     cnsprcy::tag::validate_tag(&params.tag).map_err(RpcError::invalid_params)?;
@@ -105,9 +105,9 @@ fn send_request(params: SendParams) -> Result<SendRequest, RpcError> {
     let ttl_ms = params
         .ttl_ms
         .unwrap_or(crate::core::DEFAULT_TTL.as_millis() as u64);
-    if ttl_ms == 0 || ttl_ms > MAX_TTL_MS {
+    if !(MIN_TTL_MS..=MAX_TTL_MS).contains(&ttl_ms) {
         return Err(RpcError::invalid_params(format!(
-            "ttl_ms must be between 1 and {MAX_TTL_MS} (30 days)"
+            "ttl_ms must be between {MIN_TTL_MS} and {MAX_TTL_MS} (100 ms to 30 days)"
         )));
     }
     if params.stream && !params.wait {
@@ -445,6 +445,26 @@ mod tests {
             assert!(
                 error.message.contains("cannot be dialled"),
                 "{bad}: {error}"
+            );
+        }
+    }
+
+    #[test]
+    fn ttl_has_the_configuration_files_floor_of_100_ms() {
+        let params = |ttl_ms: u64| -> SendParams {
+            serde_json::from_value(serde_json::json!({"tag": "notify", "ttl_ms": ttl_ms})).unwrap()
+        };
+        for bad in [0, 5, 99, MAX_TTL_MS + 1] {
+            let error = send_request(params(bad)).map(|_| ()).unwrap_err();
+            assert_eq!(
+                error.message,
+                "ttl_ms must be between 100 and 2592000000 (100 ms to 30 days)"
+            );
+        }
+        for good in [100, 60_000, MAX_TTL_MS] {
+            assert_eq!(
+                send_request(params(good)).unwrap().ttl,
+                Duration::from_millis(good)
             );
         }
     }
