@@ -188,6 +188,18 @@ pub struct PingResult {
     pub rtt_ms: f64,
 }
 
+/// The result of `retry`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RetryResult {
+    /// Members without a session dialled now (those with at least one known address).
+    pub dialling: usize,
+    /// Members without a session that cannot be dialled: no address is known for them (none
+    /// given, none learned from a session, discovery has not seen them). They may still dial
+    /// this device, or be relayed.
+    #[serde(default)]
+    pub no_address: Vec<MemberInfo>,
+}
+
 /// The result of `members.add` and `members.remove`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MemberInfo {

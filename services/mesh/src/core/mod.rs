@@ -44,7 +44,7 @@ use crate::messaging::{Delivered, Outbox, OutboxEntry, Wait};
 use crate::peers::PeerTable;
 use crate::roster::{Member, Roster};
 
-pub use api::code;
+pub use api::{code, member_info};
 pub use messages::{DEFAULT_TTL, SendRequest};
 
 /// A session, numbered by the driver when its handshake completed; never reused.
@@ -208,10 +208,18 @@ pub enum Answer {
     Peer(Result<PeerInfo, RpcError>),
     Ping(Result<PingResult, RpcError>),
     Member(Result<MemberInfo, RpcError>),
-    Retry(usize),
+    Retry(RetryOutcome),
     Send(Result<SendResult, RpcError>),
     Interfaces(Vec<Interface>),
     Names(std::collections::HashMap<KeyBytes, String>),
+}
+
+/// What `retry` did: how many members are dialled now, and those that cannot be because no
+/// address is known for them.
+#[derive(Debug)]
+pub struct RetryOutcome {
+    pub dialling: usize,
+    pub no_address: Vec<Member>,
 }
 
 /// What to make durable. The driver's writer carries these out in order.
@@ -365,6 +373,10 @@ pub struct Core<S: StoreAccess> {
     reported: Map<PublicKey, (cnsprcy::api::PeerStatus, Option<PublicKey>)>,
     /// Members whose failed dials were logged since they were last reachable.
     quiet_dials: Set<PublicKey>,
+    /// What discovery resolved lately, members' advertisements or not, most recent last: a
+    /// device added as a member later is found here (mDNS reports an advertisement once, when
+    /// it first resolves it).
+    discovered: std::collections::VecDeque<(String, Vec<SocketAddr>)>,
     next_housekeeping: Instant,
     next_sync: Instant,
     next_token: Token,
@@ -415,6 +427,7 @@ impl<S: StoreAccess> Core<S> {
             outbox_dirty: true,
             reported: Map::default(),
             quiet_dials: Set::default(),
+            discovered: std::collections::VecDeque::new(),
             next_housekeeping: now.mono + HOUSEKEEPING,
             next_sync: now.mono + crate::store::SYNC_INTERVAL,
             next_token: 0,
@@ -645,6 +658,7 @@ impl<S: StoreAccess> Core<S> {
             ("waits", self.waits.len()),
             ("pings", self.pending_pings.len()),
             ("sessions", self.sessions.len()),
+            ("discovered", self.discovered.len()),
         ])
     }
 

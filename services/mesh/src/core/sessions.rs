@@ -14,6 +14,18 @@ use super::{Core, Live, Now, Output, SessionId, StoreAccess};
 use crate::liveness::{Action, Liveness, Role};
 use crate::peers::Reach;
 
+/// Advertisements remembered from discovery (each a name and at most a few addresses); a LAN
+/// with more cnsprcy devices than this finds a member added later once it advertises again
+/// (within the hour, under its next name) or dials this device.
+pub(crate) const MAX_DISCOVERED: usize = 128;
+
+/// The discovery epochs whose names count now: this one and those beside it, for clocks a
+/// little apart.
+fn discovery_epochs(now: Now) -> [u64; 3] {
+    let epoch = cnsprcy::identity::discovery_epoch_at(now.wall_ms / 1000);
+    [epoch.saturating_sub(1), epoch, epoch + 1]
+}
+
 /// An RTT change larger than this fraction is announced to peers (for their relay choice)...
 const RTT_ANNOUNCE_CHANGE: f64 = 0.25;
 /// ... and by more than this.
@@ -375,30 +387,62 @@ impl<S: StoreAccess> Core<S> {
         }
     }
 
-    /// Discovery resolved `instance`: if it is a member's name for this epoch (or the one
-    /// before or after, for clocks a little apart), learn its addresses and dial it now.
+    /// Discovery resolved `instance`: remember it (a device may become a member later), and if
+    /// it is a member's name for this epoch (or the one before or after, for clocks a little
+    /// apart), learn its addresses and dial it now.
     pub(super) fn on_discovered(&mut self, instance: &str, addresses: Vec<SocketAddr>, now: Now) {
-        let epoch = cnsprcy::identity::discovery_epoch_at(now.wall_ms / 1000);
+        self.discovered.retain(|(name, _)| name != instance);
+        if self.discovered.len() >= MAX_DISCOVERED {
+            self.discovered.pop_front();
+        }
+        self.discovered
+            .push_back((instance.to_owned(), addresses.clone()));
+        let epochs = discovery_epochs(now);
         let member = self.roster.members().iter().find(|m| {
-            [epoch.saturating_sub(1), epoch, epoch + 1]
+            epochs
                 .iter()
                 .any(|e| m.public_key.discovery_name(*e) == instance)
         });
         let Some(member) = member.cloned() else {
-            // Not a member (or this device itself): strangers are ignored.
+            // Not a member (or this device itself), for now.
             return;
         };
-        let mut changed = false;
-        for addr in addresses.iter().rev() {
-            changed |= self.roster.learn_address(&member.public_key, *addr);
-        }
-        if changed {
+        if self.learn_discovered(&member.public_key, &addresses) {
             self.save_roster();
         }
         if !matches!(self.table.reach(&member.public_key), Reach::Direct { .. }) {
             tracing::info!(peer = %member.name, ?addresses, "found {} on the local network", member.name);
             self.table.retry(&member.public_key, now.mono);
         }
+    }
+
+    /// Learns what discovery saw lately of the member `key` (just added): returns whether its
+    /// addresses changed.
+    pub(super) fn recall_discovered(&mut self, key: &PublicKey, now: Now) -> bool {
+        let names: Vec<String> = discovery_epochs(now)
+            .iter()
+            .map(|e| key.discovery_name(*e))
+            .collect();
+        let Some((_, addresses)) = self
+            .discovered
+            .iter()
+            .rev()
+            .find(|(instance, _)| names.contains(instance))
+            .cloned()
+        else {
+            return false;
+        };
+        let name = self.member_name(key);
+        tracing::info!(peer = %name, ?addresses, "{name} was seen on the local network");
+        self.learn_discovered(key, &addresses)
+    }
+
+    fn learn_discovered(&mut self, key: &PublicKey, addresses: &[SocketAddr]) -> bool {
+        let mut changed = false;
+        for addr in addresses.iter().rev() {
+            changed |= self.roster.learn_address(key, *addr);
+        }
+        changed
     }
 
     /// The network changed (netwatch): sessions on an address this device no longer has (or on a

@@ -298,6 +298,49 @@ fn a_member_without_a_path_of_its_own_is_relayed() {
     checks::outboxes(&world).unwrap();
 }
 
+/// Devices added as members without an address after discovery reported them (mDNS reports an
+/// advertisement once) are dialled at the addresses discovery saw.
+#[test]
+fn members_added_after_discovery_saw_them_are_dialled() {
+    let mut world = World::new(23, 3, |_, _| false);
+    for d in 0..3 {
+        world.forget_members(d);
+        world.start(d);
+    }
+    world.run_for(SECOND);
+    for d in 0..3 {
+        for other in (0..3).filter(|o| *o != d) {
+            let instance = world.discovery_name(other);
+            let addresses = vec![world.devices[other].addr];
+            world.input(
+                d,
+                cnsprcy_mesh::core::Input::Discovered {
+                    instance,
+                    addresses,
+                },
+            );
+        }
+    }
+    world.run_for(SECOND * 30);
+    for d in 0..3 {
+        for other in (0..3).filter(|o| *o != d) {
+            world.add_member(d, other);
+        }
+    }
+    world.run_for(SECOND * 5);
+    checks::sessions(&world).unwrap();
+    for d in 0..3 {
+        for other in (0..3).filter(|o| *o != d) {
+            let key = world.devices[other].key;
+            let reach = world.devices[d].core.as_ref().unwrap().reach(&key);
+            assert!(
+                matches!(reach, Reach::Direct { .. }),
+                "d{d} sees d{other} {reach:?}"
+            );
+        }
+    }
+}
+
 /// A target that is down when the message is sent gets it once after it returns, also when the
 /// sender restarted meanwhile (the outbox is on its disk).
 #[test]
