@@ -58,6 +58,7 @@ fn format_table(peers: &[PeerInfo], now: SystemTime) -> String {
         };
         let last_seen = match (peer.status, &peer.last_seen) {
             (PeerStatus::Direct | PeerStatus::Relayed, _) => "now".into(),
+            // Suspect: when its last frame came, which is what makes it suspect.
             (_, Some(seen)) => ago(seen, now),
             (_, None) => "never".into(),
         };

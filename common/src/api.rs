@@ -140,6 +140,10 @@ impl ServiceState {
 pub enum PeerStatus {
     /// An encrypted session with this device is up.
     Direct,
+    /// A session is up, but its keepalive is overdue: nothing arrived for the keepalive
+    /// interval plus half the time-out. `unreachable` follows at interval + time-out, unless a
+    /// frame arrives first (then `direct` again).
+    Suspect,
     /// No session, but a member with a session to it passes messages on.
     Relayed,
     Unreachable,
@@ -151,6 +155,7 @@ impl PeerStatus {
     pub fn as_str(self) -> &'static str {
         match self {
             PeerStatus::Direct => "direct",
+            PeerStatus::Suspect => "suspect",
             PeerStatus::Relayed => "relayed",
             PeerStatus::Unreachable => "unreachable",
             PeerStatus::Disabled => "disabled",

@@ -186,10 +186,16 @@ impl<S: StoreAccess> Core<S> {
         let key = member.public_key;
         let reach = self.table.reach(&key);
         let mut addresses = Vec::new();
+        let live = self.sessions.get(&key);
         let (status, latency, via) = match reach {
             Reach::Direct { addr, rtt } => {
                 addresses.push(addr);
-                (PeerStatus::Direct, rtt, None)
+                let status = if live.is_some_and(|l| l.suspect) {
+                    PeerStatus::Suspect
+                } else {
+                    PeerStatus::Direct
+                };
+                (status, rtt, None)
             }
             Reach::Relayed { via, rtt } => (
                 PeerStatus::Relayed,
@@ -203,7 +209,10 @@ impl<S: StoreAccess> Core<S> {
                 addresses.push(*addr);
             }
         }
-        let last_seen = if reach.is_reachable() {
+        // A direct peer was last seen when its last frame came; a relayed one is seen now.
+        let last_seen = if let Some(live) = live {
+            Some(live.last_frame_wall(now))
+        } else if reach.is_reachable() {
             Some(now.wall())
         } else {
             self.table.last_seen(&key)

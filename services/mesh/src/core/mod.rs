@@ -306,6 +306,18 @@ pub(crate) struct Live {
     liveness: Liveness,
     /// The queue refused a message; `Writable` clears it.
     full: bool,
+    /// Its keepalive is overdue (reported as `suspect`).
+    suspect: bool,
+}
+
+impl Live {
+    /// The wall time of the last frame from the peer.
+    fn last_frame_wall(&self, now: Now) -> std::time::SystemTime {
+        now.wall()
+            - now
+                .mono
+                .saturating_duration_since(self.liveness.last_received())
+    }
 }
 
 /// A ping the API waits for.
@@ -369,6 +381,9 @@ pub struct Core<S: StoreAccess> {
     /// Something the outbox's sending depends on changed (or the housekeeping timer ran): look
     /// at it again after this input.
     outbox_dirty: bool,
+    /// Bumped when a session becomes suspect or stops being so (statuses to report again).
+    suspect_generation: u64,
+    reported_suspects: u64,
     /// Status last reported per member.
     reported: Map<PublicKey, (cnsprcy::api::PeerStatus, Option<PublicKey>)>,
     /// Members whose failed dials were logged since they were last reachable.
@@ -425,6 +440,8 @@ impl<S: StoreAccess> Core<S> {
             reported_generation: None,
             reported_rtts: 0,
             outbox_dirty: true,
+            suspect_generation: 0,
+            reported_suspects: 0,
             reported: Map::default(),
             quiet_dials: Set::default(),
             discovered: std::collections::VecDeque::new(),
@@ -521,6 +538,9 @@ impl<S: StoreAccess> Core<S> {
         let mut wake = self.next_housekeeping.min(self.next_sync);
         for live in self.sessions.values() {
             wake = wake.min(live.liveness.next_deadline());
+            if !live.suspect {
+                wake = wake.min(live.liveness.suspect_at());
+            }
         }
         if let Some(dial) = self.table.next_dial_at() {
             wake = wake.min(dial);
@@ -556,6 +576,7 @@ impl<S: StoreAccess> Core<S> {
     /// the outbox owes, answer finished waits.
     fn after(&mut self, now: Now) {
         self.dial_due(now);
+        self.mark_suspects(now);
         self.after_change(now);
         self.flush_outbox(now);
         self.finish_waits(now, false);
@@ -641,6 +662,11 @@ impl<S: StoreAccess> Core<S> {
     /// Where `peer` stands, for the simulator's checks.
     pub fn reach(&self, peer: &PublicKey) -> crate::peers::Reach {
         self.table.reach(peer)
+    }
+
+    /// The status last reported (logged, told to subscribers) for `peer`, if any.
+    pub fn reported_status(&self, peer: &PublicKey) -> Option<cnsprcy::api::PeerStatus> {
+        self.reported.get(peer).map(|(status, _)| *status)
     }
 
     /// How many messages the outbox holds.

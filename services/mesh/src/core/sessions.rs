@@ -113,6 +113,7 @@ impl<S: StoreAccess> Core<S> {
                 local,
                 liveness,
                 full: false,
+                suspect: false,
             },
         );
         self.session_peers.insert(session, peer);
@@ -145,7 +146,10 @@ impl<S: StoreAccess> Core<S> {
             return;
         };
         if self.sessions.get(&peer).is_some_and(|l| l.id == session) {
-            self.sessions.remove(&peer);
+            if let Some(live) = self.sessions.remove(&peer) {
+                // Last seen is when its last frame came, not when the session was given up.
+                self.table.seen_until(&peer, live.last_frame_wall(now));
+            }
             let name = self.member_name(&peer);
             tracing::info!(peer = %name, "session with {name} ended: {reason}");
             let jitter = self.jitter();
@@ -258,6 +262,18 @@ impl<S: StoreAccess> Core<S> {
                 self.close_session(peer, &reason, now);
             }
             Action::Wait => {}
+        }
+    }
+
+    /// Marks the sessions whose keepalive is overdue as suspect, and those heard from again as
+    /// not.
+    pub(super) fn mark_suspects(&mut self, now: Now) {
+        for live in self.sessions.values_mut() {
+            let overdue = now.mono >= live.liveness.suspect_at();
+            if overdue != live.suspect {
+                live.suspect = overdue;
+                self.suspect_generation += 1;
+            }
         }
     }
 
@@ -497,7 +513,13 @@ impl<S: StoreAccess> Core<S> {
                 .announced_at
                 .is_none_or(|at| now.mono >= at + self.config.keepalive_interval);
         let announce_due = self.rtt_announce_due.is_some_and(|at| now.mono >= at);
-        if self.reported_generation == Some(generation) && !announce_due && !rtts_moved {
+        let suspects_moved = self.reported_suspects != self.suspect_generation;
+        self.reported_suspects = self.suspect_generation;
+        if self.reported_generation == Some(generation)
+            && !announce_due
+            && !rtts_moved
+            && !suspects_moved
+        {
             // Nothing that a status or an announcement depends on moved.
             return;
         }
@@ -536,6 +558,9 @@ impl<S: StoreAccess> Core<S> {
             let key = member.public_key;
             let reach = self.table.reach(&key);
             let status = match reach {
+                Reach::Direct { .. } if self.sessions.get(&key).is_some_and(|l| l.suspect) => {
+                    (PeerStatus::Suspect, None)
+                }
                 Reach::Direct { .. } => (PeerStatus::Direct, None),
                 Reach::Relayed { via, .. } => (PeerStatus::Relayed, Some(via)),
                 Reach::Unreachable => (PeerStatus::Unreachable, None),
@@ -546,22 +571,46 @@ impl<S: StoreAccess> Core<S> {
                 continue;
             }
             let was_reachable = before.is_some_and(|(s, _)| s != PeerStatus::Unreachable);
-            changes.push((member.clone(), reach, was_reachable));
+            let was_relayed = before.is_some_and(|(s, _)| s == PeerStatus::Relayed);
+            let on_session = |s: PeerStatus| matches!(s, PeerStatus::Direct | PeerStatus::Suspect);
+            // Into or out of `suspect`: the same session at the same address, no event.
+            let same_session = before.is_some_and(|(s, _)| on_session(s)) && on_session(status.0);
+            changes.push((
+                member.clone(),
+                reach,
+                status.0,
+                was_reachable,
+                was_relayed,
+                same_session,
+            ));
         }
-        for (member, reach, was_reachable) in &changes {
-            if *was_reachable && !reach.is_reachable() {
+        for (member, reach, _, _, was_relayed, _) in &changes {
+            // A direct peer's last frame was noted when its session ended.
+            if *was_relayed && !reach.is_reachable() {
                 self.table.seen_until(&member.public_key, now.wall());
             }
         }
-        for (member, reach, was_reachable) in changes {
-            self.peer_changed(&member, reach, was_reachable);
+        for (member, reach, status, was_reachable, _, same_session) in changes {
+            self.peer_changed(&member, reach, status, was_reachable, same_session);
         }
     }
 
     /// A member's status changed: log it, tell subscribers and run the built-in event handlers.
-    fn peer_changed(&mut self, member: &crate::roster::Member, reach: Reach, was_reachable: bool) {
+    fn peer_changed(
+        &mut self,
+        member: &crate::roster::Member,
+        reach: Reach,
+        shown: PeerStatus,
+        was_reachable: bool,
+        same_session: bool,
+    ) {
         let name = &member.name;
         let (status, via, address) = match reach {
+            Reach::Direct { .. } if shown == PeerStatus::Suspect => {
+                let interval = humantime::format_duration(self.config.keepalive_interval);
+                tracing::info!(peer = %name, status = "suspect", "{name} is suspect: its keepalive (every {interval}) is overdue");
+                (PeerStatus::Suspect, None, None)
+            }
             Reach::Direct { addr, .. } => {
                 tracing::info!(peer = %name, status = "direct", "{name} is direct at {addr}");
                 (PeerStatus::Direct, None, Some(addr))
@@ -586,6 +635,7 @@ impl<S: StoreAccess> Core<S> {
         let event = match (reach.is_reachable(), was_reachable) {
             (true, false) => "peer-up",
             (false, true) => "peer-down",
+            (true, true) if same_session => return,
             (true, true) => "peer-address",
             (false, false) => return,
         };
