@@ -161,9 +161,15 @@ waiting is kept here too (--json shows it)."
     #[command(
         long_about = "Dial every member without a session right away, as if the \
 network had just changed (for example after resuming from suspend). Normally not needed: the \
-daemon redials by itself with a capped exponential backoff."
+daemon redials by itself with a capped exponential backoff. Names the members that cannot be \
+dialled because no address is known for them (discovery has not seen them on the LAN, and none \
+was given or learned)."
     )]
-    Reconnect,
+    Reconnect {
+        /// Print the result as JSON (the `retry` method's result)
+        #[arg(long)]
+        json: bool,
+    },
 
     /// Show the configuration and the files it comes from
     #[command(subcommand)]

@@ -43,7 +43,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             timeout,
             json,
         } => peers::ping(&env, &name, count, timeout, json).await,
-        Command::Reconnect => peers::reconnect(&env).await,
+        Command::Reconnect { json } => peers::reconnect(&env, json).await,
         Command::Send {
             tag,
             payload,

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
-use cnsprcy::api::{MemberInfo, PeerInfo, PeerStatus, PingResult};
+use cnsprcy::api::{MemberInfo, PeerInfo, PeerStatus, PingResult, RetryResult};
 use cnsprcy::env::DeviceEnv;
 use cnsprcy::identity::{DeviceName, PublicKey};
 use serde_json::{Value, json};
@@ -58,6 +58,7 @@ fn format_table(peers: &[PeerInfo], now: SystemTime) -> String {
         };
         let last_seen = match (peer.status, &peer.last_seen) {
             (PeerStatus::Direct | PeerStatus::Relayed, _) => "now".into(),
+            // Suspect: when its last frame came, which is what makes it suspect.
             (_, Some(seen)) => ago(seen, now),
             (_, None) => "never".into(),
         };
@@ -153,11 +154,31 @@ fn describe_pong(pong: &PingResult) -> String {
     )
 }
 
-pub async fn reconnect(env: &DeviceEnv) -> anyhow::Result<ExitCode> {
-    let value = call_or_exit!(env, false, call(env, "retry", Value::Null));
-    let count = value["dialling"].as_u64().unwrap_or(0);
-    println!("dialling {count} member(s) without a session now");
+pub async fn reconnect(env: &DeviceEnv, as_json: bool) -> anyhow::Result<ExitCode> {
+    let value = call_or_exit!(env, as_json, call(env, "retry", Value::Null));
+    if as_json {
+        print_json(&value)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let result: RetryResult = serde_json::from_value(value)?;
+    print!("{}", describe_retry(&result));
     Ok(ExitCode::SUCCESS)
+}
+
+fn describe_retry(result: &RetryResult) -> String {
+    let mut text = format!(
+        "dialling {} member(s) without a session now\n",
+        result.dialling
+    );
+    for member in &result.no_address {
+        text.push_str(&format!(
+            "{name}: no address known yet (not seen by discovery on this network); to give one: \
+             cnspr manage remove {name} && cnspr manage add {name} {key} ADDRESS\n",
+            name = member.name,
+            key = member.public_key,
+        ));
+    }
+    text
 }
 
 pub async fn add(

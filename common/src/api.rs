@@ -150,6 +150,10 @@ impl ServiceState {
 pub enum PeerStatus {
     /// An encrypted session with this device is up.
     Direct,
+    /// A session is up, but its keepalive is overdue: nothing arrived for the keepalive
+    /// interval plus half the time-out. `unreachable` follows at interval + time-out, unless a
+    /// frame arrives first (then `direct` again).
+    Suspect,
     /// No session, but a member with a session to it passes messages on.
     Relayed,
     Unreachable,
@@ -161,6 +165,7 @@ impl PeerStatus {
     pub fn as_str(self) -> &'static str {
         match self {
             PeerStatus::Direct => "direct",
+            PeerStatus::Suspect => "suspect",
             PeerStatus::Relayed => "relayed",
             PeerStatus::Unreachable => "unreachable",
             PeerStatus::Disabled => "disabled",
@@ -196,6 +201,18 @@ pub struct PingResult {
     /// The session's address, for a direct path.
     pub address: Option<SocketAddr>,
     pub rtt_ms: f64,
+}
+
+/// The result of `retry`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RetryResult {
+    /// Members without a session dialled now (those with at least one known address).
+    pub dialling: usize,
+    /// Members without a session that cannot be dialled: no address is known for them (none
+    /// given, none learned from a session, discovery has not seen them). They may still dial
+    /// this device, or be relayed.
+    #[serde(default)]
+    pub no_address: Vec<MemberInfo>,
 }
 
 /// The result of `members.add` and `members.remove`.

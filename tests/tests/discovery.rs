@@ -54,3 +54,38 @@ fn members_without_addresses_find_each_other_and_strangers_are_ignored() {
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(devices[2].peers()["a"]["status"], "unreachable");
 }
+
+/// mDNS reports an advertisement once, when it first resolves it: devices that become members
+/// only after that (issue 14: added without addresses once the daemons ran) must still be found,
+/// from what discovery saw before.
+#[test]
+fn devices_added_after_discovery_saw_them_are_found() {
+    let lan = Lan::new(3);
+    let names = ["a", "b", "c"];
+    let mut devices: Vec<Device> = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let mut device = Device::new(name);
+            device.write_config(&format!(
+                "name = \"{name}\"\n[mesh]\nlisten = [\"0.0.0.0:7332\"]\n"
+            ));
+            device.start_in(lan.node(i));
+            device
+        })
+        .collect();
+    let keys: Vec<String> = devices.iter().map(|d| d.public_key()).collect();
+    // Time for every discovery service to resolve the others' advertisements, as strangers.
+    std::thread::sleep(Duration::from_secs(8));
+    for (i, device) in devices.iter().enumerate() {
+        for (j, name) in names.iter().enumerate().filter(|(j, _)| *j != i) {
+            device.cnspr(&["manage", "add", name, &keys[j]]).success();
+        }
+    }
+    for (i, device) in devices.iter_mut().enumerate() {
+        for (j, name) in names.iter().enumerate().filter(|(j, _)| *j != i) {
+            let peer = device.wait_status(name, "direct", SOON);
+            assert_eq!(peer["addresses"][0], format!("{}:7332", lan.addr(j)));
+        }
+    }
+}

@@ -298,7 +298,14 @@ impl Methods for Api<'_> {
             "retry" => {
                 rpc::params::<NoParams>(params)?;
                 match self.mesh.node.call(ApiCall::Retry).await? {
-                    Answer::Retry(dialling) => Ok(serde_json::json!({ "dialling": dialling })),
+                    Answer::Retry(outcome) => to_value(cnsprcy::api::RetryResult {
+                        dialling: outcome.dialling,
+                        no_address: outcome
+                            .no_address
+                            .iter()
+                            .map(crate::core::member_info)
+                            .collect(),
+                    }),
                     other => Err(unexpected(other)),
                 }
             }

@@ -120,6 +120,17 @@ impl Liveness {
     }
 
     /// When `poll` next has something to do.
+    /// When the peer counts as `suspect`: its keepalive is overdue (nothing received for the
+    /// interval plus half the time-out), some time before the session is declared dead.
+    pub fn suspect_at(&self) -> Instant {
+        self.last_rx + self.interval + self.timeout / 2
+    }
+
+    /// When the last frame arrived.
+    pub fn last_received(&self) -> Instant {
+        self.last_rx
+    }
+
     pub fn next_deadline(&self) -> Instant {
         let dead = self.last_rx + self.interval + self.timeout;
         let ping = match (self.role, self.last_ping) {
@@ -137,6 +148,17 @@ mod tests {
 
     const I: Duration = Duration::from_secs(20);
     const T: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn a_peer_is_suspect_between_an_overdue_keepalive_and_the_verdict() {
+        let t0 = Instant::now();
+        let mut l = Liveness::new(Role::Initiator, t0, I, T);
+        assert_eq!(l.suspect_at(), t0 + I + T / 2);
+        assert!(l.suspect_at() < t0 + I + T, "suspect before dead");
+        l.on_receive(t0 + I);
+        assert_eq!(l.last_received(), t0 + I);
+        assert_eq!(l.suspect_at(), t0 + I + I + T / 2);
+    }
 
     #[test]
     fn initiator_pings_every_interval_and_measures_rtt() {

@@ -33,7 +33,7 @@ pub(crate) fn roster_error(e: RosterError) -> RpcError {
     }
 }
 
-pub(crate) fn member_info(member: &Member) -> MemberInfo {
+pub fn member_info(member: &Member) -> MemberInfo {
     MemberInfo {
         name: member.name.clone(),
         id: member.id(),
@@ -66,8 +66,19 @@ impl<S: StoreAccess> Core<S> {
             ApiCall::AddMember(member) => self.add_member(request, member, now),
             ApiCall::RemoveMember { name } => self.remove_member(request, &name, now),
             ApiCall::Retry => {
-                let count = self.table.retry_all(now.mono);
-                self.answer(request, Answer::Retry(count));
+                self.table.retry_all(now.mono);
+                // Dialled are those with an address; the others wait to be found or to dial.
+                let (no_address, dialling): (Vec<&Member>, Vec<&Member>) = self
+                    .roster
+                    .members()
+                    .iter()
+                    .filter(|m| !matches!(self.table.reach(&m.public_key), Reach::Direct { .. }))
+                    .partition(|m| m.addresses.is_empty());
+                let outcome = super::RetryOutcome {
+                    dialling: dialling.len(),
+                    no_address: no_address.into_iter().cloned().collect(),
+                };
+                self.answer(request, Answer::Retry(outcome));
             }
             ApiCall::Send(send) => self.start_send(request, send, now),
             ApiCall::Messages => {
@@ -109,6 +120,13 @@ impl<S: StoreAccess> Core<S> {
         if let Err(e) = self.roster.add(member.clone(), &self.own) {
             return self.answer(request, Answer::Member(Err(roster_error(e))));
         }
+        // Discovery may have seen it before it was a member; the write below keeps what it saw.
+        self.recall_discovered(&member.public_key, now);
+        let member = self
+            .roster
+            .get(&member.public_key)
+            .cloned()
+            .unwrap_or(member);
         if let Some(token) = self.members_changed(now) {
             self.roster_changes
                 .insert(token, (request, RosterChange::Added(member)));
@@ -172,10 +190,16 @@ impl<S: StoreAccess> Core<S> {
         let key = member.public_key;
         let reach = self.table.reach(&key);
         let mut addresses = Vec::new();
+        let live = self.sessions.get(&key);
         let (status, latency, via) = match reach {
             Reach::Direct { addr, rtt } => {
                 addresses.push(addr);
-                (PeerStatus::Direct, rtt, None)
+                let status = if live.is_some_and(|l| l.suspect) {
+                    PeerStatus::Suspect
+                } else {
+                    PeerStatus::Direct
+                };
+                (status, rtt, None)
             }
             Reach::Relayed { via, rtt } => (
                 PeerStatus::Relayed,
@@ -189,7 +213,10 @@ impl<S: StoreAccess> Core<S> {
                 addresses.push(*addr);
             }
         }
-        let last_seen = if reach.is_reachable() {
+        // A direct peer was last seen when its last frame came; a relayed one is seen now.
+        let last_seen = if let Some(live) = live {
+            Some(live.last_frame_wall(now))
+        } else if reach.is_reachable() {
             Some(now.wall())
         } else {
             self.table.last_seen(&key)

@@ -47,7 +47,7 @@ use crate::ordering::Holdback;
 use crate::peers::PeerTable;
 use crate::roster::{Member, Roster};
 
-pub use api::code;
+pub use api::{code, member_info};
 pub use messages::{DEFAULT_TTL, SendRequest};
 
 /// A session, numbered by the driver when its handshake completed; never reused.
@@ -213,11 +213,19 @@ pub enum Answer {
     Peer(Result<PeerInfo, RpcError>),
     Ping(Result<PingResult, RpcError>),
     Member(Result<MemberInfo, RpcError>),
-    Retry(usize),
+    Retry(RetryOutcome),
     Send(Result<SendResult, RpcError>),
     Messages(Box<MessagesInfo>),
     Interfaces(Vec<Interface>),
     Names(std::collections::HashMap<KeyBytes, String>),
+}
+
+/// What `retry` did: how many members are dialled now, and those that cannot be because no
+/// address is known for them.
+#[derive(Debug)]
+pub struct RetryOutcome {
+    pub dialling: usize,
+    pub no_address: Vec<Member>,
 }
 
 /// What to make durable. The driver's writer carries these out in order.
@@ -304,6 +312,18 @@ pub(crate) struct Live {
     liveness: Liveness,
     /// The queue refused a message; `Writable` clears it.
     full: bool,
+    /// Its keepalive is overdue (reported as `suspect`).
+    suspect: bool,
+}
+
+impl Live {
+    /// The wall time of the last frame from the peer.
+    fn last_frame_wall(&self, now: Now) -> std::time::SystemTime {
+        now.wall()
+            - now
+                .mono
+                .saturating_duration_since(self.liveness.last_received())
+    }
 }
 
 /// A ping the API waits for.
@@ -372,10 +392,17 @@ pub struct Core<S: StoreAccess> {
     /// Something the outbox's sending depends on changed (or the housekeeping timer ran): look
     /// at it again after this input.
     outbox_dirty: bool,
+    /// Bumped when a session becomes suspect or stops being so (statuses to report again).
+    suspect_generation: u64,
+    reported_suspects: u64,
     /// Status last reported per member.
     reported: Map<PublicKey, (cnsprcy::api::PeerStatus, Option<PublicKey>)>,
     /// Members whose failed dials were logged since they were last reachable.
     quiet_dials: Set<PublicKey>,
+    /// What discovery resolved lately, members' advertisements or not, most recent last: a
+    /// device added as a member later is found here (mDNS reports an advertisement once, when
+    /// it first resolves it).
+    discovered: std::collections::VecDeque<(String, Vec<SocketAddr>)>,
     next_housekeeping: Instant,
     next_sync: Instant,
     next_token: Token,
@@ -426,8 +453,11 @@ impl<S: StoreAccess> Core<S> {
             reported_generation: None,
             reported_rtts: 0,
             outbox_dirty: true,
+            suspect_generation: 0,
+            reported_suspects: 0,
             reported: Map::default(),
             quiet_dials: Set::default(),
+            discovered: std::collections::VecDeque::new(),
             next_housekeeping: now.mono + HOUSEKEEPING,
             next_sync: now.mono + crate::store::SYNC_INTERVAL,
             next_token: 0,
@@ -521,6 +551,9 @@ impl<S: StoreAccess> Core<S> {
         let mut wake = self.next_housekeeping.min(self.next_sync);
         for live in self.sessions.values() {
             wake = wake.min(live.liveness.next_deadline());
+            if !live.suspect {
+                wake = wake.min(live.liveness.suspect_at());
+            }
         }
         if let Some(dial) = self.table.next_dial_at() {
             wake = wake.min(dial);
@@ -557,6 +590,7 @@ impl<S: StoreAccess> Core<S> {
     /// the outbox owes, answer finished waits.
     fn after(&mut self, now: Now) {
         self.dial_due(now);
+        self.mark_suspects(now);
         self.after_change(now);
         self.flush_outbox(now);
         self.finish_waits(now, false);
@@ -644,6 +678,11 @@ impl<S: StoreAccess> Core<S> {
         self.table.reach(peer)
     }
 
+    /// The status last reported (logged, told to subscribers) for `peer`, if any.
+    pub fn reported_status(&self, peer: &PublicKey) -> Option<cnsprcy::api::PeerStatus> {
+        self.reported.get(peer).map(|(status, _)| *status)
+    }
+
     /// How many messages the outbox holds.
     pub fn outbox_len(&self) -> usize {
         self.outbox.len()
@@ -661,6 +700,7 @@ impl<S: StoreAccess> Core<S> {
             ("waits", self.waits.len()),
             ("pings", self.pending_pings.len()),
             ("sessions", self.sessions.len()),
+            ("discovered", self.discovered.len()),
         ])
     }
 

@@ -14,6 +14,18 @@ use super::{Core, Live, Now, Output, SessionId, StoreAccess};
 use crate::liveness::{Action, Liveness, Role};
 use crate::peers::Reach;
 
+/// Advertisements remembered from discovery (each a name and at most a few addresses); a LAN
+/// with more cnsprcy devices than this finds a member added later once it advertises again
+/// (within the hour, under its next name) or dials this device.
+pub(crate) const MAX_DISCOVERED: usize = 128;
+
+/// The discovery epochs whose names count now: this one and those beside it, for clocks a
+/// little apart.
+fn discovery_epochs(now: Now) -> [u64; 3] {
+    let epoch = cnsprcy::identity::discovery_epoch_at(now.wall_ms / 1000);
+    [epoch.saturating_sub(1), epoch, epoch + 1]
+}
+
 /// An RTT change larger than this fraction is announced to peers (for their relay choice)...
 const RTT_ANNOUNCE_CHANGE: f64 = 0.25;
 /// ... and by more than this.
@@ -101,6 +113,7 @@ impl<S: StoreAccess> Core<S> {
                 local,
                 liveness,
                 full: false,
+                suspect: false,
             },
         );
         self.session_peers.insert(session, peer);
@@ -133,7 +146,10 @@ impl<S: StoreAccess> Core<S> {
             return;
         };
         if self.sessions.get(&peer).is_some_and(|l| l.id == session) {
-            self.sessions.remove(&peer);
+            if let Some(live) = self.sessions.remove(&peer) {
+                // Last seen is when its last frame came, not when the session was given up.
+                self.table.seen_until(&peer, live.last_frame_wall(now));
+            }
             let name = self.member_name(&peer);
             tracing::info!(peer = %name, "session with {name} ended: {reason}");
             let jitter = self.jitter();
@@ -246,6 +262,18 @@ impl<S: StoreAccess> Core<S> {
                 self.close_session(peer, &reason, now);
             }
             Action::Wait => {}
+        }
+    }
+
+    /// Marks the sessions whose keepalive is overdue as suspect, and those heard from again as
+    /// not.
+    pub(super) fn mark_suspects(&mut self, now: Now) {
+        for live in self.sessions.values_mut() {
+            let overdue = now.mono >= live.liveness.suspect_at();
+            if overdue != live.suspect {
+                live.suspect = overdue;
+                self.suspect_generation += 1;
+            }
         }
     }
 
@@ -375,30 +403,62 @@ impl<S: StoreAccess> Core<S> {
         }
     }
 
-    /// Discovery resolved `instance`: if it is a member's name for this epoch (or the one
-    /// before or after, for clocks a little apart), learn its addresses and dial it now.
+    /// Discovery resolved `instance`: remember it (a device may become a member later), and if
+    /// it is a member's name for this epoch (or the one before or after, for clocks a little
+    /// apart), learn its addresses and dial it now.
     pub(super) fn on_discovered(&mut self, instance: &str, addresses: Vec<SocketAddr>, now: Now) {
-        let epoch = cnsprcy::identity::discovery_epoch_at(now.wall_ms / 1000);
+        self.discovered.retain(|(name, _)| name != instance);
+        if self.discovered.len() >= MAX_DISCOVERED {
+            self.discovered.pop_front();
+        }
+        self.discovered
+            .push_back((instance.to_owned(), addresses.clone()));
+        let epochs = discovery_epochs(now);
         let member = self.roster.members().iter().find(|m| {
-            [epoch.saturating_sub(1), epoch, epoch + 1]
+            epochs
                 .iter()
                 .any(|e| m.public_key.discovery_name(*e) == instance)
         });
         let Some(member) = member.cloned() else {
-            // Not a member (or this device itself): strangers are ignored.
+            // Not a member (or this device itself), for now.
             return;
         };
-        let mut changed = false;
-        for addr in addresses.iter().rev() {
-            changed |= self.roster.learn_address(&member.public_key, *addr);
-        }
-        if changed {
+        if self.learn_discovered(&member.public_key, &addresses) {
             self.save_roster();
         }
         if !matches!(self.table.reach(&member.public_key), Reach::Direct { .. }) {
             tracing::info!(peer = %member.name, ?addresses, "found {} on the local network", member.name);
             self.table.retry(&member.public_key, now.mono);
         }
+    }
+
+    /// Learns what discovery saw lately of the member `key` (just added): returns whether its
+    /// addresses changed.
+    pub(super) fn recall_discovered(&mut self, key: &PublicKey, now: Now) -> bool {
+        let names: Vec<String> = discovery_epochs(now)
+            .iter()
+            .map(|e| key.discovery_name(*e))
+            .collect();
+        let Some((_, addresses)) = self
+            .discovered
+            .iter()
+            .rev()
+            .find(|(instance, _)| names.contains(instance))
+            .cloned()
+        else {
+            return false;
+        };
+        let name = self.member_name(key);
+        tracing::info!(peer = %name, ?addresses, "{name} was seen on the local network");
+        self.learn_discovered(key, &addresses)
+    }
+
+    fn learn_discovered(&mut self, key: &PublicKey, addresses: &[SocketAddr]) -> bool {
+        let mut changed = false;
+        for addr in addresses.iter().rev() {
+            changed |= self.roster.learn_address(key, *addr);
+        }
+        changed
     }
 
     /// The network changed (netwatch): sessions on an address this device no longer has (or on a
@@ -453,7 +513,13 @@ impl<S: StoreAccess> Core<S> {
                 .announced_at
                 .is_none_or(|at| now.mono >= at + self.config.keepalive_interval);
         let announce_due = self.rtt_announce_due.is_some_and(|at| now.mono >= at);
-        if self.reported_generation == Some(generation) && !announce_due && !rtts_moved {
+        let suspects_moved = self.reported_suspects != self.suspect_generation;
+        self.reported_suspects = self.suspect_generation;
+        if self.reported_generation == Some(generation)
+            && !announce_due
+            && !rtts_moved
+            && !suspects_moved
+        {
             // Nothing that a status or an announcement depends on moved.
             return;
         }
@@ -492,6 +558,9 @@ impl<S: StoreAccess> Core<S> {
             let key = member.public_key;
             let reach = self.table.reach(&key);
             let status = match reach {
+                Reach::Direct { .. } if self.sessions.get(&key).is_some_and(|l| l.suspect) => {
+                    (PeerStatus::Suspect, None)
+                }
                 Reach::Direct { .. } => (PeerStatus::Direct, None),
                 Reach::Relayed { via, .. } => (PeerStatus::Relayed, Some(via)),
                 Reach::Unreachable => (PeerStatus::Unreachable, None),
@@ -502,22 +571,46 @@ impl<S: StoreAccess> Core<S> {
                 continue;
             }
             let was_reachable = before.is_some_and(|(s, _)| s != PeerStatus::Unreachable);
-            changes.push((member.clone(), reach, was_reachable));
+            let was_relayed = before.is_some_and(|(s, _)| s == PeerStatus::Relayed);
+            let on_session = |s: PeerStatus| matches!(s, PeerStatus::Direct | PeerStatus::Suspect);
+            // Into or out of `suspect`: the same session at the same address, no event.
+            let same_session = before.is_some_and(|(s, _)| on_session(s)) && on_session(status.0);
+            changes.push((
+                member.clone(),
+                reach,
+                status.0,
+                was_reachable,
+                was_relayed,
+                same_session,
+            ));
         }
-        for (member, reach, was_reachable) in &changes {
-            if *was_reachable && !reach.is_reachable() {
+        for (member, reach, _, _, was_relayed, _) in &changes {
+            // A direct peer's last frame was noted when its session ended.
+            if *was_relayed && !reach.is_reachable() {
                 self.table.seen_until(&member.public_key, now.wall());
             }
         }
-        for (member, reach, was_reachable) in changes {
-            self.peer_changed(&member, reach, was_reachable);
+        for (member, reach, status, was_reachable, _, same_session) in changes {
+            self.peer_changed(&member, reach, status, was_reachable, same_session);
         }
     }
 
     /// A member's status changed: log it, tell subscribers and run the built-in event handlers.
-    fn peer_changed(&mut self, member: &crate::roster::Member, reach: Reach, was_reachable: bool) {
+    fn peer_changed(
+        &mut self,
+        member: &crate::roster::Member,
+        reach: Reach,
+        shown: PeerStatus,
+        was_reachable: bool,
+        same_session: bool,
+    ) {
         let name = &member.name;
         let (status, via, address) = match reach {
+            Reach::Direct { .. } if shown == PeerStatus::Suspect => {
+                let interval = humantime::format_duration(self.config.keepalive_interval);
+                tracing::info!(peer = %name, status = "suspect", "{name} is suspect: its keepalive (every {interval}) is overdue");
+                (PeerStatus::Suspect, None, None)
+            }
             Reach::Direct { addr, .. } => {
                 tracing::info!(peer = %name, status = "direct", "{name} is direct at {addr}");
                 (PeerStatus::Direct, None, Some(addr))
@@ -542,6 +635,7 @@ impl<S: StoreAccess> Core<S> {
         let event = match (reach.is_reachable(), was_reachable) {
             (true, false) => "peer-up",
             (false, true) => "peer-down",
+            (true, true) if same_session => return,
             (true, true) => "peer-address",
             (false, false) => return,
         };

@@ -301,6 +301,91 @@ fn a_member_without_a_path_of_its_own_is_relayed() {
     checks::outboxes(&world).unwrap();
 }
 
+/// Devices added as members without an address after discovery reported them (mDNS reports an
+/// advertisement once) are dialled at the addresses discovery saw.
+#[test]
+fn members_added_after_discovery_saw_them_are_dialled() {
+    let mut world = World::new(23, 3, |_, _| false);
+    for d in 0..3 {
+        world.forget_members(d);
+        world.start(d);
+    }
+    world.run_for(SECOND);
+    for d in 0..3 {
+        for other in (0..3).filter(|o| *o != d) {
+            let instance = world.discovery_name(other);
+            let addresses = vec![world.devices[other].addr];
+            world.input(
+                d,
+                cnsprcy_mesh::core::Input::Discovered {
+                    instance,
+                    addresses,
+                },
+            );
+        }
+    }
+    world.run_for(SECOND * 30);
+    for d in 0..3 {
+        for other in (0..3).filter(|o| *o != d) {
+            world.add_member(d, other);
+        }
+    }
+    world.run_for(SECOND * 5);
+    checks::sessions(&world).unwrap();
+    for d in 0..3 {
+        for other in (0..3).filter(|o| *o != d) {
+            let key = world.devices[other].key;
+            let reach = world.devices[d].core.as_ref().unwrap().reach(&key);
+            assert!(
+                matches!(reach, Reach::Direct { .. }),
+                "d{d} sees d{other} {reach:?}"
+            );
+        }
+    }
+}
+
+/// A peer gone silent is `suspect` once its keepalive is overdue (interval + timeout / 2 without
+/// a frame), before it is declared `unreachable` (interval + timeout); `direct` again once
+/// frames come back in time.
+#[test]
+fn a_silent_peer_is_suspect_before_it_is_unreachable() {
+    use cnsprcy::api::PeerStatus;
+    let mut world = World::new(29, 2, |_, _| true);
+    world.start(0);
+    world.start(1);
+    world.run_for(SECOND * 5);
+    let key1 = world.devices[1].key;
+    let shown = |world: &World| {
+        world.devices[0]
+            .core
+            .as_ref()
+            .unwrap()
+            .reported_status(&key1)
+    };
+    assert_eq!(shown(&world), Some(PeerStatus::Direct));
+    // Keepalives every 20 s, time-out 10 s: the last frame came within the last 20 s or so.
+    world.set_link(0, 1, false);
+    world.run_for(SECOND * 4);
+    assert_eq!(shown(&world), Some(PeerStatus::Direct));
+    let mut suspect_at = None;
+    for second in 4..40 {
+        world.run_for(SECOND);
+        match shown(&world) {
+            Some(PeerStatus::Suspect) if suspect_at.is_none() => suspect_at = Some(second),
+            Some(PeerStatus::Unreachable) => {
+                let suspect_at = suspect_at.expect("suspect before unreachable");
+                assert!(
+                    second - suspect_at >= 4,
+                    "suspect {suspect_at} s, unreachable {second} s"
+                );
+                return;
+            }
+            _ => {}
+        }
+    }
+    panic!("never unreachable: {:?}", shown(&world));
+}
+
 /// A target that is down when the message is sent gets it once after it returns, also when the
 /// sender restarted meanwhile (the outbox is on its disk).
 #[test]

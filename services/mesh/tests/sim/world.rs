@@ -270,6 +270,30 @@ impl World {
         world
     }
 
+    /// The name `device` advertises on the LAN now, by its own clock.
+    pub fn discovery_name(&self, device: DeviceIndex) -> String {
+        let now = self.now_of(device);
+        let epoch = cnsprcy::identity::discovery_epoch_at(now.wall_ms / 1000);
+        self.devices[device].key.discovery_name(epoch)
+    }
+
+    /// Makes `device`'s roster empty before it starts (its members are added later).
+    pub fn forget_members(&mut self, device: DeviceIndex) {
+        self.devices[device].disk.roster.clear();
+    }
+
+    /// `device` adds `member` without an address (`cnspr manage add NAME KEY`).
+    pub fn add_member(&mut self, device: DeviceIndex, member: DeviceIndex) {
+        self.next_request += 1;
+        let call = cnsprcy_mesh::core::ApiCall::AddMember(Member {
+            name: DeviceName::new(&self.devices[member].name).expect("a valid name"),
+            public_key: self.devices[member].key,
+            addresses: Vec::new(),
+        });
+        let request = self.next_request;
+        self.input(device, Input::Api { request, call });
+    }
+
     pub fn instant(&self) -> Instant {
         self.base + self.now
     }
