@@ -201,6 +201,24 @@ impl Outbox {
         }
         entry.pending.retain(|k| k != from);
         self.sent.remove(&(*id, *from));
+        // What waits for this one there is due again at once: `from` may have dropped it for
+        // lack of room to hold it (it holds at most 64 MiB), and would otherwise get it only
+        // with the next resend, 30 s later, so a backlog would drain a few messages at a time.
+        // A copy it still holds is ignored there.
+        let successors: Vec<MessageId> = (self.entries.values())
+            .filter(|e| {
+                e.pending.contains(from)
+                    && e.data
+                        .after
+                        .iter()
+                        .any(|a| a.target == *from && a.id == *id)
+            })
+            .map(|e| e.data.id)
+            .collect();
+        for successor in successors {
+            self.sent.remove(&(successor, *from));
+        }
+        let entry = self.entries.get_mut(id)?;
         if entry.pending.is_empty() {
             self.remove(id);
             Some(OutboxChange::Removed(*id))
@@ -544,6 +562,27 @@ mod tests {
             .map(|x| (x.target, x.id[0]))
             .collect();
         assert_eq!(after, vec![(a, 3), (b, 3)]);
+    }
+
+    /// When a target acknowledges a message, the ones that wait for it there go again at once,
+    /// not a resend interval later.
+    #[test]
+    fn an_ack_makes_the_messages_that_wait_for_it_due_at_once() {
+        let mut outbox = Outbox::default();
+        let (a, b) = ([7; 32], [8; 32]);
+        outbox.add(data(1, 60_000), vec![a, b]).unwrap();
+        outbox.add(data(2, 60_000), vec![a, b]).unwrap();
+        outbox.add(data(3, 60_000), vec![a]).unwrap();
+        let now = Instant::now();
+        let due = outbox.due(|_| true, now);
+        queue_all(&mut outbox, &due, now);
+        assert!(outbox.due(|_| true, now).is_empty());
+        outbox.acked(&[1; 16], &a);
+        let due: Vec<(u8, Vec<PublicKey>)> = (outbox.due(|_| true, now).into_iter())
+            .map(|(d, t)| (d.id[0], t))
+            .collect();
+        // 2 waits for 1 on a; 3 waits for 2, which is not acknowledged yet.
+        assert_eq!(due, vec![(2, vec![PublicKey::from_bytes(a)])]);
     }
 
     /// A newer message with a shorter TTL does not cover an older one that outlives it: the
