@@ -182,12 +182,32 @@ async fn get(env: &DeviceEnv, key: String, as_json: bool) -> anyhow::Result<Exit
         .value_bytes()
         .context("the daemon sent a value that is not base64")?;
     let mut out = std::io::stdout().lock();
+    if let Some(notice) = binary_for_a_terminal(&key, &item, bytes.len(), out.is_terminal()) {
+        eprintln!("{notice}");
+        return Ok(ExitCode::SUCCESS);
+    }
     out.write_all(&bytes)?;
     if out.is_terminal() && !bytes.ends_with(b"\n") {
         out.write_all(b"\n")?;
     }
     out.flush()?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// What to say instead of writing a binary value (not text: `value` absent) to a terminal,
+/// where its bytes would garble the screen. Redirected, the value is written as it is.
+fn binary_for_a_terminal(
+    key: &str,
+    item: &StoreItem,
+    len: usize,
+    terminal: bool,
+) -> Option<String> {
+    (terminal && item.value.is_none()).then(|| {
+        format!(
+            "cnspr: {key:?} holds {len} bytes of binary data, not printed to the terminal; \
+             redirect them (`cnspr db get {key} > FILE`) or see them in base64 with --json"
+        )
+    })
 }
 
 /// Prints `db list` as the items come, page by page: lines of text, or one JSON array.
@@ -320,6 +340,25 @@ fn shown_value(item: &StoreItem) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn binary_values_are_not_written_to_a_terminal() {
+        let item = |value: serde_json::Value| -> StoreItem {
+            let mut item = json!({"key": "k", "deleted": false, "writer": "a",
+                "writer_id": "1tek-9fhz-5fej-yjfe", "time": "2026-12-06T10:00:00Z",
+                "timestamp": 1, "counter": 0});
+            item.as_object_mut()
+                .unwrap()
+                .extend(value.as_object().unwrap().clone());
+            serde_json::from_value(item).unwrap()
+        };
+        let binary = item(json!({"value_base64": "YQBi"}));
+        let notice = binary_for_a_terminal("k", &binary, 3, true).unwrap();
+        assert!(notice.contains("3 bytes of binary data") && notice.contains("--json"));
+        assert_eq!(binary_for_a_terminal("k", &binary, 3, false), None);
+        let text = item(json!({"value": "hello"}));
+        assert_eq!(binary_for_a_terminal("k", &text, 5, true), None);
+    }
 
     #[test]
     fn list_lines_escape_separators_and_control_characters() {
