@@ -79,6 +79,14 @@ fn link_all(devices: &[Device], no_path: &[(usize, usize)]) {
     }
 }
 
+/// Devices a and b, members of each other, once a sees b direct.
+fn linked_pair(ns: &NetNs) -> Vec<Device> {
+    let mut devices = devices(ns, &["a", "b"]);
+    link_all(&devices, &[]);
+    devices[0].wait_status("b", "direct", SOON);
+    devices
+}
+
 fn shared_dir() -> tempfile::TempDir {
     tempfile::tempdir().unwrap()
 }
@@ -182,9 +190,7 @@ fn wait_collects_every_reply_and_the_exit_status_says_if_all_succeeded() {
 #[test]
 fn a_message_for_a_device_that_is_down_arrives_when_it_returns_but_not_after_its_ttl() {
     let ns = NetNs::new();
-    let mut devices = devices(&ns, &["a", "b"]);
-    link_all(&devices, &[]);
-    devices[0].wait_status("b", "direct", SOON);
+    let mut devices = linked_pair(&ns);
     let out = shared_dir();
     let log = out.path().join("notes");
     note_handler(&devices[1], &log);
@@ -372,12 +378,18 @@ fn replies_of_the_largest_size_from_several_devices_reach_the_cli() {
 #[test]
 fn a_full_outbox_refuses_with_the_reason_and_drains_at_link_speed_when_the_target_returns() {
     let ns = NetNs::new();
-    let mut devices = devices(&ns, &["a", "b"]);
-    link_all(&devices, &[]);
-    devices[0].wait_status("b", "direct", SOON);
+    let mut devices = linked_pair(&ns);
     let out = shared_dir();
     let log = out.path().join("runs");
-    handler(&devices[1], "file", &format!("wc -c >> {}", log.display()));
+    // One line per run: when it started (s since the epoch) and the payload's size.
+    handler(
+        &devices[1],
+        "file",
+        &format!(
+            "t=$(date +%s.%N); echo \"$t $(wc -c)\" >> {}",
+            log.display()
+        ),
+    );
     devices[1].stop_with("serve", Signal::SIGTERM);
     devices[0].wait_status("b", "unreachable", SOON);
 
@@ -408,18 +420,37 @@ fn a_full_outbox_refuses_with_the_reason_and_drains_at_link_speed_when_the_targe
     let pid = devices[0].pid("serve");
     assert!(rss_mib(pid) < 600, "{} MiB resident", rss_mib(pid));
 
-    // Back: everything goes at once, not one message per resend interval.
+    // Back: the messages go one after another (they run in order, one at a time), not one
+    // per resend interval (30 s): no gap of 20 s between two runs. (A debug build takes about
+    // a second per 16 MiB message, more on a loaded machine.)
     devices[1].start_in(&ns);
-    let started = std::time::Instant::now();
-    let all = wait_until(Duration::from_secs(90), || lines(&log).len() == 16);
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let all = wait_until(Duration::from_secs(300), || lines(&log).len() == 16);
+    let runs: Vec<(f64, String)> = (lines(&log).iter())
+        .map(|l| {
+            let (time, size) = l.split_once(' ').unwrap();
+            (time.parse().unwrap(), size.trim().to_owned())
+        })
+        .collect();
     assert!(
         all,
-        "{} of 16 ran in {:?}:\n{}",
-        lines(&log).len(),
-        started.elapsed(),
+        "{} of 16 ran: {runs:?}\n{}",
+        runs.len(),
         devices[0].log("serve")
     );
-    assert!(lines(&log).iter().all(|l| l.trim() == "16777216"));
+    assert!(runs.iter().all(|(_, size)| size == "16777216"), "{runs:?}");
+    let mut before = started;
+    for (time, _) in &runs {
+        assert!(
+            time - before < 20.0,
+            "a gap of {:.1} s: {runs:?}",
+            time - before
+        );
+        before = *time;
+    }
     // The outbox is empty again: a send goes.
     assert!(wait_until(SOON, || send(&devices[0]).status.success()));
 }
@@ -430,9 +461,7 @@ fn a_full_outbox_refuses_with_the_reason_and_drains_at_link_speed_when_the_targe
 #[test]
 fn queued_messages_run_in_send_order_and_their_outcomes_are_listed() {
     let ns = NetNs::new();
-    let mut devices = devices(&ns, &["a", "b"]);
-    link_all(&devices, &[]);
-    devices[0].wait_status("b", "direct", SOON);
+    let mut devices = linked_pair(&ns);
     let out = shared_dir();
     let log = out.path().join("order");
     // Slow, so that two runs at once would interleave their lines.
@@ -503,9 +532,7 @@ fn queued_messages_run_in_send_order_and_their_outcomes_are_listed() {
 #[test]
 fn a_device_runs_its_own_handler_for_a_message_to_itself() {
     let ns = NetNs::new();
-    let mut devices = devices(&ns, &["a", "b"]);
-    link_all(&devices, &[]);
-    devices[0].wait_status("b", "direct", SOON);
+    let devices = linked_pair(&ns);
     let out = shared_dir();
     let log = out.path().join("notes");
     note_handler(&devices[0], &log);

@@ -41,11 +41,21 @@ pub struct Holdback {
 }
 
 impl Holdback {
+    fn has_room(&self, data: &Data) -> bool {
+        self.held.len() < MAX_HELD && self.bytes + data.payload.len() <= MAX_HELD_BYTES
+    }
+
     fn admit(&mut self, data: &Data) -> bool {
-        if self.held.contains(&data.id)
-            || self.held.len() >= MAX_HELD
-            || self.bytes + data.payload.len() > MAX_HELD_BYTES
-        {
+        if self.held.contains(&data.id) {
+            return false;
+        }
+        if !self.has_room(data) {
+            // What waits for this message cannot run before it. Were it dropped for their sake,
+            // each would wait for the other's resend (30 s); so they go, and come again when
+            // their origin learns that this one was recorded.
+            self.drop_successors(&data.id);
+        }
+        if !self.has_room(data) {
             return false;
         }
         self.held.insert(data.id);
@@ -56,6 +66,20 @@ impl Holdback {
     fn let_go(&mut self, data: &Data) {
         self.held.remove(&data.id);
         self.bytes -= data.payload.len();
+    }
+
+    /// Drops the messages that wait for `id`, and those that wait for them, and so on.
+    fn drop_successors(&mut self, id: &MessageId) {
+        let mut predecessors = vec![*id];
+        while let Some(predecessor) = predecessors.pop() {
+            let waiting = (self.for_predecessor.remove(&predecessor))
+                .map(|(_, d)| d)
+                .unwrap_or_default();
+            for data in waiting {
+                self.let_go(&data);
+                predecessors.push(data.id);
+            }
+        }
     }
 
     /// Holds `data` until `after` (expiring at `after_expires_ms`) is recorded or expires.
@@ -262,5 +286,28 @@ mod tests {
         assert!(holdback.hold_for_lane(big(1)));
         assert!(holdback.hold_for_lane(big(2)));
         assert!(!holdback.hold_for_lane(big(3)));
+    }
+
+    /// When the messages that wait for a missing one fill the room, the missing one is held
+    /// and they go (their origin sends them again); else each would wait for the other.
+    #[test]
+    fn a_message_that_others_wait_for_makes_room_by_dropping_them() {
+        let mut holdback = Holdback::default();
+        let big = |id: u8| Data {
+            payload: vec![0u8; MAX_HELD_BYTES / 2].into(),
+            ..data(id, 1000)
+        };
+        assert!(holdback.hold_for_predecessor([2; 16], 1000, big(3)));
+        assert!(holdback.hold_for_predecessor([3; 16], 1000, big(4)));
+        assert!(
+            !holdback.hold_for_lane(big(5)),
+            "full, and nothing waits for 5"
+        );
+        holdback.occupy(lane_of(&big(1)));
+        assert!(holdback.hold_for_lane(big(2)));
+        assert!(holdback.is_held(&[2; 16]));
+        assert!(!holdback.is_held(&[3; 16]) && !holdback.is_held(&[4; 16]));
+        assert_eq!(holdback.bytes, MAX_HELD_BYTES / 2);
+        assert!(holdback.recorded(&[2; 16]).is_empty());
     }
 }

@@ -572,6 +572,8 @@ impl<S: StoreAccess> Core<S> {
         let tag = self.outbox.get(&id).map(|e| e.data.tag.clone());
         if let Some(change) = self.outbox.acked(&id, from.as_bytes()) {
             self.outbox_changed(change);
+            // The messages that wait for this one there are due now (`Outbox::acked`).
+            self.outbox_dirty = true;
             let (to, to_id) = self.device_label(from);
             let event = WatchEvent::Delivered {
                 id: id_text(&id),
