@@ -173,6 +173,13 @@ impl<S: StoreAccess> Core<S> {
         self.problems.retain(|key, _| roster.get(key).is_some());
     }
 
+    /// The `reason_code` `peers` gives for `peer` now (for the simulator's checks).
+    pub fn reason_code(&self, peer: &PublicKey) -> Option<PeerReason> {
+        let member = self.roster.get(peer)?;
+        self.reason(member, self.table.reach(peer))
+            .map(|(code, _)| code)
+    }
+
     /// Why `member` is not direct (`None` when it is).
     pub(super) fn reason(&self, member: &Member, reach: Reach) -> Option<(PeerReason, String)> {
         let key = &member.public_key;
