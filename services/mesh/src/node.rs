@@ -561,9 +561,10 @@ impl Node {
 async fn dial(handle: NodeHandle, key: PublicKey, addresses: Vec<SocketAddr>) {
     let mut connects = JoinSet::new();
     let mut errors = Vec::new();
-    // What the user is told first: a handshake the other side closed (it was reached), else
-    // addresses `[mesh] interfaces` kept from being dialled, when that is all there was.
-    let mut refused = Vec::new();
+    // How the dial failed, for `peers`' reason: a handshake the other side closed at any
+    // address (it was reached) says the most; else `[mesh] interfaces`, when they kept every
+    // address from being dialled.
+    let mut refused = false;
     let mut not_dialled = 0;
     for addr in addresses {
         let devices = match handle.interfaces.dial_plan(addr.ip()) {
@@ -620,16 +621,18 @@ async fn dial(handle: NodeHandle, key: PublicKey, addresses: Vec<SocketAddr>) {
                     .await;
                 return;
             }
-            Err(e) if e.closed_by_peer() => refused.push(format!("{addr}: {e}")),
-            Err(e) => errors.push(format!("{addr}: {e}")),
+            Err(e) => {
+                refused |= e.closed_by_peer();
+                errors.push(format!("{addr}: {e}"));
+            }
         }
     }
-    let (failure, errors) = if !refused.is_empty() {
-        (DialFailure::HandshakeRefused, refused)
+    let failure = if refused {
+        DialFailure::HandshakeRefused
     } else if not_dialled > 0 && not_dialled == errors.len() {
-        (DialFailure::Interfaces, errors)
+        DialFailure::Interfaces
     } else {
-        (DialFailure::Other, errors)
+        DialFailure::Other
     };
     let _ = handle
         .events
