@@ -40,8 +40,9 @@ RUST_LOG sets the log filter (default: info)."
     /// Show this device and the state of each service
     #[command(
         long_about = "Show this device's name, ID and listen addresses, and the state of \
-each service, as the running daemon reports them. Exits with status 3 (and says how to start it) \
-when the daemon is not running."
+each service, as the running daemon reports them, and the devices that are not members and tried \
+to start a session lately (knocked), with the command that adds one. Exits with status 3 (and \
+says how to start it) when the daemon is not running."
     )]
     Status {
         /// Print JSON (the `status` API method's result) instead of text
@@ -54,7 +55,9 @@ when the daemon is not running."
         visible_alias = "members",
         long_about = "List every member of this device's roster with its status \
 (direct: an encrypted session is up; relayed: reachable through another member; unreachable), \
-round-trip latency, address (or the relaying member) and when it was last reachable. \
+round-trip latency, address (or the relaying member) and when it was last reachable; under the \
+table, why each member that is not direct is not (it has not added this device or has another \
+key for it, no address is known, [mesh] interfaces, dial errors). \
 `cnspr members` is the same command, for serf users."
     )]
     Peers {

@@ -259,6 +259,25 @@ fn format_status(status: &Status) -> String {
         out.push_str(&line);
         out.push('\n');
     }
+    out.push_str(&format_knocks(&status.knocks));
+    out
+}
+
+/// The devices that are not members and tried to start a session, with how to add one.
+fn format_knocks(knocks: &[cnsprcy::api::Knock]) -> String {
+    if knocks.is_empty() {
+        return String::new();
+    }
+    let mut out = "knocked (not members; add one only if you know it: its ID must match \
+                   `cnspr manage id` on that device)\n"
+        .to_owned();
+    for knock in knocks {
+        let times = if knock.count == 1 { "time" } else { "times" };
+        out.push_str(&format!(
+            "  {}  from {}, {} {times}, last {}\n    to add it: cnspr manage add NAME {}\n",
+            knock.id, knock.address, knock.count, knock.last_seen, knock.public_key
+        ));
+    }
     out
 }
 
@@ -534,6 +553,7 @@ mod tests {
             ],
             absent_interfaces: vec!["usb0".into()],
             store: None,
+            knocks: vec![],
         };
         let text = format_status(&status);
         assert!(
@@ -550,6 +570,25 @@ mod tests {
             text.contains(
                 "network\n  eth0        up      mesh, discovery  192.168.1.20\nservices\n"
             ),
+            "{text}"
+        );
+        assert!(!text.contains("knocked"), "{text}");
+        // A device that knocked: its ID, where from, and the command that adds it.
+        let stranger = cnsprcy::identity::Identity::from_secret([9; 32]).public_key();
+        status.knocks.push(cnsprcy::api::Knock {
+            id: stranger.device_id(),
+            public_key: stranger,
+            address: "192.168.1.30:41234".parse().unwrap(),
+            count: 3,
+            first_seen: "2026-12-06T20:00:00Z".into(),
+            last_seen: "2026-12-06T20:01:00Z".into(),
+        });
+        let text = format_status(&status);
+        assert!(
+            text.ends_with(&format!(
+                "  {}  from 192.168.1.30:41234, 3 times, last 2026-12-06T20:01:00Z\n    to add it: cnspr manage add NAME {stranger}\n",
+                stranger.device_id()
+            )),
             "{text}"
         );
     }

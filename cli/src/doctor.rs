@@ -507,6 +507,7 @@ fn check_member(peer: &Value) -> Check {
         .map(|ms| format!(", {ms:.1} ms"))
         .unwrap_or_default();
     let reason = text("reason");
+    let reason_code = text("reason_code");
     let last_seen = match text("last_seen") {
         Some(time) => format!("last seen {time}"),
         None => "not seen since the daemon started".to_owned(),
@@ -526,27 +527,35 @@ fn check_member(peer: &Value) -> Check {
                 "relayed via {}{latency}: no session of its own",
                 text("via").unwrap_or_else(|| "?".to_owned())
             ),
-            Some(if addresses.is_empty() {
-                "no address is known for it: on the same network discovery finds it; else give one with `cnspr manage remove` and `manage add NAME KEY ADDRESS`".to_owned()
-            } else {
-                format!(
-                    "it could not be dialled at {}: a firewall, or it listens elsewhere; messages still reach it through the relay",
-                    addresses.join(", ")
-                )
-            }),
+            Some(
+                if let Some(fix) = reason_fix(reason_code.as_deref(), &name, &addresses) {
+                    fix
+                } else if addresses.is_empty() {
+                    "no address is known for it: on the same network discovery finds it; else give one with `cnspr manage remove` and `manage add NAME KEY ADDRESS`".to_owned()
+                } else {
+                    format!(
+                        "it could not be dialled at {}: a firewall, or it listens elsewhere; messages still reach it through the relay",
+                        addresses.join(", ")
+                    )
+                },
+            ),
         ),
         "disabled" => (Verdict::Ok, "disabled by you".to_owned(), None),
         other => (
             Verdict::Warning,
             format!("{other} ({last_seen})"),
-            Some(if addresses.is_empty() {
-                "no address is known for it: on the same network discovery finds it once it runs; else add it again with its address (`cnspr manage remove`, `cnspr manage add NAME KEY ADDRESS`)".to_owned()
-            } else {
-                format!(
-                    "nothing answered at {}: is cnsprcy running there, and has {name} added this device (`cnspr manage id` here prints the key)? `cnspr ping {name}` tries now",
-                    addresses.join(", ")
-                )
-            }),
+            Some(
+                if let Some(fix) = reason_fix(reason_code.as_deref(), &name, &addresses) {
+                    fix
+                } else if addresses.is_empty() {
+                    "no address is known for it: on the same network discovery finds it once it runs; else add it again with its address (`cnspr manage remove`, `cnspr manage add NAME KEY ADDRESS`)".to_owned()
+                } else {
+                    format!(
+                        "nothing answered at {}: is cnsprcy running there, and has {name} added this device (`cnspr manage id` here prints the key)? `cnspr ping {name}` tries now",
+                        addresses.join(", ")
+                    )
+                },
+            ),
         ),
     };
     let mut check = Check::new("member", verdict, message);
@@ -556,6 +565,26 @@ fn check_member(peer: &Value) -> Check {
     }
     check.fix = fix;
     check
+}
+
+/// What to do about a member that is not direct, from the daemon's `reason_code` (`None` for a
+/// code without a fix of its own, or one this version does not know).
+fn reason_fix(code: Option<&str>, name: &str, addresses: &[String]) -> Option<String> {
+    Some(match code? {
+        "handshake_refused" => format!(
+            "{name} was reached but closed the handshake: on {name}, `cnspr peers` must list this device with the key `cnspr manage id` prints here; and the key added here for {name} must be the one `cnspr manage id` prints there (if not, `cnspr manage remove {name}` and add it again)"
+        ),
+        "no_address" => "no address is known for it: on the same network discovery finds it once it runs; else add it again with its address (`cnspr manage remove`, `cnspr manage add NAME KEY ADDRESS`)".to_owned(),
+        "interfaces" => format!(
+            "[mesh] interfaces in the configuration allows no interface that reaches {}: add the interface there, or give {name} an address such an interface reaches",
+            addresses.join(", ")
+        ),
+        "dial_failed" => format!(
+            "nothing answered at {}: is cnsprcy running there, and listening at that address? `cnspr ping {name}` tries now",
+            addresses.join(", ")
+        ),
+        _ => return None,
+    })
 }
 
 fn format_report(checks: &[Check]) -> String {
@@ -635,6 +664,25 @@ mod tests {
         assert_eq!(check.verdict, Verdict::Warning);
         assert!(check.message.starts_with("suspect"), "{}", check.message);
         assert_eq!(check.details, ["reason: its keepalive is overdue"]);
+        // The reason's code picks the fix.
+        let check = check_member(&json!({
+            "name": "desk", "status": "unreachable", "addresses": ["10.0.0.2:7332"],
+            "reason": "handshake refused or dropped by the other side (...)",
+            "reason_code": "handshake_refused",
+        }));
+        assert_eq!(check.verdict, Verdict::Warning);
+        assert!(
+            check
+                .fix
+                .as_deref()
+                .unwrap()
+                .contains("on desk, `cnspr peers` must list this device"),
+            "{check:?}"
+        );
+        assert_eq!(
+            check.details,
+            ["reason: handshake refused or dropped by the other side (...)"]
+        );
         let check = check_member(&json!({
             "name": "desk", "status": "direct", "addresses": ["10.0.0.2:7332"], "latency_ms": 0.84,
         }));

@@ -43,6 +43,7 @@ pub async fn list(env: &DeviceEnv, name: Option<&str>, as_json: bool) -> anyhow:
         );
     } else {
         print!("{}", format_table(&peers, SystemTime::now()));
+        print!("{}", format_reasons(&peers));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -72,6 +73,14 @@ fn format_table(peers: &[PeerInfo], now: SystemTime) -> String {
         ]);
     }
     table(&rows)
+}
+
+/// Why each member that is not direct is not, one line each under the table.
+fn format_reasons(peers: &[PeerInfo]) -> String {
+    peers
+        .iter()
+        .filter_map(|p| Some(format!("{}: {}\n", p.name, p.reason.as_deref()?)))
+        .collect()
 }
 
 fn format_ms(ms: f64) -> String {
@@ -232,6 +241,8 @@ mod tests {
                     latency_ms: latency,
                     via: via.map(|v| DeviceName::new(v).unwrap()),
                     last_seen: seen.map(String::from),
+                    reason: None,
+                    reason_code: None,
                 }
             };
         let table = format_table(

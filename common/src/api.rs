@@ -45,6 +45,31 @@ pub struct Status {
     /// The replicated store (absent from daemons older than this field).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store: Option<StoreStatus>,
+    /// Devices that are not members and tried to start a session with this device lately, most
+    /// recent last (at most `MAX_KNOCKS`, since the daemon started).
+    #[serde(default)]
+    pub knocks: Vec<Knock>,
+}
+
+/// The most knocks `status` lists; an older one is forgotten for a new one.
+pub const MAX_KNOCKS: usize = 16;
+
+/// A device that is not a member and started a handshake with this device ("knocked"): it has
+/// added this device, and this device has not added it (or has a different key for it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Knock {
+    pub id: DeviceId,
+    /// Its public key, as its handshake proved (to add it: `cnspr manage add NAME KEY`, after
+    /// comparing the ID with `cnspr manage id` on that device).
+    pub public_key: PublicKey,
+    /// Where its last handshake came from (`ip:port`; the port is its dialling port, not where
+    /// it listens).
+    pub address: SocketAddr,
+    /// Handshakes since the daemon started (or since it was first listed, if it was forgotten).
+    pub count: u64,
+    /// The first and the last (RFC 3339, UTC).
+    pub first_seen: String,
+    pub last_seen: String,
 }
 
 /// The replicated store, in `status`.
@@ -188,6 +213,48 @@ pub struct PeerInfo {
     pub via: Option<DeviceName>,
     /// When the peer was last reachable (RFC 3339, UTC); `null` if never.
     pub last_seen: Option<String>,
+    /// Why it is not direct, in words with what to do (`null` when direct).
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// The same as a code, for scripts (`null` when direct).
+    #[serde(default)]
+    pub reason_code: Option<PeerReason>,
+}
+
+/// Why a member is not direct, as `reason_code` in `peers`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PeerReason {
+    /// A connection was made, and the other side closed it during the handshake: it has not
+    /// added this device, or the key added here for it is wrong (it cannot decrypt the
+    /// handshake), or its `[mesh] interfaces` refuse the address. This side cannot tell which.
+    HandshakeRefused,
+    /// No address is known to dial: none was given, none was learned, discovery has not seen it.
+    NoAddress,
+    /// `[mesh] interfaces` here allows no interface that reaches any of its addresses.
+    Interfaces,
+    /// Connecting failed (refused, timed out, unreachable) or the handshake failed otherwise.
+    DialFailed,
+    /// Its session ended, and it has not been dialled again yet.
+    SessionEnded,
+    /// It is being dialled for the first time.
+    Dialling,
+    /// Its session is up, but its keepalive is overdue (`suspect`).
+    KeepaliveOverdue,
+}
+
+impl PeerReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PeerReason::HandshakeRefused => "handshake_refused",
+            PeerReason::NoAddress => "no_address",
+            PeerReason::Interfaces => "interfaces",
+            PeerReason::DialFailed => "dial_failed",
+            PeerReason::SessionEnded => "session_ended",
+            PeerReason::Dialling => "dialling",
+            PeerReason::KeepaliveOverdue => "keepalive_overdue",
+        }
+    }
 }
 
 /// The result of `ping`.

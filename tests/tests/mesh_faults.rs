@@ -123,20 +123,33 @@ fn a_strangers_handshake_is_refused() {
     let ns = NetNs::new();
     let (mut a, _b, _) = pair(&ns);
     let a_key: PublicKey = a.public_key().parse().unwrap();
+    let stranger = Identity::generate();
     let outcome = ns.run_in(|| {
         runtime().block_on(async {
             let stream = tokio::net::TcpStream::connect(A).await.unwrap();
-            transport::initiate(stream, &Identity::generate(), &a_key, &payload())
+            transport::initiate(stream, &stranger, &a_key, &payload())
                 .await
                 .map(|_| ())
         })
     });
-    assert!(outcome.is_err(), "a stranger completed a handshake");
+    assert!(
+        outcome.is_err_and(|e| e.closed_by_peer()),
+        "a stranger completed a handshake, or was not simply closed on"
+    );
     assert!(
         wait_until(SOON, || log_lines(&a, "not a member") == 1),
         "{}",
         a.log("serve")
     );
+    // ...and listed as a knock, with the key its handshake proved.
+    let knocks = a.cnspr_json(&["status"])["knocks"].clone();
+    assert_eq!(knocks.as_array().map(Vec::len), Some(1), "{knocks:#}");
+    assert_eq!(
+        knocks[0]["public_key"],
+        stranger.public_key().to_string(),
+        "{knocks:#}"
+    );
+    assert_eq!(knocks[0]["count"], 1, "{knocks:#}");
     members_still_work(&mut a);
 }
 

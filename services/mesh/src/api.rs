@@ -382,6 +382,10 @@ impl Api<'_> {
             Ok(Answer::Interfaces(interfaces)) => interfaces,
             _ => Vec::new(),
         };
+        let knocks = match self.mesh.node.call(ApiCall::Knocks).await {
+            Ok(Answer::Knocks(knocks)) => knocks,
+            _ => Vec::new(),
+        };
         let config = &mesh.env.config;
         let mesh_filter = mesh.node.interfaces.filter();
         let discovery_filter = config.discovery.enabled.then(|| {
@@ -428,6 +432,7 @@ impl Api<'_> {
             interfaces,
             absent_interfaces: absent,
             store,
+            knocks,
         }
     }
 }

@@ -197,6 +197,15 @@ pub async fn accept_sessions(listener: TcpListener, node: NodeHandle, shutdown: 
                         })
                         .await;
                 }
+                Err(transport::TransportError::NotAMember(key)) => {
+                    log.warn("knock", || {
+                        format!(
+                            "dropped a handshake from {addr}: device {} is not a member (`cnspr status` lists it)",
+                            key.device_id()
+                        )
+                    });
+                    let _ = node.events.send(Event::Knock { key, addr }).await;
+                }
                 Err(e) => {
                     log.warn("handshake", || {
                         format!("dropped a connection from {addr}: {e}")

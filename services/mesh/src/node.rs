@@ -22,7 +22,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::core::{
-    Answer, ApiCall, Core, Input, Now, Output, RequestId, SessionId, Setup, StoreAccess, Token,
+    Answer, ApiCall, Core, DialFailure, Input, Now, Output, RequestId, SessionId, Setup,
+    StoreAccess, Token,
 };
 use crate::handlers_link::HandlersLink;
 use crate::interfaces::{self, Interfaces};
@@ -51,7 +52,13 @@ pub enum Event {
     },
     DialFailed {
         key: PublicKey,
+        failure: DialFailure,
         error: String,
+    },
+    /// A device that is not a member sent a handshake (the connection was dropped).
+    Knock {
+        key: PublicKey,
+        addr: SocketAddr,
     },
     Frame {
         session: SessionId,
@@ -366,7 +373,16 @@ impl Node {
                 let id = self.start_session(*session, role, addr, local, first);
                 return id;
             }
-            Event::DialFailed { key, error } => Input::DialFailed { peer: key, error },
+            Event::DialFailed {
+                key,
+                failure,
+                error,
+            } => Input::DialFailed {
+                peer: key,
+                failure,
+                error,
+            },
+            Event::Knock { key, addr } => Input::Knock { peer: key, addr },
             Event::Frame { session, message } => Input::Frame { session, message },
             Event::Activity { session } => Input::Activity { session },
             Event::Closed { session, reason } => {
@@ -545,12 +561,18 @@ impl Node {
 async fn dial(handle: NodeHandle, key: PublicKey, addresses: Vec<SocketAddr>) {
     let mut connects = JoinSet::new();
     let mut errors = Vec::new();
+    // How the dial failed, for `peers`' reason: a handshake the other side closed at any
+    // address (it was reached) says the most; else `[mesh] interfaces`, when they kept every
+    // address from being dialled.
+    let mut refused = false;
+    let mut not_dialled = 0;
     for addr in addresses {
         let devices = match handle.interfaces.dial_plan(addr.ip()) {
             DialPlan::Unbound => vec![None],
             DialPlan::Devices(devices) => devices.into_iter().map(Some).collect(),
             DialPlan::Impossible(why) => {
                 errors.push(format!("{addr}: not dialled: {why}"));
+                not_dialled += 1;
                 continue;
             }
         };
@@ -599,13 +621,24 @@ async fn dial(handle: NodeHandle, key: PublicKey, addresses: Vec<SocketAddr>) {
                     .await;
                 return;
             }
-            Err(e) => errors.push(format!("{addr}: {e}")),
+            Err(e) => {
+                refused |= e.closed_by_peer();
+                errors.push(format!("{addr}: {e}"));
+            }
         }
     }
+    let failure = if refused {
+        DialFailure::HandshakeRefused
+    } else if not_dialled > 0 && not_dialled == errors.len() {
+        DialFailure::Interfaces
+    } else {
+        DialFailure::Other
+    };
     let _ = handle
         .events
         .send(Event::DialFailed {
             key,
+            failure,
             error: errors.join("; "),
         })
         .await;

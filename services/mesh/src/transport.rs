@@ -31,10 +31,26 @@ pub enum TransportError {
     HandshakeTimeout,
     #[error("closed by the other side")]
     Closed,
-    #[error("not a member: device {0}")]
-    NotAMember(String),
+    #[error("not a member: device {}", .0.device_id())]
+    NotAMember(PublicKey),
     #[error("protocol error: {0}")]
     Protocol(String),
+}
+
+impl TransportError {
+    /// Whether the other side ended the connection during the handshake (a Noise responder
+    /// answers nothing to a stranger, nor to a message it cannot decrypt: it closes).
+    pub fn closed_by_peer(&self) -> bool {
+        use std::io::ErrorKind;
+        match self {
+            TransportError::Closed => true,
+            TransportError::Io(e) => matches!(
+                e.kind(),
+                ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::UnexpectedEof
+            ),
+            _ => false,
+        }
+    }
 }
 
 /// Frames of a 2-byte length and at most 65535 bytes: exactly one Noise message each.
@@ -149,9 +165,7 @@ pub async fn respond(
             .ok_or_else(|| TransportError::Protocol("no static key in handshake".into()))?;
         let remote_key = PublicKey::from_bytes(remote_key);
         if !is_member(&remote_key) {
-            return Err(TransportError::NotAMember(
-                remote_key.device_id().to_string(),
-            ));
+            return Err(TransportError::NotAMember(remote_key));
         }
         let remote = HandshakePayload::decode(&buf[..len])
             .map_err(|e| TransportError::Protocol(e.to_string()))?;
@@ -324,8 +338,8 @@ mod tests {
             initiate(sa, &a, &b_key, &P1),
             respond(sb, &b, |_| false, &P2),
         );
-        assert!(matches!(rb, Err(TransportError::NotAMember(_))));
-        assert!(ra.is_err());
+        assert!(matches!(rb, Err(TransportError::NotAMember(k)) if k == a.public_key()));
+        assert!(ra.is_err_and(|e| e.closed_by_peer()));
     }
 
     #[tokio::test]
@@ -341,7 +355,11 @@ mod tests {
             initiate(sa, &a, &c_key, &P1),
             respond(sb, &b, |_| true, &P2),
         );
-        assert!(rb.is_err(), "b cannot decrypt a handshake meant for c");
-        assert!(ra.is_err());
+        assert!(
+            matches!(rb, Err(TransportError::Noise(_))),
+            "b cannot decrypt a handshake meant for c"
+        );
+        // The dialling side sees the same as a stranger does: the connection closed.
+        assert!(ra.is_err_and(|e| e.closed_by_peer()));
     }
 }

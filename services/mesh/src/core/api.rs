@@ -91,6 +91,10 @@ impl<S: StoreAccess> Core<S> {
                 let interfaces = self.interfaces.clone();
                 self.answer(request, Answer::Interfaces(interfaces));
             }
+            ApiCall::Knocks => {
+                let knocks = self.knocks();
+                self.answer(request, Answer::Knocks(knocks));
+            }
             ApiCall::Names => {
                 let mut names: HashMap<[u8; 32], String> = self
                     .roster
@@ -115,6 +119,7 @@ impl<S: StoreAccess> Core<S> {
         self.table
             .sync_members(self.roster.members().iter().map(|m| m.public_key), now.mono);
         self.outputs.push(Output::Members(self.member_keys()));
+        self.prune_problems();
         self.persist(PersistOp::Roster(self.roster.members().to_vec()), true)
     }
 
@@ -122,6 +127,7 @@ impl<S: StoreAccess> Core<S> {
         if let Err(e) = self.roster.add(member.clone(), &self.own) {
             return self.answer(request, Answer::Member(Err(roster_error(e))));
         }
+        self.forget_knock(&member.public_key);
         // Discovery may have seen it before it was a member; the write below keeps what it saw.
         self.recall_discovered(&member.public_key, now);
         let member = self
@@ -223,7 +229,10 @@ impl<S: StoreAccess> Core<S> {
         } else {
             self.table.last_seen(&key)
         };
+        let reason = self.reason(member, reach);
         PeerInfo {
+            reason_code: reason.as_ref().map(|(code, _)| *code),
+            reason: reason.map(|(_, text)| text),
             name: member.name.clone(),
             id: member.id(),
             public_key: key,

@@ -21,6 +21,7 @@
 mod api;
 mod forward;
 mod messages;
+mod reasons;
 mod sessions;
 mod store_sync;
 
@@ -49,6 +50,7 @@ use crate::roster::{Member, Roster};
 
 pub use api::{code, member_info};
 pub use messages::{DEFAULT_TTL, SendRequest};
+pub use reasons::DialFailure;
 
 /// A session, numbered by the driver when its handshake completed; never reused.
 pub type SessionId = u64;
@@ -153,7 +155,15 @@ pub enum Input {
     /// Every address of a dial failed.
     DialFailed {
         peer: PublicKey,
+        failure: DialFailure,
+        /// What failed at each address.
         error: String,
+    },
+    /// A device that is not a member sent a handshake this device could decrypt; the driver
+    /// dropped the connection.
+    Knock {
+        peer: PublicKey,
+        addr: SocketAddr,
     },
     Api {
         request: RequestId,
@@ -204,6 +214,8 @@ pub enum ApiCall {
     Interfaces,
     /// Writers' names for store items: this device and the members.
     Names,
+    /// The devices that knocked lately (for `status`).
+    Knocks,
 }
 
 /// The core's answer to an `ApiCall`.
@@ -218,6 +230,7 @@ pub enum Answer {
     Messages(Box<MessagesInfo>),
     Interfaces(Vec<Interface>),
     Names(std::collections::HashMap<KeyBytes, String>),
+    Knocks(Vec<cnsprcy::api::Knock>),
 }
 
 /// What `retry` did: how many members are dialled now, and those that cannot be because no
@@ -403,6 +416,10 @@ pub struct Core<S: StoreAccess> {
     /// device added as a member later is found here (mDNS reports an advertisement once, when
     /// it first resolves it).
     discovered: std::collections::VecDeque<(String, Vec<SocketAddr>)>,
+    /// The last thing that went wrong per member without a session (for `peers`' reason).
+    problems: Map<PublicKey, reasons::Problem>,
+    /// Devices that are not members and sent handshakes lately (for `status`).
+    knocks: reasons::Knocks,
     next_housekeeping: Instant,
     next_sync: Instant,
     next_token: Token,
@@ -458,6 +475,8 @@ impl<S: StoreAccess> Core<S> {
             reported: Map::default(),
             quiet_dials: Set::default(),
             discovered: std::collections::VecDeque::new(),
+            problems: Map::default(),
+            knocks: reasons::Knocks::default(),
             next_housekeeping: now.mono + HOUSEKEEPING,
             next_sync: now.mono + crate::store::SYNC_INTERVAL,
             next_token: 0,
@@ -503,7 +522,12 @@ impl<S: StoreAccess> Core<S> {
                 }
                 self.outbox_dirty = true;
             }
-            Input::DialFailed { peer, error } => self.on_dial_failed(peer, &error, now),
+            Input::DialFailed {
+                peer,
+                failure,
+                error,
+            } => self.on_dial_failed(peer, failure, &error, now),
+            Input::Knock { peer, addr } => self.on_knock(peer, addr, now),
             Input::Api { request, call } => self.on_api(request, call, now),
             Input::HandlerDone { run, result } => self.on_handler_done(run, result, now),
             Input::Persisted { token, result } => self.on_persisted(token, result, now),
@@ -701,6 +725,8 @@ impl<S: StoreAccess> Core<S> {
             ("pings", self.pending_pings.len()),
             ("sessions", self.sessions.len()),
             ("discovered", self.discovered.len()),
+            ("problems", self.problems.len()),
+            ("knocks", self.knocks.len()),
         ])
     }
 

@@ -131,6 +131,7 @@ impl<S: StoreAccess> Core<S> {
         };
         self.table.session_up(&peer, shown, now.mono);
         self.quiet_dials.remove(&peer);
+        self.problems.remove(&peer);
         self.outbox.reset_pacing(peer.as_bytes());
         if initiator {
             self.learn_address(&peer, addr);
@@ -152,6 +153,7 @@ impl<S: StoreAccess> Core<S> {
             }
             let name = self.member_name(&peer);
             tracing::info!(peer = %name, "session with {name} ended: {reason}");
+            self.note_session_ended(&peer, reason, now);
             let jitter = self.jitter();
             self.table.session_down(&peer, now.mono, jitter);
         }
@@ -391,7 +393,14 @@ impl<S: StoreAccess> Core<S> {
         }
     }
 
-    pub(super) fn on_dial_failed(&mut self, peer: PublicKey, error: &str, now: Now) {
+    pub(super) fn on_dial_failed(
+        &mut self,
+        peer: PublicKey,
+        failure: super::DialFailure,
+        error: &str,
+        now: Now,
+    ) {
+        self.note_dial_failure(&peer, failure, error, now);
         let name = self.member_name(&peer);
         let jitter = self.jitter();
         if let Some(delay) = self.table.dial_failed(&peer, now.mono, jitter) {

@@ -14,6 +14,8 @@ fn bound(name: &str, devices: usize) -> usize {
         "outbox" => MAX_OUTBOX_MESSAGES,
         "sessions" => devices,
         "pings" => 0,
+        "problems" => devices,
+        "knocks" => cnsprcy::api::MAX_KNOCKS,
         // One per message being recorded or run; the workload sends far fewer.
         _ => 10_000,
     }
@@ -68,6 +70,13 @@ pub fn statuses(world: &World) -> Result<(), String> {
             if world.link_up(x, y) && !matches!(reach, Reach::Direct { .. }) {
                 return Err(format!(
                     "d{x} sees d{y} as {reach:?} though their link is up"
+                ));
+            }
+            // ...and gives no reason why not (a stale one would mislead `peers`).
+            let reason = core.reason_code(&world.devices[y].key);
+            if matches!(reach, Reach::Direct { .. }) && reason.is_some() {
+                return Err(format!(
+                    "d{x} sees d{y} as direct, yet gives the reason {reason:?}"
                 ));
             }
         }

@@ -13,7 +13,8 @@ use cnsprcy::ipc::{Interface, Outcome, RunResult};
 use cnsprcy::netif::InterfaceFilter;
 use cnsprcy::wire::{Message, MessageId, StoreEntry};
 use cnsprcy_mesh::core::{
-    Answer, ApiCall, Core, Input, Now, Output, PersistOp, SendRequest, SessionId, Setup,
+    Answer, ApiCall, Core, DialFailure, Input, Now, Output, PersistOp, SendRequest, SessionId,
+    Setup,
 };
 use cnsprcy_mesh::messaging::OutboxEntry;
 use cnsprcy_mesh::roster::Member;
@@ -770,6 +771,7 @@ impl World {
                 device,
                 Input::DialFailed {
                     peer,
+                    failure: DialFailure::Other,
                     error: error.into(),
                 },
             );
