@@ -69,7 +69,10 @@ round-trip latency, address (or the relaying member) and when it was last reacha
     #[command(
         long_about = "Send encrypted pings to the member NAME (a name or device ID) \
 over its session, or through the member that relays to it, and print each round-trip time and \
-the path taken. Exits with status 1 if no pong came back."
+the path taken, then a summary as ping(8) prints it: rounds sent and lost, and the minimum, \
+average and maximum round trip. A round without a pong (the member is unreachable, or no pong \
+came in time) is counted as lost and the next round follows; a NAME that is no member fails at \
+once. Exits with status 1 if no pong came back."
     )]
     Ping {
         /// Member name or device ID
@@ -80,7 +83,7 @@ the path taken. Exits with status 1 if no pong came back."
         /// How long to wait for each pong (at most 60s)
         #[arg(long, default_value = "5s", value_parser = crate::args::ping_timeout)]
         timeout: std::time::Duration,
-        /// Print a JSON array of ping results (failed rounds as {"error": ...})
+        /// Print JSON: {"rounds": [ping result or {"error": ...}, ...], "summary": {...}}
         #[arg(long)]
         json: bool,
     },

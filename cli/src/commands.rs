@@ -150,9 +150,26 @@ pub async fn call_with_timeout(
     match answer {
         Ok(value) => Ok(value),
         Err(e @ ClientError::NotRunning { .. }) => Err(CallError::NotRunning(e)),
-        Err(ClientError::Rpc(e)) => Err(CallError::Other(anyhow::anyhow!(e.message))),
+        Err(ClientError::Rpc(e)) => Err(CallError::Other(ApiError(e).into())),
         Err(e) => Err(CallError::Other(e.into())),
     }
+}
+
+/// An error answer of the daemon, shown as its message alone; `downcast_ref` gives its code.
+#[derive(Debug)]
+pub struct ApiError(pub cnsprcy::rpc::RpcError);
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.message)
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+/// The daemon's error code behind `error`, if the daemon answered with one.
+pub fn api_error_code(error: &anyhow::Error) -> Option<i64> {
+    error.downcast_ref::<ApiError>().map(|e| e.0.code)
 }
 
 /// The exit for "daemon not running": the message (or JSON) and status 3.

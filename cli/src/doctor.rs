@@ -502,7 +502,7 @@ fn check_member(peer: &Value) -> Check {
                 .collect()
         })
         .unwrap_or_default();
-    let latency = peer["latency_ms"]
+    let latency = peer["rtt_ms"]
         .as_f64()
         .map(|ms| format!(", {ms:.1} ms"))
         .unwrap_or_default();
@@ -610,7 +610,7 @@ mod tests {
     fn a_member_line_says_why_it_is_not_direct() {
         let check = check_member(&json!({
             "name": "tv-box", "status": "unreachable", "addresses": ["127.0.0.1:7335"],
-            "latency_ms": null, "via": null, "last_seen": null,
+            "rtt_ms": null, "via": null, "last_seen": null,
         }));
         assert_eq!(check.verdict, Verdict::Warning);
         assert_eq!(check.subject.as_deref(), Some("tv-box"));
@@ -636,7 +636,7 @@ mod tests {
         assert!(check.message.starts_with("suspect"), "{}", check.message);
         assert_eq!(check.details, ["reason: its keepalive is overdue"]);
         let check = check_member(&json!({
-            "name": "desk", "status": "direct", "addresses": ["10.0.0.2:7332"], "latency_ms": 0.84,
+            "name": "desk", "status": "direct", "addresses": ["10.0.0.2:7332"], "rtt_ms": 0.84,
         }));
         assert_eq!(check.verdict, Verdict::Ok);
         assert_eq!(check.message, "direct at 10.0.0.2:7332, 0.8 ms");

@@ -7,9 +7,12 @@ use std::time::{Duration, SystemTime};
 use cnsprcy::api::{MemberInfo, PeerInfo, PeerStatus, PingResult, RetryResult};
 use cnsprcy::env::DeviceEnv;
 use cnsprcy::identity::{DeviceName, PublicKey};
+use cnsprcy_mesh::core::code;
 use serde_json::{Value, json};
 
-use crate::commands::{CallError, call, call_with_timeout, not_running, print_json, table};
+use crate::commands::{
+    CallError, api_error_code, call, call_with_timeout, not_running, print_json, table,
+};
 
 /// Runs `call`, turning "not running" into its exit.
 macro_rules! call_or_exit {
@@ -66,7 +69,7 @@ fn format_table(peers: &[PeerInfo], now: SystemTime) -> String {
             peer.name.to_string(),
             format!("{}-…", peer.id.short()),
             peer.status.as_str().into(),
-            peer.latency_ms.map(format_ms).unwrap_or_else(|| "-".into()),
+            peer.rtt_ms.map(format_ms).unwrap_or_else(|| "-".into()),
             address,
             last_seen,
         ]);
@@ -104,8 +107,8 @@ pub async fn ping(
     as_json: bool,
 ) -> anyhow::Result<ExitCode> {
     let timeout_ms = timeout.as_millis().clamp(1, 60_000) as u64;
-    let mut results = Vec::new();
-    let mut answered = 0;
+    let mut rounds = Vec::new();
+    let mut rtts = Vec::new();
     for round in 0..count {
         if round > 0 {
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -114,30 +117,91 @@ pub async fn ping(
         let answer = call_with_timeout(env, "ping", params, timeout + Duration::from_secs(5)).await;
         match answer {
             Ok(value) => {
-                answered += 1;
+                let pong: PingResult = serde_json::from_value(value.clone())?;
                 if !as_json {
-                    let pong: PingResult = serde_json::from_value(value.clone())?;
                     println!("{}", describe_pong(&pong));
                 }
-                results.push(value);
+                rtts.push(pong.rtt_ms);
+                rounds.push(value);
             }
             Err(CallError::NotRunning(e)) => return not_running(env, e, as_json),
-            Err(CallError::Other(e)) => {
+            // Only a lost round is worth another: an unknown name or a bad parameter would fail
+            // the same way every second.
+            Err(CallError::Other(e)) if api_error_code(&e) == Some(code::UNREACHABLE) => {
                 if !as_json {
                     eprintln!("{e}");
                 }
-                results.push(json!({ "error": e.to_string() }));
+                rounds.push(json!({ "error": e.to_string() }));
             }
+            Err(CallError::Other(e)) => return Err(e),
         }
     }
+    let summary = PingSummary::new(count, &rtts);
     if as_json {
-        print_json(&results)?;
-    }
-    Ok(if answered > 0 {
-        ExitCode::SUCCESS
+        print_json(&json!({ "rounds": rounds, "summary": summary }))?;
     } else {
+        println!("{}", summary.describe());
+    }
+    Ok(if rtts.is_empty() {
         ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     })
+}
+
+/// What `ping` prints after its rounds, as ping(8) does.
+#[derive(Debug, PartialEq, serde::Serialize)]
+struct PingSummary {
+    sent: u32,
+    lost: u32,
+    /// Lost rounds in percent of those sent, rounded to a whole number.
+    loss_percent: u32,
+    /// Over the rounds that got a pong; `null` when none did.
+    rtt_min_ms: Option<f64>,
+    rtt_avg_ms: Option<f64>,
+    rtt_max_ms: Option<f64>,
+}
+
+impl PingSummary {
+    fn new(sent: u32, rtts: &[f64]) -> Self {
+        let received = rtts.len() as u32;
+        let lost = sent.saturating_sub(received);
+        let loss_percent = if sent == 0 {
+            0
+        } else {
+            (f64::from(lost) * 100.0 / f64::from(sent)).round() as u32
+        };
+        let round3 = |ms: f64| (ms * 1000.0).round() / 1000.0;
+        let (min, max, avg) = if rtts.is_empty() {
+            (None, None, None)
+        } else {
+            let min = rtts.iter().copied().fold(f64::INFINITY, f64::min);
+            let max = rtts.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let avg = rtts.iter().sum::<f64>() / rtts.len() as f64;
+            (Some(round3(min)), Some(round3(max)), Some(round3(avg)))
+        };
+        Self {
+            sent,
+            lost,
+            loss_percent,
+            rtt_min_ms: min,
+            rtt_avg_ms: avg,
+            rtt_max_ms: max,
+        }
+    }
+
+    fn describe(&self) -> String {
+        let counts = format!(
+            "{} sent, {} lost ({}%)",
+            self.sent, self.lost, self.loss_percent
+        );
+        match (self.rtt_min_ms, self.rtt_avg_ms, self.rtt_max_ms) {
+            (Some(min), Some(avg), Some(max)) => {
+                format!("{counts}, rtt min/avg/max = {min:.3}/{avg:.3}/{max:.3} ms")
+            }
+            _ => counts,
+        }
+    }
 }
 
 fn describe_pong(pong: &PingResult) -> String {
@@ -229,7 +293,7 @@ mod tests {
                     public_key: key,
                     status,
                     addresses: vec!["192.168.1.20:7332".parse().unwrap()],
-                    latency_ms: latency,
+                    rtt_ms: latency,
                     via: via.map(|v| DeviceName::new(v).unwrap()),
                     last_seen: seen.map(String::from),
                 }
@@ -266,5 +330,21 @@ mod tests {
             lines[3].contains("unreachable") && lines[3].ends_with("3 h ago"),
             "{table}"
         );
+    }
+
+    #[test]
+    fn ping_summary_counts_like_ping8() {
+        let summary = PingSummary::new(3, &[0.4, 0.6, 2.7]);
+        assert_eq!(
+            summary.describe(),
+            "3 sent, 0 lost (0%), rtt min/avg/max = 0.400/1.233/2.700 ms"
+        );
+        let summary = PingSummary::new(3, &[1.0]);
+        assert_eq!((summary.lost, summary.loss_percent), (2, 67));
+        let all_lost = PingSummary::new(2, &[]);
+        assert_eq!(all_lost.describe(), "2 sent, 2 lost (100%)");
+        let json = serde_json::to_value(&all_lost).unwrap();
+        assert_eq!(json["rtt_avg_ms"], Value::Null);
+        assert_eq!(json["sent"], 2);
     }
 }

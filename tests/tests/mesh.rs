@@ -74,7 +74,7 @@ fn three_devices_form_one_session_per_pair() {
     );
     // Latency gets measured, and the table has the documented columns.
     let alpha = &mut devices[0];
-    assert!(wait_until(SOON, || alpha.peers()["beta"]["latency_ms"].is_number()));
+    assert!(wait_until(SOON, || alpha.peers()["beta"]["rtt_ms"].is_number()));
     let table = alpha.cnspr(&["peers"]).success().stdout;
     assert!(table.starts_with("NAME"), "{table}");
     assert!(
@@ -95,14 +95,47 @@ fn three_devices_form_one_session_per_pair() {
         .code(1)
         .stderr_has("no member named");
     let ping = alpha.cnspr(&["ping", "beta", "-c", "2"]).success().stdout;
-    assert_eq!(ping.lines().count(), 2, "{ping}");
+    let lines: Vec<&str> = ping.lines().collect();
+    assert_eq!(lines.len(), 3, "two pongs and the summary: {ping}");
     assert!(
-        ping.contains("pong from beta") && ping.contains(&addr(1)),
+        lines[0].contains("pong from beta") && lines[0].contains(&addr(1)),
+        "{ping}"
+    );
+    assert!(
+        lines[2].starts_with("2 sent, 0 lost (0%), rtt min/avg/max = ")
+            && lines[2].ends_with(" ms"),
         "{ping}"
     );
     let json = alpha.cnspr_json(&["ping", "gamma", "-c", "1"]);
-    assert_eq!(json[0]["path"], "direct");
-    assert!(json[0]["rtt_ms"].as_f64().unwrap() > 0.0);
+    let round = &json["rounds"][0];
+    assert_eq!(round["status"], "direct");
+    assert!(round["rtt_ms"].as_f64().unwrap() > 0.0);
+    // `ping` and `peers` name the same things alike.
+    let peer = alpha.cnspr_json(&["peers", "gamma"]);
+    assert_eq!(peer["status"], round["status"]);
+    assert!(peer["rtt_ms"].is_number() && peer.get("latency_ms").is_none());
+    let summary = &json["summary"];
+    assert_eq!(
+        (summary["sent"].as_u64(), summary["lost"].as_u64()),
+        (Some(1), Some(0))
+    );
+    assert_eq!(summary["loss_percent"], 0);
+    assert_eq!(summary["rtt_min_ms"], round["rtt_ms"]);
+    assert_eq!(summary["rtt_max_ms"], round["rtt_ms"]);
+    // An unknown name fails once, at once, not once per round.
+    let started = std::time::Instant::now();
+    let unknown = alpha.cnspr(&["ping", "nobody", "-c", "5"]).code(1);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "it waited between rounds"
+    );
+    assert_eq!(
+        unknown.stderr.matches("no member named").count(),
+        1,
+        "{}",
+        unknown.stderr
+    );
+    assert!(!unknown.stdout.contains("sent"), "{}", unknown.stdout);
     // A status change is logged with the peer's name.
     assert!(alpha.log("serve").contains("beta is direct at"));
 }
@@ -124,7 +157,7 @@ fn a_peer_without_a_path_is_relayed_and_pinged_through_the_relay() {
     assert_eq!(peer["via"], "b");
     devices[2].wait_status("a", "relayed", SOON);
     let a = &mut devices[0];
-    assert!(wait_until(SOON, || a.peers()["c"]["latency_ms"].is_number()));
+    assert!(wait_until(SOON, || a.peers()["c"]["rtt_ms"].is_number()));
     let table = a.cnspr(&["peers"]).success().stdout;
     assert!(table.contains("via b"), "{table}");
 
@@ -134,16 +167,37 @@ fn a_peer_without_a_path_is_relayed_and_pinged_through_the_relay() {
         "{out}"
     );
     let json = a.cnspr_json(&["ping", "c", "-c", "1"]);
-    assert_eq!(json[0]["path"], "relayed");
-    assert_eq!(json[0]["via"], "b");
+    assert_eq!(json["rounds"][0]["status"], "relayed");
+    assert_eq!(json["rounds"][0]["via"], "b");
+    assert_eq!(a.peers()["c"]["via"], json["rounds"][0]["via"]);
 
     // Without the relay, c is unreachable, and ping says so.
     devices[1].stop_with("serve", Signal::SIGTERM);
     devices[0].wait_status("c", "unreachable", SOON);
-    devices[0]
-        .cnspr(&["ping", "c", "-c", "1"])
+    // Every round is tried and counted as lost.
+    let lost = devices[0]
+        .cnspr(&["ping", "c", "-c", "2"])
         .code(1)
-        .stderr_has("unreachable");
+        .stderr_has("unreachable")
+        .stdout_has("2 sent, 2 lost (100%)");
+    assert_eq!(
+        lost.stderr.matches("unreachable").count(),
+        2,
+        "{}",
+        lost.stderr
+    );
+    let json = devices[0]
+        .cnspr(&["ping", "c", "-c", "1", "--json"])
+        .code(1)
+        .json();
+    assert!(
+        json["rounds"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("unreachable")
+    );
+    assert_eq!(json["summary"]["lost"], 1);
+    assert_eq!(json["summary"]["rtt_avg_ms"], serde_json::Value::Null);
 }
 
 #[test]

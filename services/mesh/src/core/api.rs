@@ -227,7 +227,7 @@ impl<S: StoreAccess> Core<S> {
             public_key: key,
             status,
             addresses,
-            latency_ms: latency.map(super::millis),
+            rtt_ms: latency.map(super::millis),
             via,
             last_seen: last_seen.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
         }
