@@ -324,16 +324,19 @@ first start; use this to choose the name first, or to start over."
     /// Add a member: a device this one accepts sessions from and dials
     #[command(
         long_about = "Add the device NAME with PUBLIC_KEY (as `cnspr manage id` prints \
-it on that device) to this device's roster, with the addresses (ip:port) it may be reached at, \
-if known. It takes effect at once; run the same on the other device with this device's key, so \
-each accepts the other. Until pairing exists, this is how devices are linked."
+it on that device) to this device's roster, with the addresses it may be reached at, \
+if known (ip:port; an address without a port means port 7332, the default). It takes effect at \
+once; run the same on the other device with this device's key, so each accepts the other. Until \
+pairing exists, this is how devices are linked."
     )]
     Add {
         /// The member's name on this device
         name: DeviceName,
         /// The member's public key (44 characters of base64)
         public_key: PublicKey,
-        /// Addresses (ip:port) where the member listens, e.g. 192.168.1.20:7332
+        /// Addresses where the member listens: ip:port, or an IP address alone for port 7332
+        /// (192.168.1.20, 192.168.1.20:7333, fd00::5, [fd00::5]:7333)
+        #[arg(value_name = "ADDRESS", value_parser = cnsprcy::address::parse)]
         addresses: Vec<SocketAddr>,
         /// Print the new member as JSON
         #[arg(long)]

@@ -61,7 +61,8 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MeshConfig {
-    /// Addresses the mesh accepts sessions on.
+    /// Addresses the mesh accepts sessions on; one without a port means `DEFAULT_PORT`.
+    #[serde(deserialize_with = "crate::address::deserialize_list")]
     pub listen: Vec<SocketAddr>,
     /// The network interfaces sessions may use, dialled or accepted; empty: every interface.
     pub interfaces: Vec<InterfaceName>,
@@ -545,8 +546,9 @@ pub const EXAMPLE: &str = r#"# cnsprcy configuration: $XDG_CONFIG_HOME/cnsprcy/c
 # name = "laptop"
 
 [mesh]
-# Addresses (ip:port) the mesh accepts encrypted sessions from other devices on. IPv6 addresses
-# go in brackets. The default listens on port 7332 on every IPv4 and IPv6 address.
+# Addresses (ip:port) the mesh accepts encrypted sessions from other devices on; one without a
+# port means 7332. IPv6 addresses with a port go in brackets ("[fd00::5]:7333"). The default
+# listens on port 7332 on every IPv4 and IPv6 address.
 # listen = ["0.0.0.0:7332", "[::]:7332"]
 
 # The network interfaces (as `ip link` names them) the mesh dials members over and accepts

@@ -2,6 +2,7 @@
 //! internal sockets' message types and framing, and the pieces every service process shares.
 
 pub mod activation;
+pub mod address;
 pub mod api;
 pub mod client;
 pub mod config;

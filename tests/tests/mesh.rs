@@ -338,3 +338,44 @@ fn members_survive_a_restart() {
     let b_peers = devices[1].peers();
     assert_eq!(b_peers["a"]["addresses"][0], addr(0));
 }
+
+#[test]
+fn an_address_without_a_port_means_port_7332() {
+    let ns = NetNs::new();
+    let mut a = Device::new("a");
+    let mut b = Device::new("b");
+    let mut c = Device::new("c");
+    a.configure("127.0.0.1:17001");
+    // Listen addresses without a port, IPv4 and IPv6 in brackets.
+    b.configure("127.0.0.1");
+    c.configure("[::1]");
+    for device in [&mut a, &mut b, &mut c] {
+        device.start_in(&ns);
+    }
+    assert_eq!(b.cnspr_json(&["status"])["listen"][0], "127.0.0.1:7332");
+    assert_eq!(c.cnspr_json(&["status"])["listen"][0], "[::1]:7332");
+    b.add_member(&a, None);
+    c.add_member(&a, None);
+
+    // `manage add` with an IPv4 address alone.
+    let added = a.cnspr_json(&["manage", "add", "b", &b.public_key(), "127.0.0.1"]);
+    assert_eq!(added["addresses"], serde_json::json!(["127.0.0.1:7332"]));
+    a.wait_status("b", "direct", SOON);
+
+    // The `members.add` method with an IPv6 address alone, and one in brackets.
+    let mut api = cnsprcy_tests::bench::Api::connect(&a);
+    let added = api.call(
+        "members.add",
+        serde_json::json!({"name": "c", "public_key": c.public_key(), "addresses": ["::1", "[::1]"]}),
+    );
+    assert_eq!(added["addresses"], serde_json::json!(["[::1]:7332"]));
+    a.wait_status("c", "direct", SOON);
+
+    // `fd00::5` alone is an address too; one that is not says how to write one (a usage error).
+    a.cnspr(&["manage", "remove", "c"]).success();
+    let added = a.cnspr_json(&["manage", "add", "c", &c.public_key(), "fd00::5"]);
+    assert_eq!(added["addresses"], serde_json::json!(["[fd00::5]:7332"]));
+    a.cnspr(&["manage", "add", "d", &b.public_key(), "10.0.0.300"])
+        .code(2)
+        .stderr_has("is not an address");
+}
