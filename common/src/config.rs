@@ -517,12 +517,9 @@ fn suggest_key(section: &str, unknown: &str) -> Option<String> {
         .iter()
         .find(|(s, _)| *s == section)
         .map(|(_, k)| *k)?;
-    let nearest = keys
-        .iter()
-        .map(|k| (strsim::damerau_levenshtein(unknown, k), *k))
-        .min()
-        .filter(|(distance, key)| *distance <= (key.len() / 3).max(2));
-    if let Some((_, key)) = nearest {
+    let nearest =
+        crate::suggest::closest(unknown, keys.iter().copied(), |key| (key.len() / 3).max(2));
+    if let Some(key) = nearest {
         return Some(format!("did you mean `{key}`?"));
     }
     let home = SCHEMA

@@ -19,6 +19,7 @@ pub mod paths;
 pub mod rpc;
 pub mod service;
 pub mod sockets;
+pub mod suggest;
 pub mod tag;
 pub mod wire;
 

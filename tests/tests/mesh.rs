@@ -136,6 +136,20 @@ fn three_devices_form_one_session_per_pair() {
         unknown.stderr
     );
     assert!(!unknown.stdout.contains("sent"), "{}", unknown.stdout);
+    // A likely typo of a member's name gets that name as a hint, wherever a member is named.
+    for args in [
+        &["peers", "betta"][..],
+        &["ping", "btea", "-c", "3"],
+        &["send", "test/typo", "--to", "gamma", "--to", "bta"],
+        &["manage", "remove", "beat"],
+    ] {
+        alpha.cnspr(args).code(1).stderr_has("; did you mean beta?");
+    }
+    alpha
+        .cnspr(&["peers", "omega"])
+        .code(1)
+        .stderr_has("`cnspr peers` lists the members");
+    assert_eq!(alpha.peers().len(), 2, "nothing was removed");
     // A status change is logged with the peer's name.
     assert!(alpha.log("serve").contains("beta is direct at"));
 }

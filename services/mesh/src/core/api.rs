@@ -25,7 +25,7 @@ pub(crate) fn error(code: i64, message: impl Into<String>) -> RpcError {
 
 pub(crate) fn roster_error(e: RosterError) -> RpcError {
     match e {
-        RosterError::NotFound(_) => error(code::NOT_FOUND, e.to_string()),
+        RosterError::NotFound { .. } => error(code::NOT_FOUND, e.to_string()),
         RosterError::NameTaken(_) | RosterError::KeyTaken(_) | RosterError::OwnKey => {
             error(code::CONFLICT, e.to_string())
         }
