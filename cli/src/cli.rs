@@ -54,8 +54,9 @@ when the daemon is not running."
         visible_alias = "members",
         long_about = "List every member of this device's roster with its status \
 (direct: an encrypted session is up; relayed: reachable through another member; unreachable), \
-round-trip latency, address (or the relaying member) and when it was last reachable. \
-`cnspr members` is the same command, for serf users."
+round-trip latency, address (or the relaying member) and when it was last reachable. The ID \
+column shows the shortest start of each device ID that names that member alone; other commands \
+take it in place of the name. `cnspr members` is the same command, for serf users."
     )]
     Peers {
         /// Show only this member (a name, a device ID or the start of one)

@@ -53,7 +53,8 @@ pub async fn list(env: &DeviceEnv, name: Option<&str>, as_json: bool) -> anyhow:
 fn format_table(peers: &[PeerInfo], now: SystemTime) -> String {
     let header = ["NAME", "ID", "STATUS", "LATENCY", "ADDRESS", "LAST SEEN"].map(String::from);
     let mut rows = vec![header];
-    for peer in peers {
+    let ids = pasteable_ids(peers);
+    for (peer, id) in peers.iter().zip(ids) {
         let address = match (&peer.via, peer.addresses.first()) {
             (Some(via), _) => format!("via {via}"),
             (None, Some(addr)) => addr.to_string(),
@@ -67,7 +68,7 @@ fn format_table(peers: &[PeerInfo], now: SystemTime) -> String {
         };
         rows.push([
             peer.name.to_string(),
-            format!("{}-…", peer.id.short()),
+            id,
             peer.status.as_str().into(),
             peer.rtt_ms.map(format_ms).unwrap_or_else(|| "-".into()),
             address,
@@ -75,6 +76,41 @@ fn format_table(peers: &[PeerInfo], now: SystemTime) -> String {
         ]);
     }
     table(&rows)
+}
+
+/// Each peer's ID cut to the shortest start, at least 4 characters, that names that peer alone
+/// among `peers`, so that it can be pasted back where a member is named (`ping`, `send --to`,
+/// `peers NAME`). It is lengthened where it would equal a member's name, which wins over an ID.
+/// With one peer (`peers NAME`) the others are unknown: the full ID.
+fn pasteable_ids(peers: &[PeerInfo]) -> Vec<String> {
+    let full: Vec<String> = peers.iter().map(|p| p.id.to_string()).collect();
+    if peers.len() == 1 {
+        return full;
+    }
+    let bare: Vec<String> = full.iter().map(|id| id.replace('-', "")).collect();
+    full.iter()
+        .zip(&bare)
+        .enumerate()
+        .map(|(i, (dashed, own))| {
+            let unique = |len: usize| {
+                let start = &own[..len];
+                let shown = shown_prefix(dashed, len);
+                bare.iter()
+                    .enumerate()
+                    .all(|(j, other)| j == i || !other.starts_with(start))
+                    && peers.iter().all(|p| p.name.as_str() != shown)
+            };
+            let len = (4..own.len()).find(|&len| unique(len)).unwrap_or(own.len());
+            shown_prefix(dashed, len).to_owned()
+        })
+        .collect()
+}
+
+/// The start of a dashed ID (`wdzc-1qcf-…`) that holds `len` of its characters.
+fn shown_prefix(dashed: &str, len: usize) -> &str {
+    // A dash after every 4 characters.
+    let end = len + len.saturating_sub(1) / 4;
+    &dashed[..end.min(dashed.len())]
 }
 
 fn format_ms(ms: f64) -> String {
@@ -330,6 +366,43 @@ mod tests {
             lines[3].contains("unreachable") && lines[3].ends_with("3 h ago"),
             "{table}"
         );
+    }
+
+    #[test]
+    fn ids_are_cut_to_what_names_one_peer_alone() {
+        let peer = |name: &str, id: &str| {
+            let key = Identity::from_secret([name.len() as u8; 32]).public_key();
+            PeerInfo {
+                name: DeviceName::new(name).unwrap(),
+                id: id.parse().unwrap(),
+                public_key: key,
+                status: PeerStatus::Unreachable,
+                addresses: Vec::new(),
+                rtt_ms: None,
+                via: None,
+                last_seen: None,
+            }
+        };
+        let peers = [
+            peer("desk", "1tek-9fhz-5fej-yjfe"),
+            peer("phone", "wdzc-1qcf-4dxn-aa05"),
+            peer("tablet", "wdzc-1qxx-4dxn-aa05"),
+            peer("tv", "wdzd-1qcf-4dxn-aa05"),
+            // A member named as another's ID start: that start would name this one instead.
+            peer("4824", "7777-kbza-went-gxqh"),
+            peer("box", "4824-kbza-went-gxqh"),
+        ];
+        assert_eq!(
+            pasteable_ids(&peers),
+            ["1tek", "wdzc-1qc", "wdzc-1qx", "wdzd", "7777", "4824-k"]
+        );
+        // One peer alone: the others are unknown, so the whole ID.
+        assert_eq!(pasteable_ids(&peers[..1]), ["1tek-9fhz-5fej-yjfe"]);
+        assert_eq!(
+            shown_prefix("1tek-9fhz-5fej-yjfe", 16),
+            "1tek-9fhz-5fej-yjfe"
+        );
+        assert_eq!(shown_prefix("1tek-9fhz-5fej-yjfe", 8), "1tek-9fhz");
     }
 
     #[test]

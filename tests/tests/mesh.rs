@@ -86,6 +86,17 @@ fn three_devices_form_one_session_per_pair() {
         table.lines().count(),
         "`members` is `peers`"
     );
+    // The IDs the table shows can be pasted back as names.
+    for row in table.lines().skip(1) {
+        let cells: Vec<&str> = row.split_whitespace().collect();
+        let (name, id) = (cells[0], cells[1]);
+        assert!(id.len() >= 4 && !id.contains('…'), "{table}");
+        assert_eq!(alpha.cnspr_json(&["peers", id])["name"], name, "{table}");
+        alpha
+            .cnspr(&["ping", id, "-c", "1"])
+            .success()
+            .stdout_has(&format!("pong from {name}"));
+    }
     let one = alpha.cnspr_json(&["peers", "gamma"]);
     assert_eq!(one["name"], "gamma");
     let by_id = one["id"].as_str().unwrap()[..4].to_owned();
