@@ -33,7 +33,20 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
     if let Command::Doctor { json } = command {
         return crate::doctor::run(json).await;
     }
-    let env = DeviceEnv::load()?;
+    let env = if talks_to_the_daemon(&command) {
+        let (env, problem) = DeviceEnv::load_lenient()?;
+        if let Some(problem) = problem {
+            eprintln!(
+                "cnspr: warning: {problem}\n\
+                 cnspr: going on with the socket {} (the daemon will refuse this file when it \
+                 next starts; `cnspr doctor` checks the rest)",
+                env.paths.public_socket().display()
+            );
+        }
+        env
+    } else {
+        DeviceEnv::load()?
+    };
     match command {
         Command::Status { json } => status(&env, json).await,
         Command::Peers { name, json } => peers::list(&env, name.as_deref(), json).await,
@@ -93,6 +106,25 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             unreachable!("handled in main")
         }
     }
+}
+
+/// Whether `command` is a client of the running daemon, which needs from the configuration only
+/// the directories (the socket's): a typo in the file must not cut it off from a daemon that
+/// runs fine with the file it read at its start. The others use the configuration's settings
+/// (`config`, `handlers`, `manage init` and `id` with the device name) and fail on a bad file.
+fn talks_to_the_daemon(command: &Command) -> bool {
+    matches!(
+        command,
+        Command::Status { .. }
+            | Command::Peers { .. }
+            | Command::Ping { .. }
+            | Command::Send { .. }
+            | Command::Watch { .. }
+            | Command::Messages { .. }
+            | Command::Db(_)
+            | Command::Reconnect { .. }
+            | Command::Manage(ManageCommand::Add { .. } | ManageCommand::Remove { .. })
+    )
 }
 
 /// Columns padded to their widest cell, two spaces apart, trailing blanks cut.

@@ -404,3 +404,40 @@ fn an_address_without_a_port_means_port_7332() {
         .code(2)
         .stderr_has("is not an address");
 }
+
+#[test]
+fn a_config_typo_does_not_cut_client_commands_off_a_running_daemon() {
+    let ns = NetNs::new();
+    let mut devices = loopback_devices(&ns, &["a", "b"]);
+    devices[0].add_member(&devices[1], Some(&addr(1)));
+    devices[1].add_member(&devices[0], Some(&addr(0)));
+    devices[0].wait_status("b", "direct", SOON);
+
+    // A typo while the daemon runs, in a file whose [paths] still matter.
+    let a = &mut devices[0];
+    let good = std::fs::read_to_string(a.config_file()).unwrap();
+    a.write_config(&format!("{good}lisen = [\"127.0.0.1\"]\n"));
+    let warned = |run: cnsprcy_tests::Run| {
+        run.success()
+            .stderr_has("warning: ")
+            .stderr_has("unknown key `mesh.lisen`")
+            .stderr_has("going on with the socket")
+    };
+    let peers = warned(a.cnspr(&["peers", "--json"]));
+    assert_eq!(peers.json()[0]["name"], "b");
+    warned(a.cnspr(&["status"])).stdout_has("running");
+    warned(a.cnspr(&["send", "test/typo", "hi", "--to", "b"]));
+    warned(a.cnspr(&["ping", "b", "-c", "1"])).stdout_has("pong from b");
+
+    // What uses the settings still refuses the file, and so does the daemon.
+    a.cnspr(&["config", "show"])
+        .code(1)
+        .stderr_has("unknown key `mesh.lisen`");
+    a.stop_with("serve", Signal::SIGTERM);
+    a.spawn_in(&ns, "serve-again", &cnsprcy_tests::bin("cnspr"), &["serve"]);
+    let status = a
+        .wait_exit("serve-again", SOON)
+        .expect("serve refuses and exits");
+    assert_eq!(status.code(), Some(1), "{}", a.log("serve-again"));
+    assert!(a.log("serve-again").contains("unknown key `mesh.lisen`"));
+}
