@@ -73,10 +73,11 @@ over its session, or through the member that relays to it, and print each round-
 the path taken, then a summary as ping(8) prints it: rounds sent and lost, and the minimum, \
 average and maximum round trip. A round without a pong (the member is unreachable, or no pong \
 came in time) is counted as lost and the next round follows; a NAME that is no member fails at \
-once. Exits with status 1 if no pong came back."
+once. Ctrl-C ends the rounds early, still with the summary. Exits with status 1 if no pong came \
+back."
     )]
     Ping {
-        /// Member name or device ID
+        /// Member name, device ID, or the start of an ID as `cnspr peers` shows it
         name: String,
         /// How many pings to send, one per second
         #[arg(short = 'c', long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
@@ -107,7 +108,8 @@ is still queued and what became of recent messages."
         tag: String,
         /// The payload; `-` reads it from standard input. Default: empty
         payload: Option<String>,
-        /// Send to this member (name or device ID); repeat for several
+        /// Send to this member (name, device ID, or the start of an ID as `cnspr peers` shows
+        /// it); repeat for several
         #[arg(long = "to", value_name = "NAME")]
         to: Vec<String>,
         /// Send to every member (the default without --to)
@@ -345,7 +347,7 @@ pairing exists, this is how devices are linked."
     },
     /// Remove a member: its session is closed and it can no longer connect
     Remove {
-        /// Member name or device ID
+        /// Member name, device ID, or the start of an ID as `cnspr peers` shows it
         name: String,
         /// Print the removed member as JSON
         #[arg(long)]

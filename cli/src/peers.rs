@@ -145,12 +145,21 @@ pub async fn ping(
     let timeout_ms = timeout.as_millis().clamp(1, 60_000) as u64;
     let mut rounds = Vec::new();
     let mut rtts = Vec::new();
+    // As ping(8): Ctrl-C ends the rounds, and the summary covers those that finished.
+    let interrupted = tokio::signal::ctrl_c();
+    tokio::pin!(interrupted);
     for round in 0..count {
-        if round > 0 {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-        let params = json!({ "name": name, "timeout_ms": timeout_ms });
-        let answer = call_with_timeout(env, "ping", params, timeout + Duration::from_secs(5)).await;
+        let one_round = async {
+            if round > 0 {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            let params = json!({ "name": name, "timeout_ms": timeout_ms });
+            call_with_timeout(env, "ping", params, timeout + Duration::from_secs(5)).await
+        };
+        let answer = tokio::select! {
+            answer = one_round => answer,
+            _ = &mut interrupted => break,
+        };
         match answer {
             Ok(value) => {
                 let pong: PingResult = serde_json::from_value(value.clone())?;
@@ -172,7 +181,7 @@ pub async fn ping(
             Err(CallError::Other(e)) => return Err(e),
         }
     }
-    let summary = PingSummary::new(count, &rtts);
+    let summary = PingSummary::new(rounds.len() as u32, &rtts);
     if as_json {
         print_json(&json!({ "rounds": rounds, "summary": summary }))?;
     } else {

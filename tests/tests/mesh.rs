@@ -133,6 +133,32 @@ fn three_devices_form_one_session_per_pair() {
     assert_eq!(summary["loss_percent"], 0);
     assert_eq!(summary["rtt_min_ms"], round["rtt_ms"]);
     assert_eq!(summary["rtt_max_ms"], round["rtt_ms"]);
+    // Ctrl-C ends the rounds, with the summary of those that finished.
+    let long_ping = alpha
+        .command(cnsprcy_tests::bin("cnspr"))
+        .args(["ping", "beta", "-c", "100"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(long_ping.id() as i32),
+        Signal::SIGINT,
+    )
+    .unwrap();
+    let output = long_ping.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{stdout}");
+    let summary = stdout.lines().last().unwrap_or_default();
+    assert!(
+        summary.contains(" sent, 0 lost (0%), rtt min/avg/max = ") && !summary.starts_with("100 "),
+        "{stdout}"
+    );
+    let pongs = stdout
+        .lines()
+        .filter(|l| l.starts_with("pong from beta"))
+        .count();
+    assert!(summary.starts_with(&format!("{pongs} sent")), "{stdout}");
     // An unknown name fails once, at once, not once per round.
     let started = std::time::Instant::now();
     let unknown = alpha.cnspr(&["ping", "nobody", "-c", "5"]).code(1);
