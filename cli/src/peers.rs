@@ -170,9 +170,12 @@ pub async fn ping(
                 rounds.push(value);
             }
             Err(CallError::NotRunning(e)) => return not_running(env, e, as_json),
-            // Only a lost round is worth another: an unknown name or a bad parameter would fail
-            // the same way every second.
-            Err(CallError::Other(e)) if api_error_code(&e) == Some(code::UNREACHABLE) => {
+            // A lost round (no path, no pong, or no answer in time) is worth another; an error
+            // the daemon answered otherwise (no such member, a bad parameter) would come again
+            // every second.
+            Err(CallError::Other(e))
+                if api_error_code(&e).is_none_or(|answered| answered == code::UNREACHABLE) =>
+            {
                 if !as_json {
                     eprintln!("{e}");
                 }
