@@ -1,7 +1,8 @@
 //! `cnspr doctor`: every check of this device's setup on one screen, each with a verdict (ok,
 //! warning, problem) and what to do. It must work when little else does: a configuration that
-//! does not parse, no daemon, no identity. So it loads nothing through `DeviceEnv` (which stops
-//! at the first error) and reads each file itself.
+//! does not parse, no daemon, no identity. So it takes the configuration as client commands do
+//! (`DeviceEnv::load_lenient`: a bad file is a finding, its directories are still used) and
+//! reads each other file itself.
 
 use std::process::ExitCode;
 
