@@ -57,8 +57,9 @@ says how to start it) when the daemon is not running."
 (direct: an encrypted session is up; relayed: reachable through another member; unreachable), \
 round-trip latency, address (or the relaying member) and when it was last reachable; under the \
 table, why each member that is not direct is not (it has not added this device or has another \
-key for it, no address is known, [mesh] interfaces, dial errors). \
-`cnspr members` is the same command, for serf users."
+key for it, no address is known, [mesh] interfaces, dial errors). The ID column shows the \
+shortest start of each device ID that names that member alone; other commands take it in place \
+of the name. `cnspr members` is the same command, for serf users."
     )]
     Peers {
         /// Show only this member (a name, a device ID or the start of one)
@@ -72,10 +73,14 @@ key for it, no address is known, [mesh] interfaces, dial errors). \
     #[command(
         long_about = "Send encrypted pings to the member NAME (a name or device ID) \
 over its session, or through the member that relays to it, and print each round-trip time and \
-the path taken. Exits with status 1 if no pong came back."
+the path taken, then a summary as ping(8) prints it: rounds sent and lost, and the minimum, \
+average and maximum round trip. A round without a pong (the member is unreachable, or no pong \
+came in time) is counted as lost and the next round follows; a NAME that is no member fails at \
+once. Ctrl-C ends the rounds early, still with the summary. Exits with status 1 if no pong came \
+back."
     )]
     Ping {
-        /// Member name or device ID
+        /// Member name, device ID, or the start of an ID as `cnspr peers` shows it
         name: String,
         /// How many pings to send, one per second
         #[arg(short = 'c', long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
@@ -83,7 +88,7 @@ the path taken. Exits with status 1 if no pong came back."
         /// How long to wait for each pong (at most 60s)
         #[arg(long, default_value = "5s", value_parser = crate::args::ping_timeout)]
         timeout: std::time::Duration,
-        /// Print a JSON array of ping results (failed rounds as {"error": ...})
+        /// Print JSON: {"rounds": [ping result or {"error": ...}, ...], "summary": {...}}
         #[arg(long)]
         json: bool,
     },
@@ -106,7 +111,8 @@ is still queued and what became of recent messages."
         tag: String,
         /// The payload; `-` reads it from standard input. Default: empty
         payload: Option<String>,
-        /// Send to this member (name or device ID); repeat for several
+        /// Send to this member (name, device ID, or the start of an ID as `cnspr peers` shows
+        /// it); repeat for several
         #[arg(long = "to", value_name = "NAME")]
         to: Vec<String>,
         /// Send to every member (the default without --to)
@@ -324,16 +330,19 @@ first start; use this to choose the name first, or to start over."
     /// Add a member: a device this one accepts sessions from and dials
     #[command(
         long_about = "Add the device NAME with PUBLIC_KEY (as `cnspr manage id` prints \
-it on that device) to this device's roster, with the addresses (ip:port) it may be reached at, \
-if known. It takes effect at once; run the same on the other device with this device's key, so \
-each accepts the other. Until pairing exists, this is how devices are linked."
+it on that device) to this device's roster, with the addresses it may be reached at, \
+if known (ip:port; an address without a port means port 7332, the default). It takes effect at \
+once; run the same on the other device with this device's key, so each accepts the other. Until \
+pairing exists, this is how devices are linked."
     )]
     Add {
         /// The member's name on this device
         name: DeviceName,
         /// The member's public key (44 characters of base64)
         public_key: PublicKey,
-        /// Addresses (ip:port) where the member listens, e.g. 192.168.1.20:7332
+        /// Addresses where the member listens: ip:port, or an IP address alone for port 7332
+        /// (192.168.1.20, 192.168.1.20:7333, fd00::5, [fd00::5]:7333)
+        #[arg(value_name = "ADDRESS", value_parser = cnsprcy::address::parse)]
         addresses: Vec<SocketAddr>,
         /// Print the new member as JSON
         #[arg(long)]
@@ -341,7 +350,7 @@ each accepts the other. Until pairing exists, this is how devices are linked."
     },
     /// Remove a member: its session is closed and it can no longer connect
     Remove {
-        /// Member name or device ID
+        /// Member name, device ID, or the start of an ID as `cnspr peers` shows it
         name: String,
         /// Print the removed member as JSON
         #[arg(long)]

@@ -33,7 +33,20 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
     if let Command::Doctor { json } = command {
         return crate::doctor::run(json).await;
     }
-    let env = DeviceEnv::load()?;
+    let env = if talks_to_the_daemon(&command) {
+        let (env, problem) = DeviceEnv::load_lenient()?;
+        if let Some(problem) = problem {
+            eprintln!(
+                "cnspr: warning: {problem}\n\
+                 cnspr: going on with the socket {} (the daemon will refuse this file when it \
+                 next starts; `cnspr doctor` checks the rest)",
+                env.paths.public_socket().display()
+            );
+        }
+        env
+    } else {
+        DeviceEnv::load()?
+    };
     match command {
         Command::Status { json } => status(&env, json).await,
         Command::Peers { name, json } => peers::list(&env, name.as_deref(), json).await,
@@ -95,6 +108,25 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Whether `command` is a client of the running daemon, which needs from the configuration only
+/// the directories (the socket's): a typo in the file must not cut it off from a daemon that
+/// runs fine with the file it read at its start. The others use the configuration's settings
+/// (`config`, `handlers`, `manage init` and `id` with the device name) and fail on a bad file.
+fn talks_to_the_daemon(command: &Command) -> bool {
+    matches!(
+        command,
+        Command::Status { .. }
+            | Command::Peers { .. }
+            | Command::Ping { .. }
+            | Command::Send { .. }
+            | Command::Watch { .. }
+            | Command::Messages { .. }
+            | Command::Db(_)
+            | Command::Reconnect { .. }
+            | Command::Manage(ManageCommand::Add { .. } | ManageCommand::Remove { .. })
+    )
+}
+
 /// Columns padded to their widest cell, two spaces apart, trailing blanks cut.
 pub fn table<const N: usize>(rows: &[[String; N]]) -> String {
     let widths: Vec<usize> = (0..N)
@@ -150,9 +182,26 @@ pub async fn call_with_timeout(
     match answer {
         Ok(value) => Ok(value),
         Err(e @ ClientError::NotRunning { .. }) => Err(CallError::NotRunning(e)),
-        Err(ClientError::Rpc(e)) => Err(CallError::Other(anyhow::anyhow!(e.message))),
+        Err(ClientError::Rpc(e)) => Err(CallError::Other(ApiError(e).into())),
         Err(e) => Err(CallError::Other(e.into())),
     }
+}
+
+/// An error answer of the daemon, shown as its message alone; `downcast_ref` gives its code.
+#[derive(Debug)]
+pub struct ApiError(pub cnsprcy::rpc::RpcError);
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.message)
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+/// The daemon's error code behind `error`, if the daemon answered with one.
+pub fn api_error_code(error: &anyhow::Error) -> Option<i64> {
+    error.downcast_ref::<ApiError>().map(|e| e.0.code)
 }
 
 /// The exit for "daemon not running": the message (or JSON) and status 3.

@@ -1,18 +1,19 @@
 //! `cnspr doctor`: every check of this device's setup on one screen, each with a verdict (ok,
 //! warning, problem) and what to do. It must work when little else does: a configuration that
-//! does not parse, no daemon, no identity. So it loads nothing through `DeviceEnv` (which stops
-//! at the first error) and reads each file itself.
+//! does not parse, no daemon, no identity. So it takes the configuration as client commands do
+//! (`DeviceEnv::load_lenient`: a bad file is a finding, its directories are still used) and
+//! reads each other file itself.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use cnsprcy::api::{ServiceState, Status};
 use cnsprcy::client::{Client, ClientError};
 use cnsprcy::config::{CONFIG_ENV, Config, ConfigError};
+use cnsprcy::env::DeviceEnv;
 use cnsprcy::identity::{Identity, IdentityError};
 use cnsprcy::ipc::Interface;
 use cnsprcy::netif::{self, InterfaceFilter};
-use cnsprcy::paths::{Paths, XdgDirs};
+use cnsprcy::paths::Paths;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -121,9 +122,9 @@ pub async fn run(as_json: bool) -> anyhow::Result<ExitCode> {
 /// from its `[paths]` section where that can be read, else from the XDG defaults, so that the
 /// other checks run. `None` only when not even the XDG directories can be told.
 fn check_config(checks: &mut Vec<Check>) -> Option<Setup> {
-    let xdg =
-        match XdgDirs::from_env() {
-            Ok(xdg) => xdg,
+    let (env, problem) =
+        match DeviceEnv::load_lenient() {
+            Ok(loaded) => loaded,
             Err(e) => {
                 checks.push(Check::new("config", Verdict::Problem, e.to_string()).fix(
                     "set HOME (and the XDG_*_HOME variables, if you use them) to absolute paths",
@@ -131,76 +132,37 @@ fn check_config(checks: &mut Vec<Check>) -> Option<Setup> {
                 return None;
             }
         };
-    let explicit = std::env::var_os(CONFIG_ENV)
-        .filter(|v| !v.is_empty())
-        .map(|v| std::path::absolute(PathBuf::from(&v)).unwrap_or_else(|_| PathBuf::from(v)));
-    let is_explicit = explicit.is_some();
-    let file = xdg.config_file(explicit);
-    match Config::load(&file, is_explicit) {
-        Ok((config, source)) => {
-            let message = if source.exists {
-                format!("{} is valid", file.display())
-            } else {
-                format!("{} does not exist: the defaults apply", file.display())
-            };
-            checks.push(Check::new("config", Verdict::Ok, message));
-            let paths = config.paths(&xdg, file);
-            Some(Setup {
-                paths,
-                config: Some(config),
-            })
+    let file = env.source.path.display();
+    let Some(error) = problem else {
+        let message = if env.source.exists {
+            format!("{file} is valid")
+        } else {
+            format!("{file} does not exist: the defaults apply")
+        };
+        checks.push(Check::new("config", Verdict::Ok, message));
+        return Some(Setup {
+            paths: env.paths,
+            config: Some(env.config),
+        });
+    };
+    let fix = match &error {
+        ConfigError::Missing { .. } => {
+            format!("create it, or unset {CONFIG_ENV} to use the default file")
         }
-        Err(error) => {
-            let (fix, text) = match &error {
-                ConfigError::Missing { .. } => (
-                    format!("create it, or unset {CONFIG_ENV} to use the default file"),
-                    None,
-                ),
-                ConfigError::Read { .. } => ("make it readable".to_owned(), None),
-                _ => (
-                    "correct it; `cnspr config example` prints every key with its default"
-                        .to_owned(),
-                    std::fs::read_to_string(&file).ok(),
-                ),
-            };
-            let mut check = Check::new("config", Verdict::Problem, error.to_string()).fix(fix);
-            let paths = text
-                .as_deref()
-                .and_then(paths_section)
-                .map(|config| config.paths(&xdg, file.clone()))
-                .unwrap_or_else(|| Config::default().paths(&xdg, file.clone()));
-            check.details.push(
-                "the daemon will not (re)start with it, and commands that read it fail; the checks below use the directories it selects".to_owned(),
-            );
-            checks.push(check);
-            Some(Setup {
-                paths,
-                config: None,
-            })
-        }
-    }
+        ConfigError::Read { .. } => "make it readable".to_owned(),
+        _ => "correct it; `cnspr config example` prints every key with its default".to_owned(),
+    };
+    let mut check = Check::new("config", Verdict::Problem, error.to_string()).fix(fix);
+    check.details.push(
+        "the daemon will not (re)start with it, and `cnspr config` and `cnspr handlers` fail (the other commands warn and go on); the checks below use the directories it selects".to_owned(),
+    );
+    checks.push(check);
+    Some(Setup {
+        paths: env.paths,
+        config: None,
+    })
 }
 
-/// The `[paths]` section of a file that does not parse as a whole, if that section itself is
-/// readable: a typo elsewhere should not send the other checks to the wrong directories.
-fn paths_section(text: &str) -> Option<Config> {
-    let table: toml::Table = toml::from_str(text).ok()?;
-    let paths = table.get("paths")?.clone();
-    let config = Config {
-        paths: paths.try_into().ok()?,
-        ..Config::default()
-    };
-    let usable = |p: &Option<PathBuf>| {
-        p.as_ref()
-            .is_none_or(|p| p.is_absolute() || p.starts_with("~"))
-    };
-    (usable(&config.paths.state_dir)
-        && usable(&config.paths.runtime_dir)
-        && usable(&config.paths.handlers_dir))
-    .then_some(config)
-}
-
-/// Asks the daemon for its status and the members; `None` when it does not answer.
 async fn check_daemon(paths: &Paths, checks: &mut Vec<Check>) -> Option<(Status, Vec<Value>)> {
     let socket = paths.public_socket();
     let answer = async {
@@ -502,7 +464,7 @@ fn check_member(peer: &Value) -> Check {
                 .collect()
         })
         .unwrap_or_default();
-    let latency = peer["latency_ms"]
+    let latency = peer["rtt_ms"]
         .as_f64()
         .map(|ms| format!(", {ms:.1} ms"))
         .unwrap_or_default();
@@ -639,7 +601,7 @@ mod tests {
     fn a_member_line_says_why_it_is_not_direct() {
         let check = check_member(&json!({
             "name": "tv-box", "status": "unreachable", "addresses": ["127.0.0.1:7335"],
-            "latency_ms": null, "via": null, "last_seen": null,
+            "rtt_ms": null, "via": null, "last_seen": null,
         }));
         assert_eq!(check.verdict, Verdict::Warning);
         assert_eq!(check.subject.as_deref(), Some("tv-box"));
@@ -684,7 +646,7 @@ mod tests {
             ["reason: handshake refused or dropped by the other side (...)"]
         );
         let check = check_member(&json!({
-            "name": "desk", "status": "direct", "addresses": ["10.0.0.2:7332"], "latency_ms": 0.84,
+            "name": "desk", "status": "direct", "addresses": ["10.0.0.2:7332"], "rtt_ms": 0.84,
         }));
         assert_eq!(check.verdict, Verdict::Ok);
         assert_eq!(check.message, "direct at 10.0.0.2:7332, 0.8 ms");
@@ -702,16 +664,5 @@ mod tests {
              problem  daemon  not running\n                 fix: start it\n\
              \n1 problem, 0 warnings.\n"
         );
-    }
-
-    #[test]
-    fn the_paths_of_a_broken_file_are_still_used() {
-        let config = paths_section(
-            "[mesh]\nlisen = 1\n[paths]\nstate_dir = \"/s\"\nhandlers_dir = \"~/h\"\n",
-        )
-        .unwrap();
-        assert_eq!(config.paths.state_dir, Some(PathBuf::from("/s")));
-        assert!(paths_section("[paths]\nstate_dir = \"relative\"\n").is_none());
-        assert!(paths_section("not toml [").is_none());
     }
 }

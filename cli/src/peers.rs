@@ -7,9 +7,12 @@ use std::time::{Duration, SystemTime};
 use cnsprcy::api::{MemberInfo, PeerInfo, PeerStatus, PingResult, RetryResult};
 use cnsprcy::env::DeviceEnv;
 use cnsprcy::identity::{DeviceName, PublicKey};
+use cnsprcy_mesh::core::code;
 use serde_json::{Value, json};
 
-use crate::commands::{CallError, call, call_with_timeout, not_running, print_json, table};
+use crate::commands::{
+    CallError, api_error_code, call, call_with_timeout, not_running, print_json, table,
+};
 
 /// Runs `call`, turning "not running" into its exit.
 macro_rules! call_or_exit {
@@ -51,7 +54,8 @@ pub async fn list(env: &DeviceEnv, name: Option<&str>, as_json: bool) -> anyhow:
 fn format_table(peers: &[PeerInfo], now: SystemTime) -> String {
     let header = ["NAME", "ID", "STATUS", "LATENCY", "ADDRESS", "LAST SEEN"].map(String::from);
     let mut rows = vec![header];
-    for peer in peers {
+    let ids = pasteable_ids(peers);
+    for (peer, id) in peers.iter().zip(ids) {
         let address = match (&peer.via, peer.addresses.first()) {
             (Some(via), _) => format!("via {via}"),
             (None, Some(addr)) => addr.to_string(),
@@ -65,9 +69,9 @@ fn format_table(peers: &[PeerInfo], now: SystemTime) -> String {
         };
         rows.push([
             peer.name.to_string(),
-            format!("{}-…", peer.id.short()),
+            id,
             peer.status.as_str().into(),
-            peer.latency_ms.map(format_ms).unwrap_or_else(|| "-".into()),
+            peer.rtt_ms.map(format_ms).unwrap_or_else(|| "-".into()),
             address,
             last_seen,
         ]);
@@ -81,6 +85,41 @@ fn format_reasons(peers: &[PeerInfo]) -> String {
         .iter()
         .filter_map(|p| Some(format!("{}: {}\n", p.name, p.reason.as_deref()?)))
         .collect()
+}
+
+/// Each peer's ID cut to the shortest start, at least 4 characters, that names that peer alone
+/// among `peers`, so that it can be pasted back where a member is named (`ping`, `send --to`,
+/// `peers NAME`). It is lengthened where it would equal a member's name, which wins over an ID.
+/// With one peer (`peers NAME`) the others are unknown: the full ID.
+fn pasteable_ids(peers: &[PeerInfo]) -> Vec<String> {
+    let full: Vec<String> = peers.iter().map(|p| p.id.to_string()).collect();
+    if peers.len() == 1 {
+        return full;
+    }
+    let bare: Vec<String> = full.iter().map(|id| id.replace('-', "")).collect();
+    full.iter()
+        .zip(&bare)
+        .enumerate()
+        .map(|(i, (dashed, own))| {
+            let unique = |len: usize| {
+                let start = &own[..len];
+                let shown = shown_prefix(dashed, len);
+                bare.iter()
+                    .enumerate()
+                    .all(|(j, other)| j == i || !other.starts_with(start))
+                    && peers.iter().all(|p| p.name.as_str() != shown)
+            };
+            let len = (4..own.len()).find(|&len| unique(len)).unwrap_or(own.len());
+            shown_prefix(dashed, len).to_owned()
+        })
+        .collect()
+}
+
+/// The start of a dashed ID (`wdzc-1qcf-…`) that holds `len` of its characters.
+fn shown_prefix(dashed: &str, len: usize) -> &str {
+    // A dash after every 4 characters.
+    let end = len + len.saturating_sub(1) / 4;
+    &dashed[..end.min(dashed.len())]
 }
 
 fn format_ms(ms: f64) -> String {
@@ -113,40 +152,113 @@ pub async fn ping(
     as_json: bool,
 ) -> anyhow::Result<ExitCode> {
     let timeout_ms = timeout.as_millis().clamp(1, 60_000) as u64;
-    let mut results = Vec::new();
-    let mut answered = 0;
+    let mut rounds = Vec::new();
+    let mut rtts = Vec::new();
+    // As ping(8): Ctrl-C ends the rounds, and the summary covers those that finished.
+    let interrupted = tokio::signal::ctrl_c();
+    tokio::pin!(interrupted);
     for round in 0..count {
-        if round > 0 {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-        let params = json!({ "name": name, "timeout_ms": timeout_ms });
-        let answer = call_with_timeout(env, "ping", params, timeout + Duration::from_secs(5)).await;
+        let one_round = async {
+            if round > 0 {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            let params = json!({ "name": name, "timeout_ms": timeout_ms });
+            call_with_timeout(env, "ping", params, timeout + Duration::from_secs(5)).await
+        };
+        let answer = tokio::select! {
+            answer = one_round => answer,
+            _ = &mut interrupted => break,
+        };
         match answer {
             Ok(value) => {
-                answered += 1;
+                let pong: PingResult = serde_json::from_value(value.clone())?;
                 if !as_json {
-                    let pong: PingResult = serde_json::from_value(value.clone())?;
                     println!("{}", describe_pong(&pong));
                 }
-                results.push(value);
+                rtts.push(pong.rtt_ms);
+                rounds.push(value);
             }
             Err(CallError::NotRunning(e)) => return not_running(env, e, as_json),
-            Err(CallError::Other(e)) => {
+            // A lost round (no path, no pong, or no answer in time) is worth another; an error
+            // the daemon answered otherwise (no such member, a bad parameter) would come again
+            // every second.
+            Err(CallError::Other(e))
+                if api_error_code(&e).is_none_or(|answered| answered == code::UNREACHABLE) =>
+            {
                 if !as_json {
                     eprintln!("{e}");
                 }
-                results.push(json!({ "error": e.to_string() }));
+                rounds.push(json!({ "error": e.to_string() }));
             }
+            Err(CallError::Other(e)) => return Err(e),
         }
     }
+    let summary = PingSummary::new(rounds.len() as u32, &rtts);
     if as_json {
-        print_json(&results)?;
-    }
-    Ok(if answered > 0 {
-        ExitCode::SUCCESS
+        print_json(&json!({ "rounds": rounds, "summary": summary }))?;
     } else {
+        println!("{}", summary.describe());
+    }
+    Ok(if rtts.is_empty() {
         ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     })
+}
+
+/// What `ping` prints after its rounds, as ping(8) does.
+#[derive(Debug, PartialEq, serde::Serialize)]
+struct PingSummary {
+    sent: u32,
+    lost: u32,
+    /// Lost rounds in percent of those sent, rounded to a whole number.
+    loss_percent: u32,
+    /// Over the rounds that got a pong; `null` when none did.
+    rtt_min_ms: Option<f64>,
+    rtt_avg_ms: Option<f64>,
+    rtt_max_ms: Option<f64>,
+}
+
+impl PingSummary {
+    fn new(sent: u32, rtts: &[f64]) -> Self {
+        let received = rtts.len() as u32;
+        let lost = sent.saturating_sub(received);
+        let loss_percent = if sent == 0 {
+            0
+        } else {
+            (f64::from(lost) * 100.0 / f64::from(sent)).round() as u32
+        };
+        let round3 = |ms: f64| (ms * 1000.0).round() / 1000.0;
+        let (min, max, avg) = if rtts.is_empty() {
+            (None, None, None)
+        } else {
+            let min = rtts.iter().copied().fold(f64::INFINITY, f64::min);
+            let max = rtts.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let avg = rtts.iter().sum::<f64>() / rtts.len() as f64;
+            (Some(round3(min)), Some(round3(max)), Some(round3(avg)))
+        };
+        Self {
+            sent,
+            lost,
+            loss_percent,
+            rtt_min_ms: min,
+            rtt_avg_ms: avg,
+            rtt_max_ms: max,
+        }
+    }
+
+    fn describe(&self) -> String {
+        let counts = format!(
+            "{} sent, {} lost ({}%)",
+            self.sent, self.lost, self.loss_percent
+        );
+        match (self.rtt_min_ms, self.rtt_avg_ms, self.rtt_max_ms) {
+            (Some(min), Some(avg), Some(max)) => {
+                format!("{counts}, rtt min/avg/max = {min:.3}/{avg:.3}/{max:.3} ms")
+            }
+            _ => counts,
+        }
+    }
 }
 
 fn describe_pong(pong: &PingResult) -> String {
@@ -238,7 +350,7 @@ mod tests {
                     public_key: key,
                     status,
                     addresses: vec!["192.168.1.20:7332".parse().unwrap()],
-                    latency_ms: latency,
+                    rtt_ms: latency,
                     via: via.map(|v| DeviceName::new(v).unwrap()),
                     last_seen: seen.map(String::from),
                     reason: None,
@@ -277,5 +389,60 @@ mod tests {
             lines[3].contains("unreachable") && lines[3].ends_with("3 h ago"),
             "{table}"
         );
+    }
+
+    #[test]
+    fn ids_are_cut_to_what_names_one_peer_alone() {
+        let peer = |name: &str, id: &str| {
+            let key = Identity::from_secret([name.len() as u8; 32]).public_key();
+            PeerInfo {
+                name: DeviceName::new(name).unwrap(),
+                id: id.parse().unwrap(),
+                public_key: key,
+                status: PeerStatus::Unreachable,
+                addresses: Vec::new(),
+                rtt_ms: None,
+                via: None,
+                last_seen: None,
+                reason: None,
+                reason_code: None,
+            }
+        };
+        let peers = [
+            peer("desk", "1tek-9fhz-5fej-yjfe"),
+            peer("phone", "wdzc-1qcf-4dxn-aa05"),
+            peer("tablet", "wdzc-1qxx-4dxn-aa05"),
+            peer("tv", "wdzd-1qcf-4dxn-aa05"),
+            // A member named as another's ID start: that start would name this one instead.
+            peer("4824", "7777-kbza-went-gxqh"),
+            peer("box", "4824-kbza-went-gxqh"),
+        ];
+        assert_eq!(
+            pasteable_ids(&peers),
+            ["1tek", "wdzc-1qc", "wdzc-1qx", "wdzd", "7777", "4824-k"]
+        );
+        // One peer alone: the others are unknown, so the whole ID.
+        assert_eq!(pasteable_ids(&peers[..1]), ["1tek-9fhz-5fej-yjfe"]);
+        assert_eq!(
+            shown_prefix("1tek-9fhz-5fej-yjfe", 16),
+            "1tek-9fhz-5fej-yjfe"
+        );
+        assert_eq!(shown_prefix("1tek-9fhz-5fej-yjfe", 8), "1tek-9fhz");
+    }
+
+    #[test]
+    fn ping_summary_counts_like_ping8() {
+        let summary = PingSummary::new(3, &[0.4, 0.6, 2.7]);
+        assert_eq!(
+            summary.describe(),
+            "3 sent, 0 lost (0%), rtt min/avg/max = 0.400/1.233/2.700 ms"
+        );
+        let summary = PingSummary::new(3, &[1.0]);
+        assert_eq!((summary.lost, summary.loss_percent), (2, 67));
+        let all_lost = PingSummary::new(2, &[]);
+        assert_eq!(all_lost.describe(), "2 sent, 2 lost (100%)");
+        let json = serde_json::to_value(&all_lost).unwrap();
+        assert_eq!(json["rtt_avg_ms"], Value::Null);
+        assert_eq!(json["sent"], 2);
     }
 }

@@ -207,8 +207,10 @@ pub struct PeerInfo {
     pub status: PeerStatus,
     /// Known addresses (`ip:port`); for a direct peer, the session's address comes first.
     pub addresses: Vec<SocketAddr>,
-    /// Smoothed round-trip time; through the relay for a relayed peer.
-    pub latency_ms: Option<f64>,
+    /// Smoothed round-trip time; through the relay for a relayed peer. Named as `ping`'s
+    /// (it was `latency_ms`; an older daemon's answer still reads).
+    #[serde(alias = "latency_ms")]
+    pub rtt_ms: Option<f64>,
     /// The member that relays to this peer.
     pub via: Option<DeviceName>,
     /// When the peer was last reachable (RFC 3339, UTC); `null` if never.
@@ -262,8 +264,10 @@ impl PeerReason {
 pub struct PingResult {
     pub name: DeviceName,
     pub id: DeviceId,
-    /// `direct` or `relayed`.
-    pub path: PeerStatus,
+    /// `direct` or `relayed`: the path the ping took. Named as `peers`' field (it was `path`;
+    /// an older daemon's answer still reads).
+    #[serde(alias = "path")]
+    pub status: PeerStatus,
     pub via: Option<DeviceName>,
     /// The session's address, for a direct path.
     pub address: Option<SocketAddr>,

@@ -61,7 +61,8 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MeshConfig {
-    /// Addresses the mesh accepts sessions on.
+    /// Addresses the mesh accepts sessions on; one without a port means `DEFAULT_PORT`.
+    #[serde(deserialize_with = "crate::address::deserialize_list")]
     pub listen: Vec<SocketAddr>,
     /// The network interfaces sessions may use, dialled or accepted; empty: every interface.
     pub interfaces: Vec<InterfaceName>,
@@ -405,6 +406,28 @@ impl Config {
         Ok(config)
     }
 
+    /// The `[paths]` section alone of a file that does not parse as a whole, with defaults for
+    /// the rest, if that section itself is readable: a typo elsewhere must not send a client
+    /// command, or the doctor, to the wrong directories.
+    pub fn paths_section(text: &str) -> Option<Config> {
+        let table: toml::Table = toml::from_str(text).ok()?;
+        let config = match table.get("paths") {
+            Some(paths) => Config {
+                paths: paths.clone().try_into().ok()?,
+                ..Config::default()
+            },
+            None => Config::default(),
+        };
+        let usable = |p: &Option<PathBuf>| {
+            p.as_ref()
+                .is_none_or(|p| p.is_absolute() || p.starts_with("~"))
+        };
+        (usable(&config.paths.state_dir)
+            && usable(&config.paths.runtime_dir)
+            && usable(&config.paths.handlers_dir))
+        .then_some(config)
+    }
+
     /// The directories this configuration selects, with XDG defaults for those it leaves out.
     pub fn paths(&self, xdg: &XdgDirs, config_file: PathBuf) -> Paths {
         let home = std::env::var_os("HOME").map(PathBuf::from);
@@ -516,12 +539,9 @@ fn suggest_key(section: &str, unknown: &str) -> Option<String> {
         .iter()
         .find(|(s, _)| *s == section)
         .map(|(_, k)| *k)?;
-    let nearest = keys
-        .iter()
-        .map(|k| (strsim::damerau_levenshtein(unknown, k), *k))
-        .min()
-        .filter(|(distance, key)| *distance <= (key.len() / 3).max(2));
-    if let Some((_, key)) = nearest {
+    let nearest =
+        crate::suggest::closest(unknown, keys.iter().copied(), |key| (key.len() / 3).max(2));
+    if let Some(key) = nearest {
         return Some(format!("did you mean `{key}`?"));
     }
     let home = SCHEMA
@@ -545,8 +565,9 @@ pub const EXAMPLE: &str = r#"# cnsprcy configuration: $XDG_CONFIG_HOME/cnsprcy/c
 # name = "laptop"
 
 [mesh]
-# Addresses (ip:port) the mesh accepts encrypted sessions from other devices on. IPv6 addresses
-# go in brackets. The default listens on port 7332 on every IPv4 and IPv6 address.
+# Addresses (ip:port) the mesh accepts encrypted sessions from other devices on; one without a
+# port means 7332. IPv6 addresses with a port go in brackets ("[fd00::5]:7333"). The default
+# listens on port 7332 on every IPv4 and IPv6 address.
 # listen = ["0.0.0.0:7332", "[::]:7332"]
 
 # The network interfaces (as `ip link` names them) the mesh dials members over and accepts
@@ -611,6 +632,20 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, Path::new("/etc/test.toml"))
+    }
+
+    #[test]
+    fn the_paths_of_a_broken_file_are_still_used() {
+        let config = Config::paths_section(
+            "[mesh]\nlisen = 1\n[paths]\nstate_dir = \"/s\"\nhandlers_dir = \"~/h\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.paths.state_dir, Some(PathBuf::from("/s")));
+        assert_eq!(config.mesh, MeshConfig::default());
+        assert_eq!(Config::paths_section("name = 1\n"), Some(Config::default()));
+        assert!(Config::paths_section("[paths]\nstate_dir = \"relative\"\n").is_none());
+        assert!(Config::paths_section("[paths]\nstate_dr = \"/s\"\n").is_none());
+        assert!(Config::paths_section("not toml [").is_none());
     }
 
     fn invalid(text: &str) -> (usize, usize, Option<String>, String, Option<String>) {

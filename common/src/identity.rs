@@ -264,13 +264,6 @@ pub struct DeviceId(String);
 #[error("{0:?} is not a device ID: expected 16 base32 characters such as k3j9-x81q-p0mm-7c2d")]
 pub struct BadDeviceId(String);
 
-impl DeviceId {
-    /// The first group alone, for tables where space is short.
-    pub fn short(&self) -> &str {
-        &self.0[..4]
-    }
-}
-
 impl fmt::Display for DeviceId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let groups: Vec<&str> = (0..self.0.len())

@@ -2,6 +2,7 @@
 //! internal sockets' message types and framing, and the pieces every service process shares.
 
 pub mod activation;
+pub mod address;
 pub mod api;
 pub mod client;
 pub mod config;
@@ -18,6 +19,7 @@ pub mod paths;
 pub mod rpc;
 pub mod service;
 pub mod sockets;
+pub mod suggest;
 pub mod tag;
 pub mod wire;
 

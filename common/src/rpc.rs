@@ -209,13 +209,9 @@ pub fn validate(value: Value) -> Result<Call, (Value, RpcError)> {
 }
 
 fn method_not_found(method: &str, names: &[&str]) -> RpcError {
-    let nearest = names
-        .iter()
-        .map(|n| (strsim::damerau_levenshtein(method, n), *n))
-        .min()
-        .filter(|(d, _)| *d <= 2);
+    let nearest = crate::suggest::closest(method, names.iter().copied(), |_| 2);
     let mut message = format!("method not found: {method:?}");
-    if let Some((_, name)) = nearest {
+    if let Some(name) = nearest {
         message.push_str(&format!("; did you mean {name:?}?"));
     }
     let mut error = RpcError::new(code::METHOD_NOT_FOUND, message);

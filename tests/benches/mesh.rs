@@ -1082,7 +1082,7 @@ fn idle_and_memory(table: &mut Table, cnspr: &Path) {
     );
     table.row(
         "idle",
-        "Smoothed RTT the daemons show (`latency_ms` of `peers`), before → after the window",
+        "Smoothed RTT the daemons show (`rtt_ms` of `peers`), before → after the window",
         format!(
             "median {:.3} → {:.3} ms",
             median(&rtt_before),
@@ -1170,7 +1170,7 @@ fn idle_window() -> Duration {
         .max(IDLE_WINDOW)
 }
 
-/// `latency_ms` of every direct peer of every daemon.
+/// `rtt_ms` of every direct peer of every daemon.
 fn latencies(apis: &mut [Api]) -> Vec<f64> {
     let mut all = Vec::new();
     for api in apis {
@@ -1180,7 +1180,7 @@ fn latencies(apis: &mut [Api]) -> Vec<f64> {
                 .as_array()
                 .expect("peers is an array")
                 .iter()
-                .filter_map(|p| p["latency_ms"].as_f64()),
+                .filter_map(|p| p["rtt_ms"].as_f64()),
         );
     }
     all

@@ -138,7 +138,7 @@ fn send_request(params: SendParams) -> Result<SendRequest, RpcError> {
 struct AddParams {
     name: DeviceName,
     public_key: PublicKey,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "cnsprcy::address::deserialize_list")]
     addresses: Vec<SocketAddr>,
 }
 

@@ -61,8 +61,15 @@ pub enum RosterError {
     KeyTaken(DeviceName),
     #[error("that is this device's own key; a device is not a member of its own roster")]
     OwnKey,
-    #[error("no member named or with ID {0:?}; `cnspr peers` lists the members")]
-    NotFound(String),
+    #[error("no member named or with ID {typed:?}; {}", match closest {
+        Some(name) => format!("did you mean {name}?"),
+        None => "`cnspr peers` lists the members".to_owned(),
+    })]
+    NotFound {
+        typed: String,
+        /// The member name nearest to `typed`, if one is a likely typo of it.
+        closest: Option<String>,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -130,7 +137,19 @@ impl Roster {
             .filter(|m| id_matches(&m.id(), name_or_id));
         match (matches.next(), matches.next()) {
             (Some(member), None) => Ok(member),
-            _ => Err(RosterError::NotFound(name_or_id.to_owned())),
+            _ => Err(self.not_found(name_or_id)),
+        }
+    }
+
+    /// "No such member", with the member name `typed` is most likely a typo of.
+    fn not_found(&self, typed: &str) -> RosterError {
+        let names = self.members.iter().map(|m| m.name.as_str());
+        // About one edit in three characters, at least one: `dsek` finds `desk`, `tv` no `pc`.
+        let closest = cnsprcy::suggest::closest(typed, names, |name| (name.len() / 3).max(1))
+            .map(str::to_owned);
+        RosterError::NotFound {
+            typed: typed.to_owned(),
+            closest,
         }
     }
 
@@ -154,7 +173,7 @@ impl Roster {
             .members
             .iter()
             .position(|m| m.public_key == key)
-            .ok_or_else(|| RosterError::NotFound(name_or_id.to_owned()))?;
+            .ok_or_else(|| self.not_found(name_or_id))?;
         Ok(self.members.remove(index))
     }
 
@@ -248,6 +267,25 @@ mod tests {
         assert_eq!(roster.find(&id).unwrap().name, phone.name);
         assert_eq!(roster.find(&id[..4]).unwrap().name, phone.name);
         assert!(roster.find("nobody").is_err());
+        assert_eq!(
+            roster.find("nobody").unwrap_err().to_string(),
+            "no member named or with ID \"nobody\"; `cnspr peers` lists the members"
+        );
+        // A likely typo of a name gets that name as a hint, a far one does not.
+        for typo in ["lpatop", "laptp", "Laptop", "laptops"] {
+            assert_eq!(
+                roster.find(typo).unwrap_err().to_string(),
+                format!("no member named or with ID {typo:?}; did you mean laptop?")
+            );
+        }
+        assert!(matches!(
+            roster.find("phn"),
+            Err(RosterError::NotFound { closest: None, .. })
+        ));
+        assert!(matches!(
+            roster.remove("phnoe"),
+            Err(RosterError::NotFound { closest: Some(name), .. }) if name == "phone"
+        ));
 
         let a: SocketAddr = "10.0.0.1:7332".parse().unwrap();
         let b: SocketAddr = "10.0.0.2:7332".parse().unwrap();

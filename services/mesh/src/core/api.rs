@@ -25,7 +25,7 @@ pub(crate) fn error(code: i64, message: impl Into<String>) -> RpcError {
 
 pub(crate) fn roster_error(e: RosterError) -> RpcError {
     match e {
-        RosterError::NotFound(_) => error(code::NOT_FOUND, e.to_string()),
+        RosterError::NotFound { .. } => error(code::NOT_FOUND, e.to_string()),
         RosterError::NameTaken(_) | RosterError::KeyTaken(_) | RosterError::OwnKey => {
             error(code::CONFLICT, e.to_string())
         }
@@ -238,7 +238,7 @@ impl<S: StoreAccess> Core<S> {
             public_key: key,
             status,
             addresses,
-            latency_ms: latency.map(super::millis),
+            rtt_ms: latency.map(super::millis),
             via,
             last_seen: last_seen.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
         }

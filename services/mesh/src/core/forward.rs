@@ -142,7 +142,7 @@ impl<S: StoreAccess> Core<S> {
             Some(member) => Ok(cnsprcy::api::PingResult {
                 name: member.name.clone(),
                 id: member.id(),
-                path: pending.path,
+                status: pending.path,
                 via: pending
                     .via
                     .and_then(|v| self.roster.get(&v).map(|m| m.name.clone())),

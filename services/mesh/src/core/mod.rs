@@ -739,7 +739,7 @@ fn shutting_down() -> RpcError {
     RpcError::new(cnsprcy::rpc::code::UNAVAILABLE, "the mesh is shutting down")
 }
 
-/// Milliseconds with microsecond precision, for `latency_ms` and `rtt_ms`.
+/// Milliseconds with microsecond precision, for the `rtt_ms` of `peers` and `ping`.
 pub(crate) fn millis(d: Duration) -> f64 {
     (d.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0
 }
