@@ -183,6 +183,9 @@ impl StoreAccess for Arc<Store> {
             .map(|c| c.entry)
             .collect()
     }
+    fn take_skipped_for_a_write(&self) -> bool {
+        Store::take_skipped_for_a_write(self)
+    }
     fn count(&self, counter: crate::core::StoreCounter, amount: u64) {
         use crate::core::StoreCounter as C;
         let stats = &self.stats;

@@ -100,6 +100,11 @@ pub trait StoreAccess {
     /// Merges entries from `from`; returns those that changed the store. `now_ms` bounds how
     /// far in the future a timestamp may be.
     fn apply_remote(&self, entries: Vec<StoreEntry>, from: &str, now_ms: u64) -> Vec<StoreEntry>;
+    /// Whether `apply_remote` skipped an entry since the last call because a local write of its
+    /// key was being made durable (the engine in use never skips: false).
+    fn take_skipped_for_a_write(&self) -> bool {
+        false
+    }
     /// Counts traffic for `db.stats`: bytes of store messages sent (for anti-entropy or for
     /// pushing writes) and received, and rounds started.
     fn count(&self, counter: StoreCounter, amount: u64);

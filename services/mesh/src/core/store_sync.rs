@@ -30,6 +30,15 @@ impl<S: StoreAccess> Core<S> {
             self.store_send(&key, body.clone(), StoreCounter::PushBytesSent);
         }
         self.store_changed(std::slice::from_ref(&entry), true);
+        if self.store.take_skipped_for_a_write() {
+            // A peer's write of a key that was being written here was skipped (concurrent
+            // writes of one key): compare stores now rather than at the next round, 30 s away,
+            // so that every device holds the winner at once.
+            let keys: Vec<PublicKey> = self.sessions.keys().copied().collect();
+            for key in keys {
+                self.store_start_sync(&key);
+            }
+        }
     }
 
     /// Sends a store message to `to`, directly or through its relay; counts the bytes.

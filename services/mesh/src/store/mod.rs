@@ -86,6 +86,8 @@ struct Core {
     unconfirmed: Mutex<HashMap<String, Option<Record>>>,
     /// Whether a recovery thread runs (changed only with `inner` locked).
     recovering: AtomicBool,
+    /// A peer's entry was skipped because a local write of its key was being made durable.
+    skipped_for_a_write: AtomicBool,
     /// Held by a local write from start to durable: they go one at a time.
     writing: Mutex<()>,
 }
@@ -468,6 +470,7 @@ impl Store {
             })),
             unconfirmed: Mutex::default(),
             recovering: AtomicBool::new(false),
+            skipped_for_a_write: AtomicBool::new(false),
             writing: Mutex::default(),
         });
         {
@@ -585,8 +588,9 @@ impl Store {
                 continue;
             }
             if core.unconfirmed().contains_key(&entry.key) {
-                // A local write of this key is being made durable: offered again by the next
-                // anti-entropy round.
+                // A local write of this key is being made durable: the node compares stores
+                // with its peers once the write is done (`take_skipped_for_a_write`).
+                core.skipped_for_a_write.store(true, Ordering::SeqCst);
                 continue;
             }
             let old = match storage.get(&entry.key) {
@@ -614,6 +618,12 @@ impl Store {
             changes.push(Change { entry });
         }
         changes
+    }
+
+    /// Whether a peer's entry was skipped since the last call because a local write of its
+    /// key was in flight (then it may be missing here until stores are compared).
+    pub fn take_skipped_for_a_write(&self) -> bool {
+        self.core.skipped_for_a_write.swap(false, Ordering::SeqCst)
     }
 
     /// Reports a failed read: the store may need reopening.
