@@ -63,6 +63,7 @@ of the name. `cnspr members` is the same command, for serf users."
     )]
     Peers {
         /// Show only this member (a name, a device ID or the start of one)
+        #[arg(add = member_names())]
         name: Option<String>,
         /// Print JSON (an array of peer objects; one object with NAME) instead of a table
         #[arg(long)]
@@ -81,6 +82,7 @@ back."
     )]
     Ping {
         /// Member name, device ID, or the start of an ID as `cnspr peers` shows it
+        #[arg(add = member_names())]
         name: String,
         /// How many pings to send, one per second
         #[arg(short = 'c', long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
@@ -113,7 +115,7 @@ is still queued and what became of recent messages."
         payload: Option<String>,
         /// Send to this member (name, device ID, or the start of an ID as `cnspr peers` shows
         /// it); repeat for several
-        #[arg(long = "to", value_name = "NAME")]
+        #[arg(long = "to", value_name = "NAME", add = member_names())]
         to: Vec<String>,
         /// Send to every member (the default without --to)
         #[arg(long, conflicts_with = "to")]
@@ -212,7 +214,9 @@ is a problem, 0 otherwise (warnings included)."
     /// Print a shell completion script
     #[command(
         long_about = "Print a completion script for SHELL on stdout. For bash: \
-`cnspr completions bash > ~/.local/share/bash-completion/completions/cnspr`."
+`cnspr completions bash > ~/.local/share/bash-completion/completions/cnspr`. The script asks \
+`cnspr` (found on PATH) what to offer, so member names complete after --to, ping, peers and \
+manage remove; the packages install these scripts."
     )]
     Completions {
         #[arg(value_enum)]
@@ -351,6 +355,7 @@ pairing exists, this is how devices are linked."
     /// Remove a member: its session is closed and it can no longer connect
     Remove {
         /// Member name, device ID, or the start of an ID as `cnspr peers` shows it
+        #[arg(add = member_names())]
         name: String,
         /// Print the removed member as JSON
         #[arg(long)]
@@ -362,6 +367,25 @@ pairing exists, this is how devices are linked."
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Completes member names from this device's roster (read from its file: no daemon needed).
+fn member_names() -> clap_complete::engine::ArgValueCandidates {
+    clap_complete::engine::ArgValueCandidates::new(|| {
+        let Ok((env, _)) = cnsprcy::env::DeviceEnv::load_lenient() else {
+            return Vec::new();
+        };
+        let Ok(members) = cnsprcy_mesh::roster::load(&env.paths.state_dir) else {
+            return Vec::new();
+        };
+        members
+            .iter()
+            .map(|m| {
+                clap_complete::engine::CompletionCandidate::new(m.name.as_str())
+                    .help(Some(m.public_key.device_id().to_string().into()))
+            })
+            .collect()
+    })
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! The client commands: each reads this device's files or asks the daemon, and prints for people
 //! or, with --json, for scripts.
 
+use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -485,8 +486,24 @@ fn manage_id(env: &DeviceEnv, as_json: bool) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The script that registers completions for `shell`: it asks `cnspr` (on PATH) what to offer
+/// (`COMPLETE=SHELL cnspr -- ARGS`), which the start of `main` answers.
 pub fn completions(shell: clap_complete::Shell) -> anyhow::Result<ExitCode> {
-    clap_complete::generate(shell, &mut Cli::command(), "cnspr", &mut std::io::stdout());
+    let name = shell.to_string();
+    let shells = clap_complete::env::Shells::builtins();
+    let completer = shells
+        .completer(&name)
+        .with_context(|| format!("no completions for {name}"))?;
+    let mut script = Vec::new();
+    completer.write_registration("COMPLETE", "cnspr", "cnspr", "cnspr", &mut script)?;
+    if shell == clap_complete::Shell::Zsh {
+        // Installed as the autoloaded `_cnspr` (the packages do), the first Tab runs this file:
+        // complete then too, as clap's own zsh scripts do.
+        script.extend_from_slice(
+            b"if [ \"$funcstack[1]\" = \"_cnspr\" ]; then\n    _clap_dynamic_completer_cnspr \"$@\"\nfi\n",
+        );
+    }
+    std::io::stdout().write_all(&script)?;
     Ok(ExitCode::SUCCESS)
 }
 

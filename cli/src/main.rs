@@ -13,7 +13,7 @@ mod serve;
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 
 use crate::cli::{Cli, Command};
 
@@ -21,6 +21,10 @@ use crate::cli::{Cli, Command};
 pub const EXIT_NOT_RUNNING: u8 = 3;
 
 fn main() -> ExitCode {
+    // `COMPLETE=SHELL cnspr ...`: the completion scripts ask what to offer (and exit here).
+    clap_complete::CompleteEnv::with_factory(Cli::command)
+        .completer("cnspr")
+        .complete();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve => serve::run(),

@@ -512,3 +512,64 @@ fn idle_and_stalled_api_clients_neither_lock_out_the_cli_nor_delay_shutdown() {
     );
     drop((idle, stalled));
 }
+
+/// The bash completion script, sourced in a real bash, offers the roster's member names where a
+/// member is named (asking `cnspr` on PATH, as installed), and subcommands as before.
+#[test]
+fn member_names_complete_in_bash() {
+    let ns = cnsprcy_tests::netns::NetNs::new();
+    let mut laptop = Device::new("laptop");
+    laptop.configure("127.0.0.1:17851");
+    laptop.start_in(&ns);
+    for (name, port) in [("desk", 17852), ("phone", 17853)] {
+        let other = Device::new(name);
+        other.configure(&format!("127.0.0.1:{port}"));
+        other.cnspr(&["manage", "init"]).success();
+        laptop.add_member(&other, None);
+    }
+    let bin_dir = bin("cnspr").parent().unwrap().to_owned();
+    let complete = |line: &str| -> Vec<String> {
+        // COMP_WORDS as bash splits the line; the last word is the one being completed.
+        let script = format!(
+            r#"source <(cnspr completions bash)
+COMP_LINE='{line}'; read -ra COMP_WORDS <<< "$COMP_LINE"
+[[ "$COMP_LINE" == *" " ]] && COMP_WORDS+=("")
+COMP_CWORD=$(( ${{#COMP_WORDS[@]}} - 1 )); COMP_TYPE=9
+_clap_complete_cnspr cnspr "${{COMP_WORDS[COMP_CWORD]}}" "${{COMP_WORDS[COMP_CWORD-1]}}"
+printf '%s\n' "${{COMPREPLY[@]}}""#
+        );
+        let path = format!(
+            "{}:{}",
+            bin_dir.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let output = laptop
+            .command("bash")
+            .args(["-c", &script])
+            .env("PATH", path)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let mut words: Vec<String> = String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .map(|w| w.trim().to_owned())
+            .filter(|w| !w.is_empty())
+            .collect();
+        words.sort();
+        words
+    };
+    // Flags are offered beside the names on an empty word.
+    let names = |words: Vec<String>| -> Vec<String> {
+        words.into_iter().filter(|w| !w.starts_with('-')).collect()
+    };
+    assert_eq!(names(complete("cnspr ping ")), ["desk", "phone"]);
+    assert_eq!(complete("cnspr ping p"), ["phone"]);
+    assert_eq!(complete("cnspr send note --to d"), ["desk"]);
+    assert!(complete("cnspr peers ").contains(&"desk".to_owned()));
+    assert!(complete("cnspr manage remove ").contains(&"phone".to_owned()));
+    assert_eq!(complete("cnspr pi"), ["ping"]);
+}
