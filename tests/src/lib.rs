@@ -238,6 +238,14 @@ impl Device {
         pid
     }
 
+    /// A device named `name`, configured to listen on `listen`, running `cnspr serve` in `ns`.
+    pub fn started_in(ns: &NetNs, name: &str, listen: &str) -> Self {
+        let mut device = Self::new(name);
+        device.configure(listen);
+        device.start_in(ns);
+        device
+    }
+
     /// Starts `cnspr serve` inside `ns` and waits until it answers `status`.
     pub fn start_in(&mut self, ns: &NetNs) -> u32 {
         let pid = self.spawn_in(ns, "serve", &bin("cnspr"), &["serve"]);

@@ -44,12 +44,8 @@ fn text(value: &Value, key: &str) -> String {
 #[test]
 fn doctor_shows_the_daemon_each_member_and_what_is_broken() {
     let ns = NetNs::new();
-    let mut laptop = Device::new("laptop");
-    laptop.configure(&addr(0));
-    laptop.start_in(&ns);
-    let mut desk = Device::new("desk");
-    desk.configure(&addr(1));
-    desk.start_in(&ns);
+    let mut laptop = Device::started_in(&ns, "laptop", &addr(0));
+    let desk = Device::started_in(&ns, "desk", &addr(1));
     // tv has an identity but never runs: nothing answers where laptop looks for it.
     let tv = Device::new("tv");
     tv.cnspr(&["manage", "init", "--name", "tv"]).success();

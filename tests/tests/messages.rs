@@ -57,12 +57,7 @@ fn devices(ns: &NetNs, names: &[&str]) -> Vec<Device> {
     let devices: Vec<Device> = names
         .iter()
         .enumerate()
-        .map(|(i, name)| {
-            let mut device = Device::new(name);
-            device.configure(&addr(i));
-            device.start_in(ns);
-            device
-        })
+        .map(|(i, name)| Device::started_in(ns, name, &addr(i)))
         .collect();
     devices
 }

@@ -38,12 +38,8 @@ fn reason(peer: &Value) -> String {
 #[test]
 fn a_device_not_added_back_is_told_and_its_knock_listed() {
     let ns = NetNs::new();
-    let mut laptop = Device::new("laptop");
-    laptop.configure(&addr(0));
-    laptop.start_in(&ns);
-    let mut desk = Device::new("desk");
-    desk.configure(&addr(1));
-    desk.start_in(&ns);
+    let mut laptop = Device::started_in(&ns, "laptop", &addr(0));
+    let desk = Device::started_in(&ns, "desk", &addr(1));
     let laptop_key = laptop.public_key();
     let laptop_id = laptop.cnspr_json(&["manage", "id"])["id"]
         .as_str()
@@ -129,12 +125,8 @@ fn a_device_not_added_back_is_told_and_its_knock_listed() {
 #[test]
 fn a_wrong_key_no_address_and_nothing_listening_each_say_so() {
     let ns = NetNs::new();
-    let mut laptop = Device::new("laptop");
-    laptop.configure(&addr(0));
-    laptop.start_in(&ns);
-    let mut desk = Device::new("desk");
-    desk.configure(&addr(1));
-    desk.start_in(&ns);
+    let laptop = Device::started_in(&ns, "laptop", &addr(0));
+    let desk = Device::started_in(&ns, "desk", &addr(1));
     desk.add_member(&laptop, Some(&addr(0)));
     // tv never runs: its key is real, nothing listens where laptop looks for it.
     let tv = Device::new("tv");
