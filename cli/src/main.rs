@@ -26,6 +26,9 @@ fn main() -> ExitCode {
         .completer("cnspr")
         .complete();
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve) {
+        die_quietly_on_a_closed_stdout();
+    }
     let result = match cli.command {
         Command::Serve => serve::run(),
         Command::Completions { shell } => commands::completions(shell),
@@ -50,5 +53,16 @@ fn main() -> ExitCode {
             eprintln!("cnspr: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `cnspr peers --json | head -1`: Rust ignores SIGPIPE, so printing to a closed pipe would
+/// panic; the client commands end the way other Unix tools do instead (killed by SIGPIPE,
+/// quietly). Not the daemon (`serve`), which must outlive a peer or client that went away.
+fn die_quietly_on_a_closed_stdout() {
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    // SAFETY: called before any other thread starts; the default action has no handler code.
+    if let Err(e) = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) } {
+        eprintln!("cnspr: cannot restore the default SIGPIPE action: {e}");
     }
 }

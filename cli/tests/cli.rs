@@ -64,3 +64,21 @@ fn man_pages_for_every_visible_command() {
     let man = std::fs::read_to_string(dir.path().join("cnspr-manage-init.1")).unwrap();
     assert!(man.contains("force"));
 }
+
+/// Output into a pipe whose reader is gone ends the command quietly, as other tools do: killed
+/// by SIGPIPE, no panic.
+#[test]
+fn a_closed_pipe_ends_a_command_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(BIN)
+        .args(["config", "example"])
+        .env_remove("CNSPRCY_CONFIG")
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.signal(), Some(13), "{:?}: {stderr}", out.status);
+}
