@@ -243,6 +243,9 @@ pub enum PeerReason {
     Dialling,
     /// Its session is up, but its keepalive is overdue (`suspect`).
     KeepaliveOverdue,
+    /// Its session is up, but its heartbeat is overdue (here or at another member), and this
+    /// device probes it (`suspect`).
+    Probed,
 }
 
 impl PeerReason {
@@ -255,6 +258,7 @@ impl PeerReason {
             PeerReason::SessionEnded => "session_ended",
             PeerReason::Dialling => "dialling",
             PeerReason::KeepaliveOverdue => "keepalive_overdue",
+            PeerReason::Probed => "probed",
         }
     }
 }

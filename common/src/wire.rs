@@ -63,6 +63,20 @@ pub enum Message {
     Data(Data),
     /// Something for one device, from one device, passed on by the devices between them.
     Routed(Routed),
+    /// Sent every heartbeat interval to one peer, the sender's successor in key order: the
+    /// receiver watches the sender and suspects it when nothing arrived `next_ms` after this
+    /// (plus a grace). `next_ms: None` says that no more follow (the sender's successor is
+    /// another device now). `root` is the sender's store root digest, so that stores that
+    /// differ are compared without a round of their own.
+    Heartbeat {
+        next_ms: Option<u32>,
+        root: u64,
+    },
+    /// The sender's heartbeats from `peer` stopped: the receiver probes `peer` itself, and
+    /// closes its session with it if the probe goes unanswered.
+    Suspect {
+        peer: KeyBytes,
+    },
 }
 
 /// The one envelope for everything that goes from one device to one other, directly or through
@@ -152,6 +166,9 @@ pub enum StoreBody {
     },
     /// Keys the receiver holds newer than the sender: send them as an `Update`.
     Want(Vec<String>),
+    /// The sender's root digest (all bucket digests folded): a receiver whose root differs
+    /// answers with its `Top`.
+    Root(u64),
 }
 
 /// A message id: random, chosen by the origin.

@@ -872,8 +872,8 @@ impl<'a> CnsprcyGroup<'a> {
             }
             fs::set_permissions(dir.join("run"), fs::Permissions::from_mode(0o700))
                 .expect("chmod runtime dir");
-            // The product's defaults (keepalive 20 s / 10 s, discovery on), except in the short
-            // mode, which must notice a cut within seconds.
+            // The product's defaults (heartbeat 2 s, keepalive 60 s / 10 s, discovery on),
+            // except in the short mode, which must notice a cut within seconds.
             let keepalive = if quick {
                 "[mesh]\nkeepalive_interval = \"1s\"\nkeepalive_timeout = \"2s\"\n"
             } else {

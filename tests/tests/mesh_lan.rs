@@ -112,3 +112,81 @@ fn packet_loss_does_not_break_sessions() {
     lan.loss(1, 0);
     devices[0].wait_status("b", "direct", SOON);
 }
+
+/// With the product's own timers (heartbeats every 2 s, keepalive 60 s), a device whose link
+/// dies silently is `unreachable` on every other device within seconds, not a keepalive later,
+/// while a lossy link (10 % of frames lost both ways) meanwhile drops nobody; the others keep
+/// their sessions, and everyone is back once the link returns.
+#[test]
+fn heartbeats_notice_a_silent_cut_within_seconds_and_ride_out_loss() {
+    let lan = Lan::new(4);
+    let names = ["a", "b", "c", "d"];
+    let mut devices: Vec<Device> = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let mut device = Device::new(name);
+            device.write_config(&format!(
+                "name = \"{name}\"\n[mesh]\nlisten = [\"{}:{PORT}\"]\n",
+                lan.addr(i)
+            ));
+            device.start_in(lan.node(i));
+            device
+        })
+        .collect();
+    for i in 0..devices.len() {
+        for j in 0..devices.len() {
+            if i != j {
+                devices[i].add_member(&devices[j], Some(&format!("{}:{PORT}", lan.addr(j))));
+            }
+        }
+    }
+    for i in 0..devices.len() {
+        for name in names.iter().filter(|n| **n != names[i]) {
+            devices[i].wait_status(name, "direct", SOON);
+        }
+        let node = lan.node(i);
+        devices[i].spawn_in(
+            node,
+            "watch",
+            &cnsprcy_tests::bin("cnspr"),
+            &["watch", "--json"],
+        );
+    }
+
+    lan.loss(1, 10);
+    std::thread::sleep(Duration::from_secs(20));
+
+    lan.cut(3);
+    let cut_at = Instant::now();
+    for device in &mut devices[..3] {
+        device.wait_status("d", "unreachable", SOON);
+    }
+    let noticed = cut_at.elapsed();
+    eprintln!("every other device saw d unreachable {noticed:?} after the cut");
+    // Heartbeat 2 s, grace 0.5 s, probe 1 s: 3.5 s at most, on an unloaded machine.
+    assert!(noticed < Duration::from_secs(8), "took {noticed:?}");
+    devices[3].wait_status("a", "unreachable", SOON);
+    lan.loss(1, 0);
+
+    for device in &devices[..3] {
+        let log = device.log("watch");
+        for line in log.lines() {
+            let Ok(event) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            let lost = event["event"] == "peer"
+                && event["status"] == "unreachable"
+                && event["name"] != "d";
+            assert!(!lost, "{} lost a peer on a lossy link: {line}", device.name);
+        }
+    }
+    for (i, peer) in [(0, "b"), (0, "c"), (1, "c")] {
+        assert_eq!(devices[i].peers()[peer]["status"], "direct");
+    }
+
+    lan.restore(3);
+    for (i, peer) in [(0, "d"), (1, "d"), (2, "d"), (3, "a")] {
+        devices[i].wait_status(peer, "direct", RECOVERY);
+    }
+}

@@ -68,6 +68,11 @@ impl Liveness {
         }
     }
 
+    /// A probe (a ping outside the keepalive's schedule) was answered after `rtt`.
+    pub fn on_probe_answer(&mut self, rtt: Duration) {
+        self.sample(rtt);
+    }
+
     /// A ping arrived carrying the peer's RTT estimate; the responder takes it as its own.
     pub fn on_ping_report(&mut self, rtt: Option<Duration>) {
         if self.role == Role::Responder && rtt.is_some() {

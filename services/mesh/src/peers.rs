@@ -205,6 +205,17 @@ impl PeerTable {
         self.reports.insert(*reporter, neighbors);
     }
 
+    /// Whether `peer` reported a direct session with every one of `keys` (but itself): it then
+    /// reaches them all without a relay and has no use for this device's round-trip times.
+    pub fn reports_all(&self, peer: &PublicKey, keys: &[PublicKey]) -> bool {
+        let Some(report) = self.reports.get(peer) else {
+            return false;
+        };
+        keys.iter()
+            .filter(|k| *k != peer)
+            .all(|k| report.iter().any(|(reported, _)| reported == k))
+    }
+
     /// Forgets what `reporter` reported; returns it.
     fn drop_report(&mut self, reporter: &PublicKey) -> Option<Vec<(PublicKey, Option<Duration>)>> {
         let old = self.reports.remove(reporter)?;
@@ -337,6 +348,20 @@ mod tests {
     }
 
     const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn a_peer_reports_all_only_with_a_session_to_every_member_named() {
+        let t0 = Instant::now();
+        let mut table = PeerTable::default();
+        table.sync_members([key(1), key(2), key(3)], t0);
+        table.session_up(&key(1), addr(1), t0);
+        assert!(!table.reports_all(&key(1), &[key(2)]), "no report yet");
+        table.set_report(&key(1), vec![(key(2), Some(MS)), (key(3), None)]);
+        assert!(table.reports_all(&key(1), &[key(1), key(2), key(3)]));
+        table.set_report(&key(1), vec![(key(3), None)]);
+        assert!(!table.reports_all(&key(1), &[key(2), key(3)]));
+        assert!(table.reports_all(&key(1), &[key(3)]));
+    }
 
     #[test]
     fn new_members_are_dialled_once_then_backed_off() {

@@ -19,6 +19,7 @@
 //! - every queue the core keeps is bounded.
 
 mod api;
+mod detector;
 mod forward;
 mod messages;
 mod reasons;
@@ -89,6 +90,11 @@ impl Now {
 pub trait StoreAccess {
     /// The 256 bucket digests.
     fn top(&self) -> Vec<u64>;
+    /// All bucket digests folded into one: equal roots mean equal stores (but for a 64-bit
+    /// collision).
+    fn root(&self) -> u64 {
+        crate::store::digest::root(&self.top())
+    }
     /// The leaf digests of the given buckets.
     fn buckets(&self, which: &[u8]) -> Vec<(u8, Vec<u64>)>;
     /// The leaf digests of one bucket.
@@ -330,8 +336,17 @@ pub(crate) struct Live {
     liveness: Liveness,
     /// The queue refused a message; `Writable` clears it.
     full: bool,
-    /// Its keepalive is overdue (reported as `suspect`).
+    /// Its keepalive is overdue or it is being probed (reported as `suspect`).
     suspect: bool,
+    /// How long after its last frame its next heartbeat is overdue (while it sends this device
+    /// heartbeats).
+    heartbeat_watch: Option<Duration>,
+    /// A probe of it waiting for the answer.
+    probe: Option<detector::Probe>,
+    /// When it last answered a probe.
+    probe_answered: Option<Instant>,
+    /// The store root in its last heartbeat differed from this device's.
+    root_differed: bool,
 }
 
 impl Live {
@@ -425,6 +440,9 @@ pub struct Core<S: StoreAccess> {
     problems: Map<PublicKey, reasons::Problem>,
     /// Devices that are not members and sent handshakes lately (for `status`).
     knocks: reasons::Knocks,
+    /// The peer this device sends heartbeats to, and when the next is due.
+    heartbeat_to: Option<PublicKey>,
+    next_heartbeat: Instant,
     next_housekeeping: Instant,
     next_sync: Instant,
     next_token: Token,
@@ -482,6 +500,8 @@ impl<S: StoreAccess> Core<S> {
             discovered: std::collections::VecDeque::new(),
             problems: Map::default(),
             knocks: reasons::Knocks::default(),
+            heartbeat_to: None,
+            next_heartbeat: now.mono,
             next_housekeeping: now.mono + HOUSEKEEPING,
             next_sync: now.mono + crate::store::SYNC_INTERVAL,
             next_token: 0,
@@ -593,6 +613,9 @@ impl<S: StoreAccess> Core<S> {
         for ping in self.pending_pings.values() {
             wake = wake.min(ping.deadline);
         }
+        if let Some(at) = self.detector_wakeup() {
+            wake = wake.min(at);
+        }
         if let Some(at) = self.rtt_announce_due {
             wake = wake.min(at);
         }
@@ -601,6 +624,7 @@ impl<S: StoreAccess> Core<S> {
 
     fn on_tick(&mut self, now: Now) {
         self.poll_sessions(now);
+        self.detect_failures(now);
         self.expire_pings(now);
         if now.mono >= self.next_housekeeping {
             self.next_housekeeping = now.mono + HOUSEKEEPING;
@@ -619,6 +643,7 @@ impl<S: StoreAccess> Core<S> {
     /// the outbox owes, answer finished waits.
     fn after(&mut self, now: Now) {
         self.dial_due(now);
+        self.send_heartbeats(now);
         self.mark_suspects(now);
         self.after_change(now);
         self.flush_outbox(now);

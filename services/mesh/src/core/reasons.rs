@@ -187,6 +187,9 @@ impl<S: StoreAccess> Core<S> {
             if !live.suspect {
                 return None;
             }
+            if let Some(why) = self.probe_reason(key) {
+                return Some((PeerReason::Probed, why));
+            }
             let interval = humantime::format_duration(self.config.keepalive_interval);
             return Some((
                 PeerReason::KeepaliveOverdue,

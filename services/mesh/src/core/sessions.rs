@@ -114,6 +114,10 @@ impl<S: StoreAccess> Core<S> {
                 liveness,
                 full: false,
                 suspect: false,
+                heartbeat_watch: None,
+                probe: None,
+                probe_answered: None,
+                root_differed: false,
             },
         );
         self.session_peers.insert(session, peer);
@@ -210,9 +214,13 @@ impl<S: StoreAccess> Core<S> {
                     if let Some(rtt) = live.liveness.rtt() {
                         self.table.set_rtt(&peer, rtt);
                     }
-                } else {
+                } else if !self.on_probe_pong(&peer, nonce, now) {
                     self.complete_ping(nonce, now);
                 }
+            }
+            Message::Heartbeat { next_ms, root } => self.on_heartbeat(&peer, next_ms, root, now),
+            Message::Suspect { peer: suspect } => {
+                self.on_suspect(&peer, PublicKey::from_bytes(suspect), now);
             }
             Message::Hello(hello) => self.on_hello(&peer, hello),
             Message::Neighbors(neighbors) => {
@@ -225,7 +233,21 @@ impl<S: StoreAccess> Core<S> {
                         )
                     })
                     .collect();
+                let direct: Vec<PublicKey> = self
+                    .table
+                    .direct_neighbors()
+                    .into_iter()
+                    .map(|(key, _)| key)
+                    .collect();
+                let had_all = self.table.reports_all(&peer, &direct);
                 self.table.set_report(&peer, list);
+                // A peer that just lost a session may relay now: it gets this device's
+                // round-trip times, which are announced only to such peers. (Only on that
+                // change, or two peers that each miss a member would answer each other forever.)
+                if had_all && !self.table.reports_all(&peer, &direct) {
+                    let message = self.neighbors_message();
+                    self.send_to(&peer, message);
+                }
             }
             Message::Data(data) => self.on_data(data, now),
             Message::Routed(routed) => self.on_routed(&peer, routed, now),
@@ -267,11 +289,11 @@ impl<S: StoreAccess> Core<S> {
         }
     }
 
-    /// Marks the sessions whose keepalive is overdue as suspect, and those heard from again as
-    /// not.
+    /// Marks the sessions whose keepalive is overdue or that are being probed as suspect, and
+    /// the others as not.
     pub(super) fn mark_suspects(&mut self, now: Now) {
         for live in self.sessions.values_mut() {
-            let overdue = now.mono >= live.liveness.suspect_at();
+            let overdue = now.mono >= live.liveness.suspect_at() || live.probe.is_some();
             if overdue != live.suspect {
                 live.suspect = overdue;
                 self.suspect_generation += 1;
@@ -538,23 +560,32 @@ impl<S: StoreAccess> Core<S> {
             self.outbox_dirty = true;
         }
         let neighbors = self.table.direct_neighbors();
-        let announce = match announcement_differs(&self.announced, &neighbors) {
+        let (announce, set_changed) = match announcement_differs(&self.announced, &neighbors) {
             Announce::Same => {
                 self.rtt_announce_due = None;
-                false
+                (false, false)
             }
-            Announce::SetChanged => true,
+            Announce::SetChanged => (true, true),
             Announce::RttMoved => {
                 let at = self
                     .announced_at
                     .map_or(now.mono, |at| at + self.config.keepalive_interval);
                 self.rtt_announce_due = (now.mono < at).then_some(at);
-                now.mono >= at
+                (now.mono >= at, false)
             }
         };
         if announce {
             let message = self.neighbors_message();
-            let sessions: Vec<SessionId> = self.sessions.values().map(|l| l.id).collect();
+            let direct: Vec<PublicKey> = neighbors.iter().map(|(key, _)| *key).collect();
+            // Round-trip times alone matter only to peers that choose relays, those without a
+            // session with every member this device has one with; in a full mesh that is
+            // nobody, so an idle mesh does not announce (a cost that would grow with N²).
+            let sessions: Vec<SessionId> = self
+                .sessions
+                .iter()
+                .filter(|(peer, _)| set_changed || !self.table.reports_all(peer, &direct))
+                .map(|(_, l)| l.id)
+                .collect();
             for session in sessions {
                 self.send(session, message.clone());
             }
@@ -616,8 +647,11 @@ impl<S: StoreAccess> Core<S> {
         let name = &member.name;
         let (status, via, address) = match reach {
             Reach::Direct { .. } if shown == PeerStatus::Suspect => {
-                let interval = humantime::format_duration(self.config.keepalive_interval);
-                tracing::info!(peer = %name, status = "suspect", "{name} is suspect: its keepalive (every {interval}) is overdue");
+                let why = self.probe_reason(&member.public_key).unwrap_or_else(|| {
+                    let interval = humantime::format_duration(self.config.keepalive_interval);
+                    format!("its keepalive (every {interval}) is overdue")
+                });
+                tracing::info!(peer = %name, status = "suspect", "{name} is suspect: {why}");
                 (PeerStatus::Suspect, None, None)
             }
             Reach::Direct { addr, .. } => {

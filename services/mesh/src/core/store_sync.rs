@@ -1,5 +1,5 @@
 //! The store, as the core moves it: local writes pushed to every member, what peers send merged,
-//! anti-entropy with each member that has a session with this device, and the `store-change`
+//! anti-entropy (root digests on heartbeats and in a periodic round, then the digest tree), and the `store-change`
 //! event. `docs/store.md` describes the protocol.
 
 use cnsprcy::api::WatchEvent;
@@ -36,7 +36,7 @@ impl<S: StoreAccess> Core<S> {
             // so that every device holds the winner at once.
             let keys: Vec<PublicKey> = self.sessions.keys().copied().collect();
             for key in keys {
-                self.store_start_sync(&key);
+                self.store_compare(&key);
             }
         }
     }
@@ -52,33 +52,43 @@ impl<S: StoreAccess> Core<S> {
         sent
     }
 
-    /// A session came up: the side with the smaller key starts anti-entropy (one walk repairs
-    /// both sides, so one is enough).
+    /// A session came up: the side with the smaller key offers its root digest (one walk
+    /// repairs both sides, so one is enough).
     pub(super) fn store_session_up(&mut self, key: &PublicKey) {
         if self.own.as_bytes() < key.as_bytes() {
-            self.store_start_sync(key);
+            self.store_offer_root(key);
         }
     }
 
-    fn store_start_sync(&mut self, key: &PublicKey) {
+    /// Starts anti-entropy cheaply: the root digest, 8 bytes, answered with a `Top` only if the
+    /// stores differ.
+    fn store_offer_root(&mut self, key: &PublicKey) {
         self.store.count(StoreCounter::SyncRounds, 1);
+        let root = self.store.root();
+        self.store_send(key, StoreBody::Root(root), StoreCounter::SyncBytesSent);
+    }
+
+    /// Starts anti-entropy with `key`, whose store is known to differ.
+    pub(super) fn store_compare(&mut self, key: &PublicKey) {
+        self.store.count(StoreCounter::SyncRounds, 1);
+        self.store_send_top(key);
+    }
+
+    fn store_send_top(&mut self, key: &PublicKey) {
         let top = self.store.top();
         self.store_send(key, StoreBody::Top(top), StoreCounter::SyncBytesSent);
     }
 
-    /// The periodic round: anti-entropy with every member this device has a session with (and a
-    /// smaller key than).
+    /// The periodic round, a backstop for what heartbeats (which carry the root digest to the
+    /// successor) miss: the root digest to one peer at random, so that its cost does not grow
+    /// with the mesh.
     pub(super) fn store_anti_entropy(&mut self) {
-        let own = self.own;
-        let keys: Vec<PublicKey> = self
-            .sessions
-            .keys()
-            .filter(|k| own.as_bytes() < k.as_bytes())
-            .copied()
-            .collect();
-        for key in keys {
-            self.store_start_sync(&key);
+        let keys: Vec<PublicKey> = self.sessions.keys().copied().collect();
+        if keys.is_empty() {
+            return;
         }
+        let pick = rand::Rng::random_range(&mut self.rng, 0..keys.len());
+        self.store_offer_root(&keys[pick]);
     }
 
     pub(super) fn on_store(&mut self, from: &PublicKey, body: StoreBody, now: Now) {
@@ -92,6 +102,11 @@ impl<S: StoreAccess> Core<S> {
                 if !changes.is_empty() {
                     tracing::debug!(peer = %name, "{} store key(s) changed", changes.len());
                     self.store_changed(&changes, false);
+                }
+            }
+            StoreBody::Root(theirs) => {
+                if theirs != self.store.root() {
+                    self.store_send_top(from);
                 }
             }
             StoreBody::Top(theirs) => {

@@ -18,6 +18,12 @@ pub fn leaf_of(key: &str) -> u16 {
     u16::from_be_bytes([hash[0], hash[1]])
 }
 
+/// The root digest of a tree with these bucket digests: their XOR, which is the XOR of every
+/// entry's hash.
+pub fn root(top: &[u64]) -> u64 {
+    top.iter().fold(0, |root, bucket| root ^ bucket)
+}
+
 /// A version's contribution to its leaf's digest.
 fn entry_hash(key: &str, version: &Version) -> u64 {
     let mut hasher = Blake2s256::new();

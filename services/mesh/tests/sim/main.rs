@@ -344,9 +344,8 @@ fn members_added_after_discovery_saw_them_are_dialled() {
     }
 }
 
-/// A peer gone silent is `suspect` once its keepalive is overdue (interval + timeout / 2 without
-/// a frame), before it is declared `unreachable` (interval + timeout); `direct` again once
-/// frames come back in time.
+/// A peer gone silent is `suspect` once its heartbeat is overdue (it is probed then), and
+/// `unreachable` once the probe went unanswered; a peer that answers stays `direct`.
 #[test]
 fn a_silent_peer_is_suspect_before_it_is_unreachable() {
     use cnsprcy::api::PeerStatus;
@@ -363,20 +362,20 @@ fn a_silent_peer_is_suspect_before_it_is_unreachable() {
             .reported_status(&key1)
     };
     assert_eq!(shown(&world), Some(PeerStatus::Direct));
-    // Keepalives every 20 s, time-out 10 s: the last frame came within the last 20 s or so.
     world.set_link(0, 1, false);
-    world.run_for(SECOND * 4);
-    assert_eq!(shown(&world), Some(PeerStatus::Direct));
+    let step = Duration::from_millis(100);
     let mut suspect_at = None;
-    for second in 4..40 {
-        world.run_for(SECOND);
+    for tenth in 1..100u32 {
+        world.run_for(step);
         match shown(&world) {
-            Some(PeerStatus::Suspect) if suspect_at.is_none() => suspect_at = Some(second),
+            Some(PeerStatus::Suspect) if suspect_at.is_none() => suspect_at = Some(tenth),
             Some(PeerStatus::Unreachable) => {
                 let suspect_at = suspect_at.expect("suspect before unreachable");
+                // Heartbeats every 2 s, 0.5 s grace, a probe waits 1 s.
+                assert!(suspect_at <= 27, "suspect after {suspect_at} tenths");
                 assert!(
-                    second - suspect_at >= 4,
-                    "suspect {suspect_at} s, unreachable {second} s"
+                    tenth - suspect_at >= 9,
+                    "suspect {suspect_at}, unreachable {tenth} (tenths of a second)"
                 );
                 return;
             }
@@ -384,6 +383,157 @@ fn a_silent_peer_is_suspect_before_it_is_unreachable() {
         }
     }
     panic!("never unreachable: {:?}", shown(&world));
+}
+
+/// Where every other device has `device`, in tenths of a second after `from`: the first tenth
+/// each showed it `unreachable`.
+fn watch_until_unreachable(
+    world: &mut World,
+    device: DeviceIndex,
+    tenths: u32,
+) -> Vec<Option<u32>> {
+    use cnsprcy::api::PeerStatus;
+    let key = world.devices[device].key;
+    let n = world.devices.len();
+    let mut seen = vec![None; n];
+    for tenth in 1..=tenths {
+        world.run_for(Duration::from_millis(100));
+        for (d, seen) in seen.iter_mut().enumerate() {
+            if d == device || seen.is_some() {
+                continue;
+            }
+            let status = world.devices[d]
+                .core
+                .as_ref()
+                .unwrap()
+                .reported_status(&key);
+            if status == Some(PeerStatus::Unreachable) {
+                *seen = Some(tenth);
+            }
+        }
+    }
+    seen
+}
+
+/// A device whose every link is cut silently is `unreachable` on every other device within
+/// heartbeat interval + grace + probe time-out (3.5 s; 4 s with the links' latency), and it
+/// finds out itself about as fast; everything comes back once the links heal.
+#[test]
+fn a_silently_cut_device_is_unreachable_everywhere_within_seconds() {
+    for seed in [41, 42, 43] {
+        let n = 10;
+        let mut world = World::new(seed, n, |_, _| true);
+        for d in 0..n {
+            world.start(d);
+        }
+        world.run_for(SECOND * 10);
+        checks::statuses(&world).unwrap();
+        // At a random moment of the heartbeat cycle.
+        world.run_for(Duration::from_millis(seed * 370 % 2000));
+        let cut = 7;
+        for other in 0..n {
+            if other != cut {
+                world.set_link(cut, other, false);
+            }
+        }
+        let seen = watch_until_unreachable(&mut world, cut, 60);
+        for (d, at) in seen.iter().enumerate() {
+            if d == cut {
+                continue;
+            }
+            let at = at.unwrap_or_else(|| panic!("seed {seed}: d{d} never saw d{cut} go"));
+            assert!(
+                at <= 40,
+                "seed {seed}: d{d} saw d{cut} go after {at} tenths"
+            );
+        }
+        let own = world.devices[cut].core.as_ref().unwrap();
+        let lost = (0..n)
+            .filter(|d| *d != cut)
+            .filter(|d| own.reach(&world.devices[*d].key) == Reach::Unreachable)
+            .count();
+        assert_eq!(
+            lost,
+            n - 1,
+            "seed {seed}: the cut device sees the others gone"
+        );
+        world.heal_all();
+        world.run_for(SECOND * 70);
+        checks::sessions(&world).unwrap();
+        checks::statuses(&world).unwrap();
+    }
+}
+
+/// A link that dies between a device and its watcher alone ends their session on both sides
+/// within seconds, not their standing: they reach each other through the rest, and nobody drops
+/// either.
+#[test]
+fn one_dead_link_costs_one_session() {
+    use cnsprcy::api::PeerStatus;
+    let n = 8;
+    let mut world = World::new(47, n, |_, _| true);
+    for d in 0..n {
+        world.start(d);
+    }
+    world.run_for(SECOND * 10);
+    // The link from d2 to the device that watches it (the next larger key, wrapping around).
+    let key2 = *world.devices[2].key.as_bytes();
+    let keys: Vec<[u8; 32]> = (0..n).map(|d| *world.devices[d].key.as_bytes()).collect();
+    let watcher = (0..n)
+        .filter(|d| keys[*d] > key2)
+        .min_by_key(|d| keys[*d])
+        .or_else(|| (0..n).min_by_key(|d| keys[*d]))
+        .unwrap();
+    world.set_link(2, watcher, false);
+    for _ in 0..50 {
+        world.run_for(Duration::from_millis(100));
+        for d in 0..n {
+            let core = world.devices[d].core.as_ref().unwrap();
+            for other in 0..n {
+                if other == d {
+                    continue;
+                }
+                let status = core.reported_status(&world.devices[other].key);
+                assert_ne!(status, Some(PeerStatus::Unreachable), "d{d} lost d{other}");
+            }
+        }
+    }
+    for (d, other) in [(watcher, 2), (2, watcher)] {
+        let core = world.devices[d].core.as_ref().unwrap();
+        let reach = core.reach(&world.devices[other].key);
+        assert!(
+            matches!(reach, Reach::Relayed { .. }),
+            "d{d} reaches d{other} through another: {reach:?}"
+        );
+    }
+}
+
+/// A slow, lossy link (200 ms each way, 10 % of segments resent) for ten minutes: nobody is
+/// ever taken for unreachable.
+#[test]
+fn a_lossy_slow_link_is_not_a_dead_one() {
+    use cnsprcy::api::PeerStatus;
+    let n = 6;
+    let mut world = World::new(53, n, |_, _| true);
+    for d in 0..n {
+        world.start(d);
+    }
+    world.run_for(SECOND * 10);
+    world.set_latency(1, 4, Duration::from_millis(200));
+    world.set_loss(1, 4, 0.1);
+    for _ in 0..600 {
+        world.run_for(SECOND);
+        for d in 0..n {
+            let core = world.devices[d].core.as_ref().unwrap();
+            for other in 0..n {
+                if other == d {
+                    continue;
+                }
+                let status = core.reported_status(&world.devices[other].key);
+                assert_ne!(status, Some(PeerStatus::Unreachable), "d{d} lost d{other}");
+            }
+        }
+    }
 }
 
 /// A target that is down when the message is sent gets it once after it returns, also when the

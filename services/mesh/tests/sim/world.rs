@@ -342,6 +342,10 @@ impl World {
         }
     }
 
+    pub fn set_latency(&mut self, a: DeviceIndex, b: DeviceIndex, latency: Duration) {
+        self.link_mut(a, b).latency = latency;
+    }
+
     pub fn set_loss(&mut self, a: DeviceIndex, b: DeviceIndex, loss: f64) {
         self.link_mut(a, b).loss = loss;
     }
