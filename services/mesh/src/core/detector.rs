@@ -17,7 +17,9 @@
 //!   watcher), and the suspect probes the watcher: when the link between the two alone died,
 //!   both sides so end their session, not only the watcher.
 //! - A watcher whose own probe went unanswered probes every other peer as well: if it is the
-//!   one cut off, it learns so now rather than a keepalive later.
+//!   one cut off, it learns so now rather than a keepalive later; and a peer that fails this
+//!   sweep is suspected to all (it may have been the one that watched the first, failing with
+//!   it, so nobody else would notice).
 //!
 //! Grace and probe time-out grow with the session's round-trip time, so that a slow or lossy
 //! link (TCP resends a lost segment after about one round trip plus 200 ms) is not taken for a
@@ -249,20 +251,7 @@ impl<S: StoreAccess> Core<S> {
             }
         }
         for peer in overdue {
-            let others: Vec<PublicKey> = self
-                .sessions
-                .keys()
-                .filter(|k| **k != peer)
-                .copied()
-                .collect();
-            for other in others {
-                self.send_to(
-                    &other,
-                    Message::Suspect {
-                        peer: *peer.as_bytes(),
-                    },
-                );
-            }
+            self.tell_all_to_probe(&peer);
             self.start_probe(&peer, ProbeCause::Heartbeat, now);
         }
         for (peer, probe) in failed {
@@ -270,6 +259,11 @@ impl<S: StoreAccess> Core<S> {
             let why = self.probe_cause_text(probe.cause);
             let reason = format!("it did not answer a probe within {waited} ({why})");
             self.close_session(&peer, &reason, now);
+            if probe.cause == ProbeCause::Sweep {
+                // Another device gone with the first (two neighbours on the ring failing at
+                // once): the one that watched it is gone too, so nobody else would notice.
+                self.tell_all_to_probe(&peer);
+            }
             if probe.cause == ProbeCause::Heartbeat {
                 let rest: Vec<PublicKey> = self
                     .sessions
@@ -281,6 +275,24 @@ impl<S: StoreAccess> Core<S> {
                     self.start_probe(&other, ProbeCause::Sweep, now);
                 }
             }
+        }
+    }
+
+    /// Sends `Suspect { peer }` to every other peer with a session.
+    fn tell_all_to_probe(&mut self, peer: &PublicKey) {
+        let others: Vec<PublicKey> = self
+            .sessions
+            .keys()
+            .filter(|k| *k != peer)
+            .copied()
+            .collect();
+        for other in others {
+            self.send_to(
+                &other,
+                Message::Suspect {
+                    peer: *peer.as_bytes(),
+                },
+            );
         }
     }
 

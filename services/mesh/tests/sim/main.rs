@@ -464,6 +464,42 @@ fn a_silently_cut_device_is_unreachable_everywhere_within_seconds() {
     }
 }
 
+/// A device and its watcher cut off together (neighbours on the ring): the watcher's watcher
+/// notices it, its sweep finds the other, and both are unreachable everywhere within seconds.
+#[test]
+fn a_device_cut_off_with_its_watcher_is_noticed_too() {
+    let n = 8;
+    let mut world = World::new(59, n, |_, _| true);
+    for d in 0..n {
+        world.start(d);
+    }
+    world.run_for(SECOND * 10);
+    let keys: Vec<[u8; 32]> = (0..n).map(|d| *world.devices[d].key.as_bytes()).collect();
+    let watcher_of = |d: usize| {
+        (0..n)
+            .filter(|o| keys[*o] > keys[d])
+            .min_by_key(|o| keys[*o])
+            .or_else(|| (0..n).min_by_key(|o| keys[*o]))
+            .unwrap()
+    };
+    let (first, second) = (3, watcher_of(3));
+    for gone in [first, second] {
+        for other in 0..n {
+            if other != gone {
+                world.set_link(gone, other, false);
+            }
+        }
+    }
+    world.run_for(SECOND * 8);
+    for d in (0..n).filter(|d| *d != first && *d != second) {
+        let core = world.devices[d].core.as_ref().unwrap();
+        for gone in [first, second] {
+            let reach = core.reach(&world.devices[gone].key);
+            assert_eq!(reach, Reach::Unreachable, "d{d} still reaches d{gone}");
+        }
+    }
+}
+
 /// A link that dies between a device and its watcher alone ends their session on both sides
 /// within seconds, not their standing: they reach each other through the rest, and nobody drops
 /// either.
