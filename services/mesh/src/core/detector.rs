@@ -236,9 +236,19 @@ impl<S: StoreAccess> Core<S> {
     pub(super) fn detect_failures(&mut self, now: Now) {
         let mut overdue = Vec::new();
         let mut failed = Vec::new();
+        let mut answered = false;
         for (peer, live) in &mut self.sessions {
             if let Some(probe) = live.probe {
-                if now.mono >= probe.deadline {
+                if now.mono < probe.deadline {
+                    continue;
+                }
+                if live.liveness.last_received() > probe.sent {
+                    // Frames came after the probe went (chunks of a long message, say, which
+                    // the pong queues behind): it is alive.
+                    live.probe = None;
+                    live.probe_answered = Some(now.mono);
+                    answered = true;
+                } else {
                     failed.push((*peer, probe));
                 }
             } else if let Some(watch) = live.heartbeat_watch
@@ -249,6 +259,9 @@ impl<S: StoreAccess> Core<S> {
                 live.heartbeat_watch = None;
                 overdue.push(*peer);
             }
+        }
+        if answered {
+            self.suspect_generation += 1;
         }
         for peer in overdue {
             self.tell_all_to_probe(&peer);
