@@ -186,8 +186,9 @@ fn heartbeats_notice_a_silent_cut_within_seconds_and_ride_out_loss() {
             assert!(!lost, "{} lost a peer on a lossy link: {line}", device.name);
         }
     }
+    // b may be suspect for a moment (a heartbeat late on its lossy link), never gone.
     for (i, peer) in [(0, "b"), (0, "c"), (1, "c")] {
-        assert_eq!(devices[i].peers()[peer]["status"], "direct");
+        devices[i].wait_status(peer, "direct", Duration::from_secs(5));
     }
 
     lan.restore(3);

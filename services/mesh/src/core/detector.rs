@@ -51,6 +51,13 @@ pub(crate) struct Probe {
     cause: ProbeCause,
 }
 
+impl Probe {
+    /// Whether the probe means the peer is suspected (a sweep only checks this device's links).
+    pub(crate) fn suspects(&self) -> bool {
+        self.cause != ProbeCause::Sweep
+    }
+}
+
 /// Why a peer is probed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ProbeCause {
@@ -186,7 +193,9 @@ impl<S: StoreAccess> Core<S> {
         let session = live.id;
         tracing::debug!(peer = %name, "probing {name}: {why}");
         self.send(session, Message::Ping { nonce, rtt_us });
-        self.suspect_generation += 1;
+        if cause != ProbeCause::Sweep {
+            self.suspect_generation += 1;
+        }
     }
 
     fn probe_cause_text(&self, cause: ProbeCause) -> String {
@@ -325,7 +334,7 @@ impl<S: StoreAccess> Core<S> {
 
     /// Why `peer`'s session is suspect through a probe, if it is.
     pub(super) fn probe_reason(&self, peer: &PublicKey) -> Option<String> {
-        let probe = self.sessions.get(peer)?.probe?;
+        let probe = self.sessions.get(peer)?.probe.filter(Probe::suspects)?;
         Some(format!(
             "{}; it is being probed, and its session ends unless it answers",
             self.probe_cause_text(probe.cause)

@@ -293,7 +293,8 @@ impl<S: StoreAccess> Core<S> {
     /// the others as not.
     pub(super) fn mark_suspects(&mut self, now: Now) {
         for live in self.sessions.values_mut() {
-            let overdue = now.mono >= live.liveness.suspect_at() || live.probe.is_some();
+            let overdue =
+                now.mono >= live.liveness.suspect_at() || live.probe.is_some_and(|p| p.suspects());
             if overdue != live.suspect {
                 live.suspect = overdue;
                 self.suspect_generation += 1;
