@@ -238,6 +238,11 @@ impl Outbox {
         ids.iter().filter_map(|id| self.acked(id, key)).collect()
     }
 
+    /// When the first message held expires (wall-clock milliseconds).
+    pub fn earliest_expiry(&self) -> Option<u64> {
+        self.entries.values().map(|e| expires_ms(&e.data)).min()
+    }
+
     /// Drops expired messages; returns each with the targets that never got it.
     pub fn expire(&mut self, now_ms: u64) -> Vec<OutboxEntry> {
         let expired: Vec<MessageId> = self

@@ -69,9 +69,11 @@ impl<S: StoreAccess> Core<S> {
             payload: send.payload.into(),
         };
         let (id, tag, size) = (data.id, data.tag.clone(), data.payload.len());
+        let expires = crate::messaging::expires_ms(&data);
         let entry = match self.outbox.add(data, targets.clone()) {
             Ok(entry) => {
                 self.outbox_dirty = true;
+                self.next_expiry = Some(self.next_expiry.map_or(expires, |at| at.min(expires)));
                 entry
             }
             Err(e) => {
@@ -693,7 +695,9 @@ impl<S: StoreAccess> Core<S> {
     }
 
     pub(super) fn expire_messages(&mut self, now: Now) {
-        for entry in self.outbox.expire(now.wall_ms) {
+        let expired = self.outbox.expire(now.wall_ms);
+        self.next_expiry = self.outbox.earliest_expiry();
+        for entry in expired {
             self.persist(PersistOp::OutboxRemove(entry.data.id), false);
             let missed: Vec<DeviceName> = (entry.pending.iter())
                 .map(|k| self.device_label(&PublicKey::from_bytes(*k)).0)

@@ -444,6 +444,11 @@ pub struct Core<S: StoreAccess> {
     heartbeat_to: Option<PublicKey>,
     next_heartbeat: Instant,
     next_housekeeping: Instant,
+    /// When the outbox's first message expires (wall-clock ms; early rather than late: a
+    /// message acknowledged meanwhile leaves it unchanged until the next expiry pass).
+    next_expiry: Option<u64>,
+    /// The time of the last input, to turn a wall-clock expiry into a monotonic wake-up.
+    clock: Now,
     next_sync: Instant,
     next_token: Token,
     next_run: RunId,
@@ -503,12 +508,15 @@ impl<S: StoreAccess> Core<S> {
             heartbeat_to: None,
             next_heartbeat: now.mono,
             next_housekeeping: now.mono + HOUSEKEEPING,
+            next_expiry: None,
+            clock: now,
             next_sync: now.mono + crate::store::SYNC_INTERVAL,
             next_token: 0,
             next_run: 0,
             store,
             outputs: Vec::new(),
         };
+        core.next_expiry = core.outbox.earliest_expiry();
         core.outputs.push(Output::Incarnation(incarnation));
         core.outputs.push(Output::Members(core.member_keys()));
         core.raise_event("daemon-start", Vec::new());
@@ -524,6 +532,7 @@ impl<S: StoreAccess> Core<S> {
 
     /// Takes one input at `now`; returns what to do.
     pub fn handle(&mut self, input: Input, now: Now) -> Vec<Output> {
+        self.clock = now;
         match input {
             Input::SessionUp {
                 session,
@@ -616,6 +625,11 @@ impl<S: StoreAccess> Core<S> {
         if let Some(at) = self.detector_wakeup() {
             wake = wake.min(at);
         }
+        if let Some(expiry) = self.next_expiry {
+            // Expiry is wall-clock time; a clock step moves it, which the next pass corrects.
+            let wait = Duration::from_millis(expiry.saturating_sub(self.clock.wall_ms));
+            wake = wake.min(self.clock.mono + wait);
+        }
         if let Some(at) = self.rtt_announce_due {
             wake = wake.min(at);
         }
@@ -626,6 +640,11 @@ impl<S: StoreAccess> Core<S> {
         self.poll_sessions(now);
         self.detect_failures(now);
         self.expire_pings(now);
+        let expiry_due = self.next_expiry.is_some_and(|at| now.wall_ms >= at);
+        if expiry_due && now.mono < self.next_housekeeping {
+            // `expired` is told when it happens, not at the next housekeeping round.
+            self.expire_messages(now);
+        }
         if now.mono >= self.next_housekeeping {
             self.next_housekeeping = now.mono + HOUSEKEEPING;
             self.expire_messages(now);

@@ -596,8 +596,8 @@ fn messages_wait_for_a_device_that_is_down_and_arrive_once() {
     assert_eq!(world.runs.iter().filter(|r| r.device == 3).count(), 2);
 }
 
-/// A message whose TTL runs out while its target is down never runs there, and leaves the
-/// outbox.
+/// A message whose TTL runs out while its target is down never runs there, leaves the outbox,
+/// and its `expired` event comes when the TTL ends.
 #[test]
 fn a_message_expires_with_its_ttl() {
     let mut world = World::new(13, 3, |_, _| true);
@@ -607,8 +607,19 @@ fn a_message_expires_with_its_ttl() {
     world.run_for(SECOND * 5);
     world.crash(2);
     world.run_for(SECOND);
+    let sent = world.now;
     world.send(0, &[1, 2], SECOND * 5);
     world.run_for(SECOND * 20);
+    // Told when it happens, not at the next housekeeping round (up to 5 s later).
+    let [(device, at)] = world.expired[..] else {
+        panic!("one expired event: {:?}", world.expired)
+    };
+    assert_eq!(device, 0);
+    let late = at - sent;
+    assert!(
+        late >= SECOND * 5 && late <= SECOND * 5 + Duration::from_millis(100),
+        "expired after {late:?}"
+    );
     world.start(2);
     world.run_for(SECOND * 40);
     assert_eq!(world.runs.iter().filter(|r| r.device == 1).count(), 1);

@@ -187,6 +187,8 @@ pub struct World {
     pub peak_queues: BTreeMap<&'static str, usize>,
     pub events_handled: u64,
     pub trace: bool,
+    /// `expired` events: the device that told it, and when.
+    pub expired: Vec<(DeviceIndex, Duration)>,
 }
 
 impl World {
@@ -238,6 +240,7 @@ impl World {
             next_request: 0,
             peak_queues: BTreeMap::new(),
             events_handled: 0,
+            expired: Vec::new(),
             trace: std::env::var_os("CNSPRCY_SIM_TRACE").is_some(),
         };
         for i in 0..n {
@@ -554,6 +557,9 @@ impl World {
                         send: String::from_utf8_lossy(&handler.payload).parse().ok(),
                     });
                     self.schedule(HANDLER_TIME, Event::HandlerDone { device, life, run });
+                }
+                Output::Watch(cnsprcy::api::WatchEvent::Expired { .. }) => {
+                    self.expired.push((device, self.now));
                 }
                 Output::RaiseEvent(_) | Output::Watch(_) | Output::Members(_) => {}
                 Output::Persist { op, token } => {
