@@ -181,7 +181,8 @@ impl Container {
     }
 
     /// Waits until systemd finished booting: `running`, or a clear failure. Until its bus is up,
-    /// `systemctl` prints nothing and is asked again.
+    /// `systemctl` prints nothing, or `offline` when it finds no manager to ask yet (entered
+    /// before systemd made its socket), and is asked again.
     fn wait_booted(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
@@ -189,7 +190,7 @@ impl Container {
             let state = String::from_utf8_lossy(&out.stdout).trim().to_owned();
             match state.as_str() {
                 "running" => return,
-                "degraded" | "maintenance" | "stopping" | "offline" => {
+                "degraded" | "maintenance" | "stopping" => {
                     let failed = self.root(&["systemctl", "--failed", "--no-pager"]);
                     panic!(
                         "{} booted to state {state:?}, not running:\n{}",

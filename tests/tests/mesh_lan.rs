@@ -12,14 +12,20 @@ const PORT: u16 = 7332;
 const RECOVERY: Duration = Duration::from_secs(45);
 const SOON: Duration = Duration::from_secs(20);
 
-/// One device per node of `lan`, every one a member of every other with its address.
+/// One device per node of `lan`, every one a member of every other with its address, with the
+/// harness's short keepalive.
 fn full_mesh(lan: &Lan, names: &[&str]) -> Vec<Device> {
+    full_mesh_with(lan, names, |device, listen| device.configure(listen))
+}
+
+/// As `full_mesh`, each device's configuration written by `configure(device, listen)`.
+fn full_mesh_with(lan: &Lan, names: &[&str], configure: impl Fn(&Device, &str)) -> Vec<Device> {
     let mut devices: Vec<Device> = names
         .iter()
         .enumerate()
         .map(|(i, name)| {
             let mut device = Device::new(name);
-            device.configure(&format!("{}:{PORT}", lan.addr(i)));
+            configure(&device, &format!("{}:{PORT}", lan.addr(i)));
             device.start_in(lan.node(i));
             device
         })
@@ -120,38 +126,16 @@ fn packet_loss_does_not_break_sessions() {
 #[test]
 fn heartbeats_notice_a_silent_cut_within_seconds_and_ride_out_loss() {
     let lan = Lan::new(4);
-    let names = ["a", "b", "c", "d"];
-    let mut devices: Vec<Device> = names
-        .iter()
-        .enumerate()
-        .map(|(i, name)| {
-            let mut device = Device::new(name);
-            device.write_config(&format!(
-                "name = \"{name}\"\n[mesh]\nlisten = [\"{}:{PORT}\"]\n",
-                lan.addr(i)
-            ));
-            device.start_in(lan.node(i));
-            device
-        })
-        .collect();
-    for i in 0..devices.len() {
-        for j in 0..devices.len() {
-            if i != j {
-                devices[i].add_member(&devices[j], Some(&format!("{}:{PORT}", lan.addr(j))));
-            }
-        }
-    }
-    for i in 0..devices.len() {
-        for name in names.iter().filter(|n| **n != names[i]) {
-            devices[i].wait_status(name, "direct", SOON);
-        }
-        let node = lan.node(i);
-        devices[i].spawn_in(
-            node,
-            "watch",
-            &cnsprcy_tests::bin("cnspr"),
-            &["watch", "--json"],
-        );
+    // The product's timers: only the name and the listen address are set.
+    let mut devices = full_mesh_with(&lan, &["a", "b", "c", "d"], |device, listen| {
+        device.write_config(&format!(
+            "name = \"{}\"\n[mesh]\nlisten = [\"{listen}\"]\n",
+            device.name
+        ));
+    });
+    for (i, device) in devices.iter_mut().enumerate() {
+        let cnspr = cnsprcy_tests::bin("cnspr");
+        device.spawn_in(lan.node(i), "watch", &cnspr, &["watch", "--json"]);
     }
 
     // 20 s in the suite; `CNSPRCY_LOSSY_SECS=600` for the ten minutes of docs/performance.md.

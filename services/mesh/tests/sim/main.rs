@@ -385,6 +385,49 @@ fn a_silent_peer_is_suspect_before_it_is_unreachable() {
     panic!("never unreachable: {:?}", shown(&world));
 }
 
+/// `n` devices, all started and given 10 s to form the mesh.
+fn formed(seed: u64, n: usize) -> World {
+    let mut world = World::new(seed, n, |_, _| true);
+    for d in 0..n {
+        world.start(d);
+    }
+    world.run_for(SECOND * 10);
+    world
+}
+
+/// Cuts every link of `device` silently.
+fn cut_off(world: &mut World, device: DeviceIndex) {
+    for other in 0..world.devices.len() {
+        if other != device {
+            world.set_link(device, other, false);
+        }
+    }
+}
+
+/// The device that watches `device`'s heartbeats: the next larger key, wrapping around.
+fn watcher_of(world: &World, device: DeviceIndex) -> DeviceIndex {
+    let key = |d: DeviceIndex| *world.devices[d].key.as_bytes();
+    let all = 0..world.devices.len();
+    all.clone()
+        .filter(|d| key(*d) > key(device))
+        .min_by_key(|d| key(*d))
+        .or_else(|| all.min_by_key(|d| key(*d)))
+        .expect("a mesh of at least one device")
+}
+
+/// Panics if any device shows any other `unreachable`.
+fn assert_nobody_unreachable(world: &World) {
+    use cnsprcy::api::PeerStatus;
+    let n = world.devices.len();
+    for d in 0..n {
+        let core = world.devices[d].core.as_ref().unwrap();
+        for other in (0..n).filter(|o| *o != d) {
+            let status = core.reported_status(&world.devices[other].key);
+            assert_ne!(status, Some(PeerStatus::Unreachable), "d{d} lost d{other}");
+        }
+    }
+}
+
 /// Where every other device has `device`, in tenths of a second after `from`: the first tenth
 /// each showed it `unreachable`.
 fn watch_until_unreachable(
@@ -422,20 +465,12 @@ fn watch_until_unreachable(
 fn a_silently_cut_device_is_unreachable_everywhere_within_seconds() {
     for seed in [41, 42, 43] {
         let n = 10;
-        let mut world = World::new(seed, n, |_, _| true);
-        for d in 0..n {
-            world.start(d);
-        }
-        world.run_for(SECOND * 10);
+        let mut world = formed(seed, n);
         checks::statuses(&world).unwrap();
         // At a random moment of the heartbeat cycle.
         world.run_for(Duration::from_millis(seed * 370 % 2000));
         let cut = 7;
-        for other in 0..n {
-            if other != cut {
-                world.set_link(cut, other, false);
-            }
-        }
+        cut_off(&mut world, cut);
         let seen = watch_until_unreachable(&mut world, cut, 60);
         for (d, at) in seen.iter().enumerate() {
             if d == cut {
@@ -469,27 +504,10 @@ fn a_silently_cut_device_is_unreachable_everywhere_within_seconds() {
 #[test]
 fn a_device_cut_off_with_its_watcher_is_noticed_too() {
     let n = 8;
-    let mut world = World::new(59, n, |_, _| true);
-    for d in 0..n {
-        world.start(d);
-    }
-    world.run_for(SECOND * 10);
-    let keys: Vec<[u8; 32]> = (0..n).map(|d| *world.devices[d].key.as_bytes()).collect();
-    let watcher_of = |d: usize| {
-        (0..n)
-            .filter(|o| keys[*o] > keys[d])
-            .min_by_key(|o| keys[*o])
-            .or_else(|| (0..n).min_by_key(|o| keys[*o]))
-            .unwrap()
-    };
-    let (first, second) = (3, watcher_of(3));
-    for gone in [first, second] {
-        for other in 0..n {
-            if other != gone {
-                world.set_link(gone, other, false);
-            }
-        }
-    }
+    let mut world = formed(59, n);
+    let (first, second) = (3, watcher_of(&world, 3));
+    cut_off(&mut world, first);
+    cut_off(&mut world, second);
     world.run_for(SECOND * 8);
     for d in (0..n).filter(|d| *d != first && *d != second) {
         let core = world.devices[d].core.as_ref().unwrap();
@@ -505,34 +523,12 @@ fn a_device_cut_off_with_its_watcher_is_noticed_too() {
 /// either.
 #[test]
 fn one_dead_link_costs_one_session() {
-    use cnsprcy::api::PeerStatus;
-    let n = 8;
-    let mut world = World::new(47, n, |_, _| true);
-    for d in 0..n {
-        world.start(d);
-    }
-    world.run_for(SECOND * 10);
-    // The link from d2 to the device that watches it (the next larger key, wrapping around).
-    let key2 = *world.devices[2].key.as_bytes();
-    let keys: Vec<[u8; 32]> = (0..n).map(|d| *world.devices[d].key.as_bytes()).collect();
-    let watcher = (0..n)
-        .filter(|d| keys[*d] > key2)
-        .min_by_key(|d| keys[*d])
-        .or_else(|| (0..n).min_by_key(|d| keys[*d]))
-        .unwrap();
+    let mut world = formed(47, 8);
+    let watcher = watcher_of(&world, 2);
     world.set_link(2, watcher, false);
     for _ in 0..50 {
         world.run_for(Duration::from_millis(100));
-        for d in 0..n {
-            let core = world.devices[d].core.as_ref().unwrap();
-            for other in 0..n {
-                if other == d {
-                    continue;
-                }
-                let status = core.reported_status(&world.devices[other].key);
-                assert_ne!(status, Some(PeerStatus::Unreachable), "d{d} lost d{other}");
-            }
-        }
+        assert_nobody_unreachable(&world);
     }
     for (d, other) in [(watcher, 2), (2, watcher)] {
         let core = world.devices[d].core.as_ref().unwrap();
@@ -548,27 +544,12 @@ fn one_dead_link_costs_one_session() {
 /// ever taken for unreachable.
 #[test]
 fn a_lossy_slow_link_is_not_a_dead_one() {
-    use cnsprcy::api::PeerStatus;
-    let n = 6;
-    let mut world = World::new(53, n, |_, _| true);
-    for d in 0..n {
-        world.start(d);
-    }
-    world.run_for(SECOND * 10);
+    let mut world = formed(53, 6);
     world.set_latency(1, 4, Duration::from_millis(200));
     world.set_loss(1, 4, 0.1);
     for _ in 0..600 {
         world.run_for(SECOND);
-        for d in 0..n {
-            let core = world.devices[d].core.as_ref().unwrap();
-            for other in 0..n {
-                if other == d {
-                    continue;
-                }
-                let status = core.reported_status(&world.devices[other].key);
-                assert_ne!(status, Some(PeerStatus::Unreachable), "d{d} lost d{other}");
-            }
-        }
+        assert_nobody_unreachable(&world);
     }
 }
 
