@@ -77,6 +77,12 @@ pub enum Message {
     Suspect {
         peer: KeyBytes,
     },
+    /// `by` suspected the receiver, and the sender's probe of the receiver was answered: the
+    /// link between `by` and the receiver may be the one that failed, so the receiver probes
+    /// `by` (and tells nobody).
+    SuspectedBy {
+        by: KeyBytes,
+    },
 }
 
 /// The one envelope for everything that goes from one device to one other, directly or through

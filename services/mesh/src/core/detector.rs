@@ -13,9 +13,10 @@
 //!   session with the suspect (which so becomes `relayed` or `unreachable`); one whose probe is
 //!   answered keeps it. Detection by one so becomes detection by all within one probe time-out,
 //!   and a bad link between the watcher and the suspect alone drops only that session.
-//! - A device whose probe was answered tells the suspect who suspected it (a `Suspect` naming the
-//!   watcher), and the suspect probes the watcher: when the link between the two alone died,
-//!   both sides so end their session, not only the watcher.
+//! - A device whose probe was answered tells the suspect who suspected it (`SuspectedBy`), and
+//!   the suspect probes the watcher: when the link between the two alone died, both sides so end
+//!   their session, not only the watcher. That probe tells nobody anything, so a false alarm
+//!   ends there.
 //! - A watcher whose own probe went unanswered probes every other peer as well: if it is the
 //!   one cut off, it learns so now rather than a keepalive later; and a peer that fails this
 //!   sweep is suspected to all (it may have been the one that watched the first, failing with
@@ -40,6 +41,7 @@ pub const MIN_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 const ROUND_TRIPS: u32 = 4;
 /// A peer that answered a probe this recently is not probed again on hearsay (every device
 /// that probed a suspect tells it who suspected it; one probe of the watcher is enough).
+/// Also applies to `SuspectedBy`.
 const PROBED_RECENTLY: Duration = Duration::from_secs(5);
 
 /// A probe of a peer that waits for its pong.
@@ -52,9 +54,10 @@ pub(crate) struct Probe {
 }
 
 impl Probe {
-    /// Whether the probe means the peer is suspected (a sweep only checks this device's links).
+    /// Whether the probe means the peer is suspected (a sweep, or a check of the link to a
+    /// watcher that suspected this device, only checks this device's links).
     pub(crate) fn suspects(&self) -> bool {
-        self.cause != ProbeCause::Sweep
+        matches!(self.cause, ProbeCause::Heartbeat | ProbeCause::Suspected(_))
     }
 }
 
@@ -67,6 +70,9 @@ pub(crate) enum ProbeCause {
     Suspected(PublicKey),
     /// This device's probe of another peer went unanswered: is this device the one cut off?
     Sweep,
+    /// The peer suspected this device, which others still reach: is the link between the two
+    /// the one that failed?
+    SuspectedUs,
 }
 
 impl<S: StoreAccess> Core<S> {
@@ -161,15 +167,26 @@ impl<S: StoreAccess> Core<S> {
             // Our answer to its probe says enough.
             return;
         }
-        let idle = |live: &super::Live| {
+        if self.may_probe(&suspect, now) {
+            self.start_probe(&suspect, ProbeCause::Suspected(*from), now);
+        }
+    }
+
+    /// Another member's probe of this device was answered, but `by` suspected it: probe `by`.
+    pub(super) fn on_suspected_by(&mut self, by: PublicKey, now: Now) {
+        if by != self.own && self.may_probe(&by, now) {
+            self.start_probe(&by, ProbeCause::SuspectedUs, now);
+        }
+    }
+
+    /// Whether `peer` has a session, no probe under way, and no answer to one lately.
+    fn may_probe(&self, peer: &PublicKey, now: Now) -> bool {
+        self.sessions.get(peer).is_some_and(|live| {
             live.probe.is_none()
                 && live
                     .probe_answered
                     .is_none_or(|at| now.mono >= at + PROBED_RECENTLY)
-        };
-        if self.sessions.get(&suspect).is_some_and(idle) {
-            self.start_probe(&suspect, ProbeCause::Suspected(*from), now);
-        }
+        })
     }
 
     fn start_probe(&mut self, peer: &PublicKey, cause: ProbeCause, now: Now) {
@@ -205,6 +222,9 @@ impl<S: StoreAccess> Core<S> {
                 format!("its heartbeat to {} is overdue", self.member_name(&by))
             }
             ProbeCause::Sweep => "this device lost another peer and checks the rest".to_owned(),
+            ProbeCause::SuspectedUs => {
+                "it found this device's heartbeat overdue, which others still hear".to_owned()
+            }
         }
     }
 
@@ -227,14 +247,9 @@ impl<S: StoreAccess> Core<S> {
         }
         if let ProbeCause::Suspected(by) = probe.cause {
             // Whatever failed may be the link between the two: let the suspect check it too.
-            self.send_to(
-                peer,
-                Message::Suspect {
-                    peer: *by.as_bytes(),
-                },
-            );
+            self.send_to(peer, Message::SuspectedBy { by: *by.as_bytes() });
         }
-        if probe.cause != ProbeCause::Sweep {
+        if probe.suspects() {
             let name = self.member_name(peer);
             tracing::info!(peer = %name, "{name} answered its probe");
         }

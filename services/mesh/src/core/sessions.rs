@@ -222,6 +222,7 @@ impl<S: StoreAccess> Core<S> {
             Message::Suspect { peer: suspect } => {
                 self.on_suspect(&peer, PublicKey::from_bytes(suspect), now);
             }
+            Message::SuspectedBy { by } => self.on_suspected_by(PublicKey::from_bytes(by), now),
             Message::Hello(hello) => self.on_hello(&peer, hello),
             Message::Neighbors(neighbors) => {
                 let list = neighbors
