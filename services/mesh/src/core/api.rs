@@ -82,8 +82,6 @@ impl<S: StoreAccess> Core<S> {
             }
             ApiCall::Send(send) => self.start_send(request, send, now),
             ApiCall::Messages => {
-                // What expired since the last housekeeping round is shown as expired, not waiting.
-                self.expire_messages(now);
                 let info = self.messages_info();
                 self.answer(request, Answer::Messages(Box::new(info)));
             }

@@ -139,13 +139,7 @@ impl<S: StoreAccess> Core<S> {
 
     /// A heartbeat from `peer`: watch it until the next, and compare stores if they differed
     /// at two heartbeats in a row (a single difference is usually a write on its way).
-    pub(super) fn on_heartbeat(
-        &mut self,
-        peer: &PublicKey,
-        next_ms: Option<u32>,
-        root: u64,
-        _now: Now,
-    ) {
+    pub(super) fn on_heartbeat(&mut self, peer: &PublicKey, next_ms: Option<u32>, root: u64) {
         let grace = self.patience(peer, MIN_GRACE);
         let ours = self.store.root();
         let Some(live) = self.sessions.get_mut(peer) else {
@@ -210,9 +204,6 @@ impl<S: StoreAccess> Core<S> {
         let session = live.id;
         tracing::debug!(peer = %name, "probing {name}: {why}");
         self.send(session, Message::Ping { nonce, rtt_us });
-        if cause != ProbeCause::Sweep {
-            self.suspect_generation += 1;
-        }
     }
 
     fn probe_cause_text(&self, cause: ProbeCause) -> String {
@@ -240,9 +231,7 @@ impl<S: StoreAccess> Core<S> {
         live.probe_answered = Some(now.mono);
         live.liveness
             .on_probe_answer(now.mono.saturating_duration_since(probe.sent));
-        let rtt = live.liveness.rtt();
-        self.suspect_generation += 1;
-        if let Some(rtt) = rtt {
+        if let Some(rtt) = live.liveness.rtt() {
             self.table.set_rtt(peer, rtt);
         }
         if let ProbeCause::Suspected(by) = probe.cause {
@@ -260,7 +249,6 @@ impl<S: StoreAccess> Core<S> {
     pub(super) fn detect_failures(&mut self, now: Now) {
         let mut overdue = Vec::new();
         let mut failed = Vec::new();
-        let mut answered = false;
         for (peer, live) in &mut self.sessions {
             if let Some(probe) = live.probe {
                 if now.mono < probe.deadline {
@@ -271,7 +259,6 @@ impl<S: StoreAccess> Core<S> {
                     // the pong queues behind): it is alive.
                     live.probe = None;
                     live.probe_answered = Some(now.mono);
-                    answered = true;
                 } else {
                     failed.push((*peer, probe));
                 }
@@ -283,9 +270,6 @@ impl<S: StoreAccess> Core<S> {
                 live.heartbeat_watch = None;
                 overdue.push(*peer);
             }
-        }
-        if answered {
-            self.suspect_generation += 1;
         }
         for peer in overdue {
             self.tell_all_to_probe(&peer);

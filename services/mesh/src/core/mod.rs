@@ -456,7 +456,7 @@ pub struct Core<S: StoreAccess> {
     outputs: Vec<Output>,
 }
 
-/// How often expired messages are dropped and unacknowledged ones considered for resending.
+/// How often held messages are looked at again and unacknowledged ones considered for resending.
 pub const HOUSEKEEPING: Duration = Duration::from_secs(5);
 
 impl<S: StoreAccess> Core<S> {
@@ -533,6 +533,11 @@ impl<S: StoreAccess> Core<S> {
     /// Takes one input at `now`; returns what to do.
     pub fn handle(&mut self, input: Input, now: Now) -> Vec<Output> {
         self.clock = now;
+        if self.next_expiry.is_some_and(|at| now.wall_ms >= at) {
+            // Before the input, so that nothing (a `messages` call, say) sees an expired
+            // message as waiting; the wake-up for it is in `next_wakeup`.
+            self.expire_messages(now);
+        }
         match input {
             Input::SessionUp {
                 session,
@@ -640,14 +645,8 @@ impl<S: StoreAccess> Core<S> {
         self.poll_sessions(now);
         self.detect_failures(now);
         self.expire_pings(now);
-        let expiry_due = self.next_expiry.is_some_and(|at| now.wall_ms >= at);
-        if expiry_due && now.mono < self.next_housekeeping {
-            // `expired` is told when it happens, not at the next housekeeping round.
-            self.expire_messages(now);
-        }
         if now.mono >= self.next_housekeeping {
             self.next_housekeeping = now.mono + HOUSEKEEPING;
-            self.expire_messages(now);
             self.release_held(now);
             // Resends fall due with time: considered at least this often.
             self.outbox_dirty = true;

@@ -218,7 +218,7 @@ impl<S: StoreAccess> Core<S> {
                     self.complete_ping(nonce, now);
                 }
             }
-            Message::Heartbeat { next_ms, root } => self.on_heartbeat(&peer, next_ms, root, now),
+            Message::Heartbeat { next_ms, root } => self.on_heartbeat(&peer, next_ms, root),
             Message::Suspect { peer: suspect } => {
                 self.on_suspect(&peer, PublicKey::from_bytes(suspect), now);
             }
