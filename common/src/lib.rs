@@ -10,6 +10,7 @@ pub mod env;
 pub mod framing;
 pub mod fsutil;
 pub mod identity;
+pub mod invitation;
 pub mod ipc;
 pub mod lock;
 pub mod logging;
