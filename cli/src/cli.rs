@@ -352,12 +352,98 @@ pairing exists, this is how devices are linked."
         #[arg(long)]
         json: bool,
     },
-    /// Remove a member: its session is closed and it can no longer connect
+    /// Remove a member (the same as `disable`; kept for scripts)
     Remove {
         /// Member name, device ID, or the start of an ID as `cnspr peers` shows it
         #[arg(add = member_names())]
         name: String,
         /// Print the removed member as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make a one-time invitation code for a new device (on a member)
+    #[command(
+        long_about = "Make a one-time invitation code for a new device, and show it \
+as text and as a QR code. On the new device, `cnspr manage join CODE` makes it a member of this \
+mesh: it connects to this device with the code, receives the roster and the store, and every \
+member accepts it from then on. The code holds this device's public key, its addresses and a \
+random secret; it works once and expires (--expires). Whoever holds it can join without \
+confirmation: pass it only to a device of yours, over a channel you trust. Invitations live in \
+the daemon's memory: a restart cancels them."
+    )]
+    Invite {
+        /// How long the code is valid (15m, 1h, 2d; at most 7d)
+        #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
+        expires: std::time::Duration,
+        /// Do not print the QR code
+        #[arg(long)]
+        no_qr: bool,
+        /// Print {"code","expires","addresses"} as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Join a mesh with an invitation code (on the new device)
+    #[command(
+        long_about = "Join the mesh of the device that made CODE with `cnspr manage \
+invite`. This device's daemon connects to that device at the addresses in the code, proves the \
+code's secret, and receives the roster (every member) and then the store; the members connect \
+to it by themselves. Waits up to 30 s for the inviting device. A code is refused if it is \
+mistyped (status 2), used already, expired or unknown to the inviting device (status 1); a \
+device that is a member of another mesh must `cnspr manage leave` first. CODE may be given in \
+pieces (as a line-wrapped copy splits it); case, spaces and dashes do not matter."
+    )]
+    Join {
+        /// The invitation code (CNSPR1-...)
+        #[arg(required = true, num_args = 1..)]
+        code: Vec<String>,
+        /// Print {"inviter","members"} as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Disable a member: every member refuses it; it is told and forgets the mesh
+    #[command(
+        long_about = "Disable the member NAME on every member of the mesh: the change \
+spreads to all members (those offline learn it when they return), each closes its session with \
+the device and refuses it from then on. If the device is reachable, it is told, and forgets the \
+mesh. A disabled device can be invited or added again later. For a lost or stolen device, use \
+`revoke`."
+    )]
+    Disable {
+        /// Member name, device ID, or the start of an ID
+        #[arg(add = member_names())]
+        name: String,
+        /// Print the disabled member as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a lost or stolen device: refused by every member, for good
+    #[command(
+        long_about = "Revoke the device NAME (lost or stolen) on every member of the \
+mesh: each refuses its key from then on and sends it nothing more, and the revocation can never \
+be undone for that key. Changes the device made to the roster (devices it added) that this \
+device knows of are taken over and listed, so that you can check them; changes it makes later \
+are void on every member that has heard of the revocation. See docs/security.md for the window \
+that remains."
+    )]
+    Revoke {
+        /// Member name, device ID, or the start of an ID (a disabled device too)
+        name: String,
+        /// Print {"member","kept"} as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// This device leaves the mesh: the members are told, and it forgets them
+    #[command(
+        long_about = "Leave the mesh: the reachable members are told (and pass it on), \
+then this device forgets its members. Refused when no member is reachable, since the others \
+would keep this device as a member; --force leaves anyway (then run `cnspr manage disable` for \
+this device on a member)."
+    )]
+    Leave {
+        /// Leave even when no member is reachable to hear of it
+        #[arg(long)]
+        force: bool,
+        /// Print {"told"} as JSON
         #[arg(long)]
         json: bool,
     },
@@ -375,10 +461,14 @@ fn member_names() -> clap_complete::engine::ArgValueCandidates {
         let Ok((env, _)) = cnsprcy::env::DeviceEnv::load_lenient() else {
             return Vec::new();
         };
-        let Ok(members) = cnsprcy_mesh::roster::load(&env.paths.state_dir) else {
+        let Ok(entries) = cnsprcy_mesh::roster::load(&env.paths.state_dir) else {
             return Vec::new();
         };
-        members
+        // The roster holds this device too; it is no member of its own.
+        let own = cnsprcy::identity::Identity::load(&env.paths.state_dir)
+            .ok()
+            .map(|identity| identity.public_key());
+        cnsprcy_mesh::roster::active(entries, own.as_ref())
             .iter()
             .map(|m| {
                 clap_complete::engine::CompletionCandidate::new(m.name.as_str())

@@ -92,6 +92,23 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Manage(ManageCommand::Remove { name, json }) => {
             peers::remove(&env, &name, json).await
         }
+        Command::Manage(ManageCommand::Invite {
+            expires,
+            no_qr,
+            json,
+        }) => crate::pairing::invite(&env, expires, !no_qr, json).await,
+        Command::Manage(ManageCommand::Join { code, json }) => {
+            crate::pairing::join(&env, &code, json).await
+        }
+        Command::Manage(ManageCommand::Disable { name, json }) => {
+            crate::pairing::disable(&env, &name, json).await
+        }
+        Command::Manage(ManageCommand::Revoke { name, json }) => {
+            crate::pairing::revoke(&env, &name, json).await
+        }
+        Command::Manage(ManageCommand::Leave { force, json }) => {
+            crate::pairing::leave(&env, force, json).await
+        }
         Command::Config(ConfigCommand::Show { json }) => config_show(&env, json),
         Command::Config(ConfigCommand::Path { json }) => config_path(&env, json),
         Command::Handlers(command) => crate::handlers_cmd::run(&env, command),
@@ -124,7 +141,15 @@ fn talks_to_the_daemon(command: &Command) -> bool {
             | Command::Messages { .. }
             | Command::Db(_)
             | Command::Reconnect { .. }
-            | Command::Manage(ManageCommand::Add { .. } | ManageCommand::Remove { .. })
+            | Command::Manage(
+                ManageCommand::Add { .. }
+                    | ManageCommand::Remove { .. }
+                    | ManageCommand::Invite { .. }
+                    | ManageCommand::Join { .. }
+                    | ManageCommand::Disable { .. }
+                    | ManageCommand::Revoke { .. }
+                    | ManageCommand::Leave { .. }
+            )
     )
 }
 

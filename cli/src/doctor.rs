@@ -493,7 +493,7 @@ fn check_member(peer: &Value) -> Check {
                 if let Some(fix) = reason_fix(reason_code.as_deref(), &name, &addresses) {
                     fix
                 } else if addresses.is_empty() {
-                    "no address is known for it: on the same network discovery finds it; else give one with `cnspr manage remove` and `manage add NAME KEY ADDRESS`".to_owned()
+                    "no address is known for it: on the same network discovery finds it; else give one with `cnspr manage add NAME KEY ADDRESS`".to_owned()
                 } else {
                     format!(
                         "it could not be dialled at {}: a firewall, or it listens elsewhere; messages still reach it through the relay",
@@ -510,7 +510,7 @@ fn check_member(peer: &Value) -> Check {
                 if let Some(fix) = reason_fix(reason_code.as_deref(), &name, &addresses) {
                     fix
                 } else if addresses.is_empty() {
-                    "no address is known for it: on the same network discovery finds it once it runs; else add it again with its address (`cnspr manage remove`, `cnspr manage add NAME KEY ADDRESS`)".to_owned()
+                    "no address is known for it: on the same network discovery finds it once it runs; else give one with `cnspr manage add NAME KEY ADDRESS`".to_owned()
                 } else {
                     format!(
                         "nothing answered at {}: is cnsprcy running there, and has {name} added this device (`cnspr manage id` here prints the key)? `cnspr ping {name}` tries now",
@@ -536,7 +536,7 @@ fn reason_fix(code: Option<&str>, name: &str, addresses: &[String]) -> Option<St
         "handshake_refused" => format!(
             "{name} was reached but closed the handshake: on {name}, `cnspr peers` must list this device with the key `cnspr manage id` prints here; and the key added here for {name} must be the one `cnspr manage id` prints there (if not, `cnspr manage remove {name}` and add it again)"
         ),
-        "no_address" => "no address is known for it: on the same network discovery finds it once it runs; else add it again with its address (`cnspr manage remove`, `cnspr manage add NAME KEY ADDRESS`)".to_owned(),
+        "no_address" => "no address is known for it: on the same network discovery finds it once it runs; else give one with `cnspr manage add NAME KEY ADDRESS`".to_owned(),
         "interfaces" => format!(
             "[mesh] interfaces in the configuration allows no interface that reaches {}: add the interface there, or give {name} an address such an interface reaches",
             addresses.join(", ")

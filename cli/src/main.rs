@@ -8,6 +8,7 @@ mod db;
 mod doctor;
 mod handlers_cmd;
 mod messages;
+mod pairing;
 mod peers;
 mod serve;
 

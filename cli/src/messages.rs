@@ -287,6 +287,16 @@ fn describe(event: &WatchEvent) -> String {
             true => format!("store {key:?} deleted by {writer}"),
             false => format!("store {key:?} set by {writer}"),
         },
+        WatchEvent::Member {
+            name,
+            id,
+            state,
+            by,
+            ..
+        } => match state {
+            cnsprcy::wire::MemberState::Active => format!("member {name} ({id}) added by {by}"),
+            state => format!("member {name} ({id}) {} by {by}", state.as_str()),
+        },
     }
 }
 

@@ -24,6 +24,7 @@ macro_rules! call_or_exit {
         }
     };
 }
+pub(crate) use call_or_exit;
 
 pub async fn list(env: &DeviceEnv, name: Option<&str>, as_json: bool) -> anyhow::Result<ExitCode> {
     let value = match name {
@@ -41,8 +42,9 @@ pub async fn list(env: &DeviceEnv, name: Option<&str>, as_json: bool) -> anyhow:
     };
     if peers.is_empty() {
         println!(
-            "No members yet. Add one with `cnspr manage add NAME PUBLIC_KEY [ADDRESS...]`;\n\
-             `cnspr manage id` on the other device prints its public key."
+            "No members yet. On a member of a mesh, `cnspr manage invite` makes a code that\n\
+             `cnspr manage join CODE` here uses to join; or run `cnspr manage invite` here and\n\
+             join from another device."
         );
     } else {
         print!("{}", format_table(&peers, SystemTime::now()));
@@ -294,7 +296,7 @@ fn describe_retry(result: &RetryResult) -> String {
     for member in &result.no_address {
         text.push_str(&format!(
             "{name}: no address known yet (not seen by discovery on this network); to give one: \
-             cnspr manage remove {name} && cnspr manage add {name} {key} ADDRESS\n",
+             cnspr manage add {name} {key} ADDRESS\n",
             name = member.name,
             key = member.public_key,
         ));

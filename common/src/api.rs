@@ -453,6 +453,14 @@ pub enum WatchEvent {
         deleted: bool,
         writer: String,
     },
+    /// The roster changed: a device became a member (`active`), or was disabled or revoked,
+    /// by the device named `by` (this one or another member).
+    Member {
+        name: DeviceName,
+        id: DeviceId,
+        state: crate::wire::MemberState,
+        by: String,
+    },
 }
 
 /// The `messages` method's result: what the outbox still owes, and what became of recent

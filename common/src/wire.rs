@@ -41,6 +41,20 @@ pub struct HandshakePayload {
     /// Random per daemon start: a session from a new incarnation of a device replaces any
     /// session left over from the previous one.
     pub incarnation: u64,
+    /// Sent by a device that is not a member yet and joins with an invitation; encoded after
+    /// the fields above only when present, so members' handshakes stay as they were.
+    #[serde(skip)]
+    pub joining: Option<Joining>,
+}
+
+/// What a joining device proves and asks for in its first handshake message (encrypted to the
+/// inviter's key, as the whole payload is).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Joining {
+    /// The invitation's one-time secret.
+    pub secret: [u8; 16],
+    /// The name the joining device goes by.
+    pub name: String,
 }
 
 /// One message in a session.
@@ -83,7 +97,85 @@ pub enum Message {
     SuspectedBy {
         by: KeyBytes,
     },
+    /// The digest of the sender's roster (`RosterEntry`s of every device it knows, this device
+    /// and removed ones included): a receiver whose digest differs answers with all its entries.
+    RosterDigest(u64),
+    /// Roster entries: changes passed on to every session, or a whole roster after a
+    /// `RosterDigest` differed. With `answer`, a receiver whose roster still differs from
+    /// `entries` after merging them sends its whole roster back (without `answer`).
+    RosterEntries {
+        entries: Vec<RosterEntry>,
+        answer: bool,
+    },
+    /// From an inviter to a device that tried to join with an invitation it does not accept,
+    /// just before it closes the session.
+    JoinRefused(JoinRefusal),
 }
+
+/// Why an inviter refused a joining device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JoinRefusal {
+    /// The inviter made no such invitation (or restarted since: invitations live in memory).
+    Unknown,
+    /// Another device joined with it already.
+    Used,
+    Expired,
+}
+
+impl JoinRefusal {
+    pub fn explain(self) -> &'static str {
+        match self {
+            JoinRefusal::Unknown => {
+                "the inviting device does not know this invitation (it was cancelled, or that device restarted since); ask for a new one with `cnspr manage invite`"
+            }
+            JoinRefusal::Used => {
+                "this invitation was used already (it works once); ask for a new one with `cnspr manage invite`"
+            }
+            JoinRefusal::Expired => {
+                "this invitation expired; ask for a new one with `cnspr manage invite`"
+            }
+        }
+    }
+}
+
+/// Where a device stands in the roster. `Revoked` is final: a revoked key never comes back,
+/// and changes it made are void from then on (`docs/protocol.md`, roster).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemberState {
+    #[default]
+    Active,
+    Disabled,
+    Revoked,
+}
+
+impl MemberState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemberState::Active => "active",
+            MemberState::Disabled => "disabled",
+            MemberState::Revoked => "revoked",
+        }
+    }
+}
+
+/// One device's entry in the replicated roster. Of two entries for one key, a revoked one
+/// wins, then the one with the higher `(version, author)`; `version` is a Unix millisecond
+/// count, raised past every version the author has seen. `addresses` are a hint for dialling
+/// and do not take part in the comparison.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RosterEntry {
+    pub key: KeyBytes,
+    pub name: String,
+    pub state: MemberState,
+    pub version: u64,
+    /// The device that made this change.
+    pub author: KeyBytes,
+    pub addresses: Vec<std::net::SocketAddr>,
+}
+
+/// The most entries a roster holds (removed devices included): more is refused.
+pub const MAX_ROSTER_ENTRIES: usize = 512;
 
 /// The one envelope for everything that goes from one device to one other, directly or through
 /// relays: relayed pings, acknowledgements, replies and the store's messages. Every device on
@@ -285,11 +377,20 @@ pub const ROUTED_OVERHEAD: usize = 1 + 32 + 32 + 1;
 
 impl HandshakePayload {
     pub fn encode(&self) -> Vec<u8> {
-        postcard::to_stdvec(self).expect("payload encodes")
+        // Integers, a byte array and a string: encoding cannot fail.
+        let mut bytes = postcard::to_stdvec(self).expect("payload encodes");
+        if let Some(joining) = &self.joining {
+            bytes.extend(postcard::to_stdvec(joining).expect("payload encodes"));
+        }
+        bytes
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        Ok(postcard::from_bytes(bytes)?)
+        let (mut payload, rest): (Self, &[u8]) = postcard::take_from_bytes(bytes)?;
+        if !rest.is_empty() {
+            payload.joining = Some(postcard::from_bytes(rest)?);
+        }
+        Ok(payload)
     }
 }
 

@@ -54,13 +54,15 @@ const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(20);
 /// Bound for anything a daemon should finish in a second or two.
 const SOON: Duration = Duration::from_secs(30);
 
-const P1: HandshakePayload = HandshakePayload {
+static P1: HandshakePayload = HandshakePayload {
     version: wire::PROTOCOL_VERSION,
     incarnation: 1,
+    joining: None,
 };
-const P2: HandshakePayload = HandshakePayload {
+static P2: HandshakePayload = HandshakePayload {
     version: wire::PROTOCOL_VERSION,
     incarnation: 2,
+    joining: None,
 };
 /// A nonce of the size a random one usually has (postcard varint: 10 bytes).
 const NONCE: u64 = 0xdead_beef_dead_beef;

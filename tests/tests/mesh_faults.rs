@@ -97,6 +97,7 @@ fn payload() -> HandshakePayload {
     HandshakePayload {
         version: wire::PROTOCOL_VERSION,
         incarnation: 42,
+        joining: None,
     }
 }
 

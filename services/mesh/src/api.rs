@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 use crate::Mesh;
 use crate::core::{Answer, ApiCall, SendRequest};
 use crate::roster::{MAX_ADDRESSES, Member};
+use cnsprcy::wire::MemberState;
 
 /// `ping` waits this long for the pong unless told otherwise.
 const DEFAULT_PING_TIMEOUT_MS: u64 = 5000;
@@ -41,6 +42,30 @@ struct NoParams {}
 #[serde(deny_unknown_fields)]
 struct NameParams {
     name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InviteParams {
+    /// How long the invitation stays valid; 15 minutes when absent.
+    #[serde(default)]
+    expires_ms: Option<u64>,
+}
+
+/// The default lifetime of an invitation.
+const DEFAULT_INVITATION_MS: u64 = 15 * 60 * 1000;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JoinParams {
+    code: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LeaveParams {
+    #[serde(default)]
+    force: bool,
 }
 
 #[derive(Deserialize)]
@@ -178,6 +203,12 @@ impl Methods for Api<'_> {
             "ping",
             "members.add",
             "members.remove",
+            "members.disable",
+            "members.revoke",
+            "members.leave",
+            "members.invite",
+            "members.join",
+            "members.cancel_join",
             "retry",
             "send",
             "messages",
@@ -230,20 +261,89 @@ impl Methods for Api<'_> {
                     public_key,
                     addresses,
                 } = rpc::params(params)?;
-                let member = Member {
-                    name,
-                    public_key,
-                    addresses: member_addresses(addresses)?,
-                };
+                let member = Member::new(name, public_key, member_addresses(addresses)?);
                 match self.mesh.node.call(ApiCall::AddMember(member)).await? {
                     Answer::Member(member) => to_value(member?),
                     other => Err(unexpected(other)),
                 }
             }
-            "members.remove" => {
+            "members.remove" | "members.disable" | "members.revoke" => {
                 let NameParams { name } = rpc::params(params)?;
-                match self.mesh.node.call(ApiCall::RemoveMember { name }).await? {
-                    Answer::Member(member) => to_value(member?),
+                let state = match method {
+                    "members.revoke" => MemberState::Revoked,
+                    _ => MemberState::Disabled,
+                };
+                let removed = match self
+                    .mesh
+                    .node
+                    .call(ApiCall::RemoveMember { name, state })
+                    .await?
+                {
+                    Answer::Removed(removed) => removed?,
+                    other => return Err(unexpected(other)),
+                };
+                let member = crate::core::member_info(&removed.member);
+                if method == "members.revoke" {
+                    let kept: Vec<_> = removed.kept.iter().map(crate::core::member_info).collect();
+                    Ok(serde_json::json!({ "member": member, "kept": kept }))
+                } else {
+                    to_value(member)
+                }
+            }
+            "members.leave" => {
+                let LeaveParams { force } = rpc::params(params)?;
+                match self.mesh.node.call(ApiCall::Leave { force }).await? {
+                    Answer::Left(told) => Ok(serde_json::json!({ "told": told? })),
+                    other => Err(unexpected(other)),
+                }
+            }
+            "members.invite" => {
+                let InviteParams { expires_ms } = rpc::params(params)?;
+                let expires_ms = expires_ms.unwrap_or(DEFAULT_INVITATION_MS);
+                let max = crate::core::MAX_INVITATION_LIFETIME.as_millis() as u64;
+                if expires_ms == 0 || expires_ms > max {
+                    return Err(RpcError::invalid_params(format!(
+                        "invalid params: expires_ms must be between 1 and {max} (7 days)"
+                    )));
+                }
+                let lifetime = Duration::from_millis(expires_ms);
+                let invited = match self.mesh.node.call(ApiCall::Invite { lifetime }).await? {
+                    Answer::Invited(invited) => invited,
+                    other => return Err(unexpected(other)),
+                };
+                let invitation = cnsprcy::invitation::Invitation {
+                    inviter: self.mesh.node.identity.public_key(),
+                    secret: invited.secret,
+                    addresses: invited.addresses.clone(),
+                };
+                let expires = std::time::UNIX_EPOCH + Duration::from_millis(invited.expires_ms);
+                Ok(serde_json::json!({
+                    "code": invitation.encode(),
+                    "expires": humantime::format_rfc3339_seconds(expires).to_string(),
+                    "addresses": invited.addresses,
+                }))
+            }
+            "members.cancel_join" => {
+                rpc::params::<NoParams>(params)?;
+                match self.mesh.node.call(ApiCall::CancelJoin).await? {
+                    Answer::JoinCancelled(cancelled) => {
+                        Ok(serde_json::json!({ "cancelled": cancelled }))
+                    }
+                    other => Err(unexpected(other)),
+                }
+            }
+            "members.join" => {
+                let JoinParams { code } = rpc::params(params)?;
+                let invitation = cnsprcy::invitation::Invitation::parse(&code)
+                    .map_err(|e| RpcError::invalid_params(e.to_string()))?;
+                match self.mesh.node.call(ApiCall::Join(invitation)).await? {
+                    Answer::Joined(joined) => {
+                        let joined = joined?;
+                        Ok(serde_json::json!({
+                            "inviter": crate::core::member_info(&joined.inviter),
+                            "members": joined.members,
+                        }))
+                    }
                     other => Err(unexpected(other)),
                 }
             }

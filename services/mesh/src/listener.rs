@@ -184,6 +184,15 @@ pub async fn accept_sessions(listener: TcpListener, node: NodeHandle, shutdown: 
                 }
                 outcome = handshake => outcome,
             };
+            let outcome = match outcome {
+                Ok((session, first)) if !node.is_member(&session.remote_key) => {
+                    match check_joining(session, &node, addr, &log).await {
+                        Some(session) => Ok((session, first)),
+                        None => return,
+                    }
+                }
+                other => other,
+            };
             match outcome {
                 Ok((session, first)) => {
                     let _ = node
@@ -214,4 +223,33 @@ pub async fn accept_sessions(listener: TcpListener, node: NodeHandle, shutdown: 
             }
         });
     }
+}
+
+/// A device that is not a member completed a handshake claiming an invitation: it goes on to
+/// the core (which checks again and uses the invitation up) if the invitation is open;
+/// otherwise it is told why not, and the connection ends.
+async fn check_joining(
+    mut session: transport::Session,
+    node: &NodeHandle,
+    addr: SocketAddr,
+    log: &RateLimitedLog,
+) -> Option<transport::Session> {
+    let id = session.remote_key.device_id();
+    let refusal = match &session.remote.joining {
+        Some(joining) => match node.join_refusal(&joining.secret) {
+            None => return Some(session),
+            Some(refusal) => refusal,
+        },
+        // A member removed since its handshake began.
+        None => return None,
+    };
+    log.warn("join", || {
+        format!(
+            "refused device {id} at {addr} joining: {}",
+            refusal.explain()
+        )
+    });
+    let refused = cnsprcy::wire::Message::JoinRefused(refusal);
+    let _ = tokio::time::timeout(transport::HANDSHAKE_TIMEOUT, session.writer.send(&refused)).await;
+    None
 }

@@ -107,6 +107,8 @@ pub struct NodeHandle {
     pub events: mpsc::Sender<Event>,
     pub requests: mpsc::Sender<Request>,
     pub members: Arc<RwLock<HashSet<PublicKey>>>,
+    /// The invitations this device made, for the accept path to check joining devices.
+    pub invitations: Arc<RwLock<crate::core::Invitations>>,
     pub identity: Arc<Identity>,
     /// Random per daemon start, and drawn again when this device's addresses change: peers
     /// then replace the session they had at once (see `core::sessions::keep_new_session`).
@@ -125,6 +127,20 @@ impl NodeHandle {
         HandshakePayload {
             version: wire::PROTOCOL_VERSION,
             incarnation: self.incarnation.load(Ordering::Relaxed),
+            joining: None,
+        }
+    }
+
+    /// Why a device joining with `secret` is refused now, if it is (`None`: the invitation is
+    /// open; the core checks again and uses it up).
+    pub fn join_refusal(&self, secret: &[u8; 16]) -> Option<wire::JoinRefusal> {
+        let now_ms = crate::messaging::now_ms();
+        match self.invitations.read() {
+            Ok(invitations) => match invitations.get(secret) {
+                Some(state) => state.refusal(now_ms),
+                None => Some(wire::JoinRefusal::Unknown),
+            },
+            Err(_) => Some(wire::JoinRefusal::Unknown),
         }
     }
 
@@ -263,6 +279,7 @@ impl Node {
             events: events_tx,
             requests: requests_tx,
             members: Arc::new(RwLock::new(HashSet::new())),
+            invitations: Arc::default(),
             identity: identity.clone(),
             incarnation: Arc::new(AtomicU64::new(0)),
             watch: broadcast::channel(1024).0,
@@ -410,6 +427,7 @@ impl Node {
         let id = self.next_session;
         let peer = session.remote_key;
         let incarnation = session.remote.incarnation;
+        let joining = session.remote.joining.clone();
         let (tx, rx) = Outbound::new();
         let cancel = CancellationToken::new();
         let task = SessionTask {
@@ -435,6 +453,7 @@ impl Node {
             incarnation,
             addr,
             local,
+            joining,
         })
     }
 
@@ -487,8 +506,30 @@ impl Node {
                         live.cancel.cancel();
                     }
                 }
-                Output::Dial { peer, addresses } => {
-                    self.tasks.spawn(dial(self.handle.clone(), peer, addresses));
+                Output::CloseAfterFlush { session, reason } => {
+                    if let Some(live) = self.sessions.remove(&session) {
+                        tracing::debug!(
+                            session,
+                            "closing a session once its queue went out: {reason}"
+                        );
+                        self.tasks.spawn(async move {
+                            tokio::time::sleep(FLUSH_GRACE).await;
+                            live.cancel.cancel();
+                        });
+                    }
+                }
+                Output::Dial {
+                    peer,
+                    addresses,
+                    joining,
+                } => {
+                    self.tasks
+                        .spawn(dial(self.handle.clone(), peer, addresses, joining));
+                }
+                Output::Invitations(invitations) => {
+                    if let Ok(mut shared) = self.handle.invitations.write() {
+                        *shared = invitations;
+                    }
                 }
                 Output::RunHandler { run, handler } => {
                     let (handlers, events) = (self.handlers.clone(), self.handle.events.clone());
@@ -561,7 +602,17 @@ impl Node {
 /// that no route takes the session through another one: the interface the kernel's route picks
 /// when it is allowed, else every allowed interface that could carry the address, at once. An
 /// address that no allowed interface can carry is not dialled.
-async fn dial(handle: NodeHandle, key: PublicKey, addresses: Vec<SocketAddr>) {
+/// How long a session closed with `CloseAfterFlush` has to send what is queued.
+const FLUSH_GRACE: Duration = Duration::from_secs(1);
+
+async fn dial(
+    handle: NodeHandle,
+    key: PublicKey,
+    addresses: Vec<SocketAddr>,
+    joining: Option<wire::Joining>,
+) {
+    let mut payload = handle.payload();
+    payload.joining = joining;
     let mut connects = JoinSet::new();
     let mut errors = Vec::new();
     // How the dial failed, for `peers`' reason: a handshake the other side closed at any
@@ -609,7 +660,7 @@ async fn dial(handle: NodeHandle, key: PublicKey, addresses: Vec<SocketAddr>) {
             }
         };
         let local = stream.local_addr().ok();
-        match transport::initiate(stream, &handle.identity, &key, &handle.payload()).await {
+        match transport::initiate(stream, &handle.identity, &key, &payload).await {
             Ok(session) => {
                 // The other connections are dropped (closed) with `connects`.
                 let _ = handle

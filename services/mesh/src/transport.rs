@@ -146,7 +146,8 @@ pub async fn initiate(
 }
 
 /// Accepts a session on `stream` (we are the Noise responder) if `is_member` accepts the
-/// initiator's key; otherwise drops the connection before answering.
+/// initiator's key, or the initiator joins with an invitation (which the caller checks);
+/// otherwise drops the connection before answering.
 pub async fn respond(
     stream: TcpStream,
     identity: &Identity,
@@ -164,11 +165,15 @@ pub async fn respond(
             .and_then(|k| k.try_into().ok())
             .ok_or_else(|| TransportError::Protocol("no static key in handshake".into()))?;
         let remote_key = PublicKey::from_bytes(remote_key);
-        if !is_member(&remote_key) {
+        let member = is_member(&remote_key);
+        let remote = match HandshakePayload::decode(&buf[..len]) {
+            Ok(remote) => remote,
+            Err(_) if !member => return Err(TransportError::NotAMember(remote_key)),
+            Err(e) => return Err(TransportError::Protocol(e.to_string())),
+        };
+        if !member && remote.joining.is_none() {
             return Err(TransportError::NotAMember(remote_key));
         }
-        let remote = HandshakePayload::decode(&buf[..len])
-            .map_err(|e| TransportError::Protocol(e.to_string()))?;
         check_version(&remote)?;
         let len = noise.write_message(&payload.encode(), &mut buf)?;
         wire.send(Bytes::copy_from_slice(&buf[..len])).await?;
@@ -283,13 +288,15 @@ mod tests {
         (a.unwrap(), b.unwrap().0)
     }
 
-    const P1: HandshakePayload = HandshakePayload {
+    static P1: HandshakePayload = HandshakePayload {
         version: wire::PROTOCOL_VERSION,
         incarnation: 1,
+        joining: None,
     };
-    const P2: HandshakePayload = HandshakePayload {
+    static P2: HandshakePayload = HandshakePayload {
         version: wire::PROTOCOL_VERSION,
         incarnation: 2,
+        joining: None,
     };
 
     #[tokio::test]

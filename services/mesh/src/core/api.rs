@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use cnsprcy::api::{MemberInfo, PeerInfo, PeerStatus};
 use cnsprcy::rpc::RpcError;
 
-use super::{Answer, ApiCall, Core, Now, Output, PersistOp, RequestId, RosterChange, StoreAccess};
+use super::{Answer, ApiCall, Core, Now, Output, PersistOp, RequestId, StoreAccess};
 use crate::peers::Reach;
 use crate::roster::{Member, RosterError};
 
@@ -26,9 +26,11 @@ pub(crate) fn error(code: i64, message: impl Into<String>) -> RpcError {
 pub(crate) fn roster_error(e: RosterError) -> RpcError {
     match e {
         RosterError::NotFound { .. } => error(code::NOT_FOUND, e.to_string()),
-        RosterError::NameTaken(_) | RosterError::KeyTaken(_) | RosterError::OwnKey => {
-            error(code::CONFLICT, e.to_string())
-        }
+        RosterError::NameTaken(_)
+        | RosterError::KeyTaken(_)
+        | RosterError::OwnKey
+        | RosterError::Revoked(_)
+        | RosterError::Full => error(code::CONFLICT, e.to_string()),
         other => error(code::STORAGE, other.to_string()),
     }
 }
@@ -64,7 +66,14 @@ impl<S: StoreAccess> Core<S> {
             }
             ApiCall::Ping { name, timeout } => self.start_ping(request, &name, timeout, now),
             ApiCall::AddMember(member) => self.add_member(request, member, now),
-            ApiCall::RemoveMember { name } => self.remove_member(request, &name, now),
+            ApiCall::RemoveMember { name, state } => self.remove_member(request, &name, state, now),
+            ApiCall::Invite { lifetime } => self.invite(request, lifetime, now),
+            ApiCall::Join(invitation) => self.join(request, invitation, now),
+            ApiCall::CancelJoin => {
+                let cancelled = self.cancel_join(now);
+                self.answer(request, Answer::JoinCancelled(cancelled));
+            }
+            ApiCall::Leave { force } => self.leave(request, force, now),
             ApiCall::Retry => {
                 self.table.retry_all(now.mono);
                 // Dialled are those with an address; the others wait to be found or to dial.
@@ -108,88 +117,17 @@ impl<S: StoreAccess> Core<S> {
 
     /// Writes the roster as it is now; nobody waits for it.
     pub(super) fn save_roster(&mut self) {
-        self.persist(PersistOp::Roster(self.roster.members().to_vec()), false);
+        self.persist(PersistOp::Roster(self.roster.entries()), false);
     }
 
     /// The member set changed: the peer table, the accept path and the disk follow. Returns the
     /// token of the write.
-    fn members_changed(&mut self, now: Now) -> Option<super::Token> {
+    pub(super) fn members_changed(&mut self, now: Now) -> Option<super::Token> {
         self.table
             .sync_members(self.roster.members().iter().map(|m| m.public_key), now.mono);
         self.outputs.push(Output::Members(self.member_keys()));
         self.prune_problems();
-        self.persist(PersistOp::Roster(self.roster.members().to_vec()), true)
-    }
-
-    fn add_member(&mut self, request: RequestId, member: Member, now: Now) {
-        if let Err(e) = self.roster.add(member.clone(), &self.own) {
-            return self.answer(request, Answer::Member(Err(roster_error(e))));
-        }
-        self.forget_knock(&member.public_key);
-        // Discovery may have seen it before it was a member; the write below keeps what it saw.
-        self.recall_discovered(&member.public_key, now);
-        let member = self
-            .roster
-            .get(&member.public_key)
-            .cloned()
-            .unwrap_or(member);
-        if let Some(token) = self.members_changed(now) {
-            self.roster_changes
-                .insert(token, (request, RosterChange::Added(member)));
-        }
-    }
-
-    fn remove_member(&mut self, request: RequestId, name: &str, now: Now) {
-        let member = match self.roster.remove(name) {
-            Ok(member) => member,
-            Err(e) => return self.answer(request, Answer::Member(Err(roster_error(e)))),
-        };
-        let key = member.public_key;
-        self.forget_target(&key);
-        self.close_session(&key, "removed from the roster", now);
-        self.reported.remove(&key);
-        if let Some(token) = self.members_changed(now) {
-            self.roster_changes
-                .insert(token, (request, RosterChange::Removed(member)));
-        }
-    }
-
-    /// A roster change is on disk (answer it), or could not be written (undo it, and answer
-    /// with the error).
-    pub(super) fn roster_saved(
-        &mut self,
-        request: RequestId,
-        change: RosterChange,
-        saved: Result<(), String>,
-        now: Now,
-    ) {
-        let member = match (&change, saved) {
-            (RosterChange::Added(member), Ok(())) => {
-                tracing::info!(peer = %member.name, "added member {} ({})", member.name, member.id());
-                Ok(member_info(member))
-            }
-            (RosterChange::Removed(member), Ok(())) => {
-                tracing::info!(peer = %member.name, "removed member {}", member.name);
-                Ok(member_info(member))
-            }
-            (change, Err(reason)) => {
-                // Undone, so that memory and disk agree; the undo is written too.
-                match change {
-                    RosterChange::Added(member) => {
-                        let _ = self.roster.remove(&member.id().to_string());
-                    }
-                    RosterChange::Removed(member) => {
-                        let _ = self.roster.add(member.clone(), &self.own);
-                    }
-                }
-                self.members_changed(now);
-                Err(error(
-                    code::STORAGE,
-                    format!("{reason}; nothing was changed"),
-                ))
-            }
-        };
-        self.answer(request, Answer::Member(member));
+        self.persist(PersistOp::Roster(self.roster.entries()), true)
     }
 
     pub(super) fn peer_info(&self, member: &Member, now: Now) -> PeerInfo {

@@ -21,6 +21,7 @@
 mod api;
 mod detector;
 mod forward;
+mod membership;
 mod messages;
 mod reasons;
 mod sessions;
@@ -38,7 +39,7 @@ use cnsprcy::identity::{DeviceName, PublicKey};
 use cnsprcy::ipc::{Interface, Run, RunResult};
 use cnsprcy::netif::InterfaceFilter;
 use cnsprcy::rpc::RpcError;
-use cnsprcy::wire::{KeyBytes, Message, MessageId, StoreEntry, StoreSummary};
+use cnsprcy::wire::{Joining, KeyBytes, MemberState, Message, MessageId, StoreEntry, StoreSummary};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
@@ -50,6 +51,9 @@ use crate::peers::PeerTable;
 use crate::roster::{Member, Roster};
 
 pub use api::{code, member_info};
+pub use membership::{
+    InvitationState, Invitations, Invited, JOIN_TIMEOUT, Joined, MAX_INVITATION_LIFETIME, Removed,
+};
 pub use messages::{DEFAULT_TTL, SendRequest};
 pub use reasons::DialFailure;
 
@@ -139,6 +143,8 @@ pub enum Input {
         addr: SocketAddr,
         /// This device's end.
         local: Option<SocketAddr>,
+        /// A device that is not a member yet, joining with an invitation (accepted sessions).
+        joining: Option<Joining>,
     },
     /// The session's connection ended (read or write failed, or the peer closed it).
     SessionDown {
@@ -215,8 +221,21 @@ pub enum ApiCall {
         timeout: Duration,
     },
     AddMember(Member),
+    /// Disable or revoke a device.
     RemoveMember {
         name: String,
+        state: MemberState,
+    },
+    /// A one-time invitation valid this long.
+    Invite {
+        lifetime: Duration,
+    },
+    Join(cnsprcy::invitation::Invitation),
+    /// Stop a join under way (its caller gave up).
+    CancelJoin,
+    /// This device leaves the mesh (`force`: even when no member hears of it).
+    Leave {
+        force: bool,
     },
     Retry,
     Send(SendRequest),
@@ -236,6 +255,13 @@ pub enum Answer {
     Peer(Result<PeerInfo, RpcError>),
     Ping(Result<PingResult, RpcError>),
     Member(Result<MemberInfo, RpcError>),
+    Removed(Result<Removed, RpcError>),
+    /// `leave`: how many members were told.
+    Left(Result<usize, RpcError>),
+    Invited(Invited),
+    Joined(Result<Joined, RpcError>),
+    /// `cancel_join`: whether a join was under way.
+    JoinCancelled(bool),
     Retry(RetryOutcome),
     Send(Result<SendResult, RpcError>),
     Messages(Box<MessagesInfo>),
@@ -263,7 +289,7 @@ pub enum PersistOp {
         id: MessageId,
         until_ms: u64,
     },
-    /// Write the roster.
+    /// Write the roster (every entry).
     Roster(Vec<Member>),
 }
 
@@ -278,9 +304,16 @@ pub enum Output {
         session: SessionId,
         reason: String,
     },
+    /// Like `Close`, after the messages queued on the session went out (or a second passed).
+    CloseAfterFlush {
+        session: SessionId,
+        reason: String,
+    },
     Dial {
         peer: PublicKey,
         addresses: Vec<SocketAddr>,
+        /// The invitation to show, when joining through `peer`.
+        joining: Option<Joining>,
     },
     /// Run the handler for a message delivered here; `Input::HandlerDone` follows.
     RunHandler {
@@ -306,6 +339,8 @@ pub enum Output {
     Watch(WatchEvent),
     /// The members whose handshakes to accept changed.
     Members(std::collections::HashSet<PublicKey>),
+    /// The invitations joining devices are checked against changed.
+    Invitations(Invitations),
     /// This device's incarnation (sent in handshakes) changed.
     Incarnation(u64),
 }
@@ -371,13 +406,6 @@ struct PendingPing {
     address: Option<SocketAddr>,
 }
 
-/// A roster change waiting to be on disk before it is answered.
-#[derive(Debug)]
-enum RosterChange {
-    Added(Member),
-    Removed(Member),
-}
-
 pub struct Core<S: StoreAccess> {
     own: PublicKey,
     name: DeviceName,
@@ -413,7 +441,12 @@ pub struct Core<S: StoreAccess> {
     /// Sends whose outbox entry is being made durable, by token.
     storing: Map<Token, (RequestId, MessageId, SendResult)>,
     pending_pings: Map<u64, PendingPing>,
-    roster_changes: Map<Token, (RequestId, RosterChange)>,
+    /// Roster changes waiting to be on disk before they are answered.
+    roster_changes: Map<Token, (RequestId, Answer)>,
+    invitations: Invitations,
+    pending_join: Option<membership::PendingJoin>,
+    /// After `leave`: when to forget the mesh.
+    leaving_at: Option<Instant>,
     /// RTTs last announced in `Neighbors`, to announce again only on real change.
     announced: Vec<(PublicKey, Option<Duration>)>,
     announced_at: Option<Instant>,
@@ -463,7 +496,7 @@ impl<S: StoreAccess> Core<S> {
     pub fn new(setup: Setup, store: S, now: Now) -> Self {
         let mut rng = StdRng::seed_from_u64(setup.seed);
         let incarnation = rand::Rng::random(&mut rng);
-        let roster = Roster::new(setup.members);
+        let roster = Roster::new(setup.own, &setup.name, setup.members, now.wall_ms);
         let mut table = PeerTable::default();
         table.sync_members(roster.members().iter().map(|m| m.public_key), now.mono);
         let network_reported = false;
@@ -492,6 +525,9 @@ impl<S: StoreAccess> Core<S> {
             storing: Map::default(),
             pending_pings: Map::default(),
             roster_changes: Map::default(),
+            invitations: Invitations::default(),
+            pending_join: None,
+            leaving_at: None,
             announced: Vec::new(),
             announced_at: None,
             rtt_announce_due: None,
@@ -546,7 +582,18 @@ impl<S: StoreAccess> Core<S> {
                 incarnation,
                 addr,
                 local,
-            } => self.on_session_up(session, peer, initiator, incarnation, addr, local, now),
+                joining,
+            } => {
+                let admitted = match joining {
+                    Some(joining) if self.roster.get(&peer).is_none() => {
+                        self.admit_joining(session, &peer, &joining, addr, now)
+                    }
+                    _ => true,
+                };
+                if admitted {
+                    self.on_session_up(session, peer, initiator, incarnation, addr, local, now);
+                }
+            }
             Input::SessionDown { session, reason } => self.on_session_down(session, &reason, now),
             Input::Frame { session, message } => self.on_frame(session, message, now),
             Input::Activity { session } => {
@@ -630,6 +677,9 @@ impl<S: StoreAccess> Core<S> {
         if let Some(at) = self.detector_wakeup() {
             wake = wake.min(at);
         }
+        if let Some(at) = self.membership_wakeup() {
+            wake = wake.min(at);
+        }
         if let Some(expiry) = self.next_expiry {
             // Expiry is wall-clock time; a clock step moves it, which the next pass corrects.
             let wait = Duration::from_millis(expiry.saturating_sub(self.clock.wall_ms));
@@ -645,6 +695,8 @@ impl<S: StoreAccess> Core<S> {
         self.poll_sessions(now);
         self.detect_failures(now);
         self.expire_pings(now);
+        self.join_due(now);
+        self.leave_due(now);
         if now.mono >= self.next_housekeeping {
             self.next_housekeeping = now.mono + HOUSEKEEPING;
             self.release_held(now);
@@ -716,8 +768,8 @@ impl<S: StoreAccess> Core<S> {
             self.delivery_recorded(data, result, now);
         } else if let Some((request, id, send)) = self.storing.remove(&token) {
             self.send_stored(request, id, send, result, now);
-        } else if let Some((request, change)) = self.roster_changes.remove(&token) {
-            self.roster_saved(request, change, result, now);
+        } else if let Some((request, answer)) = self.roster_changes.remove(&token) {
+            self.roster_saved(request, answer, result);
         }
     }
 
@@ -780,6 +832,11 @@ impl<S: StoreAccess> Core<S> {
 
     pub fn members(&self) -> &[Member] {
         self.roster.members()
+    }
+
+    /// The roster's digest: equal on devices that hold the same roster.
+    pub fn roster_digest(&self) -> u64 {
+        self.roster.digest()
     }
 }
 

@@ -97,6 +97,15 @@ impl<S: StoreAccess> Core<S> {
             // Added meanwhile: its next dial gets through.
             return;
         }
+        if let Some(entry) = self
+            .roster
+            .entry(&key)
+            .filter(|e| e.state == cnsprcy::wire::MemberState::Revoked)
+        {
+            // Not a stranger to offer for adding: it is refused for good.
+            tracing::debug!("refused {} (revoked) at {addr}", entry.name);
+            return;
+        }
         self.knocks.record(key, addr, now.wall_ms);
     }
 
@@ -208,7 +217,7 @@ impl<S: StoreAccess> Core<S> {
                 PeerReason::NoAddress,
                 format!(
                     "no address known: on the same network discovery finds it; else give one \
-                     with `cnspr manage remove {name} && cnspr manage add {name} {key} ADDRESS`, \
+                     with `cnspr manage add {name} {key} ADDRESS`, \
                      or wait for {name} to dial this device"
                 ),
             ));
@@ -280,11 +289,7 @@ mod tests {
     }
 
     fn member(name: &str, seed: u8, addresses: Vec<SocketAddr>) -> Member {
-        Member {
-            name: DeviceName::new(name).unwrap(),
-            public_key: key(seed),
-            addresses,
-        }
+        Member::new(DeviceName::new(name).unwrap(), key(seed), addresses)
     }
 
     struct Harness {
@@ -458,6 +463,7 @@ mod tests {
                 incarnation: 1,
                 addr: addr(2),
                 local: None,
+                joining: None,
             },
             Duration::from_millis(300),
         );
@@ -511,11 +517,11 @@ mod tests {
         h.input(
             Input::Api {
                 request: 3,
-                call: ApiCall::AddMember(Member {
-                    name: DeviceName::new("new").unwrap(),
-                    public_key: newest,
-                    addresses: Vec::new(),
-                }),
+                call: ApiCall::AddMember(Member::new(
+                    DeviceName::new("new").unwrap(),
+                    newest,
+                    Vec::new(),
+                )),
             },
             Duration::from_secs(4),
         );

@@ -123,6 +123,7 @@ impl<S: StoreAccess> Core<S> {
         self.session_peers.insert(session, peer);
         self.send(session, self.hello());
         self.send(session, self.neighbors_message());
+        self.send_roster_digest(session);
         // For an accepted session, show the address the member listens on at that IP, if known,
         // until its Hello says for sure.
         let shown = if initiator {
@@ -163,17 +164,34 @@ impl<S: StoreAccess> Core<S> {
         }
     }
 
+    /// Ends the session with `peer` from this side once what is queued for it went out.
+    pub(super) fn close_session_after_flush(&mut self, peer: &PublicKey, reason: &str, now: Now) {
+        self.end_session(peer, reason, true, now);
+    }
+
     /// Ends the session with `peer` from this side.
     pub(super) fn close_session(&mut self, peer: &PublicKey, reason: &str, now: Now) {
+        self.end_session(peer, reason, false, now);
+    }
+
+    fn end_session(&mut self, peer: &PublicKey, reason: &str, flush: bool, now: Now) {
         let Some(live) = self.sessions.get(peer) else {
             return;
         };
         let session = live.id;
-        self.outputs.push(Output::Close {
-            session,
-            reason: reason.to_owned(),
+        let reason = reason.to_owned();
+        self.outputs.push(if flush {
+            Output::CloseAfterFlush {
+                session,
+                reason: reason.clone(),
+            }
+        } else {
+            Output::Close {
+                session,
+                reason: reason.clone(),
+            }
         });
-        self.on_session_down(session, reason, now);
+        self.on_session_down(session, &reason, now);
     }
 
     /// Queues `message` on `session`.
@@ -252,6 +270,11 @@ impl<S: StoreAccess> Core<S> {
             }
             Message::Data(data) => self.on_data(data, now),
             Message::Routed(routed) => self.on_routed(&peer, routed, now),
+            Message::RosterDigest(digest) => self.on_roster_digest(session, digest),
+            Message::RosterEntries { entries, answer } => {
+                self.on_roster_entries(session, &peer, entries, answer, now)
+            }
+            Message::JoinRefused(refusal) => self.on_join_refused(&peer, refusal, now),
         }
     }
 
@@ -315,7 +338,7 @@ impl<S: StoreAccess> Core<S> {
     /// The addresses peers may dial besides the one they reached this device at: those of the
     /// interfaces `[mesh] interfaces` allows that are up, without loopback, link-local and
     /// unspecified ones (link-local IPv6 needs a scope no peer could know).
-    fn announced_addresses(&self) -> Vec<IpAddr> {
+    pub(super) fn announced_addresses(&self) -> Vec<IpAddr> {
         netif::usable_addresses(&self.filter, &self.interfaces)
             .into_iter()
             .filter(|ip| !ip.is_loopback() && !ip.is_unspecified() && !ip.is_multicast())
@@ -413,7 +436,12 @@ impl<S: StoreAccess> Core<S> {
                 self.table.dial_failed(&peer, now.mono, jitter);
                 continue;
             }
-            self.outputs.push(Output::Dial { peer, addresses });
+            let joining = self.joining_for(&peer);
+            self.outputs.push(Output::Dial {
+                peer,
+                addresses,
+                joining,
+            });
         }
     }
 
@@ -425,6 +453,7 @@ impl<S: StoreAccess> Core<S> {
         now: Now,
     ) {
         self.note_dial_failure(&peer, failure, error, now);
+        self.join_dial_failed(&peer, error, now);
         let name = self.member_name(&peer);
         let jitter = self.jitter();
         if let Some(delay) = self.table.dial_failed(&peer, now.mono, jitter) {

@@ -707,3 +707,149 @@ fn a_silent_cut_is_noticed_and_repaired() {
     checks::sessions(&world).unwrap();
     checks::statuses(&world).unwrap();
 }
+
+/// The names of the members `device` holds, sorted.
+fn member_names(world: &World, device: DeviceIndex) -> Vec<String> {
+    let core = world.devices[device].core.as_ref().expect("running");
+    core.members().iter().map(|m| m.name.to_string()).collect()
+}
+
+/// Roster changes made on both sides of a partition at once (a revocation on one side; on the
+/// other, the revoked device adding a key and another member disabling a device) end the same
+/// on every device once it heals: the revoked device and the key it added are out everywhere,
+/// the disabled device forgot the mesh, and nobody keeps a session with either.
+#[test]
+fn roster_changes_on_both_sides_of_a_partition_converge() {
+    use cnsprcy::wire::MemberState;
+    use cnsprcy_mesh::core::ApiCall;
+    let mut world = World::new(41, 7, |_, _| true);
+    // d6 is a thief's device: known to nobody yet.
+    for d in 0..7 {
+        world.devices[d]
+            .disk
+            .roster
+            .retain(|m| m.name.as_str() != "d6");
+    }
+    world.forget_members(6);
+    for d in 0..7 {
+        world.start(d);
+    }
+    world.run_for(SECOND * 10);
+    for a in 0..3 {
+        for b in 3..6 {
+            world.set_link(a, b, false);
+        }
+    }
+    world.run_for(SECOND * 5);
+    let name = |world: &World, d: DeviceIndex| world.devices[d].name.clone();
+    let revoke = ApiCall::RemoveMember {
+        name: name(&world, 5),
+        state: MemberState::Revoked,
+    };
+    world.call(0, revoke);
+    // d5, stolen but not yet revoked on its side, adds the thief's key; d4 disables d2.
+    let thief = cnsprcy_mesh::roster::Member::new(
+        cnsprcy::identity::DeviceName::new("d6").unwrap(),
+        world.devices[6].key,
+        vec![world.devices[6].addr],
+    );
+    world.call(5, ApiCall::AddMember(thief));
+    let disable = ApiCall::RemoveMember {
+        name: name(&world, 2),
+        state: MemberState::Disabled,
+    };
+    world.call(4, disable);
+    world.run_for(SECOND * 5);
+    assert!(
+        member_names(&world, 3).contains(&"d6".to_owned()),
+        "the thief's key got in on d5's side: {:?}",
+        member_names(&world, 3)
+    );
+    world.heal_all();
+    world.run_for(SECOND * 30);
+
+    let kept = [0, 1, 3, 4];
+    let digest = world.devices[0].core.as_ref().unwrap().roster_digest();
+    for d in kept {
+        let core = world.devices[d].core.as_ref().unwrap();
+        assert_eq!(core.roster_digest(), digest, "d{d}'s roster differs");
+        assert_eq!(
+            member_names(&world, d),
+            kept.iter()
+                .filter(|k| **k != d)
+                .map(|k| format!("d{k}"))
+                .collect::<Vec<_>>()
+        );
+        for out in [2, 5, 6] {
+            assert!(
+                core.session_of(&world.devices[out].key).is_none(),
+                "d{d} keeps a session with d{out}"
+            );
+        }
+    }
+    assert!(member_names(&world, 2).is_empty(), "d2 forgot the mesh");
+}
+
+/// A device with an empty roster joins with an invitation made by one member and ends up with
+/// a session to every member; a second use of the same invitation is refused.
+#[test]
+fn a_device_joins_with_an_invitation_and_meets_every_member() {
+    use cnsprcy_mesh::core::{Answer, ApiCall};
+    let mut world = World::new(43, 6, |_, _| true);
+    for d in 0..6 {
+        world.devices[d]
+            .disk
+            .roster
+            .retain(|m| m.name.as_str() != "d5");
+    }
+    world.forget_members(5);
+    for d in 0..6 {
+        world.start(d);
+    }
+    world.run_for(SECOND * 10);
+    let lifetime = Duration::from_secs(600);
+    let request = world.call(2, ApiCall::Invite { lifetime });
+    world.run_for(Duration::from_millis(10));
+    let Some(Answer::Invited(invited)) = world.answer(2, request) else {
+        panic!("no invitation: {:?}", world.answer(2, request));
+    };
+    let invitation = cnsprcy::invitation::Invitation {
+        inviter: world.devices[2].key,
+        secret: invited.secret,
+        addresses: vec![world.devices[2].addr],
+    };
+    let join = world.call(5, ApiCall::Join(invitation.clone()));
+    world.run_for(SECOND * 10);
+    assert!(
+        matches!(world.answer(5, join), Some(Answer::Joined(Ok(_)))),
+        "{:?}",
+        world.answer(5, join)
+    );
+    checks::sessions(&world).unwrap();
+    for d in 0..6 {
+        for other in (0..6).filter(|o| *o != d) {
+            let key = world.devices[other].key;
+            let reach = world.devices[d].core.as_ref().unwrap().reach(&key);
+            assert!(
+                matches!(reach, Reach::Direct { .. }),
+                "d{d} sees d{other} {reach:?}"
+            );
+        }
+    }
+    // d5 leaves, then tries the same invitation again: used.
+    let leave = world.call(5, ApiCall::Leave { force: false });
+    world.run_for(SECOND * 5);
+    assert!(matches!(world.answer(5, leave), Some(Answer::Left(Ok(5)))));
+    assert!(member_names(&world, 5).is_empty());
+    assert!(!member_names(&world, 0).contains(&"d5".to_owned()));
+    let again = world.call(5, ApiCall::Join(invitation));
+    world.run_for(SECOND * 5);
+    match world.answer(5, again) {
+        Some(Answer::Joined(Err(e))) => assert!(e.message.contains("used already"), "{e:?}"),
+        other => panic!("joined twice: {other:?}"),
+    }
+    assert!(
+        member_names(&world, 5).is_empty(),
+        "a refused join leaves nothing"
+    );
+}

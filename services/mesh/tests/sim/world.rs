@@ -11,7 +11,7 @@ use cnsprcy::config::MeshConfig;
 use cnsprcy::identity::{DeviceName, Identity, PublicKey};
 use cnsprcy::ipc::{Interface, Outcome, RunResult};
 use cnsprcy::netif::InterfaceFilter;
-use cnsprcy::wire::{Message, MessageId, StoreEntry};
+use cnsprcy::wire::{Joining, Message, MessageId, StoreEntry};
 use cnsprcy_mesh::core::{
     Answer, ApiCall, Core, DialFailure, Input, Now, Output, PersistOp, SendRequest, SessionId,
     Setup,
@@ -79,6 +79,8 @@ pub struct Connection {
     next_seq: [u64; 2],
     /// What was sent in each direction while the link was cut, by sequence number.
     held: [BTreeMap<u64, Segment>; 2],
+    /// The invitation the initiator showed, if it joins through the responder.
+    joining: Option<Joining>,
 }
 
 /// What one end sends the other.
@@ -110,6 +112,7 @@ enum Event {
         life: u64,
         peer: PublicKey,
         target: Option<DeviceIndex>,
+        joining: Option<Joining>,
     },
     /// The responder's side of a connection comes up (with the initiator's first message).
     Accepted { connection: usize },
@@ -189,6 +192,8 @@ pub struct World {
     pub trace: bool,
     /// `expired` events: the device that told it, and when.
     pub expired: Vec<(DeviceIndex, Duration)>,
+    /// Answers to API calls other than the workload's sends.
+    pub answers: Vec<(DeviceIndex, u64, Answer)>,
 }
 
 impl World {
@@ -241,6 +246,7 @@ impl World {
             peak_queues: BTreeMap::new(),
             events_handled: 0,
             expired: Vec::new(),
+            answers: Vec::new(),
             trace: std::env::var_os("CNSPRCY_SIM_TRACE").is_some(),
         };
         for i in 0..n {
@@ -259,14 +265,16 @@ impl World {
         for i in 0..n {
             let roster = (0..n)
                 .filter(|j| *j != i)
-                .map(|j| Member {
-                    name: DeviceName::new(&world.devices[j].name).expect("a valid name"),
-                    public_key: world.devices[j].key,
-                    addresses: if known(i, j) {
-                        vec![world.devices[j].addr]
-                    } else {
-                        Vec::new()
-                    },
+                .map(|j| {
+                    Member::new(
+                        DeviceName::new(&world.devices[j].name).expect("a valid name"),
+                        world.devices[j].key,
+                        if known(i, j) {
+                            vec![world.devices[j].addr]
+                        } else {
+                            Vec::new()
+                        },
+                    )
                 })
                 .collect();
             world.devices[i].disk.roster = roster;
@@ -286,14 +294,30 @@ impl World {
         self.devices[device].disk.roster.clear();
     }
 
+    /// Makes an API call on `device`; its answer lands in `answers` under the returned number.
+    pub fn call(&mut self, device: DeviceIndex, call: cnsprcy_mesh::core::ApiCall) -> u64 {
+        self.next_request += 1;
+        let request = self.next_request;
+        self.input(device, Input::Api { request, call });
+        request
+    }
+
+    /// The answer to `request` on `device`, once there is one.
+    pub fn answer(&self, device: DeviceIndex, request: u64) -> Option<&Answer> {
+        self.answers
+            .iter()
+            .find(|(d, r, _)| *d == device && *r == request)
+            .map(|(_, _, answer)| answer)
+    }
+
     /// `device` adds `member` without an address (`cnspr manage add NAME KEY`).
     pub fn add_member(&mut self, device: DeviceIndex, member: DeviceIndex) {
         self.next_request += 1;
-        let call = cnsprcy_mesh::core::ApiCall::AddMember(Member {
-            name: DeviceName::new(&self.devices[member].name).expect("a valid name"),
-            public_key: self.devices[member].key,
-            addresses: Vec::new(),
-        });
+        let call = cnsprcy_mesh::core::ApiCall::AddMember(Member::new(
+            DeviceName::new(&self.devices[member].name).expect("a valid name"),
+            self.devices[member].key,
+            Vec::new(),
+        ));
         let request = self.next_request;
         self.input(device, Input::Api { request, call });
     }
@@ -544,12 +568,17 @@ impl World {
             }
             match output {
                 Output::Send { session, message } => self.send_frame(device, session, message),
-                Output::Close { session, .. } => {
+                // A FIN follows the frames queued before it here, as the driver's flush does.
+                Output::Close { session, .. } | Output::CloseAfterFlush { session, .. } => {
                     if let Some((c, end)) = self.find_end(device, session) {
                         self.close_end(c, end);
                     }
                 }
-                Output::Dial { peer, addresses } => self.dial(device, peer, &addresses),
+                Output::Dial {
+                    peer,
+                    addresses,
+                    joining,
+                } => self.dial(device, peer, &addresses, joining),
                 Output::RunHandler { run, handler } => {
                     self.runs.push(RunRecord {
                         device,
@@ -561,7 +590,10 @@ impl World {
                 Output::Watch(cnsprcy::api::WatchEvent::Expired { .. }) => {
                     self.expired.push((device, self.now));
                 }
-                Output::RaiseEvent(_) | Output::Watch(_) | Output::Members(_) => {}
+                Output::RaiseEvent(_)
+                | Output::Watch(_)
+                | Output::Members(_)
+                | Output::Invitations(_) => {}
                 Output::Persist { op, token } => {
                     self.schedule(
                         DISK_DELAY,
@@ -617,6 +649,7 @@ impl World {
 
     fn answered(&mut self, device: DeviceIndex, request: u64, answer: Answer) {
         let Some(send) = self.pending_sends.remove(&(device, request)) else {
+            self.answers.push((device, request, answer));
             return;
         };
         self.sends[send].answered = true;
@@ -729,7 +762,13 @@ impl World {
         }
     }
 
-    fn dial(&mut self, device: DeviceIndex, peer: PublicKey, addresses: &[SocketAddr]) {
+    fn dial(
+        &mut self,
+        device: DeviceIndex,
+        peer: PublicKey,
+        addresses: &[SocketAddr],
+        joining: Option<Joining>,
+    ) {
         let life = self.devices[device].life;
         let target = addresses.iter().find_map(|addr| {
             self.devices
@@ -745,6 +784,7 @@ impl World {
                     life,
                     peer,
                     target: None,
+                    joining: None,
                 },
             );
             return;
@@ -757,6 +797,7 @@ impl World {
                     life,
                     peer,
                     target: None,
+                    joining: None,
                 },
             );
             return;
@@ -771,11 +812,18 @@ impl World {
                 life,
                 peer,
                 target: Some(target),
+                joining,
             },
         );
     }
 
-    fn dial_done(&mut self, device: DeviceIndex, peer: PublicKey, target: Option<DeviceIndex>) {
+    fn dial_done(
+        &mut self,
+        device: DeviceIndex,
+        peer: PublicKey,
+        target: Option<DeviceIndex>,
+        joining: Option<Joining>,
+    ) {
         let failed = |world: &mut Self, error: &str| {
             world.input(
                 device,
@@ -807,6 +855,7 @@ impl World {
             last_arrival: [self.now, self.now],
             next_seq: [0, 0],
             held: [BTreeMap::new(), BTreeMap::new()],
+            joining,
         });
         self.ends.insert(initiator_session, (c, 0));
         self.ends.insert(responder_session, (c, 1));
@@ -827,6 +876,7 @@ impl World {
                 incarnation,
                 addr,
                 local,
+                joining: None,
             },
         );
     }
@@ -857,6 +907,7 @@ impl World {
                 incarnation,
                 addr: SocketAddr::new(self.devices[initiator].addr.ip(), 40000),
                 local: Some(self.devices[responder].addr),
+                joining: conn.joining.clone(),
             },
         );
     }
@@ -920,9 +971,10 @@ impl World {
                 life,
                 peer,
                 target,
+                joining,
             } => {
                 if self.devices[device].life == life && self.is_up(device) {
-                    self.dial_done(device, peer, target);
+                    self.dial_done(device, peer, target, joining);
                 }
             }
             Event::Accepted { connection } => self.accepted(connection),

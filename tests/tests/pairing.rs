@@ -1,0 +1,223 @@
+//! Pairing and removing devices, as a user does it, with real daemons in a network namespace
+//! made by the test: invitations (`manage invite` / `join`), the replicated roster, `disable`,
+//! `revoke` and `leave`.
+
+use std::time::Duration;
+
+use cnsprcy::identity::PublicKey;
+use cnsprcy::invitation::Invitation;
+use cnsprcy_tests::netns::NetNs;
+use cnsprcy_tests::{Device, wait_until};
+use nix::sys::signal::Signal;
+
+/// Generous bound for anything that should take a second or two.
+const SOON: Duration = Duration::from_secs(20);
+
+fn device(ns: &NetNs, name: &str, port: u16) -> Device {
+    Device::started_in(ns, name, &format!("127.0.0.1:{port}"))
+}
+
+/// `manage invite --json` on `inviter`: the code.
+fn invite(inviter: &Device, expires: &str) -> String {
+    let invited = inviter.cnspr_json(&["manage", "invite", "--expires", expires]);
+    invited["code"].as_str().expect("code").to_owned()
+}
+
+fn names(device: &Device) -> Vec<String> {
+    device.peers().into_keys().collect()
+}
+
+fn wait_names(device: &Device, expected: &[&str]) {
+    let mut last = Vec::new();
+    let reached = wait_until(SOON, || {
+        last = names(device);
+        last == expected
+    });
+    assert!(
+        reached,
+        "{}: members {last:?}, expected {expected:?}\n{}",
+        device.name,
+        device.log("serve")
+    );
+}
+
+#[test]
+fn devices_join_with_invitations_and_leave_by_disable_revoke_and_leave() {
+    let ns = NetNs::new();
+    let mut alpha = device(&ns, "alpha", 17101);
+    let mut beta = device(&ns, "beta", 17102);
+    let mut gamma = device(&ns, "gamma", 17103);
+    let mut delta = device(&ns, "delta", 17104);
+
+    // beta joins through alpha; the text output says so.
+    let code = invite(&alpha, "15m");
+    beta.cnspr(&["manage", "join", &code])
+        .success()
+        .stdout_has("joined the mesh through alpha");
+    beta.wait_status("alpha", "direct", SOON);
+    alpha.wait_status("beta", "direct", SOON);
+
+    // gamma joins through beta, pasting the code in pieces and in lower case; it connects to
+    // alpha too, with no command on alpha.
+    let code = invite(&beta, "15m").to_lowercase();
+    let (first, rest) = code.split_at(20);
+    let joined = gamma.cnspr_json(&["manage", "join", first, rest]);
+    assert_eq!(joined["inviter"]["name"], "beta");
+    gamma.wait_status("alpha", "direct", SOON);
+    gamma.wait_status("beta", "direct", SOON);
+    alpha.wait_status("gamma", "direct", SOON);
+
+    // The same code again, from delta: used.
+    delta
+        .cnspr(&["manage", "join", &code])
+        .code(1)
+        .stderr_has("was used already");
+    // A code that expired.
+    let expired = invite(&alpha, "1s");
+    std::thread::sleep(Duration::from_millis(1500));
+    delta
+        .cnspr(&["manage", "join", &expired])
+        .code(1)
+        .stderr_has("expired");
+    // A well-formed code alpha never made (a guess).
+    let alpha_key: PublicKey = alpha.public_key().parse().expect("a key");
+    let guessed = Invitation {
+        inviter: alpha_key,
+        secret: [7; 16],
+        addresses: vec!["127.0.0.1:17101".parse().unwrap()],
+    };
+    delta
+        .cnspr(&["manage", "join", &guessed.encode()])
+        .code(1)
+        .stderr_has("does not know this invitation");
+    // A mistyped one: a usage error, without asking anyone.
+    let mut typo = invite(&alpha, "15m");
+    let last = typo.pop().unwrap();
+    typo.push(if last == 'A' { 'B' } else { 'A' });
+    delta
+        .cnspr(&["manage", "join", &typo])
+        .code(2)
+        .stderr_has("mistyped");
+    assert!(
+        names(&delta).is_empty(),
+        "refused joins leave nothing behind"
+    );
+    assert_eq!(names(&alpha), ["beta", "gamma"]);
+
+    // delta joins properly; everyone has everyone.
+    let code = invite(&gamma, "15m");
+    delta.cnspr_json(&["manage", "join", &code]);
+    for device in [&mut alpha, &mut beta, &mut gamma] {
+        device.wait_status("delta", "direct", SOON);
+    }
+    wait_names(&delta, &["alpha", "beta", "gamma"]);
+
+    // beta goes offline; delta is stolen and revoked on alpha.
+    beta.stop_with("serve", Signal::SIGTERM);
+    let revoked = alpha.cnspr_json(&["manage", "revoke", "delta"]);
+    assert_eq!(revoked["member"]["name"], "delta");
+    wait_names(&alpha, &["beta", "gamma"]);
+    wait_names(&gamma, &["alpha", "beta"]);
+    // delta's sessions end, and its dials are refused.
+    delta.wait_status("alpha", "unreachable", SOON);
+    delta.wait_status("gamma", "unreachable", SOON);
+    // beta returns and learns of the revocation from the others: it refuses delta too.
+    beta.start_in(&ns);
+    wait_names(&beta, &["alpha", "gamma"]);
+    delta.cnspr(&["reconnect"]).success();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_ne!(
+        delta.peers()["beta"]["status"],
+        "direct",
+        "{}",
+        beta.log("serve")
+    );
+    // A revoked device cannot be added back.
+    alpha
+        .cnspr(&["manage", "add", "delta", &delta.public_key()])
+        .code(1)
+        .stderr_has("revoked");
+
+    // gamma is disabled from beta: it is told, and forgets the mesh.
+    beta.cnspr(&["manage", "disable", "gamma"])
+        .success()
+        .stdout_has("disabled gamma");
+    wait_names(&gamma, &[]);
+    wait_names(&alpha, &["beta"]);
+
+    // beta leaves: alpha hears of it; beta forgets the mesh.
+    beta.cnspr(&["manage", "leave"])
+        .success()
+        .stdout_has("left the mesh");
+    wait_names(&beta, &[]);
+    wait_names(&alpha, &[]);
+    // Leaving again: no mesh to leave.
+    beta.cnspr(&["manage", "leave"])
+        .code(1)
+        .stderr_has("in no mesh");
+}
+
+/// Three devices on a LAN of namespaces, listening on every address: the invitation carries the
+/// inviter's LAN address, the joiners receive the store written before they came, and `watch`
+/// reports each roster change.
+#[test]
+fn devices_on_a_lan_join_and_receive_the_store() {
+    let lan = cnsprcy_tests::netns::Lan::new(3);
+    let mut devices: Vec<Device> = ["laptop", "desk", "phone"]
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let mut device = Device::new(name);
+            device.configure("0.0.0.0:7332");
+            device.start_in(lan.node(i));
+            device
+        })
+        .collect();
+    devices[0].spawn_in(
+        lan.node(0),
+        "watch",
+        &cnsprcy_tests::bin("cnspr"),
+        &["watch", "--json"],
+    );
+    devices[0]
+        .cnspr(&["db", "set", "greeting", "hello"])
+        .success();
+
+    let invited = devices[0].cnspr_json(&["manage", "invite"]);
+    assert_eq!(
+        invited["addresses"],
+        serde_json::json!([format!("{}:7332", lan.addr(0))]),
+        "the LAN address, not the unspecified listen address"
+    );
+    let code = invited["code"].as_str().unwrap().to_owned();
+    devices[1].cnspr_json(&["manage", "join", &code]);
+    let code = invite(&devices[1], "15m");
+    devices[2].cnspr_json(&["manage", "join", &code]);
+    for (device, others) in [
+        (0, ["desk", "phone"]),
+        (1, ["laptop", "phone"]),
+        (2, ["desk", "laptop"]),
+    ] {
+        for other in others {
+            devices[device].wait_status(other, "direct", SOON);
+        }
+    }
+    for device in &devices[1..] {
+        assert!(
+            wait_until(SOON, || {
+                device.cnspr(&["db", "get", "greeting"]).stdout.trim() == "hello"
+            }),
+            "{} did not receive the store",
+            device.name
+        );
+    }
+    let events = devices[0].log("watch");
+    for joined in ["desk", "phone"] {
+        assert!(
+            events.lines().any(|l| l.contains("\"event\":\"member\"")
+                && l.contains(&format!("\"name\":\"{joined}\""))
+                && l.contains("\"state\":\"active\"")),
+            "no member event for {joined}:\n{events}"
+        );
+    }
+}
