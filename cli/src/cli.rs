@@ -361,6 +361,18 @@ pairing exists, this is how devices are linked."
         #[arg(long)]
         json: bool,
     },
+    /// List every device of the roster: members, this device, disabled and revoked ones
+    #[command(
+        long_about = "List every device the roster holds, as this device sees it: this \
+device, the members, and disabled and revoked devices, with when each last changed and by which \
+device. The roster is the same on every member once changes have spread; compare to check that \
+a revocation reached a device."
+    )]
+    List {
+        /// Print an array of {"name","id","public_key","state","this_device","changed","by"}
+        #[arg(long)]
+        json: bool,
+    },
     /// Make a one-time invitation code for a new device (on a member)
     #[command(
         long_about = "Make a one-time invitation code for a new device, and show it \

@@ -92,6 +92,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Manage(ManageCommand::Remove { name, json }) => {
             peers::remove(&env, &name, json).await
         }
+        Command::Manage(ManageCommand::List { json }) => crate::pairing::list(&env, json).await,
         Command::Manage(ManageCommand::Invite {
             expires,
             no_qr,
@@ -145,6 +146,7 @@ fn talks_to_the_daemon(command: &Command) -> bool {
                 ManageCommand::Add { .. }
                     | ManageCommand::Remove { .. }
                     | ManageCommand::Invite { .. }
+                    | ManageCommand::List { .. }
                     | ManageCommand::Join { .. }
                     | ManageCommand::Disable { .. }
                     | ManageCommand::Revoke { .. }

@@ -5,7 +5,7 @@ use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use cnsprcy::api::MemberInfo;
+use cnsprcy::api::{MemberInfo, RosterInfo};
 use cnsprcy::env::DeviceEnv;
 use cnsprcy::invitation::Invitation;
 use cnsprcy_mesh::core::JOIN_TIMEOUT;
@@ -14,6 +14,38 @@ use serde_json::{Value, json};
 
 use crate::commands::{CallError, call, call_with_timeout, not_running, print_json};
 use crate::peers::call_or_exit;
+
+pub async fn list(env: &DeviceEnv, as_json: bool) -> anyhow::Result<ExitCode> {
+    let value = call_or_exit!(env, as_json, call(env, "members.list", json!({})));
+    if as_json {
+        print_json(&value)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let roster: Vec<RosterInfo> = serde_json::from_value(value)?;
+    let mut rows = vec![[
+        "NAME".to_owned(),
+        "ID".to_owned(),
+        "STATE".to_owned(),
+        "CHANGED".to_owned(),
+        "BY".to_owned(),
+    ]];
+    for entry in &roster {
+        let state = if entry.this_device {
+            format!("{} (this device)", entry.state.as_str())
+        } else {
+            entry.state.as_str().to_owned()
+        };
+        rows.push([
+            entry.name.to_string(),
+            entry.id.to_string(),
+            state,
+            entry.changed.clone().unwrap_or_else(|| "-".into()),
+            entry.by.clone().unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    print!("{}", crate::commands::table(&rows));
+    Ok(ExitCode::SUCCESS)
+}
 
 #[derive(Deserialize)]
 struct Invited {

@@ -299,6 +299,21 @@ pub struct MemberInfo {
     pub addresses: Vec<SocketAddr>,
 }
 
+/// One device of the roster, as `members.list` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RosterInfo {
+    pub name: DeviceName,
+    pub id: DeviceId,
+    pub public_key: PublicKey,
+    pub state: crate::wire::MemberState,
+    /// This device's own entry.
+    pub this_device: bool,
+    /// When the entry last changed (RFC 3339, UTC), if known.
+    pub changed: Option<String>,
+    /// The device that changed it last (its name, or ID if unknown).
+    pub by: Option<String>,
+}
+
 /// The result of `send`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SendResult {

@@ -124,6 +124,31 @@ fn devices_join_with_invitations_and_leave_by_disable_revoke_and_leave() {
     // beta returns and learns of the revocation from the others: it refuses delta too.
     beta.start_in(&ns);
     wait_names(&beta, &["alpha", "gamma"]);
+    let roster = beta.cnspr_json(&["manage", "list"]);
+    let states: Vec<(String, String)> = roster
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let name = e["name"].as_str().unwrap().to_owned();
+            (name, e["state"].as_str().unwrap().to_owned())
+        })
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("beta", "active"),
+            ("alpha", "active"),
+            ("delta", "revoked"),
+            ("gamma", "active")
+        ]
+        .map(|(n, s)| (n.to_owned(), s.to_owned())),
+        "this device first, then by name"
+    );
+    assert_eq!(roster[2]["by"], "alpha");
+    beta.cnspr(&["manage", "list"])
+        .success()
+        .stdout_has("active (this device)");
     delta.cnspr(&["reconnect"]).success();
     std::thread::sleep(Duration::from_secs(2));
     assert_ne!(

@@ -209,6 +209,7 @@ impl Methods for Api<'_> {
             "members.invite",
             "members.join",
             "members.cancel_join",
+            "members.list",
             "retry",
             "send",
             "messages",
@@ -322,6 +323,13 @@ impl Methods for Api<'_> {
                     "expires": humantime::format_rfc3339_seconds(expires).to_string(),
                     "addresses": invited.addresses,
                 }))
+            }
+            "members.list" => {
+                rpc::params::<NoParams>(params)?;
+                match self.mesh.node.call(ApiCall::Roster).await? {
+                    Answer::Roster(roster) => to_value(roster),
+                    other => Err(unexpected(other)),
+                }
             }
             "members.cancel_join" => {
                 rpc::params::<NoParams>(params)?;

@@ -69,6 +69,10 @@ impl<S: StoreAccess> Core<S> {
             ApiCall::RemoveMember { name, state } => self.remove_member(request, &name, state, now),
             ApiCall::Invite { lifetime } => self.invite(request, lifetime, now),
             ApiCall::Join(invitation) => self.join(request, invitation, now),
+            ApiCall::Roster => {
+                let roster = self.roster_info();
+                self.answer(request, Answer::Roster(roster));
+            }
             ApiCall::CancelJoin => {
                 let cancelled = self.cancel_join(now);
                 self.answer(request, Answer::JoinCancelled(cancelled));

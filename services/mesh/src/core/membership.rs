@@ -269,6 +269,29 @@ impl<S: StoreAccess> Core<S> {
         });
     }
 
+    /// Every entry, for `members.list`: this device first, then by name.
+    pub(super) fn roster_info(&self) -> Vec<cnsprcy::api::RosterInfo> {
+        let mut entries = self.roster.entries();
+        entries.sort_by(|a, b| {
+            (a.public_key != self.own, &a.name).cmp(&(b.public_key != self.own, &b.name))
+        });
+        entries
+            .iter()
+            .map(|e| cnsprcy::api::RosterInfo {
+                name: e.name.clone(),
+                id: e.id(),
+                public_key: e.public_key,
+                state: e.state,
+                this_device: e.public_key == self.own,
+                changed: (e.version > 0).then(|| {
+                    let time = std::time::UNIX_EPOCH + Duration::from_millis(e.version);
+                    humantime::format_rfc3339_seconds(time).to_string()
+                }),
+                by: e.author.map(|a| self.device_name(&a)),
+            })
+            .collect()
+    }
+
     /// The name of any device the roster knows, this one included.
     fn device_name(&self, key: &PublicKey) -> String {
         if *key == self.own {

@@ -233,6 +233,8 @@ pub enum ApiCall {
     Join(cnsprcy::invitation::Invitation),
     /// Stop a join under way (its caller gave up).
     CancelJoin,
+    /// Every device of the roster, removed ones included.
+    Roster,
     /// This device leaves the mesh (`force`: even when no member hears of it).
     Leave {
         force: bool,
@@ -262,6 +264,7 @@ pub enum Answer {
     Joined(Result<Joined, RpcError>),
     /// `cancel_join`: whether a join was under way.
     JoinCancelled(bool),
+    Roster(Vec<cnsprcy::api::RosterInfo>),
     Retry(RetryOutcome),
     Send(Result<SendResult, RpcError>),
     Messages(Box<MessagesInfo>),
