@@ -385,7 +385,7 @@ the daemon's memory: a restart cancels them."
     )]
     Invite {
         /// How long the code is valid (15m, 1h, 2d; at most 7d)
-        #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "15m", value_parser = invitation_lifetime)]
         expires: std::time::Duration,
         /// Do not print the QR code
         #[arg(long)]
@@ -465,6 +465,19 @@ this device on a member)."
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `--expires` of `invite`: a duration from 1 s to 7 days.
+fn invitation_lifetime(text: &str) -> Result<std::time::Duration, String> {
+    let lifetime = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    let max = cnsprcy_mesh::core::MAX_INVITATION_LIFETIME;
+    if lifetime < std::time::Duration::from_secs(1) || lifetime > max {
+        return Err(format!(
+            "an invitation is valid from 1s to {}; {text} is not in between",
+            humantime::format_duration(max)
+        ));
+    }
+    Ok(lifetime)
 }
 
 /// Completes member names from this device's roster (read from its file: no daemon needed).

@@ -90,6 +90,11 @@ fn devices_join_with_invitations_and_leave_by_disable_revoke_and_leave() {
         .cnspr(&["manage", "join", &guessed.encode()])
         .code(1)
         .stderr_has("does not know this invitation");
+    // A lifetime out of bounds is a usage error.
+    alpha
+        .cnspr(&["manage", "invite", "--expires", "8d"])
+        .code(2)
+        .stderr_has("from 1s to 7days");
     // A mistyped one: a usage error, without asking anyone.
     let mut typo = invite(&alpha, "15m");
     let last = typo.pop().unwrap();

@@ -445,8 +445,16 @@ impl Roster {
             if author_revoked && entry.state != MemberState::Revoked {
                 continue;
             }
-            let wins = match self.entries.get(&key) {
-                Some(local) => entry.rank(&self.own) > local.rank(&self.own),
+            let wins = match self.entries.get_mut(&key) {
+                Some(local) => {
+                    let wins = entry.rank(&self.own) > local.rank(&self.own);
+                    if !wins && local.addresses.is_empty() && key != *self.own.as_bytes() {
+                        // Where to reach it is worth knowing even from an older entry (a
+                        // joining device's own entry names where it listens).
+                        local.addresses = entry.addresses.clone();
+                    }
+                    wins
+                }
                 None => self.entries.len() < MAX_ROSTER_ENTRIES,
             };
             if !wins {
@@ -576,13 +584,6 @@ impl Roster {
         member.addresses.truncate(MAX_ADDRESSES);
         self.refresh();
         true
-    }
-
-    /// This device's own listen addresses, sent with its entry to members and joiners.
-    pub fn set_own_addresses(&mut self, addresses: Vec<SocketAddr>) {
-        if let Some(own) = self.entries.get_mut(self.own.as_bytes()) {
-            own.addresses = addresses.into_iter().take(MAX_ADDRESSES).collect();
-        }
     }
 }
 
@@ -875,9 +876,16 @@ mod tests {
         j.add_inviter(key(1), vec!["10.0.0.1:7332".parse().unwrap()], 2500)
             .unwrap();
         assert_eq!(j.entry(&key(1)).unwrap().version, 0);
-        // a adds j when it joins, then both exchange rosters.
+        // a adds j when it joins (without an address), then both exchange rosters; j's own
+        // entry, older than a's, still tells a where j listens.
         a.add(member("j", 4), 3000).unwrap();
-        sync(&j, &mut a);
+        let listens: SocketAddr = "10.0.0.4:7332".parse().unwrap();
+        let mut from_j = j.wire_entries();
+        for entry in from_j.iter_mut().filter(|e| e.key == *key(4).as_bytes()) {
+            entry.addresses = vec![listens];
+        }
+        a.merge(&from_j);
+        assert_eq!(a.find("j").unwrap().addresses, [listens]);
         sync(&a, &mut j);
         assert_eq!(names(&j), ["a", "c"]);
         assert_eq!(
