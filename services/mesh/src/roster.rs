@@ -488,12 +488,12 @@ impl Roster {
 
     /// Drops the entries a revoked device wrote last (other than revocations): they came after
     /// the revocation that took over its earlier ones, or never reached the revoking device.
+    ///
+    /// This device's own entry too: one the revoked device wrote (disabling this device, say)
+    /// is void like any other, and the entry the revoking device took over replaces it.
     fn void_entries_by(&mut self, revoked: &PublicKey) {
-        let own = self.own;
-        self.entries.retain(|key, entry| {
-            key == own.as_bytes()
-                || entry.state == MemberState::Revoked
-                || entry.author != Some(*revoked)
+        self.entries.retain(|_, entry| {
+            entry.state == MemberState::Revoked || entry.author != Some(*revoked)
         });
     }
 
@@ -898,6 +898,123 @@ mod tests {
         k.add_inviter(key(1), vec![], 2500).unwrap();
         k.forget_placeholder(&key(1));
         assert!(k.members().is_empty());
+    }
+
+    /// What one device does in the property test below.
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// Device `by` adds device `seed` under `name`.
+        Add {
+            by: usize,
+            seed: u8,
+            name: u8,
+        },
+        Disable {
+            by: usize,
+            seed: u8,
+        },
+        Revoke {
+            by: usize,
+            seed: u8,
+        },
+        Leave {
+            by: usize,
+        },
+        /// Device `from` sends its whole roster to device `to`.
+        Sync {
+            from: usize,
+            to: usize,
+        },
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        // Devices 0..4 run (keys 1..=4); keys 5 and 6 are devices that are only ever added.
+        prop_oneof![
+            (0..4usize, 1..7u8, 0..3u8).prop_map(|(by, seed, name)| Op::Add { by, seed, name }),
+            (0..4usize, 1..7u8).prop_map(|(by, seed)| Op::Disable { by, seed }),
+            (0..4usize, 1..7u8).prop_map(|(by, seed)| Op::Revoke { by, seed }),
+            (0..4usize).prop_map(|by| Op::Leave { by }),
+            (0..4usize, 0..4usize).prop_map(|(from, to)| Op::Sync { from, to }),
+            (0..4usize, 0..4usize).prop_map(|(from, to)| Op::Sync { from, to }),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Whatever devices do to the roster, in whatever order and with whatever partial
+        /// exchanges (a stolen device going on after its revocation included), rosters that
+        /// exchange everything end up equal, and nobody keeps an active entry written by a
+        /// device it knows as revoked.
+        #[test]
+        fn rosters_converge_whatever_happens(ops in proptest::collection::vec(op(), 0..40)) {
+            let mut rosters: Vec<Roster> = (0..4u8)
+                .map(|i| roster(i + 1, &format!("r{}", i + 1)))
+                .collect();
+            for other in 2..=4u8 {
+                rosters[0].add(member(&format!("r{other}"), other), 1000).unwrap();
+            }
+            for to in 1..4 {
+                let entries = rosters[0].wire_entries();
+                rosters[to].merge(&entries);
+            }
+            let name_of = |roster: &Roster, seed: u8| {
+                roster.entry(&key(seed)).map(|e| e.name.to_string())
+            };
+            for (step, op) in ops.into_iter().enumerate() {
+                let now = 2000 + step as u64 * 10;
+                match op {
+                    Op::Add { by, seed, name } => {
+                        let name = DeviceName::new(&format!("n{seed}-{name}")).unwrap();
+                        let _ = rosters[by].add(Member::new(name, key(seed), vec![]), now);
+                    }
+                    Op::Disable { by, seed } | Op::Revoke { by, seed } => {
+                        let state = if matches!(op, Op::Revoke { .. }) {
+                            MemberState::Revoked
+                        } else {
+                            MemberState::Disabled
+                        };
+                        if let Some(name) = name_of(&rosters[by], seed) {
+                            let _ = rosters[by].remove(&name, state, now);
+                        }
+                    }
+                    Op::Leave { by } => {
+                        rosters[by].leave(now);
+                    }
+                    Op::Sync { from, to } => {
+                        let entries = rosters[from].wire_entries();
+                        rosters[to].merge(&entries);
+                    }
+                }
+            }
+            for _ in 0..3 {
+                for from in 0..4 {
+                    for to in 0..4 {
+                        let entries = rosters[from].wire_entries();
+                        rosters[to].merge(&entries);
+                    }
+                }
+            }
+            // A revoked device is out of the mesh: nobody exchanges with it any more, and what
+            // it holds does not matter.
+            let revoked = |seed: u8| rosters.iter().any(|r| r.is_revoked(&key(seed)));
+            let kept: Vec<usize> = (0..4).filter(|i| !revoked(*i as u8 + 1)).collect();
+            for (i, roster) in rosters.iter().enumerate() {
+                if let Some(first) = kept.first() && kept.contains(&i) {
+                    let digest = rosters[*first].digest();
+                    proptest::prop_assert_eq!(roster.digest(), digest, "roster {} differs", i);
+                }
+                if !kept.contains(&i) {
+                    continue;
+                }
+                for entry in roster.entries() {
+                    let author_revoked = entry.author.is_some_and(|a| roster.is_revoked(&a));
+                    proptest::prop_assert!(
+                        !(author_revoked && entry.state != MemberState::Revoked),
+                        "{:?} written by a revoked device", entry
+                    );
+                }
+            }
+        }
     }
 
     #[test]
