@@ -251,3 +251,44 @@ fn devices_on_a_lan_join_and_receive_the_store() {
         );
     }
 }
+
+/// Ctrl-C while `join` waits for an inviting device that does not answer: `join` says so and
+/// exits 130, and the daemon forgets the half-made join (no inviter left in the roster).
+#[test]
+fn ctrl_c_cancels_a_join_cleanly() {
+    let ns = NetNs::new();
+    let joiner = device(&ns, "joiner", 17111);
+    // Something that accepts connections and never answers a handshake.
+    let silent = ns.run_in(|| std::net::TcpListener::bind("127.0.0.1:17119").expect("bind"));
+    let someone = cnsprcy::identity::Identity::from_secret([9; 32]).public_key();
+    let code = Invitation {
+        inviter: someone,
+        secret: [1; 16],
+        addresses: vec!["127.0.0.1:17119".parse().unwrap()],
+    }
+    .encode();
+    let mut join = joiner.command(cnsprcy_tests::bin("cnspr"));
+    join.args(["manage", "join", &code])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    ns.enter(&mut join);
+    let child = join.spawn().expect("spawn join");
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    // The daemon is dialling (the inviter is in the roster as a placeholder meanwhile).
+    assert!(
+        wait_until(SOON, || joiner.log("serve").contains("inviter-")
+            || joiner
+                .cnspr_json(&["manage", "list"])
+                .as_array()
+                .is_some_and(|a| a.len() == 2)),
+        "{}",
+        joiner.log("serve")
+    );
+    nix::sys::signal::kill(pid, Signal::SIGINT).expect("SIGINT");
+    let output = child.wait_with_output().expect("join exits");
+    assert_eq!(output.status.code(), Some(130), "{output:?}");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("join cancelled"));
+    let roster = joiner.cnspr_json(&["manage", "list"]);
+    assert_eq!(roster.as_array().map(Vec::len), Some(1), "{roster}");
+    drop(silent);
+}
