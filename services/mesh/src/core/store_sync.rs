@@ -89,6 +89,10 @@ impl<S: StoreAccess> Core<S> {
         }
         let pick = rand::Rng::random_range(&mut self.rng, 0..keys.len());
         self.store_offer_root(&keys[pick]);
+        // The roster too: changes passed on to every session can still be lost with a
+        // session that ended while sending them.
+        let digest = self.roster.digest();
+        self.send_to(&keys[pick], cnsprcy::wire::Message::RosterDigest(digest));
     }
 
     pub(super) fn on_store(&mut self, from: &PublicKey, body: StoreBody, now: Now) {
