@@ -594,6 +594,9 @@ impl Node {
     }
 }
 
+/// How long a session closed with `CloseAfterFlush` has to send what is queued.
+const FLUSH_GRACE: Duration = Duration::from_secs(1);
+
 /// Dials all of a member's addresses at once and runs the handshake on the first connection
 /// that comes up (then the next, if that handshake fails). Only one handshake at a time: two
 /// completed ones would each replace the other on the far side, and both would die.
@@ -602,9 +605,6 @@ impl Node {
 /// that no route takes the session through another one: the interface the kernel's route picks
 /// when it is allowed, else every allowed interface that could carry the address, at once. An
 /// address that no allowed interface can carry is not dialled.
-/// How long a session closed with `CloseAfterFlush` has to send what is queued.
-const FLUSH_GRACE: Duration = Duration::from_secs(1);
-
 async fn dial(
     handle: NodeHandle,
     key: PublicKey,

@@ -369,7 +369,8 @@ impl<S: StoreAccess> Core<S> {
         };
         let removed = Removed {
             member,
-            kept: changed.collect(),
+            // Members the revoked device had added (its disables are taken over too).
+            kept: changed.filter(|m| m.state == MemberState::Active).collect(),
         };
         self.answer_when_saved(request, token, Answer::Removed(Ok(removed)));
     }
