@@ -331,13 +331,15 @@ first start; use this to choose the name first, or to start over."
         #[arg(long)]
         json: bool,
     },
-    /// Add a member: a device this one accepts sessions from and dials
+    /// Add a member by its key, on every member (for scripts; see `invite`)
     #[command(
         long_about = "Add the device NAME with PUBLIC_KEY (as `cnspr manage id` prints \
-it on that device) to this device's roster, with the addresses it may be reached at, \
-if known (ip:port; an address without a port means port 7332, the default). It takes effect at \
-once; run the same on the other device with this device's key, so each accepts the other. Until \
-pairing exists, this is how devices are linked."
+it on that device) to the mesh's roster, with the addresses it may be reached at, if known \
+(ip:port; an address without a port means port 7332, the default). It takes effect at once on \
+every member: the roster is shared. A device that is in no mesh yet must also add one member the \
+same way, so that it accepts that member; it then learns the rest of the roster. For a new \
+device `cnspr manage invite` and `join` do all this without copying keys. On a device that is a \
+member already (same name and key), `add` only gives its addresses."
     )]
     Add {
         /// The member's name on this device
