@@ -731,9 +731,11 @@ impl<S: StoreAccess> Core<S> {
         self.roster.members().iter().map(|m| m.public_key).collect()
     }
 
+    /// The name of a device the roster knows (a removed one too, for what is logged as it
+    /// goes), or its ID.
     pub(crate) fn member_name(&self, key: &PublicKey) -> String {
         self.roster
-            .get(key)
+            .entry(key)
             .map(|m| m.name.to_string())
             .unwrap_or_else(|| key.device_id().to_string())
     }
