@@ -287,6 +287,11 @@ fn describe(event: &WatchEvent) -> String {
             true => format!("store {key:?} deleted by {writer}"),
             false => format!("store {key:?} set by {writer}"),
         },
+        WatchEvent::JoinRefused {
+            id,
+            address,
+            reason,
+        } => format!("refused device {id} at {address} joining: invitation {reason}"),
         WatchEvent::Member {
             name,
             id,

@@ -468,6 +468,13 @@ pub enum WatchEvent {
         deleted: bool,
         writer: String,
     },
+    /// A device that is not a member tried to join with an invitation this device refused:
+    /// `reason` is `unknown`, `used` or `expired`.
+    JoinRefused {
+        id: DeviceId,
+        address: std::net::SocketAddr,
+        reason: String,
+    },
     /// The roster changed: a device became a member (`active`), or was disabled or revoked,
     /// by the device named `by` (this one or another member).
     Member {

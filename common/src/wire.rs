@@ -123,6 +123,15 @@ pub enum JoinRefusal {
 }
 
 impl JoinRefusal {
+    /// The word `watch` and the API report it by.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JoinRefusal::Unknown => "unknown",
+            JoinRefusal::Used => "used",
+            JoinRefusal::Expired => "expired",
+        }
+    }
+
     pub fn explain(self) -> &'static str {
         match self {
             JoinRefusal::Unknown => {

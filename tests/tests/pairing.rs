@@ -67,11 +67,30 @@ fn devices_join_with_invitations_and_leave_by_disable_revoke_and_leave() {
     gamma.wait_status("beta", "direct", SOON);
     alpha.wait_status("gamma", "direct", SOON);
 
-    // The same code again, from delta: used.
-    delta
-        .cnspr(&["manage", "join", &code])
-        .code(1)
-        .stderr_has("was used already");
+    // The same code again, from delta: used; beta's `watch` reports the attempt.
+    beta.spawn_in(
+        &ns,
+        "watch",
+        &cnsprcy_tests::bin("cnspr"),
+        &["watch", "--json"],
+    );
+    let delta_id = delta.cnspr_json(&["manage", "id"])["id"].clone();
+    // Tried until the event shows: `watch` may not have subscribed yet at the first try.
+    assert!(
+        wait_until(SOON, || {
+            delta
+                .cnspr(&["manage", "join", &code])
+                .code(1)
+                .stderr_has("was used already");
+            beta.log("watch").lines().any(|l| {
+                l.contains("\"event\":\"join_refused\"")
+                    && l.contains("\"reason\":\"used\"")
+                    && l.contains(delta_id.as_str().unwrap())
+            })
+        }),
+        "{}",
+        beta.log("watch")
+    );
     // A code that expired.
     let expired = invite(&alpha, "1s");
     std::thread::sleep(Duration::from_millis(1500));

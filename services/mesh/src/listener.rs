@@ -249,6 +249,11 @@ async fn check_joining(
             refusal.explain()
         )
     });
+    let _ = node.watch.send(cnsprcy::api::WatchEvent::JoinRefused {
+        id,
+        address: addr,
+        reason: refusal.as_str().to_owned(),
+    });
     let refused = cnsprcy::wire::Message::JoinRefused(refusal);
     let _ = tokio::time::timeout(transport::HANDSHAKE_TIMEOUT, session.writer.send(&refused)).await;
     None

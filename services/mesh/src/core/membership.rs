@@ -541,6 +541,11 @@ impl<S: StoreAccess> Core<S> {
                     peer.device_id(),
                     refusal.explain()
                 );
+                self.watch(cnsprcy::api::WatchEvent::JoinRefused {
+                    id: peer.device_id(),
+                    address: addr,
+                    reason: refusal.as_str().to_owned(),
+                });
                 self.send(session, Message::JoinRefused(refusal));
                 self.outputs.push(Output::CloseAfterFlush {
                     session,
