@@ -311,3 +311,26 @@ fn ctrl_c_cancels_a_join_cleanly() {
     assert_eq!(roster.as_array().map(Vec::len), Some(1), "{roster}");
     drop(silent);
 }
+
+/// A device disabled while it was offline learns it when it comes back and dials a member: it
+/// forgets the mesh then, instead of dialling forever.
+#[test]
+fn a_device_disabled_while_offline_is_told_when_it_returns() {
+    let ns = NetNs::new();
+    let mut alpha = device(&ns, "alpha", 17121);
+    let mut beta = device(&ns, "beta", 17122);
+    let code = invite(&alpha, "15m");
+    beta.cnspr_json(&["manage", "join", &code]);
+    alpha.wait_status("beta", "direct", SOON);
+    beta.stop_with("serve", Signal::SIGTERM);
+    alpha.cnspr(&["manage", "disable", "beta"]).success();
+    beta.start_in(&ns);
+    wait_names(&beta, &[]);
+    assert!(
+        beta.log("serve")
+            .contains("this device was disabled by alpha"),
+        "{}",
+        beta.log("serve")
+    );
+    assert!(alpha.log("serve").contains("that it was disabled"));
+}

@@ -164,7 +164,8 @@ pub async fn accept_sessions(listener: TcpListener, node: NodeHandle, shutdown: 
                 let mut session = transport::respond(
                     stream,
                     &node.identity,
-                    |k| node.is_member(k),
+                    // A disabled device completes the handshake too: it is told, below.
+                    |k| node.is_member(k) || node.disabled_entry(k).is_some(),
                     &node.payload(),
                 )
                 .await?;
@@ -235,6 +236,19 @@ async fn check_joining(
     log: &RateLimitedLog,
 ) -> Option<transport::Session> {
     let id = session.remote_key.device_id();
+    if let Some(entry) = node.disabled_entry(&session.remote_key) {
+        // A device disabled while it was away: it learns so, and forgets the mesh.
+        log.warn("disabled", || {
+            format!("told device {id} at {addr} that it was disabled")
+        });
+        let told = cnsprcy::wire::Message::RosterEntries {
+            entries: vec![entry],
+            answer: false,
+        };
+        let _ =
+            tokio::time::timeout(transport::HANDSHAKE_TIMEOUT, session.writer.send(&told)).await;
+        return None;
+    }
     let refusal = match &session.remote.joining {
         Some(joining) => match node.join_refusal(&joining.secret) {
             None => return Some(session),

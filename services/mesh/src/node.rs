@@ -109,6 +109,8 @@ pub struct NodeHandle {
     pub members: Arc<RwLock<HashSet<PublicKey>>>,
     /// The invitations this device made, for the accept path to check joining devices.
     pub invitations: Arc<RwLock<crate::core::Invitations>>,
+    /// Disabled devices and their entries, for the accept path to tell them.
+    pub disabled: Arc<RwLock<HashMap<PublicKey, wire::RosterEntry>>>,
     pub identity: Arc<Identity>,
     /// Random per daemon start, and drawn again when this device's addresses change: peers
     /// then replace the session they had at once (see `core::sessions::keep_new_session`).
@@ -142,6 +144,11 @@ impl NodeHandle {
             },
             Err(_) => Some(wire::JoinRefusal::Unknown),
         }
+    }
+
+    /// The entry that tells a disabled device so, if `key` is one.
+    pub fn disabled_entry(&self, key: &PublicKey) -> Option<wire::RosterEntry> {
+        self.disabled.read().ok()?.get(key).cloned()
     }
 
     pub fn is_member(&self, key: &PublicKey) -> bool {
@@ -280,6 +287,7 @@ impl Node {
             requests: requests_tx,
             members: Arc::new(RwLock::new(HashSet::new())),
             invitations: Arc::default(),
+            disabled: Arc::default(),
             identity: identity.clone(),
             incarnation: Arc::new(AtomicU64::new(0)),
             watch: broadcast::channel(1024).0,
@@ -525,6 +533,11 @@ impl Node {
                 } => {
                     self.tasks
                         .spawn(dial(self.handle.clone(), peer, addresses, joining));
+                }
+                Output::Disabled(disabled) => {
+                    if let Ok(mut shared) = self.handle.disabled.write() {
+                        *shared = disabled;
+                    }
                 }
                 Output::Invitations(invitations) => {
                     if let Ok(mut shared) = self.handle.invitations.write() {

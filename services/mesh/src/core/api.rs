@@ -130,6 +130,7 @@ impl<S: StoreAccess> Core<S> {
         self.table
             .sync_members(self.roster.members().iter().map(|m| m.public_key), now.mono);
         self.outputs.push(Output::Members(self.member_keys()));
+        self.outputs.push(Output::Disabled(self.disabled_entries()));
         self.prune_problems();
         self.persist(PersistOp::Roster(self.roster.entries()), true)
     }

@@ -344,6 +344,9 @@ pub enum Output {
     Members(std::collections::HashSet<PublicKey>),
     /// The invitations joining devices are checked against changed.
     Invitations(Invitations),
+    /// The disabled devices (not revoked ones) and their entries: one that dials this device is
+    /// told, so that it forgets the mesh also when it was offline when it was disabled.
+    Disabled(std::collections::HashMap<PublicKey, cnsprcy::wire::RosterEntry>),
     /// This device's incarnation (sent in handshakes) changed.
     Incarnation(u64),
 }
@@ -558,6 +561,7 @@ impl<S: StoreAccess> Core<S> {
         core.next_expiry = core.outbox.earliest_expiry();
         core.outputs.push(Output::Incarnation(incarnation));
         core.outputs.push(Output::Members(core.member_keys()));
+        core.outputs.push(Output::Disabled(core.disabled_entries()));
         core.raise_event("daemon-start", Vec::new());
         core
     }
@@ -725,6 +729,15 @@ impl<S: StoreAccess> Core<S> {
 
     pub(crate) fn own_bytes(&self) -> KeyBytes {
         *self.own.as_bytes()
+    }
+
+    fn disabled_entries(&self) -> std::collections::HashMap<PublicKey, cnsprcy::wire::RosterEntry> {
+        self.roster
+            .entries()
+            .into_iter()
+            .filter(|e| e.state == MemberState::Disabled && e.public_key != self.own)
+            .map(|e| (e.public_key, e.to_wire(&self.own)))
+            .collect()
     }
 
     fn member_keys(&self) -> std::collections::HashSet<PublicKey> {

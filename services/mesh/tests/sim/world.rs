@@ -593,6 +593,7 @@ impl World {
                 Output::RaiseEvent(_)
                 | Output::Watch(_)
                 | Output::Members(_)
+                | Output::Disabled(_)
                 | Output::Invitations(_) => {}
                 Output::Persist { op, token } => {
                     self.schedule(
