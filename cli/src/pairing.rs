@@ -127,11 +127,7 @@ pub async fn join(env: &DeviceEnv, code: &[String], as_json: bool) -> anyhow::Re
         }
     };
     drop(spinner);
-    let value = match answer {
-        Ok(value) => value,
-        Err(CallError::NotRunning(e)) => return not_running(env, e, as_json),
-        Err(CallError::Other(e)) => return Err(e),
-    };
+    let value = call_or_exit!(env, as_json, std::future::ready(answer));
     if as_json {
         print_json(&value)?;
         return Ok(ExitCode::SUCCESS);

@@ -231,7 +231,8 @@ impl<S: StoreAccess> Core<S> {
             let reason = match state {
                 Some(MemberState::Revoked) => "revoked",
                 Some(_) => "disabled",
-                None => "this device left the mesh",
+                // Forgotten: this device left the mesh, or a join through it failed.
+                None => "no longer in the roster",
             };
             if state == Some(MemberState::Revoked) {
                 self.close_session(key, reason, now);
