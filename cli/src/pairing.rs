@@ -1,4 +1,4 @@
-//! The commands that change who belongs to the mesh: `manage invite`, `join`, `disable`,
+//! The commands about who belongs to the mesh: `manage list`, `invite`, `join`, `disable`,
 //! `revoke` and `leave`.
 
 use std::io::{IsTerminal, Write};
