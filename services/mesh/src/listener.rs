@@ -187,7 +187,7 @@ pub async fn accept_sessions(listener: TcpListener, node: NodeHandle, shutdown: 
             };
             let outcome = match outcome {
                 Ok((session, first)) if !node.is_member(&session.remote_key) => {
-                    match check_joining(session, &node, addr, &log).await {
+                    match admit_non_member(session, &node, addr, &log).await {
                         Some(session) => Ok((session, first)),
                         None => return,
                     }
@@ -226,10 +226,10 @@ pub async fn accept_sessions(listener: TcpListener, node: NodeHandle, shutdown: 
     }
 }
 
-/// A device that is not a member completed a handshake claiming an invitation: it goes on to
-/// the core (which checks again and uses the invitation up) if the invitation is open;
-/// otherwise it is told why not, and the connection ends.
-async fn check_joining(
+/// A device that is not a member completed a handshake. One claiming an open invitation goes
+/// on to the core (which checks again and uses the invitation up); otherwise the device is
+/// told why not (disabled, or the invitation's refusal) and the connection ends here.
+async fn admit_non_member(
     mut session: transport::Session,
     node: &NodeHandle,
     addr: SocketAddr,

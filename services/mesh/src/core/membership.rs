@@ -175,7 +175,8 @@ impl<S: StoreAccess> Core<S> {
     fn dialable_addresses(&self) -> Vec<SocketAddr> {
         let ips = self.announced_addresses();
         let mut addresses = Vec::new();
-        for listen in &self.listening {
+        // Where Hello says this device listens: `[mesh] interfaces` applies alike.
+        for listen in &self.announced_listen() {
             if listen.ip().is_unspecified() {
                 for ip in &ips {
                     if ip.is_ipv4() == listen.is_ipv4() || listen.is_ipv6() {
@@ -643,11 +644,10 @@ impl<S: StoreAccess> Core<S> {
             );
         }
         let before = self.active_keys();
-        if let Err(e) = self.roster.add_inviter(
-            invitation.inviter,
-            invitation.addresses.clone(),
-            now.wall_ms,
-        ) {
+        if let Err(e) = self
+            .roster
+            .add_inviter(invitation.inviter, invitation.addresses.clone())
+        {
             return self.answer(request, Answer::Joined(Err(roster_error(e))));
         }
         self.roster_applied(&before, now);

@@ -354,7 +354,7 @@ impl<S: StoreAccess> Core<S> {
     /// that IP is on an interface `[mesh] interfaces` allows (an unspecified one means "the
     /// address you reached me at", which is on an allowed interface, or the session would not
     /// exist).
-    fn announced_listen(&self) -> Vec<SocketAddr> {
+    pub(super) fn announced_listen(&self) -> Vec<SocketAddr> {
         self.listening
             .iter()
             .filter(|a| {
