@@ -105,6 +105,37 @@ pub enum ToMesh {
         instance: String,
         addresses: Vec<std::net::SocketAddr>,
     },
+    /// From discovery: a device on the local network waits to be paired (`cnspr manage join`
+    /// without a code), advertising its name and public key. Neither is proven: the pairing
+    /// handshake and the confirmation code are.
+    JoinCandidate {
+        name: String,
+        /// The public key as `PublicKey` prints it.
+        key: String,
+        addresses: Vec<std::net::SocketAddr>,
+    },
+}
+
+/// What discovery is to do for pairing, sent whole every time it changes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PairingDiscovery {
+    /// Advertise this device as waiting to be paired (`_cnsprcy-join._tcp`).
+    pub advertise: Option<JoinAdvert>,
+    /// Browse for devices waiting to be paired and report each as `ToMesh::JoinCandidate`.
+    pub browse: bool,
+}
+
+/// This device waiting to be paired, as discovery advertises it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinAdvert {
+    /// The mDNS instance name (unique on the network: the name and the start of the ID).
+    pub instance: String,
+    /// The TCP port the mesh service listens on.
+    pub port: u16,
+    /// The device's name (TXT `name`).
+    pub name: String,
+    /// The device's public key (TXT `key`).
+    pub key: String,
 }
 
 /// A network interface as netwatch sees it.
@@ -128,6 +159,8 @@ pub enum FromMesh {
     /// To discovery: advertise this device as `instance` (a name that changes every hour and
     /// that only members can tell apart) on TCP `port`.
     Advertise { instance: String, port: u16 },
+    /// To discovery: what to advertise and browse for pairing now (replaces the last).
+    Pairing(PairingDiscovery),
 }
 
 /// What the mesh service sends to the handler service on `handlers.sock`.
