@@ -396,21 +396,58 @@ the daemon's memory: a restart cancels them."
         #[arg(long)]
         json: bool,
     },
-    /// Join a mesh with an invitation code (on the new device)
+    /// Join a mesh (on the new device): with an invitation code, or by a member on this network
     #[command(
-        long_about = "Join the mesh of the device that made CODE with `cnspr manage \
-invite`. This device's daemon connects to that device at the addresses in the code, proves the \
-code's secret, and receives the roster (every member) and then the store; the members connect \
-to it by themselves. Waits up to 30 s for the inviting device. A code is refused if it is \
-mistyped (status 2), used already, expired or unknown to the inviting device (status 1); a \
-device that is a member of another mesh must `cnspr manage leave` first. CODE may be given in \
-pieces (as a line-wrapped copy splits it); case, spaces and dashes do not matter."
+        long_about = "Join a mesh. With CODE: join the mesh of the device that made it \
+with `cnspr manage invite`. This device's daemon connects to that device at the addresses in \
+the code, proves the code's secret, and receives the roster (every member) and then the store; \
+the members connect to it by themselves. Waits up to 30 s for the inviting device. A code is \
+refused if it is mistyped (status 2), used already, expired or unknown to the inviting device \
+(status 1). CODE may be given in pieces (as a line-wrapped copy splits it); case, spaces and \
+dashes do not matter.
+
+Without CODE: wait to be inducted by a member on the same local network. This device \
+advertises its name and public key over mDNS until a member runs `cnspr manage induct` and \
+picks it (--timeout, 10 minutes by default). Both screens then show the same 6-digit code: \
+answer y only if they match, and on the member too. The code proves that no other device \
+stands between the two. --expect-inductor ID accepts only that member, without asking (for \
+scripts: the ID is checked by the handshake, so no code needs comparing).
+
+Either way, a device that is a member of another mesh must `cnspr manage leave` first. Ctrl-C \
+cancels, and leaves nothing half-paired."
     )]
     Join {
-        /// The invitation code (CNSPR1-...)
-        #[arg(required = true, num_args = 1..)]
+        /// The invitation code (CNSPR1-...); without one, wait for `cnspr manage induct`
         code: Vec<String>,
-        /// Print {"inviter","members"} as JSON
+        /// Without CODE: accept only the member with this device ID, and confirm without asking
+        #[arg(long, value_name = "ID", conflicts_with = "code")]
+        expect_inductor: Option<String>,
+        /// Without CODE: how long to wait for a member to induct this device (at most 1h)
+        #[arg(long, default_value = "10m", value_parser = pair_wait, conflicts_with = "code")]
+        timeout: std::time::Duration,
+        /// Print {"inviter","members"} as JSON (the pairing code goes to stderr)
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a device on this network that waits in `cnspr manage join` (on a member)
+    #[command(
+        long_about = "Add a device on the same local network to the mesh. On the new \
+device, run `cnspr manage join` (without a code) first: it advertises itself over mDNS. This \
+command lists every device that does, as they appear, and asks which one to add (--timeout, 2 \
+minutes by default). It then connects to the device, and both screens show the same 6-digit \
+code: answer y only if they match, and on the new device too. The device becomes a member \
+once both sides confirmed: it receives the roster and the store, and every member accepts it. \
+--expect-id ID picks that device when it appears and confirms without asking (for scripts: the \
+ID is checked by the handshake). Ctrl-C cancels, and leaves nothing half-paired."
+    )]
+    Induct {
+        /// Add the device with this ID when it appears, without asking
+        #[arg(long, value_name = "ID")]
+        expect_id: Option<String>,
+        /// How long to wait for the device to appear (at most 1h)
+        #[arg(long, default_value = "2m", value_parser = pair_wait)]
+        timeout: std::time::Duration,
+        /// Print {"added":{"name","id"}} as JSON (the pairing code goes to stderr)
         #[arg(long)]
         json: bool,
     },
@@ -480,6 +517,18 @@ fn invitation_lifetime(text: &str) -> Result<std::time::Duration, String> {
         ));
     }
     Ok(lifetime)
+}
+
+fn pair_wait(text: &str) -> Result<std::time::Duration, String> {
+    let wait = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    let max = cnsprcy_mesh::MAX_PAIR_WAIT;
+    if wait < std::time::Duration::from_secs(1) || wait > max {
+        return Err(format!(
+            "a pairing waits from 1s to {}; {text} is not in between",
+            humantime::format_duration(max)
+        ));
+    }
+    Ok(wait)
 }
 
 /// Completes member names from this device's roster (read from its file: no daemon needed).

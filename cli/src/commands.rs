@@ -98,9 +98,23 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             no_qr,
             json,
         }) => crate::pairing::invite(&env, expires, !no_qr, json).await,
-        Command::Manage(ManageCommand::Join { code, json }) => {
-            crate::pairing::join(&env, &code, json).await
+        Command::Manage(ManageCommand::Join {
+            code,
+            expect_inductor,
+            timeout,
+            json,
+        }) => {
+            if code.is_empty() {
+                crate::pairing::wait_to_be_inducted(&env, expect_inductor, timeout, json).await
+            } else {
+                crate::pairing::join(&env, &code, json).await
+            }
         }
+        Command::Manage(ManageCommand::Induct {
+            expect_id,
+            timeout,
+            json,
+        }) => crate::pairing::induct(&env, expect_id, timeout, json).await,
         Command::Manage(ManageCommand::Disable { name, json }) => {
             crate::pairing::disable(&env, &name, json).await
         }

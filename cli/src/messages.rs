@@ -302,6 +302,29 @@ fn describe(event: &WatchEvent) -> String {
             cnsprcy::wire::MemberState::Active => format!("member {name} ({id}) added by {by}"),
             state => format!("member {name} ({id}) {} by {by}", state.as_str()),
         },
+        WatchEvent::JoinCandidate {
+            name,
+            id,
+            addresses,
+        } => format!(
+            "device {name} ({id}) waits to be paired at {}",
+            addresses
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        WatchEvent::PairingRequest {
+            name,
+            id,
+            address,
+            accepted,
+        } => match accepted {
+            true => format!("member {name} ({id}) at {address} inducts this device"),
+            false => format!(
+                "turned away {name} ({id}) at {address}: not the inductor this device expects"
+            ),
+        },
     }
 }
 

@@ -483,6 +483,21 @@ pub enum WatchEvent {
         state: crate::wire::MemberState,
         by: String,
     },
+    /// While `cnspr manage induct` runs: a device on the local network waits to be paired.
+    /// Its name and ID are what it advertises; the pairing code proves them.
+    JoinCandidate {
+        name: String,
+        id: DeviceId,
+        addresses: Vec<std::net::SocketAddr>,
+    },
+    /// While `cnspr manage join` waits without a code: a member dialled to induct this device.
+    /// `accepted` is false when it was turned away (not the `--expect-inductor` device).
+    PairingRequest {
+        name: String,
+        id: DeviceId,
+        address: std::net::SocketAddr,
+        accepted: bool,
+    },
 }
 
 /// The `messages` method's result: what the outbox still owes, and what became of recent

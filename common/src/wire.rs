@@ -45,6 +45,29 @@ pub struct HandshakePayload {
     /// the fields above only when present, so members' handshakes stay as they were.
     #[serde(skip)]
     pub joining: Option<Joining>,
+    /// Sent by a member that dials a device waiting to be paired (`cnspr manage induct`);
+    /// encoded like `joining` (a payload carries at most one of the two).
+    #[serde(skip)]
+    pub inducting: Option<Inducting>,
+}
+
+/// The extension a handshake payload may carry after its fields.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+enum HandshakeExtension {
+    Joining(Joining),
+    Inducting(Inducting),
+}
+
+/// What an inducting member commits to in its first handshake message: the pairing code both
+/// screens show is derived from its nonce, the joiner's and the handshake, and the commitment
+/// keeps either side (or a machine in the middle) from choosing its nonce after seeing the
+/// other's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inducting {
+    /// BLAKE2s of the inductor's pairing nonce, revealed later in `PairNonce`.
+    pub commitment: [u8; 32],
+    /// The name the inducting member goes by.
+    pub name: String,
 }
 
 /// What a joining device proves and asks for in its first handshake message (encrypted to the
@@ -110,6 +133,18 @@ pub enum Message {
     /// From an inviter to a device that tried to join with an invitation it does not accept,
     /// just before it closes the session.
     JoinRefused(JoinRefusal),
+    /// Pairing, on a pairing connection only (never in a member's session): a side's random
+    /// nonce. The joiner sends its own first; the inductor answers with the one it committed
+    /// to in its handshake.
+    PairNonce([u8; 32]),
+    /// Pairing: whether the user (or `--expect-…`) confirmed the code on the sender's side.
+    PairConfirm(bool),
+    /// Pairing: from the inductor once both sides confirmed, an invitation the joiner joins
+    /// with at once (as `cnspr manage join CODE` would).
+    PairInvitation {
+        secret: [u8; 16],
+        addresses: Vec<std::net::SocketAddr>,
+    },
 }
 
 /// Why an inviter refused a joining device.
@@ -388,8 +423,13 @@ impl HandshakePayload {
     pub fn encode(&self) -> Vec<u8> {
         // Integers, a byte array and a string: encoding cannot fail.
         let mut bytes = postcard::to_stdvec(self).expect("payload encodes");
-        if let Some(joining) = &self.joining {
-            bytes.extend(postcard::to_stdvec(joining).expect("payload encodes"));
+        let extension = match (&self.joining, &self.inducting) {
+            (Some(joining), _) => Some(HandshakeExtension::Joining(joining.clone())),
+            (None, Some(inducting)) => Some(HandshakeExtension::Inducting(inducting.clone())),
+            (None, None) => None,
+        };
+        if let Some(extension) = extension {
+            bytes.extend(postcard::to_stdvec(&extension).expect("payload encodes"));
         }
         bytes
     }
@@ -397,7 +437,10 @@ impl HandshakePayload {
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         let (mut payload, rest): (Self, &[u8]) = postcard::take_from_bytes(bytes)?;
         if !rest.is_empty() {
-            payload.joining = Some(postcard::from_bytes(rest)?);
+            match postcard::from_bytes(rest)? {
+                HandshakeExtension::Joining(joining) => payload.joining = Some(joining),
+                HandshakeExtension::Inducting(inducting) => payload.inducting = Some(inducting),
+            }
         }
         Ok(payload)
     }
@@ -457,6 +500,44 @@ mod tests {
     use super::*;
 
     #[test]
+    fn handshake_payloads_carry_one_extension_and_plain_ones_none() {
+        let plain = HandshakePayload {
+            version: PROTOCOL_VERSION,
+            incarnation: 9,
+            joining: None,
+            inducting: None,
+        };
+        // Members' handshakes are exactly the two fields, as before pairing existed.
+        assert_eq!(
+            plain.encode(),
+            postcard::to_stdvec(&(PROTOCOL_VERSION, 9u64)).unwrap()
+        );
+        let joining = HandshakePayload {
+            joining: Some(Joining {
+                secret: [1; 16],
+                name: "phone".into(),
+            }),
+            ..plain.clone()
+        };
+        let inducting = HandshakePayload {
+            inducting: Some(Inducting {
+                commitment: [2; 32],
+                name: "laptop".into(),
+            }),
+            ..plain.clone()
+        };
+        for payload in [plain, joining, inducting] {
+            assert_eq!(
+                HandshakePayload::decode(&payload.encode()).unwrap(),
+                payload
+            );
+        }
+        let mut bad = HandshakePayload::decode(&[3, 9]).unwrap().encode();
+        bad.push(7);
+        assert!(HandshakePayload::decode(&bad).is_err());
+    }
+
+    #[test]
     fn messages_round_trip() {
         let messages = [
             Message::Hello(Hello {
@@ -481,6 +562,12 @@ mod tests {
                 hops: 1,
                 body: RoutedBody::Pong { nonce: 9 },
             }),
+            Message::PairNonce([4; 32]),
+            Message::PairConfirm(true),
+            Message::PairInvitation {
+                secret: [5; 16],
+                addresses: vec!["192.168.1.20:7332".parse().unwrap()],
+            },
         ];
         let routed = RoutedBody::Store(StoreBody::Want(vec!["k".into()]));
         assert_eq!(

@@ -58,11 +58,13 @@ static P1: HandshakePayload = HandshakePayload {
     version: wire::PROTOCOL_VERSION,
     incarnation: 1,
     joining: None,
+    inducting: None,
 };
 static P2: HandshakePayload = HandshakePayload {
     version: wire::PROTOCOL_VERSION,
     incarnation: 2,
     joining: None,
+    inducting: None,
 };
 /// A nonce of the size a random one usually has (postcard varint: 10 bytes).
 const NONCE: u64 = 0xdead_beef_dead_beef;

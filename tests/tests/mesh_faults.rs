@@ -98,6 +98,7 @@ fn payload() -> HandshakePayload {
         version: wire::PROTOCOL_VERSION,
         incarnation: 42,
         joining: None,
+        inducting: None,
     }
 }
 

@@ -63,6 +63,44 @@ struct JoinParams {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct PairWaitParams {
+    /// Only the member with this device ID may induct this device.
+    #[serde(default)]
+    expect_inductor: Option<String>,
+    /// How long to wait for an inductor; 10 minutes when absent.
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+}
+
+/// `pair_wait` waits this long for an inductor unless told otherwise.
+const DEFAULT_PAIR_WAIT_MS: u64 = 10 * 60 * 1000;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CandidatesParams {
+    /// Answer at once when more than this many devices are listed.
+    #[serde(default)]
+    known: usize,
+    /// Otherwise wait this long for another one.
+    #[serde(default)]
+    wait_ms: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InductParams {
+    /// A device ID (as `members.candidates` lists it) or a public key.
+    id: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfirmParams {
+    accept: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct LeaveParams {
     #[serde(default)]
     force: bool,
@@ -209,6 +247,11 @@ impl Methods for Api<'_> {
             "members.invite",
             "members.join",
             "members.cancel_join",
+            "members.pair_wait",
+            "members.candidates",
+            "members.induct",
+            "members.pair_confirm",
+            "members.pair_cancel",
             "members.list",
             "retry",
             "send",
@@ -340,6 +383,113 @@ impl Methods for Api<'_> {
                     other => Err(unexpected(other)),
                 }
             }
+            "members.pair_wait" => {
+                let PairWaitParams {
+                    expect_inductor,
+                    timeout_ms,
+                } = rpc::params(params)?;
+                let expect = expect_inductor
+                    .map(|id| id.parse::<cnsprcy::identity::DeviceId>())
+                    .transpose()
+                    .map_err(|e| RpcError::invalid_params(e.to_string()))?;
+                let timeout_ms = timeout_ms.unwrap_or(DEFAULT_PAIR_WAIT_MS);
+                let max = crate::pairing::MAX_WAIT.as_millis() as u64;
+                if timeout_ms == 0 || timeout_ms > max {
+                    return Err(RpcError::invalid_params(format!(
+                        "invalid params: timeout_ms must be between 1 and {max} (1 hour)"
+                    )));
+                }
+                self.discovery_for_pairing()?;
+                let coded = self
+                    .mesh
+                    .node
+                    .pairing
+                    .wait_for_inductor(&self.mesh.node, expect, Duration::from_millis(timeout_ms))
+                    .await?;
+                Ok(coded_value(&coded, "inductor"))
+            }
+            "members.candidates" => {
+                let CandidatesParams { known, wait_ms } = rpc::params(params)?;
+                self.discovery_for_pairing()?;
+                let wait = Duration::from_millis(wait_ms.min(MAX_WAIT_MS));
+                let candidates = self
+                    .mesh
+                    .node
+                    .pairing
+                    .candidates(&self.mesh.node, known, wait)
+                    .await;
+                let listed: Vec<Value> = candidates
+                    .iter()
+                    .map(|c| {
+                        serde_json::json!({
+                            "name": c.name,
+                            "id": c.key.device_id(),
+                            "key": c.key.to_string(),
+                            "addresses": c.addresses,
+                        })
+                    })
+                    .collect();
+                Ok(serde_json::json!({ "candidates": listed }))
+            }
+            "members.induct" => {
+                let InductParams { id } = rpc::params(params)?;
+                self.discovery_for_pairing()?;
+                let key = match id.parse::<PublicKey>() {
+                    Ok(key) => key,
+                    Err(_) => {
+                        let id = id
+                            .parse::<cnsprcy::identity::DeviceId>()
+                            .map_err(|e| RpcError::invalid_params(e.to_string()))?;
+                        let candidates = self
+                            .mesh
+                            .node
+                            .pairing
+                            .candidates(&self.mesh.node, usize::MAX, Duration::ZERO)
+                            .await;
+                        match candidates.iter().find(|c| c.key.device_id() == id) {
+                            Some(candidate) => candidate.key,
+                            None => {
+                                return Err(RpcError::new(
+                                    crate::core::code::NOT_FOUND,
+                                    format!(
+                                        "no device {id} waits to be paired on the local network; run `cnspr manage join` (without a code) on it first"
+                                    ),
+                                ));
+                            }
+                        }
+                    }
+                };
+                let coded = self.mesh.node.pairing.induct(&self.mesh.node, key).await?;
+                Ok(coded_value(&coded, "joiner"))
+            }
+            "members.pair_confirm" => {
+                let ConfirmParams { accept } = rpc::params(params)?;
+                match self
+                    .mesh
+                    .node
+                    .pairing
+                    .confirm(&self.mesh.node, accept)
+                    .await?
+                {
+                    crate::pairing::Confirmed::Joined(joined) => Ok(serde_json::json!({
+                        "inviter": crate::core::member_info(&joined.inviter),
+                        "members": joined.members,
+                    })),
+                    crate::pairing::Confirmed::Inducted { name, id } => {
+                        Ok(serde_json::json!({ "added": { "name": name, "id": id } }))
+                    }
+                }
+            }
+            "members.pair_cancel" => {
+                rpc::params::<NoParams>(params)?;
+                let pairing = self.mesh.node.pairing.cancel();
+                // A confirmed pairing may be joining already: that ends too.
+                let join = match self.mesh.node.call(ApiCall::CancelJoin).await? {
+                    Answer::JoinCancelled(cancelled) => cancelled,
+                    other => return Err(unexpected(other)),
+                };
+                Ok(serde_json::json!({ "cancelled": pairing || join }))
+            }
             "members.join" => {
                 let JoinParams { code } = rpc::params(params)?;
                 let invitation = cnsprcy::invitation::Invitation::parse(&code)
@@ -432,7 +582,32 @@ pub(crate) fn unexpected(answer: Answer) -> RpcError {
     RpcError::internal(format!("unexpected answer from the mesh: {answer:?}"))
 }
 
+/// A pairing step that got as far as the code, as `pair_wait` and `induct` answer it.
+fn coded_value(coded: &crate::pairing::Coded, peer: &str) -> Value {
+    serde_json::json!({
+        "code": crate::pairing::format_code(coded.code),
+        peer: { "name": coded.peer_name, "id": coded.peer_id },
+    })
+}
+
 impl Api<'_> {
+    /// Pairing on the local network needs the discovery service.
+    fn discovery_for_pairing(&self) -> Result<(), RpcError> {
+        if !self.mesh.env.config.discovery.enabled {
+            return Err(RpcError::new(
+                rpc::code::UNAVAILABLE,
+                "discovery is off on this device ([discovery] enabled = false), and pairing on the local network needs it; pair with an invitation instead: `cnspr manage invite` on a member, `cnspr manage join CODE` on the new device",
+            ));
+        }
+        if self.mesh.registry.get(ServiceKind::Discovery).is_none() {
+            return Err(RpcError::new(
+                rpc::code::UNAVAILABLE,
+                "the discovery service is not running, and pairing on the local network needs it; `cnspr doctor` says why, or pair with an invitation (`cnspr manage invite`)",
+            ));
+        }
+        Ok(())
+    }
+
     /// Whether this connection subscribed to events.
     pub fn is_subscribed(&self) -> bool {
         self.mesh.connections.is_subscribed(self.connection)

@@ -15,6 +15,7 @@ pub mod liveness;
 pub mod messaging;
 mod node;
 pub mod ordering;
+mod pairing;
 pub mod peers;
 mod persist;
 mod ratelimit;
@@ -27,6 +28,8 @@ pub mod transport;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+pub use pairing::{CONFIRM_TIMEOUT, EXCHANGE_TIMEOUT, MAX_WAIT as MAX_PAIR_WAIT};
 
 use cnsprcy::env::DeviceEnv;
 use cnsprcy::framing::JsonConnection;
@@ -247,6 +250,9 @@ async fn serve_internal(mesh: Arc<Mesh>, stream: UnixStream, shutdown: Cancellat
     let ticket = mesh.registry.register(service, pid);
     tracing::info!(%service, pid, %version, "service registered");
     let mut advertised_epoch = None;
+    let mut pairing_wish = mesh.node.pairing.discovery_wish();
+    // A discovery service that (re)registers mid-pairing learns what to do at once.
+    pairing_wish.mark_changed();
     loop {
         // Discovery advertises a name that changes every epoch: tell it the current one.
         if service == ServiceKind::Discovery {
@@ -268,9 +274,26 @@ async fn serve_internal(mesh: Arc<Mesh>, stream: UnixStream, shutdown: Cancellat
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs() % cnsprcy::identity::DISCOVERY_EPOCH_SECS),
         ));
+        let pairing_changed = async {
+            if service == ServiceKind::Discovery {
+                pairing_wish.changed().await
+            } else {
+                std::future::pending().await
+            }
+        };
         let message = tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = next_epoch => continue,
+            changed = pairing_changed => {
+                if changed.is_err() {
+                    break;
+                }
+                let wish = pairing_wish.borrow_and_update().clone();
+                if conn.send(&FromMesh::Pairing(wish)).await.is_err() {
+                    break;
+                }
+                continue;
+            }
             message = conn.recv::<ToMesh>() => message,
         };
         match message {
@@ -286,6 +309,15 @@ async fn serve_internal(mesh: Arc<Mesh>, stream: UnixStream, shutdown: Cancellat
                         addresses,
                     })
                     .await;
+            }
+            Ok(Some(ToMesh::JoinCandidate {
+                name,
+                key,
+                addresses,
+            })) if service == ServiceKind::Discovery => {
+                mesh.node
+                    .pairing
+                    .candidate(&mesh.node, name, &key, addresses);
             }
             Ok(Some(ToMesh::Network { interfaces })) if service == ServiceKind::Netwatch => {
                 let _ = mesh

@@ -169,6 +169,11 @@ pub async fn accept_sessions(listener: TcpListener, node: NodeHandle, shutdown: 
                     &node.payload(),
                 )
                 .await?;
+                // An inductor waits for this device's nonce before it says more (and one that
+                // replays a recorded handshake learns nothing from it).
+                if session.remote.inducting.is_some() && !node.is_member(&session.remote_key) {
+                    return Ok((session, None));
+                }
                 let first =
                     tokio::time::timeout(transport::HANDSHAKE_TIMEOUT, session.reader.recv())
                         .await
@@ -226,9 +231,10 @@ pub async fn accept_sessions(listener: TcpListener, node: NodeHandle, shutdown: 
     }
 }
 
-/// A device that is not a member completed a handshake. One claiming an open invitation goes
-/// on to the core (which checks again and uses the invitation up); otherwise the device is
-/// told why not (disabled, or the invitation's refusal) and the connection ends here.
+/// A device that is not a member completed a handshake. One inducting this device goes to the
+/// pairing under way (if any); one claiming an open invitation goes on to the core (which
+/// checks again and uses the invitation up); otherwise the device is told why not (disabled,
+/// or the invitation's refusal) and the connection ends here.
 async fn admit_non_member(
     mut session: transport::Session,
     node: &NodeHandle,
@@ -236,6 +242,10 @@ async fn admit_non_member(
     log: &RateLimitedLog,
 ) -> Option<transport::Session> {
     let id = session.remote_key.device_id();
+    if session.remote.inducting.is_some() {
+        node.pairing.offer(session, addr);
+        return None;
+    }
     if let Some(entry) = node.disabled_entry(&session.remote_key) {
         // A device disabled while it was away: it learns so, and forgets the mesh.
         log.warn("disabled", || {

@@ -121,6 +121,8 @@ pub struct NodeHandle {
     pub store: Arc<Store>,
     /// `[mesh] interfaces` and the interfaces this device has.
     pub interfaces: Arc<Interfaces>,
+    /// Pairing on the local network (`manage join` without a code, `manage induct`).
+    pub pairing: Arc<crate::pairing::Pairing>,
 }
 
 impl NodeHandle {
@@ -130,6 +132,7 @@ impl NodeHandle {
             version: wire::PROTOCOL_VERSION,
             incarnation: self.incarnation.load(Ordering::Relaxed),
             joining: None,
+            inducting: None,
         }
     }
 
@@ -293,7 +296,14 @@ impl Node {
             watch: broadcast::channel(1024).0,
             store: store.clone(),
             interfaces: interfaces.clone(),
+            pairing: Arc::new(crate::pairing::Pairing::new(
+                name.clone(),
+                identity.public_key(),
+            )),
         };
+        handle
+            .pairing
+            .set_listen_port(listening.first().map_or(0, |a| a.port()));
         let (done_tx, persisted) = mpsc::unbounded_channel();
         let (jobs, writer) = crate::persist::spawn_writer(files, done_tx)?;
         let now = Now::system();

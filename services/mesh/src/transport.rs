@@ -100,6 +100,9 @@ pub struct Session {
     pub writer: SessionWriter,
     pub remote_key: PublicKey,
     pub remote: HandshakePayload,
+    /// The Noise handshake hash: both sides hold the same one, and a machine in the middle
+    /// (running a handshake with each) holds two others. Pairing derives its code from it.
+    pub handshake_hash: Vec<u8>,
 }
 
 pub struct SessionReader {
@@ -146,7 +149,8 @@ pub async fn initiate(
 }
 
 /// Accepts a session on `stream` (we are the Noise responder) if `is_member` accepts the
-/// initiator's key, or the initiator joins with an invitation (which the caller checks);
+/// initiator's key, or the initiator joins with an invitation or inducts this device (which
+/// the caller checks);
 /// otherwise drops the connection before answering.
 pub async fn respond(
     stream: TcpStream,
@@ -171,7 +175,7 @@ pub async fn respond(
             Err(_) if !member => return Err(TransportError::NotAMember(remote_key)),
             Err(e) => return Err(TransportError::Protocol(e.to_string())),
         };
-        if !member && remote.joining.is_none() {
+        if !member && remote.joining.is_none() && remote.inducting.is_none() {
             return Err(TransportError::NotAMember(remote_key));
         }
         check_version(&remote)?;
@@ -190,6 +194,7 @@ impl Session {
         remote_key: PublicKey,
         remote: HandshakePayload,
     ) -> Result<Self, TransportError> {
+        let handshake_hash = noise.get_handshake_hash().to_vec();
         let noise = Arc::new(noise.into_stateless_transport_mode()?);
         let parts = wire.into_parts();
         let (read, write) = parts.io.into_split();
@@ -213,6 +218,7 @@ impl Session {
             },
             remote_key,
             remote,
+            handshake_hash,
         })
     }
 }
@@ -292,11 +298,13 @@ mod tests {
         version: wire::PROTOCOL_VERSION,
         incarnation: 1,
         joining: None,
+        inducting: None,
     };
     static P2: HandshakePayload = HandshakePayload {
         version: wire::PROTOCOL_VERSION,
         incarnation: 2,
         joining: None,
+        inducting: None,
     };
 
     #[tokio::test]
@@ -313,6 +321,8 @@ mod tests {
         assert_eq!(ra.remote.incarnation, 2);
         assert_eq!(rb.remote.incarnation, 1);
         assert_eq!(rb.remote_key, a_key);
+        assert_eq!(ra.handshake_hash, rb.handshake_hash);
+        assert_eq!(ra.handshake_hash.len(), 32);
         let big = Message::Hello(wire::Hello {
             name: "x".repeat(3_000_000),
             listen: vec![],
