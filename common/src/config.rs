@@ -600,7 +600,9 @@ pub const EXAMPLE: &str = r#"# cnsprcy configuration: $XDG_CONFIG_HOME/cnsprcy/c
 [discovery]
 # Advertise this device on the local network with mDNS-SD (service _cnsprcy._tcp) under a name
 # that changes every hour and that only members recognise, and find members there without any
-# configured address. Strangers' advertisements are ignored.
+# configured address. Strangers' advertisements are ignored. While `cnspr manage join` runs
+# without a code, the device also advertises _cnsprcy-join._tcp with its name and public key;
+# while `cnspr manage induct` runs, it looks for those.
 # enabled = true
 
 # The network interfaces mDNS advertises and browses on. Empty: every interface that is up,
