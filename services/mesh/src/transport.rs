@@ -14,7 +14,7 @@ use futures_util::{SinkExt, StreamExt};
 use thiserror::Error;
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio_util::codec::{Framed, FramedRead, FramedWrite, LengthDelimitedCodec};
+use tokio_util::codec::{Decoder, Framed, FramedRead, FramedWrite, LengthDelimitedCodec};
 
 /// A handshake must complete within this time, or the connection is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -107,6 +107,8 @@ pub struct Session {
 
 pub struct SessionReader {
     frames: FramedRead<OwnedReadHalf, LengthDelimitedCodec>,
+    /// Whole frames that arrived with the handshake, read before `frames`.
+    early: std::collections::VecDeque<bytes::BytesMut>,
     /// When the last frame arrived: a long message in many chunks is traffic too.
     last_frame: std::time::Instant,
     noise: Arc<snow::StatelessTransportState>,
@@ -198,12 +200,21 @@ impl Session {
         let noise = Arc::new(noise.into_stateless_transport_mode()?);
         let parts = wire.into_parts();
         let (read, write) = parts.io.into_split();
-        let mut frames = FramedRead::new(read, parts.codec.clone());
-        // Bytes the peer sent right after the handshake may already be buffered.
-        frames.read_buffer_mut().extend_from_slice(&parts.read_buf);
+        // Frames the peer sent right after the handshake may have arrived with it. A new
+        // FramedRead does not look at its buffer before the socket has more to read, so
+        // whole frames are taken out here; the rest (part of a frame) waits for its remainder.
+        let mut codec = parts.codec.clone();
+        let mut buffered = parts.read_buf;
+        let mut early = std::collections::VecDeque::new();
+        while let Some(frame) = codec.decode(&mut buffered)? {
+            early.push_back(frame);
+        }
+        let mut frames = FramedRead::new(read, codec);
+        frames.read_buffer_mut().extend_from_slice(&buffered);
         Ok(Self {
             reader: SessionReader {
                 frames,
+                early,
                 last_frame: std::time::Instant::now(),
                 noise: noise.clone(),
                 nonce: 0,
@@ -262,9 +273,12 @@ impl SessionReader {
     /// for the next frame, and keeps partial messages across calls.
     pub async fn recv(&mut self) -> Result<Option<Message>, TransportError> {
         loop {
-            let frame = match self.frames.next().await {
-                Some(frame) => frame?,
-                None => return Err(TransportError::Closed),
+            let frame = match self.early.pop_front() {
+                Some(frame) => frame,
+                None => match self.frames.next().await {
+                    Some(frame) => frame?,
+                    None => return Err(TransportError::Closed),
+                },
             };
             self.last_frame = std::time::Instant::now();
             let len = self
@@ -344,6 +358,41 @@ mod tests {
             ra.reader.recv().await.unwrap(),
             Some(Message::Pong { nonce: 5 })
         );
+    }
+
+    #[tokio::test]
+    async fn messages_that_arrive_with_the_handshake_are_read_at_once() {
+        let (a, b) = (Identity::generate(), Identity::generate());
+        let (sa, sb) = pair().await;
+        let (a_key, b_key) = (a.public_key(), b.public_key());
+        let responder = tokio::spawn(async move {
+            let mut session = respond(sb, &b, |k| *k == a_key, &P2).await.unwrap();
+            session.writer.send(&Message::Pong { nonce: 1 }).await.unwrap();
+            session.writer.send(&Message::Pong { nonce: 2 }).await.unwrap();
+            // Nothing more is sent while the other side reads.
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        });
+        // The initiator's handshake by hand, reading only once the reply and both messages
+        // are in, so that they arrive in one buffer as they may on a real network.
+        let mut noise = builder(&a)
+            .remote_public_key(b_key.as_bytes())
+            .unwrap()
+            .build_initiator()
+            .unwrap();
+        let mut wire = wire(sa);
+        let mut buf = vec![0u8; MAX_NOISE_MESSAGE];
+        let len = noise.write_message(&P1.encode(), &mut buf).unwrap();
+        wire.send(Bytes::copy_from_slice(&buf[..len])).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let reply = next_frame(&mut wire).await.unwrap();
+        let len = noise.read_message(&reply, &mut buf).unwrap();
+        let remote = HandshakePayload::decode(&buf[..len]).unwrap();
+        let mut session = Session::new(wire, noise, a.public_key(), remote).unwrap();
+        for nonce in [1, 2] {
+            let got = tokio::time::timeout(Duration::from_secs(5), session.reader.recv()).await;
+            assert_eq!(got.expect("read at once").unwrap(), Some(Message::Pong { nonce }));
+        }
+        responder.abort();
     }
 
     #[tokio::test]
