@@ -398,12 +398,11 @@ impl Pairing {
             let nonce: [u8; 32] = rand::random();
             let exchanged = async {
                 session.writer.send(&Message::PairNonce(nonce)).await?;
-                match session.reader.recv().await? {
-                    Some(Message::PairNonce(theirs)) => Ok(theirs),
-                    Some(other) => Err(transport::TransportError::Protocol(format!(
+                match next_message(&mut session).await? {
+                    Message::PairNonce(theirs) => Ok(theirs),
+                    other => Err(transport::TransportError::Protocol(format!(
                         "expected the inductor's nonce, got {other:?}"
                     ))),
-                    None => Err(transport::TransportError::Closed),
                 }
             };
             let theirs = match tokio::time::timeout(EXCHANGE_TIMEOUT, exchanged).await {
@@ -610,7 +609,7 @@ impl Pairing {
         let id = key.device_id();
         let exchange = async {
             let (mut session, local) = connect(node, &candidate, &payload).await?;
-            let theirs = tokio::time::timeout(EXCHANGE_TIMEOUT, session.reader.recv())
+            let theirs = tokio::time::timeout(EXCHANGE_TIMEOUT, next_message(&mut session))
                 .await
                 .map_err(|_| {
                     format!(
@@ -620,15 +619,15 @@ impl Pairing {
                     )
                 })?;
             let theirs = match theirs {
-                Ok(Some(Message::PairNonce(theirs))) => theirs,
-                Ok(Some(Message::PairConfirm(false))) => {
+                Ok(Message::PairNonce(theirs)) => theirs,
+                Ok(Message::PairConfirm(false)) => {
                     return Err(format!(
                         "{} turned this device away: it waits for another inductor (`--expect-inductor`)",
                         candidate.name
                     ));
                 }
-                Ok(Some(other)) => return Err(format!("unexpected answer {other:?}")),
-                Ok(None) | Err(transport::TransportError::Closed) => {
+                Ok(other) => return Err(format!("unexpected answer {other:?}")),
+                Err(transport::TransportError::Closed) => {
                     return Err(format!(
                         "{} closed the connection: it is pairing with another device, or stopped waiting",
                         candidate.name
@@ -726,10 +725,10 @@ impl Pairing {
         let unreachable = |what: String| error(code::UNREACHABLE, what);
         let decided = async {
             loop {
-                match session.reader.recv().await {
-                    Ok(Some(Message::PairConfirm(theirs))) => return Ok(theirs),
-                    Ok(Some(_)) => continue,
-                    Ok(None) | Err(_) => {
+                match next_message(&mut session).await {
+                    Ok(Message::PairConfirm(theirs)) => return Ok(theirs),
+                    Ok(_) => continue,
+                    Err(_) => {
                         return Err(unreachable(format!(
                             "{peer_name} closed the pairing (cancelled there?); nothing was changed"
                         )));
@@ -857,15 +856,15 @@ impl Pairing {
     ) -> Result<Confirmed, RpcError> {
         let inviter = session.remote_key;
         let invitation = loop {
-            match tokio::time::timeout(EXCHANGE_TIMEOUT, session.reader.recv()).await {
-                Ok(Ok(Some(Message::PairInvitation { secret, addresses }))) => {
+            match tokio::time::timeout(EXCHANGE_TIMEOUT, next_message(&mut session)).await {
+                Ok(Ok(Message::PairInvitation { secret, addresses })) => {
                     break Invitation {
                         inviter,
                         secret,
                         addresses,
                     };
                 }
-                Ok(Ok(Some(_))) => continue,
+                Ok(Ok(_)) => continue,
                 _ => {
                     return Err(error(
                         code::UNREACHABLE,
@@ -878,6 +877,15 @@ impl Pairing {
         match node.call(ApiCall::Join(invitation)).await? {
             Answer::Joined(joined) => Ok(Confirmed::Joined(joined?)),
             _ => Err(RpcError::internal("unexpected answer to a join")),
+        }
+    }
+}
+
+/// The next message of a kind this version knows; `Closed` when the connection ended.
+async fn next_message(session: &mut Session) -> Result<Message, transport::TransportError> {
+    loop {
+        if let Some(message) = session.reader.recv().await? {
+            return Ok(message);
         }
     }
 }
