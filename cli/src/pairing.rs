@@ -257,6 +257,10 @@ async fn compare_codes(
         answer = typed.next() => answer,
         _ = tokio::signal::ctrl_c() => return Err(cancelled(env).await),
     };
+    if !std::io::stdin().is_terminal() {
+        // Nobody typed the line break: end the question's line.
+        eprintln!();
+    }
     let yes = answer.is_some_and(|a| matches!(a.trim(), "y" | "Y" | "yes" | "YES" | "Yes"));
     Ok(yes)
 }
@@ -319,9 +323,26 @@ async fn wait_and_confirm(
     timeout: Duration,
     as_json: bool,
 ) -> Result<ExitCode, Stopped> {
-    let status = pairing_call(env, as_json, call(env, "status", json!({}))).await?;
-    let name = status.get("name").and_then(Value::as_str).unwrap_or("?");
-    let id = status.get("id").and_then(Value::as_str).unwrap_or("?");
+    // Checked here too (the daemon does), so that the instructions below are not shown to
+    // a device that cannot follow them.
+    let roster = pairing_call(env, as_json, call(env, "members.list", json!({}))).await?;
+    let roster: Vec<RosterInfo> =
+        serde_json::from_value(roster).map_err(|e| Stopped::Failed(e.into()))?;
+    let members = roster
+        .iter()
+        .filter(|e| !e.this_device && e.state == cnsprcy::wire::MemberState::Active)
+        .count();
+    if members > 0 {
+        return Err(Stopped::Failed(anyhow::anyhow!(
+            "this device is a member of a mesh already ({members} members); run `cnspr manage induct` on it to add another device, or `cnspr manage leave` first"
+        )));
+    }
+    let Some(this) = roster.iter().find(|e| e.this_device) else {
+        return Err(Stopped::Failed(anyhow::anyhow!(
+            "the daemon's roster does not list this device"
+        )));
+    };
+    let (name, id) = (&this.name, &this.id);
     eprintln!(
         "This device is {name} ({id}). On a member on this network, run:\n\n    cnspr manage induct\n\nand pick it."
     );

@@ -228,7 +228,9 @@ impl Device {
     pub fn spawn_in(&mut self, ns: &NetNs, label: &str, program: &Path, args: &[&str]) -> u32 {
         let log = fs::File::create(self.log_path(label)).expect("create log file");
         let mut cmd = self.command(program);
+        // Nothing typed: a command that asks reads the end of input.
         cmd.args(args)
+            .stdin(std::process::Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log);
         ns.enter(&mut cmd);

@@ -1,5 +1,6 @@
 //! Pairing and removing devices, as a user does it, with real daemons in a network namespace
-//! made by the test: invitations (`manage invite` / `join`), the replicated roster, `disable`,
+//! made by the test: invitations (`manage invite` / `join`), pairing on the local network over
+//! mDNS (`manage join` without a code / `manage induct`), the replicated roster, `disable`,
 //! `revoke` and `leave`.
 
 use std::time::Duration;
@@ -333,4 +334,172 @@ fn a_device_disabled_while_offline_is_told_when_it_returns() {
         beta.log("serve")
     );
     assert!(alpha.log("serve").contains("that it was disabled"));
+}
+
+fn id_of(device: &Device) -> String {
+    device.cnspr_json(&["status"])["id"]
+        .as_str()
+        .expect("id")
+        .to_owned()
+}
+
+/// Waits for a `manage join`/`induct` started with `spawn_in` to exit; its status code.
+fn exit_code(device: &mut Device, label: &str) -> i32 {
+    let Some(status) = device.wait_exit(label, Duration::from_secs(60)) else {
+        panic!(
+            "{label} on {} did not finish:\n{}\n{}",
+            device.name,
+            device.log(label),
+            device.log("serve")
+        );
+    };
+    status.code().unwrap_or(-1)
+}
+
+/// Devices on one LAN pair over mDNS as a user does, with `--expect-…` standing in for the
+/// user comparing codes: a member inducts a new device, which then inducts the next, and all
+/// three connect to each other without another command. A device that is not the expected
+/// inductor is turned away; a joiner that does not confirm the code stays out; `watch`
+/// reports the device waiting and the pairing request.
+#[test]
+fn devices_on_a_lan_pair_over_mdns_with_a_confirmation_code() {
+    let lan = cnsprcy_tests::netns::Lan::new(4);
+    let mut devices: Vec<Device> = ["laptop", "desk", "phone", "stranger"]
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let mut device = Device::new(name);
+            device.configure("0.0.0.0:7332");
+            device.start_in(lan.node(i));
+            device
+        })
+        .collect();
+    let ids: Vec<String> = devices.iter().map(id_of).collect();
+    let cnspr = cnsprcy_tests::bin("cnspr");
+    devices[0].spawn_in(lan.node(0), "watch", &cnspr, &["watch", "--json"]);
+    devices[2].spawn_in(lan.node(2), "watch", &cnspr, &["watch", "--json"]);
+
+    // laptop inducts desk.
+    devices[1].spawn_in(
+        lan.node(1),
+        "join",
+        &cnspr,
+        &["manage", "join", "--expect-inductor", &ids[0], "--json"],
+    );
+    let added = devices[0].cnspr_json(&[
+        "manage",
+        "induct",
+        "--expect-id",
+        &ids[1],
+        "--timeout",
+        "40s",
+    ]);
+    assert_eq!(added["added"]["name"], "desk", "{added}");
+    assert_eq!(
+        exit_code(&mut devices[1], "join"),
+        0,
+        "{}",
+        devices[1].log("join")
+    );
+    assert!(
+        devices[1].log("join").contains("pairing code: "),
+        "the joiner shows the code:\n{}",
+        devices[1].log("join")
+    );
+
+    // phone waits for desk only; stranger, not a member of anything, picks it first and is
+    // turned away.
+    devices[2].spawn_in(
+        lan.node(2),
+        "join",
+        &cnspr,
+        &["manage", "join", "--expect-inductor", &ids[1]],
+    );
+    devices[3]
+        .cnspr(&[
+            "manage",
+            "induct",
+            "--expect-id",
+            &ids[2],
+            "--timeout",
+            "40s",
+        ])
+        .code(1)
+        .stderr_has("turned this device away");
+    let added = devices[1].cnspr_json(&[
+        "manage",
+        "induct",
+        "--expect-id",
+        &ids[2],
+        "--timeout",
+        "40s",
+    ]);
+    assert_eq!(added["added"]["name"], "phone", "{added}");
+    assert_eq!(
+        exit_code(&mut devices[2], "join"),
+        0,
+        "{}",
+        devices[2].log("join")
+    );
+
+    // Every member reaches every other, laptop and phone included, with no further command.
+    for (device, others) in [
+        (0, ["desk", "phone"]),
+        (1, ["laptop", "phone"]),
+        (2, ["desk", "laptop"]),
+    ] {
+        for other in others {
+            devices[device].wait_status(other, "direct", SOON);
+        }
+    }
+
+    // stranger waits to be paired, but answers nothing (no one at its keyboard): laptop's
+    // confirmation alone does not let it in.
+    devices[3].spawn_in(lan.node(3), "join", &cnspr, &["manage", "join"]);
+    devices[0]
+        .cnspr(&[
+            "manage",
+            "induct",
+            "--expect-id",
+            &ids[3],
+            "--timeout",
+            "40s",
+        ])
+        .code(1)
+        .stderr_has("refused the pairing");
+    assert_eq!(
+        exit_code(&mut devices[3], "join"),
+        1,
+        "{}",
+        devices[3].log("join")
+    );
+    for device in &devices[..3] {
+        let roster = device.cnspr_json(&["manage", "list"]);
+        assert_eq!(
+            roster.as_array().map(Vec::len),
+            Some(3),
+            "{}: {roster}",
+            device.name
+        );
+    }
+    assert_eq!(names(&devices[3]), Vec::<String>::new());
+
+    let laptop = devices[0].log("watch");
+    assert!(
+        laptop
+            .lines()
+            .any(|l| l.contains("\"event\":\"join_candidate\"") && l.contains("\"name\":\"desk\"")),
+        "laptop's watch shows desk waiting:\n{laptop}"
+    );
+    let phone = devices[2].log("watch");
+    for (who, accepted) in [("stranger", false), ("desk", true)] {
+        assert!(
+            phone
+                .lines()
+                .any(|l| l.contains("\"event\":\"pairing_request\"")
+                    && l.contains(&format!("\"name\":\"{who}\""))
+                    && l.contains(&format!("\"accepted\":{accepted}"))),
+            "phone's watch shows {who}'s request:\n{phone}"
+        );
+    }
 }

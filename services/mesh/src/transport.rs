@@ -367,8 +367,16 @@ mod tests {
         let (a_key, b_key) = (a.public_key(), b.public_key());
         let responder = tokio::spawn(async move {
             let mut session = respond(sb, &b, |k| *k == a_key, &P2).await.unwrap();
-            session.writer.send(&Message::Pong { nonce: 1 }).await.unwrap();
-            session.writer.send(&Message::Pong { nonce: 2 }).await.unwrap();
+            session
+                .writer
+                .send(&Message::Pong { nonce: 1 })
+                .await
+                .unwrap();
+            session
+                .writer
+                .send(&Message::Pong { nonce: 2 })
+                .await
+                .unwrap();
             // Nothing more is sent while the other side reads.
             tokio::time::sleep(Duration::from_secs(30)).await;
         });
@@ -382,7 +390,9 @@ mod tests {
         let mut wire = wire(sa);
         let mut buf = vec![0u8; MAX_NOISE_MESSAGE];
         let len = noise.write_message(&P1.encode(), &mut buf).unwrap();
-        wire.send(Bytes::copy_from_slice(&buf[..len])).await.unwrap();
+        wire.send(Bytes::copy_from_slice(&buf[..len]))
+            .await
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(300)).await;
         let reply = next_frame(&mut wire).await.unwrap();
         let len = noise.read_message(&reply, &mut buf).unwrap();
@@ -390,7 +400,10 @@ mod tests {
         let mut session = Session::new(wire, noise, a.public_key(), remote).unwrap();
         for nonce in [1, 2] {
             let got = tokio::time::timeout(Duration::from_secs(5), session.reader.recv()).await;
-            assert_eq!(got.expect("read at once").unwrap(), Some(Message::Pong { nonce }));
+            assert_eq!(
+                got.expect("read at once").unwrap(),
+                Some(Message::Pong { nonce })
+            );
         }
         responder.abort();
     }
