@@ -453,25 +453,54 @@ fn devices_on_a_lan_pair_over_mdns_with_a_confirmation_code() {
         }
     }
 
-    // stranger waits to be paired, but answers nothing (no one at its keyboard): laptop's
-    // confirmation alone does not let it in.
+    // Ctrl-C while waiting to be inducted: status 130, and the device stops advertising.
     devices[3].spawn_in(lan.node(3), "join", &cnspr, &["manage", "join"]);
-    devices[0]
-        .cnspr(&[
-            "manage",
-            "induct",
-            "--expect-id",
-            &ids[3],
-            "--timeout",
-            "40s",
-        ])
-        .code(1)
-        .stderr_has("refused the pairing");
+    assert!(
+        wait_until(SOON, || devices[3]
+            .log("serve")
+            .contains("advertising this device as waiting to be paired")),
+        "{}",
+        devices[3].log("serve")
+    );
+    devices[3].signal("join", Signal::SIGINT);
     assert_eq!(
         exit_code(&mut devices[3], "join"),
-        1,
+        130,
         "{}",
         devices[3].log("join")
+    );
+    assert!(devices[3].log("join").contains("pairing cancelled"));
+    assert!(
+        wait_until(SOON, || devices[3].log("serve").contains(
+            "no longer advertising this device as waiting to be paired"
+        )),
+        "{}",
+        devices[3].log("serve")
+    );
+
+    // stranger waits to be paired, but answers nothing (no one at its keyboard): laptop's
+    // confirmation alone does not let it in.
+    devices[3].spawn_in(lan.node(3), "join-again", &cnspr, &["manage", "join"]);
+    let induct = devices[0].cnspr(&[
+        "manage",
+        "induct",
+        "--expect-id",
+        &ids[3],
+        "--timeout",
+        "40s",
+    ]);
+    assert!(
+        induct.stderr.contains("refused the pairing"),
+        "{}\n{}\n{}",
+        induct.stderr,
+        devices[3].log("join-again"),
+        devices[3].log("serve")
+    );
+    assert_eq!(
+        exit_code(&mut devices[3], "join-again"),
+        1,
+        "{}",
+        devices[3].log("join-again")
     );
     for device in &devices[..3] {
         let roster = device.cnspr_json(&["manage", "list"]);
@@ -483,6 +512,13 @@ fn devices_on_a_lan_pair_over_mdns_with_a_confirmation_code() {
         );
     }
     assert_eq!(names(&devices[3]), Vec::<String>::new());
+
+    // The owner does want it after all: an invitation from phone, and it reaches everyone.
+    let code = invite(&devices[2], "15m");
+    devices[3].cnspr_json(&["manage", "join", &code]);
+    for other in ["desk", "laptop", "phone"] {
+        devices[3].wait_status(other, "direct", SOON);
+    }
 
     let laptop = devices[0].log("watch");
     assert!(

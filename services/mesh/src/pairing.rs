@@ -340,13 +340,16 @@ impl Pairing {
         {
             let mut state = self.lock();
             let id = self.own.device_id().to_string();
-            // An mDNS instance name is one DNS label: at most 63 bytes.
+            // An mDNS instance name is one DNS label: at most 63 bytes. Each wait gets a new
+            // one: hosts that saw the last one withdrawn a moment ago may still hold it as
+            // "going away" and miss it coming back under the same name.
             let mut short = self.name.to_string();
-            while short.len() > 58 {
+            while short.len() > 53 {
                 short.pop();
             }
+            let fresh: u16 = rand::random();
             state.advert = Some(JoinAdvert {
-                instance: format!("{short}-{}", id.get(..4).unwrap_or(&id)),
+                instance: format!("{short}-{}-{fresh:04x}", id.get(..4).unwrap_or(&id)),
                 port: self.listen_port(),
                 name: self.name.to_string(),
                 key: self.own.to_string(),
