@@ -247,9 +247,7 @@ impl Pairing {
         };
         Some(error(
             code::CONFLICT,
-            format!(
-                "{what}; finish it or cancel it (Ctrl-C, or `cnspr manage join --cancel`) first"
-            ),
+            format!("{what}; finish it, or cancel it with Ctrl-C where it runs, first"),
         ))
     }
 
