@@ -1,11 +1,16 @@
 //! A client for the public API socket, used by the CLI.
 
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use nix::sys::socket::{MsgFlags, send};
 use serde_json::Value;
 use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::UnixStream;
 use tokio_util::codec::Framed;
 
@@ -38,8 +43,56 @@ pub enum ClientError {
 }
 
 pub struct Client {
-    framed: Framed<UnixStream, JsonLinesCodec>,
+    framed: Framed<NoSigpipe, JsonLinesCodec>,
     next_id: u64,
+}
+
+/// The client's socket, whose writes never raise SIGPIPE. `cnspr` restores SIGPIPE's default
+/// action (a closed stdout ends it quietly), and a daemon that refuses a connection closes it,
+/// maybe before the request is written: that write must fail, so that the refusal is read,
+/// instead of killing the process without a word.
+struct NoSigpipe(UnixStream);
+
+impl AsyncRead for NoSigpipe {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for NoSigpipe {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let stream = &self.0;
+        loop {
+            std::task::ready!(stream.poll_write_ready(cx))?;
+            let sent = stream.try_io(Interest::WRITABLE, || {
+                send(stream.as_raw_fd(), buf, MsgFlags::MSG_NOSIGNAL).map_err(std::io::Error::from)
+            });
+            match sent {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                other => return Poll::Ready(other),
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        // `send` buffers nothing of its own.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
 }
 
 impl Client {
@@ -60,7 +113,7 @@ impl Client {
             Err(_) => return Err(ClientError::Timeout(CONNECT_TIMEOUT)),
         };
         Ok(Self {
-            framed: Framed::new(stream, JsonLinesCodec::default()),
+            framed: Framed::new(NoSigpipe(stream), JsonLinesCodec::default()),
             next_id: 1,
         })
     }
