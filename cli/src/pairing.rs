@@ -171,15 +171,6 @@ enum Stopped {
     Failed(anyhow::Error),
 }
 
-impl Stopped {
-    fn into_result(self) -> anyhow::Result<ExitCode> {
-        match self {
-            Stopped::Exit(code) => Ok(code),
-            Stopped::Failed(e) => Err(e),
-        }
-    }
-}
-
 /// Runs a pairing call; Ctrl-C cancels the pairing on the daemon instead (status 130).
 async fn pairing_call(
     env: &DeviceEnv,
@@ -289,13 +280,21 @@ async fn confirm(
     answer
 }
 
-fn parse_id(id: Option<String>) -> Result<Option<DeviceId>, ExitCode> {
+/// An `--expect-…` ID; a malformed one is a usage error (status 2).
+fn parse_id(id: Option<String>) -> Result<Option<DeviceId>, Stopped> {
     id.map(|id| id.parse::<DeviceId>())
         .transpose()
         .map_err(|e| {
             eprintln!("cnspr: {e}");
-            ExitCode::from(2)
+            Stopped::Exit(ExitCode::from(2))
         })
+}
+
+fn finish(outcome: Result<ExitCode, Stopped>) -> anyhow::Result<ExitCode> {
+    match outcome {
+        Ok(code) | Err(Stopped::Exit(code)) => Ok(code),
+        Err(Stopped::Failed(e)) => Err(e),
+    }
 }
 
 /// `manage join` without a code: wait to be inducted by a member on this network.
@@ -305,15 +304,11 @@ pub async fn wait_to_be_inducted(
     timeout: Duration,
     as_json: bool,
 ) -> anyhow::Result<ExitCode> {
-    let expect = match parse_id(expect) {
-        Ok(expect) => expect,
-        Err(code) => return Ok(code),
+    let waited = async {
+        let expect = parse_id(expect)?;
+        wait_and_confirm(env, &mut Typed::start(), expect, timeout, as_json).await
     };
-    let mut typed = Typed::start();
-    match wait_and_confirm(env, &mut typed, expect, timeout, as_json).await {
-        Ok(code) => Ok(code),
-        Err(stopped) => stopped.into_result(),
-    }
+    finish(waited.await)
 }
 
 async fn wait_and_confirm(
@@ -404,15 +399,11 @@ pub async fn induct(
     timeout: Duration,
     as_json: bool,
 ) -> anyhow::Result<ExitCode> {
-    let expect = match parse_id(expect) {
-        Ok(expect) => expect,
-        Err(code) => return Ok(code),
+    let inducted = async {
+        let expect = parse_id(expect)?;
+        pick_and_induct(env, &mut Typed::start(), expect, timeout, as_json).await
     };
-    let mut typed = Typed::start();
-    match pick_and_induct(env, &mut typed, expect, timeout, as_json).await {
-        Ok(code) => Ok(code),
-        Err(stopped) => stopped.into_result(),
-    }
+    finish(inducted.await)
 }
 
 async fn pick_and_induct(
@@ -430,13 +421,16 @@ async fn pick_and_induct(
             .to_owned(),
     };
     let mut spinner = spin.then(|| Spinner::start(looking.clone()));
+    // Numbered in the order they appeared; the daemon's list may also lose one (it became a
+    // member meanwhile), so they are told apart by ID, not by position.
     let mut listed: Vec<Candidate> = Vec::new();
+    let mut answered = 0;
     let mut typing = expect.is_none();
     let chosen = loop {
         let poll = call_with_timeout(
             env,
             "members.candidates",
-            json!({ "known": listed.len(), "wait_ms": 2000 }),
+            json!({ "known": answered, "wait_ms": 2000 }),
             Duration::from_secs(15),
         );
         tokio::select! {
@@ -457,9 +451,15 @@ async fn pick_and_induct(
                 };
                 let all: Candidates = serde_json::from_value(value)
                     .map_err(|e| Stopped::Failed(e.into()))?;
-                if all.candidates.len() > listed.len() {
+                answered = all.candidates.len();
+                let new: Vec<Candidate> = all
+                    .candidates
+                    .into_iter()
+                    .filter(|c| !listed.iter().any(|l| l.id == c.id))
+                    .collect();
+                if !new.is_empty() {
                     drop(spinner.take());
-                    for candidate in all.candidates.into_iter().skip(listed.len()) {
+                    for candidate in new {
                         let addresses: Vec<String> =
                             candidate.addresses.iter().map(|a| a.to_string()).collect();
                         let line = format!(

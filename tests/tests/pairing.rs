@@ -343,17 +343,22 @@ fn id_of(device: &Device) -> String {
         .to_owned()
 }
 
-/// Waits for a `manage join`/`induct` started with `spawn_in` to exit; its status code.
-fn exit_code(device: &mut Device, label: &str) -> i32 {
-    let Some(status) = device.wait_exit(label, Duration::from_secs(60)) else {
-        panic!(
-            "{label} on {} did not finish:\n{}\n{}",
-            device.name,
-            device.log(label),
-            device.log("serve")
-        );
-    };
-    status.code().unwrap_or(-1)
+/// Waits for a command started with `spawn_in` to exit with `expected`.
+fn assert_exits(device: &mut Device, label: &str, expected: i32) {
+    let status = device.wait_exit(label, Duration::from_secs(60));
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(expected),
+        "{label} on {}:\n{}\n{}",
+        device.name,
+        device.log(label),
+        device.log("serve")
+    );
+}
+
+/// `manage induct --expect-id ID` on `inductor`.
+fn induct(inductor: &Device, id: &str) -> cnsprcy_tests::Run {
+    inductor.cnspr(&["manage", "induct", "--expect-id", id, "--timeout", "40s"])
 }
 
 /// Devices on one LAN pair over mDNS as a user does, with `--expect-…` standing in for the
@@ -386,21 +391,9 @@ fn devices_on_a_lan_pair_over_mdns_with_a_confirmation_code() {
         &cnspr,
         &["manage", "join", "--expect-inductor", &ids[0], "--json"],
     );
-    let added = devices[0].cnspr_json(&[
-        "manage",
-        "induct",
-        "--expect-id",
-        &ids[1],
-        "--timeout",
-        "40s",
-    ]);
+    let added = induct(&devices[0], &ids[1]).success().json();
     assert_eq!(added["added"]["name"], "desk", "{added}");
-    assert_eq!(
-        exit_code(&mut devices[1], "join"),
-        0,
-        "{}",
-        devices[1].log("join")
-    );
+    assert_exits(&mut devices[1], "join", 0);
     assert!(
         devices[1].log("join").contains("pairing code: "),
         "the joiner shows the code:\n{}",
@@ -415,32 +408,12 @@ fn devices_on_a_lan_pair_over_mdns_with_a_confirmation_code() {
         &cnspr,
         &["manage", "join", "--expect-inductor", &ids[1]],
     );
-    devices[3]
-        .cnspr(&[
-            "manage",
-            "induct",
-            "--expect-id",
-            &ids[2],
-            "--timeout",
-            "40s",
-        ])
+    induct(&devices[3], &ids[2])
         .code(1)
         .stderr_has("turned this device away");
-    let added = devices[1].cnspr_json(&[
-        "manage",
-        "induct",
-        "--expect-id",
-        &ids[2],
-        "--timeout",
-        "40s",
-    ]);
+    let added = induct(&devices[1], &ids[2]).success().json();
     assert_eq!(added["added"]["name"], "phone", "{added}");
-    assert_eq!(
-        exit_code(&mut devices[2], "join"),
-        0,
-        "{}",
-        devices[2].log("join")
-    );
+    assert_exits(&mut devices[2], "join", 0);
 
     // Every member reaches every other, laptop and phone included, with no further command.
     for (device, others) in [
@@ -463,12 +436,7 @@ fn devices_on_a_lan_pair_over_mdns_with_a_confirmation_code() {
         devices[3].log("serve")
     );
     devices[3].signal("join", Signal::SIGINT);
-    assert_eq!(
-        exit_code(&mut devices[3], "join"),
-        130,
-        "{}",
-        devices[3].log("join")
-    );
+    assert_exits(&mut devices[3], "join", 130);
     assert!(devices[3].log("join").contains("pairing cancelled"));
     assert!(
         wait_until(SOON, || devices[3].log("serve").contains(
@@ -481,27 +449,15 @@ fn devices_on_a_lan_pair_over_mdns_with_a_confirmation_code() {
     // stranger waits to be paired, but answers nothing (no one at its keyboard): laptop's
     // confirmation alone does not let it in.
     devices[3].spawn_in(lan.node(3), "join-again", &cnspr, &["manage", "join"]);
-    let induct = devices[0].cnspr(&[
-        "manage",
-        "induct",
-        "--expect-id",
-        &ids[3],
-        "--timeout",
-        "40s",
-    ]);
+    let refused = induct(&devices[0], &ids[3]);
     assert!(
-        induct.stderr.contains("refused the pairing"),
+        refused.stderr.contains("refused the pairing"),
         "{}\n{}\n{}",
-        induct.stderr,
+        refused.stderr,
         devices[3].log("join-again"),
         devices[3].log("serve")
     );
-    assert_eq!(
-        exit_code(&mut devices[3], "join-again"),
-        1,
-        "{}",
-        devices[3].log("join-again")
-    );
+    assert_exits(&mut devices[3], "join-again", 1);
     for device in &devices[..3] {
         let roster = device.cnspr_json(&["manage", "list"]);
         assert_eq!(

@@ -306,7 +306,8 @@ impl Pairing {
                     );
                 }
             }
-            _ => tracing::info!(
+            // Any stranger that knows this device's key can get this far: no log line each.
+            _ => tracing::debug!(
                 "closed a pairing connection from {addr}: this device is not waiting to be inducted (`cnspr manage join` starts that)"
             ),
         }
