@@ -70,12 +70,24 @@ pub struct PeerTable {
     /// Bumped by every change of a measured RTT (which changes latencies, and may change the
     /// choice of relay).
     rtt_generation: u64,
+    /// Bumped by every change of who is direct or of a direct peer's RTT.
+    direct_generation: u64,
+    /// `direct_neighbors` as of the `direct_generation` it was computed at: asked for after
+    /// nearly every input, and sorting it each time was a good part of the core's work.
+    direct_cache: std::cell::RefCell<Option<DirectCache>>,
+}
+
+#[derive(Debug)]
+struct DirectCache {
+    generation: u64,
+    neighbors: Vec<(PublicKey, Option<Duration>)>,
 }
 
 impl PeerTable {
     /// Makes the table's members exactly `members`; new ones are due for dialling at once.
     pub fn sync_members(&mut self, members: impl IntoIterator<Item = PublicKey>, now: Instant) {
         self.generation += 1;
+        self.direct_generation += 1;
         let members: Vec<PublicKey> = members.into_iter().collect();
         self.peers.retain(|key, _| members.contains(key));
         let gone: Vec<PublicKey> = self
@@ -129,6 +141,7 @@ impl PeerTable {
 
     pub fn session_up(&mut self, key: &PublicKey, addr: SocketAddr, now: Instant) {
         self.generation += 1;
+        self.direct_generation += 1;
         if let Some(peer) = self.peers.get_mut(key) {
             peer.dialing = false;
             peer.direct = Some(Direct {
@@ -143,6 +156,7 @@ impl PeerTable {
     /// session had been stable).
     pub fn session_down(&mut self, key: &PublicKey, now: Instant, jitter: f64) {
         self.generation += 1;
+        self.direct_generation += 1;
         self.drop_report(key);
         let Some(peer) = self.peers.get_mut(key) else {
             return;
@@ -172,6 +186,7 @@ impl PeerTable {
         {
             direct.rtt = Some(rtt);
             self.rtt_generation += 1;
+            self.direct_generation += 1;
         }
     }
 
@@ -186,21 +201,31 @@ impl PeerTable {
         if self.peers.get(reporter).is_none_or(|p| p.direct.is_none()) {
             return;
         }
-        let old = self.drop_report(reporter);
-        for (target, rtt) in &neighbors {
-            self.reported_by
-                .entry(*target)
-                .or_default()
-                .insert(*reporter, *rtt);
-        }
-        let same_devices = old.as_ref().is_some_and(|old| {
+        let old = self.reports.get(reporter);
+        let same_devices = old.is_some_and(|old| {
             old.len() == neighbors.len()
                 && old.iter().zip(&neighbors).all(|((a, _), (b, _))| a == b)
         });
-        if !same_devices {
+        if same_devices {
+            // The usual case (round-trip times moved): update in place, since taking every
+            // entry out and putting it back costs a reporter's whole list of map operations.
+            if old != Some(&neighbors) {
+                self.rtt_generation += 1;
+                for (target, rtt) in &neighbors {
+                    if let Some(by) = self.reported_by.get_mut(target) {
+                        by.insert(*reporter, *rtt);
+                    }
+                }
+            }
+        } else {
+            self.drop_report(reporter);
+            for (target, rtt) in &neighbors {
+                self.reported_by
+                    .entry(*target)
+                    .or_default()
+                    .insert(*reporter, *rtt);
+            }
             self.generation += 1;
-        } else if old.as_ref() != Some(&neighbors) {
-            self.rtt_generation += 1;
         }
         self.reports.insert(*reporter, neighbors);
     }
@@ -276,11 +301,14 @@ impl PeerTable {
                 let first = self.peers.get(reporter)?.direct.as_ref()?.rtt;
                 let total = first.zip(*second).map(|(a, b)| a + b);
                 let cost = first.unwrap_or(UNKNOWN) + second.unwrap_or(UNKNOWN);
-                Some((cost, *reporter.as_bytes(), *reporter, total))
+                Some((cost, reporter, total))
             })
-            .min_by_key(|(cost, bytes, _, _)| (*cost, *bytes))
-            .map_or(Reach::Unreachable, |(_, _, via, rtt)| Reach::Relayed {
-                via,
+            .min_by(|(a, a_key, _), (b, b_key, _)| {
+                a.cmp(b)
+                    .then_with(|| a_key.as_bytes().cmp(b_key.as_bytes()))
+            })
+            .map_or(Reach::Unreachable, |(_, via, rtt)| Reach::Relayed {
+                via: *via,
                 rtt,
             })
     }
@@ -308,12 +336,22 @@ impl PeerTable {
 
     /// This device's direct sessions, as told to peers in `Neighbors`.
     pub fn direct_neighbors(&self) -> Vec<(PublicKey, Option<Duration>)> {
+        let generation = self.direct_generation;
+        let mut cache = self.direct_cache.borrow_mut();
+        if let Some(cached) = cache.as_ref().filter(|c| c.generation == generation) {
+            return cached.neighbors.clone();
+        }
         let mut list: Vec<_> = self
             .peers
             .iter()
             .filter_map(|(k, p)| p.direct.as_ref().map(|d| (*k, d.rtt)))
             .collect();
-        list.sort_by_key(|(k, _)| *k.as_bytes());
+        // Keys are unique: an unstable sort gives the one order there is.
+        list.sort_unstable_by(|(a, _), (b, _)| a.as_bytes().cmp(b.as_bytes()));
+        *cache = Some(DirectCache {
+            generation,
+            neighbors: list.clone(),
+        });
         list
     }
 

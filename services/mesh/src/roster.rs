@@ -161,6 +161,8 @@ pub struct Roster {
     entries: BTreeMap<KeyBytes, Member>,
     /// The active members other than this device, as most callers want them.
     members: Vec<Member>,
+    /// `digest()` until the next change: asked for at every session start and store round.
+    digest: std::cell::Cell<Option<u64>>,
 }
 
 /// Loads the entries from `state_dir`; a missing file is an empty roster.
@@ -216,6 +218,7 @@ impl Roster {
             own,
             entries: BTreeMap::new(),
             members: Vec::new(),
+            digest: std::cell::Cell::new(None),
         };
         for entry in entries {
             roster.entries.insert(*entry.public_key.as_bytes(), entry);
@@ -314,7 +317,9 @@ impl Roster {
         now_ms.max(newest + 1)
     }
 
+    /// After every change to the entries.
     fn refresh(&mut self) {
+        self.digest.set(None);
         self.members = self
             .entries
             .values()
@@ -408,7 +413,9 @@ impl Roster {
         own.state = MemberState::Disabled;
         own.version = version;
         own.author = Some(self.own);
-        Some(own.clone())
+        let own = own.clone();
+        self.refresh();
+        Some(own)
     }
 
     /// After this device was removed: it forgets every other device, and keeps an active entry
@@ -496,7 +503,12 @@ impl Roster {
     /// A digest of every entry's key, name, state, version and author (not addresses): equal
     /// digests mean equal rosters.
     pub fn digest(&self) -> u64 {
-        digest_of(&self.wire_entries())
+        if let Some(digest) = self.digest.get() {
+            return digest;
+        }
+        let digest = digest_of(&self.wire_entries());
+        self.digest.set(Some(digest));
+        digest
     }
 
     /// The inviter of a join under way, until its own entry arrives: an active entry of
