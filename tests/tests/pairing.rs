@@ -356,9 +356,17 @@ fn assert_exits(device: &mut Device, label: &str, expected: i32) {
     );
 }
 
-/// `manage induct --expect-id ID` on `inductor`.
+/// `manage induct --expect-id ID --json` on `inductor`.
 fn induct(inductor: &Device, id: &str) -> cnsprcy_tests::Run {
-    inductor.cnspr(&["manage", "induct", "--expect-id", id, "--timeout", "40s"])
+    inductor.cnspr(&[
+        "manage",
+        "induct",
+        "--expect-id",
+        id,
+        "--timeout",
+        "40s",
+        "--json",
+    ])
 }
 
 /// Devices on one LAN pair over mDNS as a user does, with `--expect-…` standing in for the
