@@ -1,439 +1,321 @@
-//! Fuzz harnesses for the parsers of outside input in this crate, run by plain `cargo test` on
-//! stable (`docs/reliability.md` says how to run them longer).
-//!
-//! Each harness is a `bolero` target: it first replays the files in
-//! `src/__fuzz__/NAME/corpus/`, then random inputs for `TEST_TIME` (or as long as
-//! `BOLERO_RANDOM_TEST_TIME_MS` says). Every input is tried twice: as it is, and as a list of
-//! edits to one of the corpus files (`mutated`), so that random inputs reach past the first
-//! byte a parser checks. A harness asserts that the parser returns instead of panicking, that
-//! its errors say something, and, where there is an encoder, that what it accepts encodes and
-//! decodes back to the same value.
+//! This crate's fuzz harnesses: every parser here that reads what another device, a client, a
+//! service or the user wrote (`crate::fuzzing` says how they run; `docs/reliability.md` lists
+//! them all).
 
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::Path;
 
-/// How long each harness runs random inputs under `cargo test` (after the corpus). Kept short:
-/// CI runs every harness on every change.
-pub const TEST_TIME: Duration = Duration::from_millis(1500);
+use crate::config::Config;
+use crate::framing::{BadLine, JsonLinesCodec};
+use crate::fuzzing::{assert_says_something, both, text};
+use crate::invitation::Invitation;
+use crate::ipc::{FromHandlers, FromMesh, ToHandlers, ToMesh};
+use crate::rpc::{self, Methods, RpcError};
+use crate::tag;
+use crate::wire::{
+    ChunkError, FLAG_MORE, HandshakePayload, MAX_MESSAGE_BYTES, Message, Reassembler,
+};
+use bytes::BytesMut;
+use serde_json::{Value, json};
+use tokio_util::codec::Decoder;
 
-/// The corpus of the harness `name`, next to this file.
-pub fn corpus_dir(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("src/__fuzz__")
-        .join(name)
-        .join("corpus")
-}
-
-/// The corpus files of `name`, the seeds that `mutated` edits.
-pub fn seeds(name: &str) -> Vec<Vec<u8>> {
-    let dir = corpus_dir(name);
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("corpus {}: {e}", dir.display()))
-        .map(|entry| entry.expect("corpus entry").path())
-        .collect();
-    files.sort();
-    let seeds: Vec<Vec<u8>> = files
-        .iter()
-        .map(|file| std::fs::read(file).expect("corpus file"))
-        .collect();
-    assert!(!seeds.is_empty(), "corpus {} is empty", dir.display());
-    seeds
-}
-
-/// Bytes that often sit at a parser's edges: lengths, signs, delimiters, quotes.
-const INTERESTING: &[u8] = b"\x00\x01\x7f\x80\xff\n\r\"\\{}[],:=.-/_#'0";
-
-/// One of `seeds`, edited as `input` says: its first byte picks the seed, then every 3 bytes
-/// are one edit (what, where, with which byte). Deterministic, so a failing input replays.
-pub fn mutated(seeds: &[Vec<u8>], input: &[u8]) -> Vec<u8> {
-    let Some((&pick, edits)) = input.split_first() else {
-        return Vec::new();
-    };
-    let mut bytes = seeds[usize::from(pick) % seeds.len()].clone();
-    for edit in edits.chunks_exact(3) {
-        let (what, at, byte) = (edit[0], usize::from(edit[1]), edit[2]);
-        // `at` scaled to the length, so long seeds are edited everywhere, not only at the start.
-        let at = if bytes.is_empty() {
-            0
-        } else {
-            at * bytes.len() / 256
-        };
-        match what % 8 {
-            0 => bytes.insert(at, byte),
-            1 => {
-                if at < bytes.len() {
-                    bytes[at] ^= 1 << (byte % 8);
-                }
-            }
-            2 => {
-                if at < bytes.len() {
-                    bytes[at] = byte;
-                }
-            }
-            3 => {
-                let end = (at + usize::from(byte % 16) + 1).min(bytes.len());
-                bytes.drain(at..end);
-            }
-            4 => bytes.insert(at, INTERESTING[usize::from(byte) % INTERESTING.len()]),
-            5 => {
-                // Repeat a stretch: long names, deep nesting, many list items.
-                let end = (at + usize::from(byte % 32) + 1).min(bytes.len());
-                let stretch = bytes[at..end].to_vec();
-                for _ in 0..(byte / 32) + 1 {
-                    bytes.splice(at..at, stretch.iter().copied());
-                }
-            }
-            6 => bytes.truncate(at),
-            _ => {
-                // Splice in the start of another seed.
-                let other = &seeds[usize::from(byte) % seeds.len()];
-                let take = other.len().min(usize::from(byte) + 1);
-                bytes.splice(at..at, other[..take].iter().copied());
-            }
-        }
-    }
-    bytes
-}
-
-/// Runs `test` on `input` and on `input` as edits of a seed.
-pub fn both(seeds: &[Vec<u8>], input: &[u8], mut test: impl FnMut(&[u8])) {
-    test(input);
-    test(&mutated(seeds, input));
-}
-
-/// Text from bytes as a parser of text would get it (lossy, so every input is tried).
-pub fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// An error worth showing: it says something.
-pub fn assert_says_something(error: &impl std::fmt::Display) {
-    let shown = error.to_string();
-    assert!(!shown.trim().is_empty(), "an error with no message");
-}
-
-/// A bolero target named `name` (its corpus is `src/__fuzz__/NAME/corpus`), with the short
-/// random phase `cargo test` gets.
-macro_rules! target {
-    ($name:expr) => {
-        bolero::check!(name = $name).with_test_time($crate::fuzz::TEST_TIME)
-    };
-}
-
-mod harnesses {
-    use super::*;
-    use crate::config::Config;
-    use crate::framing::{BadLine, JsonLinesCodec};
-    use crate::invitation::Invitation;
-    use crate::ipc::{FromHandlers, FromMesh, ToHandlers, ToMesh};
-    use crate::rpc::{self, Methods, RpcError};
-    use crate::tag;
-    use crate::wire::{
-        ChunkError, FLAG_MORE, HandshakePayload, MAX_MESSAGE_BYTES, Message, Reassembler,
-    };
-    use bytes::BytesMut;
-    use serde_json::{Value, json};
-    use tokio_util::codec::Decoder;
-
-    /// A message from a peer, after decryption and reassembly.
-    #[test]
-    fn wire_message() {
-        let seeds = seeds("wire_message");
-        target!("wire_message").for_each(|input| {
-            both(&seeds, input, |bytes| match Message::decode(bytes) {
-                Ok(message) => {
-                    let encoded = message.encode();
-                    assert_eq!(message.encoded_len(), encoded.len());
-                    assert_eq!(Message::decode(&encoded).as_ref().ok(), Some(&message));
-                }
-                Err(e) => assert_says_something(&e),
-            })
-        });
-    }
-
-    /// The payload of a handshake message, from a device that may be a stranger.
-    #[test]
-    fn handshake_payload() {
-        let seeds = seeds("handshake_payload");
-        target!("handshake_payload").for_each(|input| {
-            both(&seeds, input, |bytes| {
-                match HandshakePayload::decode(bytes) {
-                    Ok(payload) => {
-                        assert!(payload.joining.is_none() || payload.inducting.is_none());
-                        let again = HandshakePayload::decode(&payload.encode());
-                        assert_eq!(again.as_ref().ok(), Some(&payload));
-                    }
-                    Err(e) => assert_says_something(&e),
-                }
-            })
-        });
-    }
-
-    /// Decrypted transport messages, joined into messages: the input is a list of chunks, each
-    /// a flag byte and a length (up to 64 KiB, so that the 32 MiB limit is reached too), and
-    /// the result is checked against joining them by hand.
-    #[test]
-    fn chunk_reassembly() {
-        target!("chunk_reassembly").for_each(|input| {
-            let mut reassembler = Reassembler::default();
-            let mut expected_len = 0usize;
-            let mut plaintext = Vec::new();
-            for (i, chunk) in input.chunks_exact(3).enumerate() {
-                let (flags, len) = (
-                    chunk[0],
-                    usize::from(u16::from_be_bytes([chunk[1], chunk[2]])),
-                );
-                plaintext.clear();
-                if len > 0 {
-                    plaintext.push(flags);
-                    plaintext.resize(len, i as u8);
-                }
-                let got = reassembler.push(&plaintext);
-                let body = len.saturating_sub(1);
-                let want = if len == 0 {
-                    Err(ChunkError::Empty)
-                } else if flags & !FLAG_MORE != 0 {
-                    Err(ChunkError::BadFlags(flags))
-                } else if expected_len + body > MAX_MESSAGE_BYTES {
-                    expected_len = 0;
-                    Err(ChunkError::TooLong)
-                } else if flags & FLAG_MORE != 0 {
-                    expected_len += body;
-                    Ok(None)
-                } else {
-                    let whole = expected_len + body;
-                    expected_len = 0;
-                    Ok(Some(whole))
-                };
-                assert_eq!(got.map(|whole| whole.map(|w| w.len())), want, "chunk {i}");
-            }
-        });
-    }
-
-    /// Methods that read their params as the real ones do.
-    struct Strict;
-
-    #[derive(serde::Deserialize)]
-    #[serde(deny_unknown_fields)]
-    #[allow(dead_code)] // Read only to check the params' shape.
-    struct SendParams {
-        tag: String,
-        to: Vec<String>,
-        #[serde(default)]
-        ttl_ms: Option<u64>,
-    }
-
-    impl Methods for Strict {
-        fn names(&self) -> &[&'static str] {
-            &["status", "send", "peers"]
-        }
-        async fn call(&self, method: &str, params: Value) -> Result<Value, RpcError> {
-            match method {
-                "send" => rpc::params::<SendParams>(params).map(|_| json!("sent")),
-                _ => Ok(json!({"ok": true})),
-            }
-        }
-    }
-
-    /// One response object: JSON-RPC 2.0, with a result or an error and an id.
-    fn check_response(response: &Value) {
-        assert_eq!(response["jsonrpc"], "2.0", "{response}");
-        let object = response.as_object().expect("a response is an object");
-        assert!(object.contains_key("id"), "{response}");
-        match (object.get("result"), object.get("error")) {
-            (Some(_), None) => {}
-            (None, Some(error)) => {
-                let code = error["code"].as_i64().expect("an error code");
-                assert!((-32768..=-32000).contains(&code), "{response}");
-                assert!(!error["message"].as_str().unwrap_or("").is_empty());
-            }
-            _ => panic!("a response holds a result or an error: {response}"),
-        }
-    }
-
-    /// A line from a client on the public socket, answered as the mesh answers it.
-    #[test]
-    fn rpc_line() {
-        let seeds = seeds("rpc_line");
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .expect("runtime");
-        target!("rpc_line").for_each(|input| {
-            both(&seeds, input, |bytes| {
-                let line = text(bytes);
-                let Some(answer) = runtime.block_on(rpc::handle_line(&Strict, &line)) else {
-                    // Only notifications go unanswered, so the line must be valid JSON.
-                    assert!(serde_json::from_str::<Value>(&line).is_ok(), "{line:?}");
-                    return;
-                };
-                assert!(!answer.contains('\n'), "one line per answer");
-                let answer: Value = serde_json::from_str(&answer).expect("answers are JSON");
-                match &answer {
-                    Value::Array(responses) => responses.iter().for_each(check_response),
-                    response => check_response(response),
-                }
-            })
-        });
-    }
-
-    /// The newline-delimited framing of the public and internal sockets, with a small limit,
-    /// fed in pieces of any size: the lines that come out are the short UTF-8 lines that went
-    /// in, in order; every other line is reported as an item, and the stream goes on.
-    #[test]
-    fn json_lines() {
-        const MAX: usize = 40;
-        let seeds = seeds("json_lines");
-        target!("json_lines").for_each(|input| {
-            both(&seeds, input, |bytes| {
-                let mut codec = JsonLinesCodec::new(MAX);
-                let mut buffer = BytesMut::new();
-                let mut lines = Vec::new();
-                let mut take = |item: Result<String, BadLine>| match item {
-                    Ok(line) => lines.push(line),
-                    Err(BadLine::TooLong { limit }) => assert_eq!(limit, MAX),
-                    Err(BadLine::NotUtf8) => {}
-                };
-                // Piece sizes from the bytes themselves: deterministic, and of every size.
-                let mut rest = bytes;
-                while !rest.is_empty() {
-                    let piece = (usize::from(rest[0]) % 7 + 1).min(rest.len());
-                    buffer.extend_from_slice(&rest[..piece]);
-                    rest = &rest[piece..];
-                    while let Some(item) = codec.decode(&mut buffer).expect("no I/O error") {
-                        take(item);
-                    }
-                }
-                while let Some(item) = codec.decode_eof(&mut buffer).expect("no I/O error") {
-                    take(item);
-                }
-                let newlines = bytes.iter().filter(|&&b| b == b'\n').count();
-                let expected: Vec<String> = bytes
-                    .split(|&b| b == b'\n')
-                    .enumerate()
-                    // After the last newline, only something other than "" or "\r" is a line.
-                    .filter(|(i, line)| *i < newlines || !matches!(*line, b"" | b"\r"))
-                    // The limit counts a line's bytes before its "\r" is dropped.
-                    .filter(|(_, line)| line.len() <= MAX)
-                    .filter_map(|(_, line)| {
-                        let line = line.strip_suffix(b"\r").unwrap_or(line);
-                        String::from_utf8(line.to_vec()).ok()
-                    })
-                    .collect();
-                assert_eq!(lines, expected, "{bytes:?}");
-            })
-        });
-    }
-
-    fn ipc_round_trip<T>(text: &str)
-    where
-        T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug,
-    {
-        match serde_json::from_str::<T>(text) {
-            Ok(value) => {
-                let again = serde_json::to_string(&value).expect("our types encode");
-                assert_eq!(
-                    serde_json::from_str::<T>(&again).ok().as_ref(),
-                    Some(&value)
-                );
+/// A message from a peer, after decryption and reassembly.
+#[test]
+fn wire_message() {
+    let seeds = crate::fuzz_seeds!("wire_message");
+    crate::fuzz_target!("wire_message").for_each(|input| {
+        both(&seeds, input, |bytes| match Message::decode(bytes) {
+            Ok(message) => {
+                let encoded = message.encode();
+                assert_eq!(message.encoded_len(), encoded.len());
+                assert_eq!(Message::decode(&encoded).as_ref().ok(), Some(&message));
             }
             Err(e) => assert_says_something(&e),
+        })
+    });
+}
+
+/// The payload of a handshake message, from a device that may be a stranger.
+#[test]
+fn handshake_payload() {
+    let seeds = crate::fuzz_seeds!("handshake_payload");
+    crate::fuzz_target!("handshake_payload").for_each(|input| {
+        both(&seeds, input, |bytes| {
+            match HandshakePayload::decode(bytes) {
+                Ok(payload) => {
+                    assert!(payload.joining.is_none() || payload.inducting.is_none());
+                    let again = HandshakePayload::decode(&payload.encode());
+                    assert_eq!(again.as_ref().ok(), Some(&payload));
+                }
+                Err(e) => assert_says_something(&e),
+            }
+        })
+    });
+}
+
+/// Decrypted transport messages, joined into messages: the input is a list of chunks, each
+/// a flag byte and a length (up to 64 KiB, so that the 32 MiB limit is reached too), and
+/// the result is checked against joining them by hand.
+#[test]
+fn chunk_reassembly() {
+    crate::fuzz_target!("chunk_reassembly").for_each(|input| {
+        let mut reassembler = Reassembler::default();
+        let mut expected_len = 0usize;
+        let mut plaintext = Vec::new();
+        for (i, chunk) in input.chunks_exact(3).enumerate() {
+            let (flags, len) = (
+                chunk[0],
+                usize::from(u16::from_be_bytes([chunk[1], chunk[2]])),
+            );
+            plaintext.clear();
+            if len > 0 {
+                plaintext.push(flags);
+                plaintext.resize(len, i as u8);
+            }
+            let got = reassembler.push(&plaintext);
+            let body = len.saturating_sub(1);
+            let want = if len == 0 {
+                Err(ChunkError::Empty)
+            } else if flags & !FLAG_MORE != 0 {
+                Err(ChunkError::BadFlags(flags))
+            } else if expected_len + body > MAX_MESSAGE_BYTES {
+                expected_len = 0;
+                Err(ChunkError::TooLong)
+            } else if flags & FLAG_MORE != 0 {
+                expected_len += body;
+                Ok(None)
+            } else {
+                let whole = expected_len + body;
+                expected_len = 0;
+                Ok(Some(whole))
+            };
+            assert_eq!(got.map(|whole| whole.map(|w| w.len())), want, "chunk {i}");
+        }
+    });
+}
+
+/// Methods that read their params as the real ones do.
+struct Strict;
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)] // Read only to check the params' shape.
+struct SendParams {
+    tag: String,
+    to: Vec<String>,
+    #[serde(default)]
+    ttl_ms: Option<u64>,
+}
+
+impl Methods for Strict {
+    fn names(&self) -> &[&'static str] {
+        &["status", "send", "peers"]
+    }
+    async fn call(&self, method: &str, params: Value) -> Result<Value, RpcError> {
+        match method {
+            "send" => rpc::params::<SendParams>(params).map(|_| json!("sent")),
+            _ => Ok(json!({"ok": true})),
         }
     }
+}
 
-    /// A line on the internal sockets, read as each side reads it.
-    #[test]
-    fn ipc_message() {
-        let seeds = seeds("ipc_message");
-        target!("ipc_message").for_each(|input| {
-            both(&seeds, input, |bytes| {
-                let line = text(bytes);
-                ipc_round_trip::<ToMesh>(&line);
-                ipc_round_trip::<FromMesh>(&line);
-                ipc_round_trip::<ToHandlers>(&line);
-                ipc_round_trip::<FromHandlers>(&line);
-            })
-        });
+/// One response object: JSON-RPC 2.0, with a result or an error and an id.
+fn check_response(response: &Value) {
+    assert_eq!(response["jsonrpc"], "2.0", "{response}");
+    let object = response.as_object().expect("a response is an object");
+    assert!(object.contains_key("id"), "{response}");
+    match (object.get("result"), object.get("error")) {
+        (Some(_), None) => {}
+        (None, Some(error)) => {
+            let code = error["code"].as_i64().expect("an error code");
+            assert!((-32768..=-32000).contains(&code), "{response}");
+            assert!(!error["message"].as_str().unwrap_or("").is_empty());
+        }
+        _ => panic!("a response holds a result or an error: {response}"),
     }
+}
 
-    /// The configuration file, and the `[paths]` section read alone from a broken one.
-    #[test]
-    fn config_file() {
-        let seeds = seeds("config_file");
-        let path = Path::new("/fuzz/config.toml");
-        target!("config_file").for_each(|input| {
-            both(&seeds, input, |bytes| {
-                let text = text(bytes);
-                match Config::parse(&text, path) {
-                    Ok(config) => {
-                        let written = toml::to_string(&config).expect("a config encodes");
-                        let again = Config::parse(&written, path);
-                        assert_eq!(again.as_ref().ok(), Some(&config), "{written}");
-                    }
-                    Err(e) => assert_says_something(&e),
-                }
-                let _ = Config::paths_section(&text);
-            })
-        });
-    }
+/// A line from a client on the public socket, answered as the mesh answers it.
+#[test]
+fn rpc_line() {
+    let seeds = crate::fuzz_seeds!("rpc_line");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    crate::fuzz_target!("rpc_line").for_each(|input| {
+        both(&seeds, input, |bytes| {
+            let line = text(bytes);
+            let Some(answer) = runtime.block_on(rpc::handle_line(&Strict, &line)) else {
+                // Only notifications go unanswered, so the line must be valid JSON.
+                assert!(serde_json::from_str::<Value>(&line).is_ok(), "{line:?}");
+                return;
+            };
+            assert!(!answer.contains('\n'), "one line per answer");
+            let answer: Value = serde_json::from_str(&answer).expect("answers are JSON");
+            match &answer {
+                Value::Array(responses) => responses.iter().for_each(check_response),
+                response => check_response(response),
+            }
+        })
+    });
+}
 
-    /// Tags, which become paths below the handler directory: an accepted tag names nothing
-    /// outside it, nor the directory's own `_` names, nor hidden files.
-    #[test]
-    fn tag_names() {
-        let seeds = seeds("tag_names");
-        target!("tag_names").for_each(|input| {
-            both(&seeds, input, |bytes| {
-                let text = text(bytes);
-                match tag::validate_tag(&text) {
-                    Ok(()) => {
-                        assert!(text.len() <= tag::MAX_TAG_BYTES);
-                        assert!(!text.contains('\0') && !text.contains('\\'));
-                        let segments: Vec<&str> = text.split('/').collect();
-                        assert!(segments.len() <= tag::MAX_SEGMENTS);
-                        for segment in &segments {
-                            assert!(!segment.is_empty());
-                            assert!(!segment.starts_with('.') && !segment.starts_with('_'));
-                        }
-                        let components: Vec<_> = Path::new(&text).components().collect();
-                        assert_eq!(components.len(), segments.len(), "{text:?}");
-                        assert!(
-                            components
-                                .iter()
-                                .all(|c| matches!(c, std::path::Component::Normal(_)))
-                        );
-                    }
-                    Err(e) => assert!(!e.is_empty()),
+/// The newline-delimited framing of the public and internal sockets, with a small limit,
+/// fed in pieces of any size: the lines that come out are the short UTF-8 lines that went
+/// in, in order; every other line is reported as an item, and the stream goes on.
+#[test]
+fn json_lines() {
+    const MAX: usize = 40;
+    let seeds = crate::fuzz_seeds!("json_lines");
+    crate::fuzz_target!("json_lines").for_each(|input| {
+        both(&seeds, input, |bytes| {
+            let mut codec = JsonLinesCodec::new(MAX);
+            let mut buffer = BytesMut::new();
+            let mut lines = Vec::new();
+            let mut take = |item: Result<String, BadLine>| match item {
+                Ok(line) => lines.push(line),
+                Err(BadLine::TooLong { limit }) => assert_eq!(limit, MAX),
+                Err(BadLine::NotUtf8) => {}
+            };
+            // Piece sizes from the bytes themselves: deterministic, and of every size.
+            let mut rest = bytes;
+            while !rest.is_empty() {
+                let piece = (usize::from(rest[0]) % 7 + 1).min(rest.len());
+                buffer.extend_from_slice(&rest[..piece]);
+                rest = &rest[piece..];
+                while let Some(item) = codec.decode(&mut buffer).expect("no I/O error") {
+                    take(item);
                 }
-                if tag::validate_event(&text).is_ok() {
-                    assert!(tag::validate_segment(&text).is_ok(), "{text:?}");
-                }
-                let (stem, extension) = tag::split_extension(&text);
-                match extension {
-                    Some(extension) => {
-                        assert_eq!(format!("{stem}.{extension}"), text);
-                        assert!(!stem.is_empty() && !extension.contains('.'));
-                    }
-                    None => assert_eq!(stem, text),
-                }
-            })
-        });
-    }
+            }
+            while let Some(item) = codec.decode_eof(&mut buffer).expect("no I/O error") {
+                take(item);
+            }
+            let newlines = bytes.iter().filter(|&&b| b == b'\n').count();
+            let expected: Vec<String> = bytes
+                .split(|&b| b == b'\n')
+                .enumerate()
+                // After the last newline, only something other than "" or "\r" is a line.
+                .filter(|(i, line)| *i < newlines || !matches!(*line, b"" | b"\r"))
+                // The limit counts a line's bytes before its "\r" is dropped.
+                .filter(|(_, line)| line.len() <= MAX)
+                .filter_map(|(_, line)| {
+                    let line = line.strip_suffix(b"\r").unwrap_or(line);
+                    String::from_utf8(line.to_vec()).ok()
+                })
+                .collect();
+            assert_eq!(lines, expected, "{bytes:?}");
+        })
+    });
+}
 
-    /// Invitation codes as a person may type or paste them.
-    #[test]
-    fn invitation_code() {
-        let seeds = seeds("invitation_code");
-        target!("invitation_code").for_each(|input| {
-            both(&seeds, input, |bytes| {
-                let text = text(bytes);
-                match Invitation::parse(&text) {
-                    Ok(invitation) => {
-                        let code = invitation.encode();
-                        assert_eq!(Invitation::parse(&code).as_ref(), Ok(&invitation));
-                    }
-                    Err(e) => assert_says_something(&e),
-                }
-            })
-        });
+fn ipc_round_trip<T>(text: &str)
+where
+    T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug,
+{
+    match serde_json::from_str::<T>(text) {
+        Ok(value) => {
+            let again = serde_json::to_string(&value).expect("our types encode");
+            assert_eq!(
+                serde_json::from_str::<T>(&again).ok().as_ref(),
+                Some(&value)
+            );
+        }
+        Err(e) => assert_says_something(&e),
     }
+}
+
+/// A line on the internal sockets, read as each side reads it.
+#[test]
+fn ipc_message() {
+    let seeds = crate::fuzz_seeds!("ipc_message");
+    crate::fuzz_target!("ipc_message").for_each(|input| {
+        both(&seeds, input, |bytes| {
+            let line = text(bytes);
+            ipc_round_trip::<ToMesh>(&line);
+            ipc_round_trip::<FromMesh>(&line);
+            ipc_round_trip::<ToHandlers>(&line);
+            ipc_round_trip::<FromHandlers>(&line);
+        })
+    });
+}
+
+/// The configuration file, and the `[paths]` section read alone from a broken one.
+#[test]
+fn config_file() {
+    let seeds = crate::fuzz_seeds!("config_file");
+    let path = Path::new("/fuzz/config.toml");
+    crate::fuzz_target!("config_file").for_each(|input| {
+        both(&seeds, input, |bytes| {
+            let text = text(bytes);
+            match Config::parse(&text, path) {
+                Ok(config) => {
+                    let written = toml::to_string(&config).expect("a config encodes");
+                    let again = Config::parse(&written, path);
+                    assert_eq!(again.as_ref().ok(), Some(&config), "{written}");
+                }
+                Err(e) => assert_says_something(&e),
+            }
+            let _ = Config::paths_section(&text);
+        })
+    });
+}
+
+/// Tags, which become paths below the handler directory: an accepted tag names nothing
+/// outside it, nor the directory's own `_` names, nor hidden files.
+#[test]
+fn tag_names() {
+    let seeds = crate::fuzz_seeds!("tag_names");
+    crate::fuzz_target!("tag_names").for_each(|input| {
+        both(&seeds, input, |bytes| {
+            let text = text(bytes);
+            match tag::validate_tag(&text) {
+                Ok(()) => {
+                    assert!(text.len() <= tag::MAX_TAG_BYTES);
+                    assert!(!text.contains('\0') && !text.contains('\\'));
+                    let segments: Vec<&str> = text.split('/').collect();
+                    assert!(segments.len() <= tag::MAX_SEGMENTS);
+                    for segment in &segments {
+                        assert!(!segment.is_empty());
+                        assert!(!segment.starts_with('.') && !segment.starts_with('_'));
+                    }
+                    let components: Vec<_> = Path::new(&text).components().collect();
+                    assert_eq!(components.len(), segments.len(), "{text:?}");
+                    assert!(
+                        components
+                            .iter()
+                            .all(|c| matches!(c, std::path::Component::Normal(_)))
+                    );
+                }
+                Err(e) => assert!(!e.is_empty()),
+            }
+            if tag::validate_event(&text).is_ok() {
+                assert!(tag::validate_segment(&text).is_ok(), "{text:?}");
+            }
+            let (stem, extension) = tag::split_extension(&text);
+            match extension {
+                Some(extension) => {
+                    assert_eq!(format!("{stem}.{extension}"), text);
+                    assert!(!stem.is_empty() && !extension.contains('.'));
+                }
+                None => assert_eq!(stem, text),
+            }
+        })
+    });
+}
+
+/// Invitation codes as a person may type or paste them.
+#[test]
+fn invitation_code() {
+    let seeds = crate::fuzz_seeds!("invitation_code");
+    crate::fuzz_target!("invitation_code").for_each(|input| {
+        both(&seeds, input, |bytes| {
+            let text = text(bytes);
+            match Invitation::parse(&text) {
+                Ok(invitation) => {
+                    let code = invitation.encode();
+                    assert_eq!(Invitation::parse(&code).as_ref(), Ok(&invitation));
+                }
+                Err(e) => assert_says_something(&e),
+            }
+        })
+    });
 }
