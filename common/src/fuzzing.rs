@@ -9,6 +9,9 @@
 //! byte a parser checks. A harness asserts that the parser returns instead of panicking, that
 //! its errors say something, and, where there is an encoder, that what it accepts encodes and
 //! decodes back to the same value.
+//!
+//! Test support only (public so that the other crates' harnesses share it): it panics on a
+//! missing or empty corpus, as a test should.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
