@@ -319,3 +319,28 @@ fn invitation_code() {
         })
     });
 }
+
+/// Device names, public keys and device IDs as text: from allow lists, the command line, and
+/// mDNS advertisements of devices waiting to be paired (a stranger's, on the local network).
+#[test]
+fn identity_text() {
+    use crate::identity::{DeviceId, DeviceName, PublicKey};
+    let seeds = crate::fuzz_seeds!("identity_text");
+    crate::fuzz_target!("identity_text").for_each(|input| {
+        both(&seeds, input, |bytes| {
+            let text = text(bytes);
+            match DeviceName::new(&text) {
+                Ok(name) => assert_eq!(DeviceName::new(&name.to_string()).ok(), Some(name)),
+                Err(e) => assert_says_something(&e),
+            }
+            match text.parse::<PublicKey>() {
+                Ok(key) => assert_eq!(key.to_string().parse::<PublicKey>().ok(), Some(key)),
+                Err(e) => assert_says_something(&e),
+            }
+            match text.parse::<DeviceId>() {
+                Ok(id) => assert_eq!(id.to_string().parse::<DeviceId>().ok(), Some(id)),
+                Err(e) => assert_says_something(&e),
+            }
+        })
+    });
+}
