@@ -9,6 +9,9 @@ pub mod config;
 pub mod env;
 pub mod framing;
 pub mod fsutil;
+#[cfg(test)]
+mod fuzz;
+pub mod fuzzing;
 pub mod identity;
 pub mod invitation;
 pub mod ipc;

@@ -7,6 +7,8 @@
 //! tag in order, everything else alongside.
 
 pub mod allow;
+#[cfg(test)]
+mod fuzz;
 pub mod resolve;
 pub mod runner;
 pub mod safe_open;

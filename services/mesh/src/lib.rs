@@ -8,6 +8,8 @@ mod api_conn;
 pub mod backoff;
 pub mod core;
 mod det;
+#[cfg(test)]
+mod fuzz;
 mod handlers_link;
 mod interfaces;
 mod listener;

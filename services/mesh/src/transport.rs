@@ -245,11 +245,17 @@ impl SessionWriter {
         for chunk in wire::chunks(encoded) {
             self.send_chunk(&chunk).await?;
         }
+        self.flush().await
+    }
+
+    /// Sends what `send_chunk` queued.
+    pub async fn flush(&mut self) -> Result<(), TransportError> {
         SinkExt::<Bytes>::flush(&mut self.frames).await?;
         Ok(())
     }
 
-    /// Encrypts one transport message as it is (flag byte included).
+    /// Encrypts one transport message as it is (flag byte included) and queues it: a test's
+    /// broken peer sends any chunk this way, then `flush`es.
     pub async fn send_chunk(&mut self, chunk: &[u8]) -> Result<(), TransportError> {
         let len = self
             .noise
