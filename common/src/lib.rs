@@ -11,6 +11,7 @@ pub mod framing;
 pub mod fsutil;
 #[cfg(test)]
 mod fuzz;
+#[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 pub mod identity;
 pub mod invitation;
