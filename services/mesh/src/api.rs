@@ -440,14 +440,8 @@ impl Methods for Api<'_> {
                         let id = id
                             .parse::<cnsprcy::identity::DeviceId>()
                             .map_err(|e| RpcError::invalid_params(e.to_string()))?;
-                        let candidates = self
-                            .mesh
-                            .node
-                            .pairing
-                            .candidates(&self.mesh.node, usize::MAX, Duration::ZERO)
-                            .await;
-                        match candidates.iter().find(|c| c.key.device_id() == id) {
-                            Some(candidate) => candidate.key,
+                        match self.mesh.node.pairing.candidate_key(&id) {
+                            Some(key) => key,
                             None => {
                                 return Err(RpcError::new(
                                     crate::core::code::NOT_FOUND,

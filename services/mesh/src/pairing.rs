@@ -50,7 +50,7 @@ const DECIDE_TIMEOUT: Duration = Duration::from_secs(300);
 /// call (the inductor's CLI asks every few seconds while it lists them).
 const BROWSE_LEASE: Duration = Duration::from_secs(30);
 /// Devices waiting to be paired that one inductor lists at most.
-pub const MAX_CANDIDATES: usize = 32;
+const MAX_CANDIDATES: usize = 32;
 /// The longest `manage join` (without a code) waits for an inductor.
 pub const MAX_WAIT: Duration = Duration::from_secs(3600);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -551,6 +551,15 @@ impl Pairing {
                 changed = seen.changed() => if changed.is_err() { return listed },
             }
         }
+    }
+
+    /// The key of the listed device waiting to be paired with ID `id`.
+    pub fn candidate_key(&self, id: &DeviceId) -> Option<PublicKey> {
+        self.lock()
+            .candidates
+            .iter()
+            .find(|c| c.key.device_id() == *id)
+            .map(|c| c.key)
     }
 
     async fn end_browsing_when_unused(self: Arc<Self>) {
