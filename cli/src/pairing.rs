@@ -133,6 +133,12 @@ pub async fn join(env: &DeviceEnv, code: &[String], as_json: bool) -> anyhow::Re
         print_json(&value)?;
         return Ok(ExitCode::SUCCESS);
     }
+    print_joined(value)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The answer of a join (with a code, or after pairing), for people.
+fn print_joined(value: Value) -> anyhow::Result<()> {
     let joined: Joined = serde_json::from_value(value)?;
     let others = match joined.members {
         1 => "1 member".to_owned(),
@@ -142,7 +148,7 @@ pub async fn join(env: &DeviceEnv, code: &[String], as_json: bool) -> anyhow::Re
         "joined the mesh through {} ({}): {others}; `cnspr peers` shows them as they connect",
         joined.inviter.name, joined.inviter.id
     );
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 /// The other device of a pairing, as the daemon names it.
@@ -365,15 +371,7 @@ async fn wait_and_confirm(
         print_json(&value).map_err(Stopped::Failed)?;
         return Ok(ExitCode::SUCCESS);
     }
-    let joined: Joined = serde_json::from_value(value).map_err(|e| Stopped::Failed(e.into()))?;
-    let others = match joined.members {
-        1 => "1 member".to_owned(),
-        n => format!("{n} members"),
-    };
-    println!(
-        "joined the mesh through {} ({}): {others}; `cnspr peers` shows them as they connect",
-        joined.inviter.name, joined.inviter.id
-    );
+    print_joined(value).map_err(Stopped::Failed)?;
     Ok(ExitCode::SUCCESS)
 }
 

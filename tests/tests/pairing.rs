@@ -24,6 +24,20 @@ fn invite(inviter: &Device, expires: &str) -> String {
     invited["code"].as_str().expect("code").to_owned()
 }
 
+/// A device per name on `lan`, each listening on every address and running `cnspr serve`.
+fn on_lan(lan: &cnsprcy_tests::netns::Lan, names: &[&str]) -> Vec<Device> {
+    names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let mut device = Device::new(name);
+            device.configure("0.0.0.0:7332");
+            device.start_in(lan.node(i));
+            device
+        })
+        .collect()
+}
+
 fn names(device: &Device) -> Vec<String> {
     device.peers().into_keys().collect()
 }
@@ -213,16 +227,7 @@ fn devices_join_with_invitations_and_leave_by_disable_revoke_and_leave() {
 #[test]
 fn devices_on_a_lan_join_and_receive_the_store() {
     let lan = cnsprcy_tests::netns::Lan::new(3);
-    let mut devices: Vec<Device> = ["laptop", "desk", "phone"]
-        .iter()
-        .enumerate()
-        .map(|(i, name)| {
-            let mut device = Device::new(name);
-            device.configure("0.0.0.0:7332");
-            device.start_in(lan.node(i));
-            device
-        })
-        .collect();
+    let mut devices = on_lan(&lan, &["laptop", "desk", "phone"]);
     devices[0].spawn_in(
         lan.node(0),
         "watch",
@@ -377,16 +382,7 @@ fn induct(inductor: &Device, id: &str) -> cnsprcy_tests::Run {
 #[test]
 fn devices_on_a_lan_pair_over_mdns_with_a_confirmation_code() {
     let lan = cnsprcy_tests::netns::Lan::new(4);
-    let mut devices: Vec<Device> = ["laptop", "desk", "phone", "stranger"]
-        .iter()
-        .enumerate()
-        .map(|(i, name)| {
-            let mut device = Device::new(name);
-            device.configure("0.0.0.0:7332");
-            device.start_in(lan.node(i));
-            device
-        })
-        .collect();
+    let mut devices = on_lan(&lan, &["laptop", "desk", "phone", "stranger"]);
     let ids: Vec<String> = devices.iter().map(id_of).collect();
     let cnspr = cnsprcy_tests::bin("cnspr");
     devices[0].spawn_in(lan.node(0), "watch", &cnspr, &["watch", "--json"]);

@@ -465,10 +465,7 @@ impl Methods for Api<'_> {
                     .confirm(&self.mesh.node, accept)
                     .await?
                 {
-                    crate::pairing::Confirmed::Joined(joined) => Ok(serde_json::json!({
-                        "inviter": crate::core::member_info(&joined.inviter),
-                        "members": joined.members,
-                    })),
+                    crate::pairing::Confirmed::Joined(joined) => Ok(joined_value(&joined)),
                     crate::pairing::Confirmed::Inducted { name, id } => {
                         Ok(serde_json::json!({ "added": { "name": name, "id": id } }))
                     }
@@ -489,13 +486,7 @@ impl Methods for Api<'_> {
                 let invitation = cnsprcy::invitation::Invitation::parse(&code)
                     .map_err(|e| RpcError::invalid_params(e.to_string()))?;
                 match self.mesh.node.call(ApiCall::Join(invitation)).await? {
-                    Answer::Joined(joined) => {
-                        let joined = joined?;
-                        Ok(serde_json::json!({
-                            "inviter": crate::core::member_info(&joined.inviter),
-                            "members": joined.members,
-                        }))
-                    }
+                    Answer::Joined(joined) => Ok(joined_value(&joined?)),
                     other => Err(unexpected(other)),
                 }
             }
@@ -574,6 +565,14 @@ impl Methods for Api<'_> {
 /// The core answered a call with another call's answer: a bug, said as such.
 pub(crate) fn unexpected(answer: Answer) -> RpcError {
     RpcError::internal(format!("unexpected answer from the mesh: {answer:?}"))
+}
+
+/// What `members.join` answers, and `members.pair_confirm` on the joining device.
+fn joined_value(joined: &crate::core::Joined) -> Value {
+    serde_json::json!({
+        "inviter": crate::core::member_info(&joined.inviter),
+        "members": joined.members,
+    })
 }
 
 /// A pairing step that got as far as the code, as `pair_wait` and `induct` answer it.

@@ -36,7 +36,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::core::{Answer, ApiCall, JOIN_TIMEOUT, Joined, code};
+use crate::core::{Answer, ApiCall, JOIN_TIMEOUT, Joined, code, error};
 use crate::node::NodeHandle;
 use crate::transport::{self, Session};
 
@@ -54,10 +54,6 @@ const MAX_CANDIDATES: usize = 32;
 /// The longest `manage join` (without a code) waits for an inductor.
 pub const MAX_WAIT: Duration = Duration::from_secs(3600);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
-fn error(code: i64, message: impl Into<String>) -> RpcError {
-    RpcError::new(code, message)
-}
 
 /// What commits the inductor to `nonce` without showing it.
 pub fn commitment(nonce: &[u8; 32]) -> [u8; 32] {

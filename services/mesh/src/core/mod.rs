@@ -50,6 +50,7 @@ use crate::ordering::Holdback;
 use crate::peers::PeerTable;
 use crate::roster::{Member, Roster};
 
+pub(crate) use api::error;
 pub use api::{code, member_info};
 pub use membership::{
     InvitationState, Invitations, Invited, JOIN_TIMEOUT, Joined, MAX_INVITATION_LIFETIME, Removed,
