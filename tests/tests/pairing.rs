@@ -319,7 +319,7 @@ fn ctrl_c_cancels_a_join_cleanly() {
 }
 
 /// A device disabled while it was offline learns it when it comes back and dials a member: it
-/// forgets the mesh then, instead of dialling forever.
+/// forgets the mesh then, instead of dialling forever. Invited again, it gets back in.
 #[test]
 fn a_device_disabled_while_offline_is_told_when_it_returns() {
     let ns = NetNs::new();
@@ -339,6 +339,9 @@ fn a_device_disabled_while_offline_is_told_when_it_returns() {
         beta.log("serve")
     );
     assert!(alpha.log("serve").contains("that it was disabled"));
+    let code = invite(&alpha, "15m");
+    beta.cnspr_json(&["manage", "join", &code]);
+    alpha.wait_status("beta", "direct", SOON);
 }
 
 fn id_of(device: &Device) -> String {

@@ -246,26 +246,29 @@ async fn admit_non_member(
         node.pairing.offer(session, addr);
         return None;
     }
-    if let Some(entry) = node.disabled_entry(&session.remote_key) {
-        // A device disabled while it was away: it learns so, and forgets the mesh.
-        log.warn("disabled", || {
-            format!("told device {id} at {addr} that it was disabled")
-        });
-        let told = cnsprcy::wire::Message::RosterEntries {
-            entries: vec![entry],
-            answer: false,
-        };
-        let _ =
-            tokio::time::timeout(transport::HANDSHAKE_TIMEOUT, session.writer.send(&told)).await;
-        return None;
-    }
+    // An open invitation lets in a device disabled before, too: that is how it comes back.
     let refusal = match &session.remote.joining {
         Some(joining) => match node.join_refusal(&joining.secret) {
             None => return Some(session),
             Some(refusal) => refusal,
         },
-        // A member removed since its handshake began.
-        None => return None,
+        None => {
+            if let Some(entry) = node.disabled_entry(&session.remote_key) {
+                // A device disabled while it was away: it learns so, and forgets the mesh.
+                log.warn("disabled", || {
+                    format!("told device {id} at {addr} that it was disabled")
+                });
+                let told = cnsprcy::wire::Message::RosterEntries {
+                    entries: vec![entry],
+                    answer: false,
+                };
+                let _ =
+                    tokio::time::timeout(transport::HANDSHAKE_TIMEOUT, session.writer.send(&told))
+                        .await;
+            }
+            // Otherwise a member removed since its handshake began.
+            return None;
+        }
     };
     log.warn("join", || {
         format!(
