@@ -1,5 +1,5 @@
-//! `cnspr`: the command-line interface of cnsprcy, and `cnspr serve`, the whole daemon in one
-//! process.
+//! `cnspr`: the command-line interface of cnsprcy, `cnspr serve`, the whole daemon in one
+//! process, and each service's executable when started under the service's name (`service`).
 
 mod args;
 mod cli;
@@ -11,6 +11,7 @@ mod messages;
 mod pairing;
 mod peers;
 mod serve;
+mod service;
 
 use std::process::ExitCode;
 
@@ -22,6 +23,12 @@ use crate::cli::{Cli, Command};
 pub const EXIT_NOT_RUNNING: u8 = 3;
 
 fn main() -> ExitCode {
+    if let Some(kind) = std::env::args_os()
+        .next()
+        .and_then(|a| service::named_by(&a))
+    {
+        return service::run(kind);
+    }
     // `COMPLETE=SHELL cnspr ...`: the completion scripts ask what to offer (and exit here).
     clap_complete::CompleteEnv::with_factory(Cli::command)
         .completer("cnspr")

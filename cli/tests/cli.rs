@@ -82,3 +82,33 @@ fn a_closed_pipe_ends_a_command_quietly() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_eq!(out.status.signal(), Some(13), "{:?}: {stderr}", out.status);
 }
+
+/// The services' executable is `cnspr` started under a service's name (as the systemd units do
+/// with `ExecStart=@/usr/bin/cnspr cnsprcy-mesh`): `--version` prints `NAME VERSION`, `--help`
+/// explains, anything else is a usage error.
+#[test]
+fn cnspr_started_under_a_service_name_is_that_service() {
+    use std::os::unix::process::CommandExt;
+    for name in [
+        "cnsprcy-mesh",
+        "cnsprcy-netwatch",
+        "cnsprcy-discovery",
+        "cnsprcy-handlers",
+    ] {
+        let run = |arg: &str| Command::new(BIN).arg0(name).arg(arg).output().unwrap();
+        let out = run("--version");
+        assert!(out.status.success(), "{name}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            format!("{name} {}", env!("CARGO_PKG_VERSION"))
+        );
+        let out = run("--help");
+        assert!(out.status.success(), "{name}");
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(help.starts_with(name), "{help}");
+        assert!(help.contains("cnspr serve"), "{help}");
+        let out = run("--bogus");
+        assert_eq!(out.status.code(), Some(2), "{name}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("--help"));
+    }
+}

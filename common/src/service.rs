@@ -1,5 +1,6 @@
 //! What every service process does around its service: load the environment, take the instance
-//! lock, stop on SIGINT/SIGTERM. Used by the thin `cnsprcy-<service>` binaries and `cnspr serve`.
+//! lock, stop on SIGINT/SIGTERM. Used by `cnspr serve` and by `cnspr` started as one service
+//! (under the name `cnsprcy-<service>`).
 
 use std::future::Future;
 use std::time::Duration;
@@ -94,12 +95,13 @@ pub async fn join_all(running: Vec<(ServiceKind, Running)>) -> anyhow::Result<()
     first_error.map_or(Ok(()), Err)
 }
 
-/// How every service binary is run, for its `--help` and man page.
-pub const SERVICE_USAGE: &str = "Normally started by systemd (cnsprcy.target) or by `cnspr serve`, which runs all \
+/// How every service process is run, for its `--help` and man page.
+pub const SERVICE_USAGE: &str = "The executable is `cnspr`, started under the service's name: systemd's unit does \
+so (ExecStart=@/usr/bin/cnspr NAME), by hand `exec -a NAME cnspr` in bash. Without systemd, `cnspr serve` runs all \
 services in one process. Takes no arguments. Reads the same configuration as `cnspr` (see `cnspr config path`). \
 RUST_LOG sets the log filter (default: info).";
 
-/// The whole life of a `cnsprcy-<service>` binary: arguments, logging, environment, lock, signals,
+/// The whole life of a `cnsprcy-<service>` process: arguments, logging, environment, lock, signals,
 /// and the service itself until it stops.
 pub fn main<F, Fut>(kind: ServiceKind, start: F) -> std::process::ExitCode
 where

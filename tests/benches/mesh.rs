@@ -1202,13 +1202,11 @@ fn bin_dir() -> PathBuf {
         .and_then(Path::parent)
         .expect("the bench lives in target/<profile>/deps")
         .to_owned();
-    for name in ["cnspr", "cnsprcy-mesh"] {
-        assert!(
-            dir.join(name).exists(),
-            "{} is missing; run `cargo build --release --workspace` before the benchmark",
-            dir.join(name).display()
-        );
-    }
+    assert!(
+        dir.join("cnspr").exists(),
+        "{} is missing; run `cargo build --release --workspace` before the benchmark",
+        dir.join("cnspr").display()
+    );
     dir
 }
 

@@ -53,8 +53,8 @@ fn trials(with_netwatch: bool) -> Vec<f64> {
                 device.spawn_in(lan.node(i), "serve", &bins.join("cnspr"), &["serve"]);
                 device.wait_ready("serve");
             } else {
-                device.spawn_in(lan.node(i), "handlers", &bins.join("cnsprcy-handlers"), &[]);
-                device.spawn_in(lan.node(i), "mesh", &bins.join("cnsprcy-mesh"), &[]);
+                device.spawn_in(lan.node(i), "handlers", &cnsprcy_tests::bin("cnsprcy-handlers"), &[]);
+                device.spawn_in(lan.node(i), "mesh", &cnsprcy_tests::bin("cnsprcy-mesh"), &[]);
                 device.wait_ready("mesh");
             }
             device

@@ -791,16 +791,24 @@ impl CnsprcyDevice {
     }
 
     fn spawn(&mut self, lan: &Lan, i: usize, program: &Path, args: &[&str]) {
-        let label = program.file_name().unwrap_or_default().to_string_lossy();
-        let log = fs::File::create(self.root.join(format!("{label}.log"))).expect("log file");
+        let name = program.file_name().unwrap_or_default().to_string_lossy();
+        self.spawn_as(lan, i, program, &name, args);
+    }
+
+    /// Starts `program` with `name` as its argv[0] (`cnspr` started as `cnsprcy-mesh` runs the
+    /// mesh service), logging to `name.log`.
+    fn spawn_as(&mut self, lan: &Lan, i: usize, program: &Path, name: &str, args: &[&str]) {
+        use std::os::unix::process::CommandExt;
+        let log = fs::File::create(self.root.join(format!("{name}.log"))).expect("log file");
         let mut cmd = self.command(program);
-        cmd.args(args)
+        cmd.arg0(name)
+            .args(args)
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log);
         lan.node(i).enter(&mut cmd);
         let child = cmd
             .spawn()
-            .unwrap_or_else(|e| panic!("start {} for {}: {e}", program.display(), self.name));
+            .unwrap_or_else(|e| panic!("start {name} for {}: {e}", self.name));
         self.processes.push(child);
     }
 
@@ -839,7 +847,6 @@ struct CnsprcyGroup<'a> {
     devices: Vec<CnsprcyDevice>,
     /// `peer` events of every device's `subscribe` stream, stamped when read.
     events: Arc<Mutex<Vec<Seen>>>,
-    bins: PathBuf,
 }
 
 /// The handler of the `bench` tags: first thing, the time; one line `TAG NS` per run.
@@ -863,7 +870,6 @@ impl<'a> CnsprcyGroup<'a> {
             lan,
             devices: Vec::new(),
             events: Arc::new(Mutex::new(Vec::new())),
-            bins: bins.to_owned(),
         };
         for i in 0..n {
             let dir = root.join(format!("cnsprcy-d{i}"));
@@ -991,33 +997,21 @@ impl<'a> CnsprcyGroup<'a> {
     }
 
     /// Replaces device 0's `cnspr serve` with the four service processes as systemd starts
-    /// them (each its own copy of its executable), waits until the mesh is whole again, and
-    /// returns their PSS summed, in KiB; then goes back to `serve`.
+    /// them (its own copy of `cnspr`, started once under each service's name), waits until the
+    /// mesh is whole again, and returns their PSS summed, in KiB; then goes back to `serve`.
     fn services(&mut self, settle: Duration) -> u64 {
         let lan = self.lan;
-        let names = [
+        let device = &mut self.devices[0];
+        device.stop_all();
+        let cnspr = device.cnspr.clone();
+        // The helpers first: they wait for the mesh service, as under systemd.
+        for name in [
             "cnsprcy-netwatch",
             "cnsprcy-discovery",
             "cnsprcy-handlers",
             "cnsprcy-mesh",
-        ];
-        let copies: Vec<PathBuf> = names
-            .iter()
-            .map(|name| {
-                let program = self.bins.join(name);
-                assert!(
-                    program.exists(),
-                    "{} is missing: build it first (cargo build --release --workspace)",
-                    program.display()
-                );
-                private_copy(&program, &self.devices[0].root.join("bin"))
-            })
-            .collect();
-        let device = &mut self.devices[0];
-        device.stop_all();
-        // The helpers first: they wait for the mesh service, as under systemd.
-        for copy in &copies {
-            device.spawn(lan, 0, copy, &[]);
+        ] {
+            device.spawn_as(lan, 0, &cnspr, name, &[]);
         }
         device.wait_ready();
         let all_connected = poll(Duration::from_secs(30), || {

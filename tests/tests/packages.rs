@@ -1,5 +1,5 @@
-//! The packages `packaging/build` makes: both hold every binary, unit, man page, completion and
-//! document, lintian finds nothing in the .deb, and the .rpm installs into an empty root.
+//! The packages `packaging/build` makes: both hold the one executable (`cnspr`, which the units
+//! also start as each service), every unit, man page, completion and document, lintian finds nothing in the .deb, and the .rpm installs into an empty root.
 //! README.md's test command builds them first (`packaging/build --profile dev`); the end-to-end
 //! test that installs the .deb under a real systemd is systemd_boot.rs.
 
@@ -8,8 +8,8 @@ use std::path::Path;
 use cnsprcy_tests::packages::{deb, rpm, workspace};
 use std::process::Command;
 
-const BINARIES: [&str; 5] = [
-    "cnspr",
+/// The services have man pages of their own; their executable is `cnspr`.
+const SERVICES: [&str; 4] = [
     "cnsprcy-mesh",
     "cnsprcy-netwatch",
     "cnsprcy-discovery",
@@ -35,7 +35,7 @@ fn run(program: &str, args: &[&str], file: Option<&Path>) -> String {
 
 /// The files of the repository a package must carry: (directory in the package, file name).
 fn expected_files() -> Vec<String> {
-    let mut files: Vec<String> = BINARIES.iter().map(|b| format!("/usr/bin/{b}")).collect();
+    let mut files = vec!["/usr/bin/cnspr".to_owned()];
     let names = |dir: &str| -> Vec<String> {
         let mut names: Vec<String> = std::fs::read_dir(workspace().join(dir))
             .unwrap_or_else(|e| panic!("read {dir}: {e}"))
@@ -59,7 +59,7 @@ fn expected_files() -> Vec<String> {
     files.push("/usr/share/doc/cnsprcy/README.md".to_owned());
     for page in ["cnspr", "cnspr-send", "cnspr-manage-add"]
         .into_iter()
-        .chain(BINARIES.into_iter().skip(1))
+        .chain(SERVICES)
     {
         files.push(format!("/usr/share/man/man1/{page}.1.gz"));
     }
@@ -152,7 +152,8 @@ fn the_rpm_holds_everything_and_installs() {
     assert!(info.contains("License     : MIT OR Apache-2.0"), "{info}");
 
     // It installs: rpm unpacks it into an empty root of its own (no rpm-based system here, so
-    // without dependency checks), and the binaries it put there run.
+    // without dependency checks), and the executable it put there runs, also as each service
+    // (as the units start it).
     let root = tempfile::tempdir().expect("temp dir");
     let root_arg = root.path().to_str().expect("UTF-8 temp path");
     run("rpm", &["--root", root_arg, "--initdb"], None);
@@ -161,16 +162,17 @@ fn the_rpm_holds_everything_and_installs() {
         &["--root", root_arg, "--nodeps", "--noscripts", "-i"],
         Some(&rpm),
     );
-    for binary in BINARIES {
-        let installed = root.path().join("usr/bin").join(binary);
-        let version = run(
-            installed.to_str().expect("UTF-8 path"),
-            &["--version"],
-            None,
-        );
+    let installed = root.path().join("usr/bin/cnspr");
+    for name in std::iter::once("cnspr").chain(SERVICES) {
+        use std::os::unix::process::CommandExt;
+        let output = Command::new(&installed)
+            .arg0(name)
+            .arg("--version")
+            .output()
+            .expect("run the installed cnspr");
         assert_eq!(
-            version.trim(),
-            format!("{binary} {}", env!("CARGO_PKG_VERSION"))
+            String::from_utf8_lossy(&output.stdout).trim(),
+            format!("{name} {}", env!("CARGO_PKG_VERSION"))
         );
     }
     assert!(

@@ -42,7 +42,7 @@ fn unit_files_pass_systemd_analyze_verify() {
         fs::create_dir_all(dir).unwrap();
     }
     fs::set_permissions(&run, fs::Permissions::from_mode(0o700)).unwrap();
-    // The units name /usr/bin/cnsprcy-* binaries and man pages as the package installs them;
+    // The units name /usr/bin/cnspr and man pages as the package installs them;
     // here they point at the build's binaries and freshly generated man pages.
     let bin_dir = bin("cnspr").parent().unwrap().display().to_string();
     let mut files = Vec::new();
@@ -54,7 +54,7 @@ fn unit_files_pass_systemd_analyze_verify() {
         }
         let text = fs::read_to_string(&path)
             .unwrap()
-            .replace("/usr/bin/cnsprcy-", &format!("{bin_dir}/cnsprcy-"));
+            .replace("/usr/bin/cnspr ", &format!("{bin_dir}/cnspr "));
         fs::write(units.join(&name), text).unwrap();
         files.push(name);
     }

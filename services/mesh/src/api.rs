@@ -634,7 +634,7 @@ impl Api<'_> {
                     state: ServiceState::Disconnected,
                     pid: None,
                     detail: Some(format!(
-                        "not registered; start {} (it connects by itself)",
+                        "not registered; start it: `systemctl --user start {}`",
                         kind.unit_name()
                     )),
                 },
