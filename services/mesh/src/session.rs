@@ -7,11 +7,12 @@ use std::time::Duration;
 
 use cnsprcy::wire::Message;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::core::SessionId;
 use crate::node::Event;
-use crate::transport::{Session, SessionReader, SessionWriter};
+use crate::transport::{Received, Session, SessionReader, SessionWriter};
 
 /// Messages queued for one session at most; when full, further sends to that peer are dropped.
 pub const OUTBOUND_QUEUE: usize = 256;
@@ -169,32 +170,30 @@ async fn write_loop(
 }
 
 /// Hands every whole message to the node, and says now and then that a long one is on its way.
+/// It wakes only when a frame arrives: an idle session costs no timer.
 async fn read_loop(
     mut reader: SessionReader,
     session: SessionId,
     events: mpsc::Sender<Event>,
     cancel: CancellationToken,
 ) -> String {
-    let mut activity = tokio::time::interval(ACTIVITY_INTERVAL);
-    activity.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut reported = reader.last_frame();
+    let mut reported = Instant::now();
     loop {
         let received = tokio::select! {
             _ = cancel.cancelled() => return "closed by this device".into(),
-            _ = activity.tick() => {
-                if reader.last_frame() > reported {
-                    reported = reader.last_frame();
+            received = reader.recv_frame() => received,
+        };
+        match received {
+            Ok(Received::Chunk) => {
+                if reported.elapsed() >= ACTIVITY_INTERVAL {
+                    reported = Instant::now();
                     if events.send(Event::Activity { session }).await.is_err() {
                         return "the node stopped".into();
                     }
                 }
-                continue;
             }
-            received = reader.recv() => received,
-        };
-        match received {
-            Ok(Some(message)) => {
-                reported = reader.last_frame();
+            Ok(Received::Message(Some(message))) => {
+                reported = Instant::now();
                 if events
                     .send(Event::Frame { session, message })
                     .await
@@ -203,7 +202,7 @@ async fn read_loop(
                     return "the node stopped".into();
                 }
             }
-            Ok(None) => {
+            Ok(Received::Message(None)) => {
                 tracing::debug!("skipped a message of an unknown kind");
             }
             Err(e) => return e.to_string(),

@@ -110,7 +110,6 @@ pub struct SessionReader {
     /// Whole frames that arrived with the handshake, read before `frames`.
     early: std::collections::VecDeque<bytes::BytesMut>,
     /// When the last frame arrived: a long message in many chunks is traffic too.
-    last_frame: std::time::Instant,
     noise: Arc<snow::StatelessTransportState>,
     nonce: u64,
     reassembler: Reassembler,
@@ -215,7 +214,6 @@ impl Session {
             reader: SessionReader {
                 frames,
                 early,
-                last_frame: std::time::Instant::now(),
                 noise: noise.clone(),
                 nonce: 0,
                 reassembler: Reassembler::default(),
@@ -269,34 +267,47 @@ impl SessionWriter {
     }
 }
 
+/// What one transport message (frame) from the peer brought.
+#[derive(Debug)]
+pub enum Received {
+    /// The last chunk of a message: the whole message, or `None` for a kind this version does
+    /// not know (skipped).
+    Message(Option<Message>),
+    /// A chunk of a message that is not whole yet.
+    Chunk,
+}
+
 impl SessionReader {
-    pub fn last_frame(&self) -> std::time::Instant {
-        self.last_frame
+    /// Reads one transport message; errors end the session. Cancel-safe: it only waits for the
+    /// next frame, and keeps partial messages across calls.
+    pub async fn recv_frame(&mut self) -> Result<Received, TransportError> {
+        let frame = match self.early.pop_front() {
+            Some(frame) => frame,
+            None => match self.frames.next().await {
+                Some(frame) => frame?,
+                None => return Err(TransportError::Closed),
+            },
+        };
+        let len = self
+            .noise
+            .read_message(self.nonce, &frame, &mut self.buffer)?;
+        self.nonce += 1;
+        let joined = self
+            .reassembler
+            .push(&self.buffer[..len])
+            .map_err(|e| TransportError::Protocol(e.to_string()))?;
+        Ok(match joined {
+            Some(bytes) => Received::Message(Message::decode(&bytes).ok()),
+            None => Received::Chunk,
+        })
     }
 
     /// Reads transport messages until a whole message is in. `Ok(None)` is a message of a kind
-    /// this version does not know (skipped); errors end the session. Cancel-safe: it only waits
-    /// for the next frame, and keeps partial messages across calls.
+    /// this version does not know (skipped). Cancel-safe, as `recv_frame`.
     pub async fn recv(&mut self) -> Result<Option<Message>, TransportError> {
         loop {
-            let frame = match self.early.pop_front() {
-                Some(frame) => frame,
-                None => match self.frames.next().await {
-                    Some(frame) => frame?,
-                    None => return Err(TransportError::Closed),
-                },
-            };
-            self.last_frame = std::time::Instant::now();
-            let len = self
-                .noise
-                .read_message(self.nonce, &frame, &mut self.buffer)?;
-            self.nonce += 1;
-            let joined = self
-                .reassembler
-                .push(&self.buffer[..len])
-                .map_err(|e| TransportError::Protocol(e.to_string()))?;
-            if let Some(bytes) = joined {
-                return Ok(Message::decode(&bytes).ok());
+            if let Received::Message(message) = self.recv_frame().await? {
+                return Ok(message);
             }
         }
     }
