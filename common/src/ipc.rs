@@ -161,6 +161,9 @@ pub enum FromMesh {
     Advertise { instance: String, port: u16 },
     /// To discovery: what to advertise and browse for pairing now (replaces the last).
     Pairing(PairingDiscovery),
+    /// To discovery: look for members' advertisements (`true`: while there is no member yet or
+    /// some member has no session), or stop, so that a whole mesh sends no mDNS queries.
+    Browse { members: bool },
 }
 
 /// What the mesh service sends to the handler service on `handlers.sock`.

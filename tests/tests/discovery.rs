@@ -4,8 +4,9 @@
 
 use std::time::Duration;
 
-use cnsprcy_tests::Device;
 use cnsprcy_tests::netns::Lan;
+use cnsprcy_tests::{Device, wait_until};
+use nix::sys::signal::Signal;
 
 const SOON: Duration = Duration::from_secs(30);
 
@@ -53,6 +54,30 @@ fn members_without_addresses_find_each_other_and_strangers_are_ignored() {
     assert_eq!(devices[0].peers().len(), 1);
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(devices[2].peers()["a"]["status"], "unreachable");
+
+    // A whole mesh stops looking (an idle one sends no mDNS queries); the stranger, whose only
+    // member does not take it, goes on looking.
+    const STOPPED: &str = "not looking for members any more";
+    const STARTED: &str = "now looking for members on the local network";
+    for device in &devices[..2] {
+        assert!(
+            wait_until(SOON, || device.log("serve").contains(STOPPED)),
+            "{} still looks for members:\n{}",
+            device.name,
+            device.log("serve")
+        );
+    }
+    assert!(!devices[2].log("serve").contains(STOPPED));
+    // b goes away: a looks again, and finds b by mDNS once b is back.
+    devices[1].stop_with("serve", Signal::SIGKILL);
+    assert!(wait_until(SOON, || {
+        devices[0].log("serve").matches(STARTED).count() == 2
+    }));
+    devices[1].start_in(lan.node(1));
+    devices[0].wait_status("b", "direct", SOON);
+    assert!(wait_until(SOON, || {
+        devices[0].log("serve").matches(STOPPED).count() == 2
+    }));
 }
 
 /// mDNS reports an advertisement once, when it first resolves it: devices that become members

@@ -112,9 +112,10 @@ async fn run_mdns(
     // Before browsing and advertising: the daemon handles its commands in order, so no query or
     // announcement goes out on an interface the filter leaves out.
     select_interfaces(&daemon, &filter)?;
-    let browse = daemon
-        .browse(SERVICE_TYPE)
-        .map_err(|e| anyhow::anyhow!("cannot browse for {SERVICE_TYPE}: {e}"))?;
+    // Members are looked for from the start; the mesh service stops it once every member has a
+    // session (`FromMesh::Browse`), and asks again when one is missing.
+    let mut members = Browse::new(SERVICE_TYPE, "members");
+    members.set(&daemon, true);
     let mut advertised: Option<String> = None;
     let mut pairing = Pairing::default();
     loop {
@@ -125,12 +126,13 @@ async fn run_mdns(
                     advertise_device(&daemon, &mut advertised, &instance, port);
                 }
                 Some(FromMesh::Pairing(wish)) => pairing.apply(&daemon, wish),
+                Some(FromMesh::Browse { members: wanted }) => members.set(&daemon, wanted),
                 _ => {}
             },
-            event = browse.recv_async() => {
+            event = members.next_event() => {
                 let Ok(event) = event else {
-                    tracing::warn!("mDNS browsing stopped");
-                    break;
+                    members.stopped();
+                    continue;
                 };
                 if let ServiceEvent::ServiceResolved(service) = event {
                     let Some(instance) = service
@@ -148,7 +150,7 @@ async fn run_mdns(
                     let _ = found.try_send(ToMesh::Discovered { instance, addresses });
                 }
             }
-            event = pairing.next_event() => match event {
+            event = pairing.browse.next_event() => match event {
                 Ok(ServiceEvent::ServiceResolved(service)) => {
                     if let Some(candidate) = join_candidate(&service) {
                         tracing::debug!(fullname = %service.fullname, "resolved a device waiting to be paired");
@@ -161,10 +163,7 @@ async fn run_mdns(
                     }
                 }
                 Ok(_) => {}
-                Err(_) => {
-                    tracing::warn!("mDNS browsing for devices waiting to be paired stopped");
-                    pairing.browse = None;
-                }
+                Err(_) => pairing.browse.stopped(),
             },
         }
     }
@@ -176,6 +175,62 @@ async fn run_mdns(
     }
     let _ = daemon.shutdown();
     Ok(())
+}
+
+/// One mDNS browse that the mesh service turns on and off.
+struct Browse {
+    service_type: &'static str,
+    /// What is looked for, for the log.
+    what: &'static str,
+    /// Its events, while it runs.
+    events: Option<Receiver<ServiceEvent>>,
+}
+
+impl Browse {
+    fn new(service_type: &'static str, what: &'static str) -> Self {
+        Self {
+            service_type,
+            what,
+            events: None,
+        }
+    }
+
+    /// Starts or stops the browse; does nothing when it already is as `wanted`.
+    fn set(&mut self, daemon: &ServiceDaemon, wanted: bool) {
+        let what = self.what;
+        match (wanted, self.events.is_some()) {
+            (true, false) => match daemon.browse(self.service_type) {
+                Ok(events) => {
+                    tracing::debug!("now looking for {what} on the local network");
+                    self.events = Some(events);
+                }
+                Err(e) => tracing::warn!("cannot look for {what} on the local network: {e}"),
+            },
+            (false, true) => {
+                self.events = None;
+                tracing::debug!("not looking for {what} any more");
+                if let Err(e) = daemon.stop_browse(self.service_type) {
+                    tracing::warn!("cannot stop looking for {what}: {e}");
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The next event; pending forever while the browse is off, so that the loop's other
+    /// branches carry on.
+    async fn next_event(&self) -> Result<ServiceEvent, RecvError> {
+        match &self.events {
+            Some(events) => events.recv_async().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// mdns-sd ended the browse by itself.
+    fn stopped(&mut self) {
+        tracing::warn!("mDNS stopped looking for {}", self.what);
+        self.events = None;
+    }
 }
 
 /// Advertises this device as `instance` (the mesh service's hourly name) on `port`, replacing
@@ -220,12 +275,20 @@ fn unregister(daemon: &ServiceDaemon, fullname: &str) {
 /// What discovery does for pairing now, as the mesh service last asked
 /// (`FromMesh::Pairing`): advertise this device as waiting to be paired, browse for others that
 /// do, both or neither.
-#[derive(Default)]
 struct Pairing {
     /// The join advertisement registered, and its full mDNS name to withdraw it by.
     advertised: Option<(JoinAdvert, String)>,
-    /// Events of the browse for `JOIN_SERVICE_TYPE`, while the mesh service wants it.
-    browse: Option<Receiver<ServiceEvent>>,
+    /// The browse for `JOIN_SERVICE_TYPE`, on while the mesh service wants it.
+    browse: Browse,
+}
+
+impl Default for Pairing {
+    fn default() -> Self {
+        Self {
+            advertised: None,
+            browse: Browse::new(JOIN_SERVICE_TYPE, "devices waiting to be paired"),
+        }
+    }
 }
 
 impl Pairing {
@@ -259,31 +322,7 @@ impl Pairing {
                 }
             }
         }
-        match (wish.browse, self.browse.is_some()) {
-            (true, false) => match daemon.browse(JOIN_SERVICE_TYPE) {
-                Ok(events) => {
-                    tracing::info!("looking for devices waiting to be paired");
-                    self.browse = Some(events);
-                }
-                Err(e) => tracing::warn!("cannot look for devices waiting to be paired: {e}"),
-            },
-            (false, true) => {
-                self.browse = None;
-                if let Err(e) = daemon.stop_browse(JOIN_SERVICE_TYPE) {
-                    tracing::warn!("cannot stop looking for devices waiting to be paired: {e}");
-                }
-            }
-            _ => {}
-        }
-    }
-
-    /// The next event of the join browse; pending forever while there is none, so that the
-    /// loop's other branches carry on.
-    async fn next_event(&self) -> Result<ServiceEvent, RecvError> {
-        match &self.browse {
-            Some(events) => events.recv_async().await,
-            None => std::future::pending().await,
-        }
+        self.browse.set(daemon, wish.browse);
     }
 }
 

@@ -255,6 +255,8 @@ async fn serve_internal(mesh: Arc<Mesh>, stream: UnixStream, shutdown: Cancellat
     let mut pairing_wish = mesh.node.pairing.discovery_wish();
     // A discovery service that (re)registers mid-pairing learns what to do at once.
     pairing_wish.mark_changed();
+    let mut browse_wish = mesh.node.browse.subscribe();
+    browse_wish.mark_changed();
     loop {
         // Discovery advertises a name that changes every epoch: tell it the current one.
         if service == ServiceKind::Discovery {
@@ -283,6 +285,13 @@ async fn serve_internal(mesh: Arc<Mesh>, stream: UnixStream, shutdown: Cancellat
                 std::future::pending().await
             }
         };
+        let browse_changed = async {
+            if service == ServiceKind::Discovery {
+                browse_wish.changed().await
+            } else {
+                std::future::pending().await
+            }
+        };
         let message = tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = next_epoch => continue,
@@ -292,6 +301,16 @@ async fn serve_internal(mesh: Arc<Mesh>, stream: UnixStream, shutdown: Cancellat
                 }
                 let wish = pairing_wish.borrow_and_update().clone();
                 if conn.send(&FromMesh::Pairing(wish)).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+            changed = browse_changed => {
+                if changed.is_err() {
+                    break;
+                }
+                let members = *browse_wish.borrow_and_update();
+                if conn.send(&FromMesh::Browse { members }).await.is_err() {
                     break;
                 }
                 continue;

@@ -16,7 +16,7 @@ use cnsprcy::ipc::{Interface, Outcome, Run, RunResult};
 use cnsprcy::netif::{DialPlan, InterfaceFilter};
 use cnsprcy::rpc::RpcError;
 use cnsprcy::wire::{self, HandshakePayload, Message, StoreEntry};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -123,6 +123,9 @@ pub struct NodeHandle {
     pub interfaces: Arc<Interfaces>,
     /// Pairing on the local network (`manage join` without a code, `manage induct`).
     pub pairing: Arc<crate::pairing::Pairing>,
+    /// Whether discovery should look for members on the local network (`Output::Browse`);
+    /// the discovery service's connection passes it on.
+    pub browse: watch::Sender<bool>,
 }
 
 impl NodeHandle {
@@ -300,6 +303,8 @@ impl Node {
                 name.clone(),
                 identity.public_key(),
             )),
+            // Discovery browses from its start until the core says otherwise.
+            browse: watch::channel(true).0,
         };
         handle
             .pairing
@@ -611,6 +616,9 @@ impl Node {
                     self.handle
                         .incarnation
                         .store(incarnation, Ordering::Relaxed);
+                }
+                Output::Browse(browse) => {
+                    self.handle.browse.send_replace(browse);
                 }
             }
         }

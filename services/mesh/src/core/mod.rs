@@ -350,6 +350,10 @@ pub enum Output {
     Disabled(std::collections::HashMap<PublicKey, cnsprcy::wire::RosterEntry>),
     /// This device's incarnation (sent in handshakes) changed.
     Incarnation(u64),
+    /// Whether discovery should look for members on the local network changed: it should while
+    /// there is no member yet or some member is not `direct`. A whole mesh then sends no mDNS
+    /// queries and gets no answers (docs/performance.md).
+    Browse(bool),
 }
 
 /// What the core is built from: this device, its settings, and the state restored from disk.
@@ -478,6 +482,8 @@ pub struct Core<S: StoreAccess> {
     discovered: std::collections::VecDeque<(String, Vec<SocketAddr>)>,
     /// The last thing that went wrong per member without a session (for `peers`' reason).
     problems: Map<PublicKey, reasons::Problem>,
+    /// What `Output::Browse` said last.
+    browsing: Option<bool>,
     /// Devices that are not members and sent handshakes lately (for `status`).
     knocks: reasons::Knocks,
     /// The peer this device sends heartbeats to, and when the next is due.
@@ -547,6 +553,7 @@ impl<S: StoreAccess> Core<S> {
             quiet_dials: Set::default(),
             discovered: std::collections::VecDeque::new(),
             problems: Map::default(),
+            browsing: None,
             knocks: reasons::Knocks::default(),
             heartbeat_to: None,
             next_heartbeat: now.mono,

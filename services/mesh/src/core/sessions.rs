@@ -668,6 +668,25 @@ impl<S: StoreAccess> Core<S> {
         for (member, reach, status, was_reachable, _, same_session) in changes {
             self.peer_changed(&member, reach, status, was_reachable, same_session);
         }
+        self.update_browsing();
+    }
+
+    /// Asks discovery to look for members while there is none yet (so that one added by its
+    /// key alone is found at once) or some member has no session; stops it once every member
+    /// is `direct`.
+    fn update_browsing(&mut self) {
+        let members = self.roster.members();
+        let wanted = members.is_empty()
+            || members.iter().any(|m| {
+                !matches!(
+                    self.reported.get(&m.public_key),
+                    Some((PeerStatus::Direct | PeerStatus::Suspect, _))
+                )
+            });
+        if self.browsing != Some(wanted) {
+            self.browsing = Some(wanted);
+            self.outputs.push(Output::Browse(wanted));
+        }
     }
 
     /// A member's status changed: log it, tell subscribers and run the built-in event handlers.

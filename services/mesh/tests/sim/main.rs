@@ -708,6 +708,25 @@ fn a_silent_cut_is_noticed_and_repaired() {
     checks::statuses(&world).unwrap();
 }
 
+/// Discovery looks for members only while some member has no session: a whole mesh sends no
+/// mDNS queries; a device that is cut off makes everyone look again, and healing stops it.
+#[test]
+fn discovery_looks_for_members_only_while_one_is_missing() {
+    let mut world = formed(23, 4);
+    let browsing =
+        |world: &World| -> Vec<Option<bool>> { world.devices.iter().map(|d| d.browsing).collect() };
+    assert_eq!(browsing(&world), vec![Some(false); 4]);
+    cut_off(&mut world, 3);
+    world.run_for(SECOND * 10);
+    assert_eq!(browsing(&world), vec![Some(true); 4]);
+    for other in 0..3 {
+        world.set_link(3, other, true);
+    }
+    world.run_for(SECOND * 30);
+    checks::statuses(&world).unwrap();
+    assert_eq!(browsing(&world), vec![Some(false); 4]);
+}
+
 /// The names of the members `device` holds, sorted.
 fn member_names(world: &World, device: DeviceIndex) -> Vec<String> {
     let core = world.devices[device].core.as_ref().expect("running");

@@ -53,6 +53,8 @@ pub struct Device {
     /// Added to the world's wall clock: this device's clock error.
     pub skew_ms: i64,
     pub incarnation: u64,
+    /// What the core last said about looking for members on the local network.
+    pub browsing: Option<bool>,
     /// The tick the device waits for; a queued tick of another generation is stale.
     tick_generation: u64,
     /// When that tick comes.
@@ -219,6 +221,7 @@ impl World {
                     disk: Disk::default(),
                     skew_ms: 0,
                     incarnation: 0,
+                    browsing: None,
                     tick_generation: 0,
                     next_tick: None,
                     life: 0,
@@ -611,6 +614,7 @@ impl World {
                 Output::Incarnation(incarnation) => {
                     self.devices[device].incarnation = incarnation;
                 }
+                Output::Browse(browsing) => self.devices[device].browsing = Some(browsing),
             }
         }
         // Sampled: the sizes move slowly, and looking costs as much as a small input.
