@@ -65,12 +65,14 @@ fn mib(kib: u64) -> f64 {
 }
 
 /// One device per node of `lan`, named d0, d1, ..., each a member of every other (with its
-/// address), all sessions direct. Logs at `info`: `debug` would log a line per message.
+/// address), all sessions direct. Logs at `info` (`debug`, with `CNSPRCY_LOAD_LOG=debug`, logs
+/// several lines per message).
 fn full_mesh(lan: &Lan, n: usize, handler_log: &Path) -> Vec<Device> {
     let mut devices: Vec<Device> = (0..n)
         .map(|i| {
             let mut device = Device::new(&format!("d{i}"));
-            device.set_env("RUST_LOG", "info");
+            let level = std::env::var("CNSPRCY_LOAD_LOG").unwrap_or_else(|_| "info".into());
+            device.set_env("RUST_LOG", level);
             device.configure(&format!("{}:{PORT}", lan.addr(i)));
             install_handler(&device, handler_log);
             device.start_in(lan.node(i));
@@ -479,6 +481,12 @@ fn nine_devices_flood_one_with_messages_and_store_writes() {
     if let Some(message) = sent.iter().find_map(|s| s.full_message.clone()) {
         println!("  a full outbox answers: {message}");
     }
+    let log = devices[0].log("serve");
+    let count = |needle: &str| log.lines().filter(|l| l.contains(needle)).count();
+    println!(
+        "  d0's log: {} messages dropped as too many wait for earlier ones (logged at debug: CNSPRCY_LOAD_LOG=debug)",
+        count("too many messages wait for earlier ones")
+    );
     for (t, u) in probed
         .usage
         .iter()
@@ -508,9 +516,14 @@ fn nine_devices_flood_one_with_messages_and_store_writes() {
         .collect();
     assert!(gone.is_empty(), "members lost while loaded: {gone:?}");
     assert!(probed.not_routable.is_empty(), "{:?}", probed.not_routable);
-    // Round trips stay short: generous, 10 daemons and this test share 2 cores.
-    assert!(quantile(&probed.ping_rtt, 0.99) < 1000.0);
-    assert!(quantile(&probed.keepalive_rtt, 1.0) < 1000.0);
+    // Round trips stay well within the 3 s (keepalive interval + timeout) after which a session
+    // is taken for dead. Generous: 10 daemons and this test share 2 cores.
+    let (ping_p99, keepalive_max) = (
+        quantile(&probed.ping_rtt, 0.99),
+        quantile(&probed.keepalive_rtt, 1.0),
+    );
+    assert!(ping_p99 < 2000.0, "ping p99 {ping_p99} ms");
+    assert!(keepalive_max < 2000.0, "keepalive RTT {keepalive_max} ms");
     // Every accepted message ran exactly once, and nothing else ran.
     assert!(
         drained_after.is_some(),
