@@ -21,6 +21,7 @@ use tempfile::TempDir;
 use crate::netns::NetNs;
 
 pub mod bench;
+pub mod load;
 pub mod netns;
 pub mod nspawn;
 pub mod packages;

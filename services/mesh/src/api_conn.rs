@@ -2,8 +2,12 @@
 //!
 //! At most `MAX_API_CONNECTIONS` are served at once, of which at most `MAX_SUBSCRIBERS` watch
 //! events. When all are taken, a new client takes the place of the one that has been idle longest
-//! (connected, but neither waiting for an answer nor subscribed): idle clients cannot lock out
-//! the CLI, however many there are. Only when every connection is busy or subscribed is a client
+//! (connected, but neither waiting for an answer nor subscribed); it answers a request that had
+//! come already, and says why it closes in a last line: idle clients cannot lock out the CLI,
+//! however many there are. A connection that has
+//! not asked anything yet counts as idle only from `FIRST_REQUEST_GRACE` after it came, so that
+//! a newcomer (the CLI) is not pushed out by the next ones before its request was read, while
+//! others have been idle longer. Only when every connection is busy or subscribed is a client
 //! refused, with `UNAVAILABLE` and a rate-limited log line.
 //!
 //! Nothing a client does can hold the service up: a client that stops reading is dropped once
@@ -17,7 +21,7 @@ use cnsprcy::api::WatchEvent;
 use cnsprcy::framing::{BadLine, JsonLinesCodec};
 use cnsprcy::rpc;
 use cnsprcy::sockets::check_peer_uid;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::net::UnixStream;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
@@ -32,6 +36,8 @@ use crate::ratelimit::RateLimitedLog;
 pub const MAX_API_CONNECTIONS: usize = 64;
 /// Of those, how many may subscribe to events.
 pub const MAX_SUBSCRIBERS: usize = 32;
+/// A new connection counts as idle from this long after it came, until it asks something.
+pub const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(2);
 /// When the service stops, an API connection it accepted already is closed once its client has
 /// asked nothing for this long.
 const API_DRAIN_IDLE: Duration = Duration::from_millis(500);
@@ -45,7 +51,9 @@ type Framing = Framed<UnixStream, JsonLinesCodec>;
 
 #[derive(Debug)]
 struct Conn {
-    /// Since when it has had no call in flight; `None` while it has one.
+    /// Since when it has had no call in flight; `None` while it has one. For a connection that
+    /// has not asked anything yet, `FIRST_REQUEST_GRACE` after it came (which may be later than
+    /// now: it gives way after every other idle one).
     idle_since: Option<Instant>,
     subscribed: bool,
     evict: CancellationToken,
@@ -113,7 +121,7 @@ impl Connections {
         table.conns.insert(
             id,
             Conn {
-                idle_since: Some(now),
+                idle_since: Some(now + FIRST_REQUEST_GRACE),
                 subscribed: false,
                 evict: evicted.clone(),
             },
@@ -211,8 +219,34 @@ pub async fn serve_api(
         notes: notes_tx,
     };
     let mut events: Option<tokio::sync::broadcast::Receiver<WatchEvent>> = None;
+    let mut served_after_eviction = false;
     loop {
-        let line = if shutdown.is_cancelled() {
+        let line = if ticket.evicted.is_cancelled() {
+            // Gave way to a new client. A request that is there already is still answered (its
+            // client sent it before it could know), then the client is told why it is closed.
+            let waiting = if served_after_eviction {
+                None
+            } else {
+                framed.next().now_or_never().flatten()
+            };
+            served_after_eviction = true;
+            match waiting {
+                Some(line) => Some(line),
+                None => {
+                    tracing::debug!("closed an idle API connection to make room for a new client");
+                    let error = rpc::RpcError::new(
+                        rpc::code::UNAVAILABLE,
+                        format!(
+                            "connection closed to make room for a new client: this one was idle longest of the {MAX_API_CONNECTIONS} served at once; connect again"
+                        ),
+                    );
+                    let line =
+                        rpc::to_line(&rpc::Response::failure(serde_json::Value::Null, error));
+                    let _ = tokio::time::timeout(SHUTDOWN_SEND_GRACE, framed.send(line)).await;
+                    return;
+                }
+            }
+        } else if shutdown.is_cancelled() {
             // Stopping. New clients wait in the socket (under systemd, for the next process),
             // but this one was accepted already: what it asks is still answered, until it has
             // been quiet for a moment.
@@ -229,10 +263,7 @@ pub async fn serve_api(
             };
             tokio::select! {
                 _ = shutdown.cancelled() => continue,
-                _ = ticket.evicted.cancelled() => {
-                    tracing::debug!("closed an idle API connection to make room for a new client");
-                    return;
-                }
+                _ = ticket.evicted.cancelled() => continue,
                 event = next_event => {
                     let event = match event {
                         Ok(event) => event,
@@ -342,5 +373,28 @@ mod tests {
         assert_eq!(connections.table().conns.len(), 1);
         drop(last);
         assert!(connections.table().conns.is_empty());
+    }
+
+    #[test]
+    fn a_new_client_gives_way_only_after_those_that_were_idle_between_calls() {
+        let connections = Arc::new(Connections::default());
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let held: Vec<Ticket> = (0..MAX_API_CONNECTIONS as u64)
+            .map(|i| connections.admit(at(i)).expect("room"))
+            .collect();
+        // The last one asked something and has been idle since 500 ms; the others, new at 0 to
+        // 62 ms, have asked nothing yet: they are taken for idle only from 2 s on.
+        let last = held.last().expect("held");
+        connections.set_busy(last.id, true, at(400));
+        connections.set_busy(last.id, false, at(500));
+        let _first = connections.admit(at(600)).expect("room");
+        assert!(last.evicted.is_cancelled());
+        assert!(held.iter().filter(|t| t.evicted.is_cancelled()).count() == 1);
+        // With only new ones left, the one that came first gives way: new clients never lock
+        // out the next.
+        let _second = connections.admit(at(700)).expect("room");
+        assert!(held[0].evicted.is_cancelled());
+        assert!(!held[1].evicted.is_cancelled());
     }
 }
