@@ -156,30 +156,34 @@ impl Client {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// Runs `cnspr ARGS` for the load, at most `COMMAND_TIMEOUT`.
-    fn attempt(&self, args: &[&str]) -> Outcome {
+    /// Runs `cnspr ARGS` for the load, at most `COMMAND_TIMEOUT`; with what it printed.
+    fn attempt(&self, args: &[&str]) -> (Outcome, String) {
         let mut child = self
             .command(args)
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("run cnspr");
         let deadline = Instant::now() + COMMAND_TIMEOUT;
         loop {
             if let Some(status) = child.try_wait().expect("wait for cnspr") {
+                let mut out = String::new();
+                if let Some(mut stdout) = child.stdout.take() {
+                    let _ = std::io::Read::read_to_string(&mut stdout, &mut out);
+                }
                 if status.success() {
-                    return Outcome::Acked;
+                    return (Outcome::Acked, out);
                 }
                 let mut err = String::new();
                 if let Some(stderr) = child.stderr.take() {
                     let _ = BufReader::new(stderr).read_line(&mut err);
                 }
-                return Outcome::Failed(err.trim().to_owned());
+                return (Outcome::Failed(err.trim().to_owned()), out);
             }
             if Instant::now() >= deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Outcome::TimedOut;
+                return (Outcome::TimedOut, String::new());
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -373,8 +377,8 @@ impl Fault {
 struct Load {
     /// `(key, value, seq, outcome)` of every `db set`.
     writes: Vec<(String, String, u64, Outcome)>,
-    /// `(id, long TTL, outcome)` of every `send`.
-    sends: Vec<(String, bool, Outcome)>,
+    /// `(id, long TTL, outcome, message ID)` of every `send` (the ID if it was acknowledged).
+    sends: Vec<(String, bool, Outcome, Option<String>)>,
 }
 
 /// One device's load until `stop`: store writes of its own keys (each key rewritten again and
@@ -389,20 +393,24 @@ fn load(name: &str, client: &Client, seed: u64, stop: &AtomicBool) -> Load {
         match seq % 4 {
             0 | 2 => {
                 let key = format!("own/{name}/{:02}", rng.range(0, 40));
-                let outcome = client.attempt(&["db", "set", &key, &value]);
+                let (outcome, _) = client.attempt(&["db", "set", &key, &value]);
                 out.writes.push((key, value, seq, outcome));
             }
             1 => {
                 let key = format!("shared/{}", rng.range(0, 8));
-                let outcome = client.attempt(&["db", "set", &key, &value]);
+                let (outcome, _) = client.attempt(&["db", "set", &key, &value]);
                 out.writes.push((key, value, seq, outcome));
             }
             _ => {
                 let long = rng.range(0, 4) != 0;
                 let id = format!("{name}-{seq}");
                 let ttl = if long { LONG_TTL } else { SHORT_TTL };
-                let outcome = client.attempt(&["send", "--ttl", ttl, "chaos", &id]);
-                out.sends.push((id, long, outcome));
+                let (outcome, printed) =
+                    client.attempt(&["send", "--ttl", ttl, "--json", "chaos", &id]);
+                let message = serde_json::from_str::<Value>(&printed)
+                    .ok()
+                    .and_then(|v| Some(v["id"].as_str()?.to_owned()));
+                out.sends.push((id, long, outcome, message));
             }
         }
         std::thread::sleep(Duration::from_millis(rng.range(150, 400)));
@@ -416,6 +424,23 @@ fn ran(results: &Path, name: &str) -> Vec<String> {
         .unwrap_or_default()
         .lines()
         .map(String::from)
+        .collect()
+}
+
+/// The message IDs in a device's `delivered.log` (16-byte ID, 8-byte time, per record), as
+/// 32 hex digits; read through the mount namespace of its tmpfs if it has one.
+fn delivered(node: &Node) -> BTreeSet<String> {
+    let file = node.device.state_dir().join("delivered.log");
+    let path = match node.mounts {
+        Some(pid) => {
+            Path::new(&format!("/proc/{pid}/root")).join(file.strip_prefix("/").unwrap_or(&file))
+        }
+        None => file,
+    };
+    std::fs::read(path)
+        .unwrap_or_default()
+        .chunks_exact(24)
+        .map(|record| record[..16].iter().map(|b| format!("{b:02x}")).collect())
         .collect()
 }
 
@@ -490,13 +515,13 @@ fn problems(nodes: &[Node], loads: &[Load], results: &Path) -> Vec<String> {
     }
     // Messages: never twice anywhere, never on their sender, never one that was not sent; the
     // acknowledged ones with the long TTL exactly once on every other device.
-    let sent: BTreeMap<&str, (usize, bool, &Outcome)> = loads
+    let sent: BTreeMap<&str, (usize, bool, &Outcome, &Option<String>)> = loads
         .iter()
         .enumerate()
         .flat_map(|(i, load)| {
-            load.sends
-                .iter()
-                .map(move |(id, long, outcome)| (id.as_str(), (i, *long, outcome)))
+            load.sends.iter().map(move |(id, long, outcome, message)| {
+                (id.as_str(), (i, *long, outcome, message))
+            })
         })
         .collect();
     for (j, name) in NAMES.iter().enumerate() {
@@ -514,10 +539,18 @@ fn problems(nodes: &[Node], loads: &[Load], results: &Path) -> Vec<String> {
                 problems.push(format!("{name} ran {id} {count} times"));
             }
         }
-        for (id, (i, long, outcome)) in &sent {
+        let recorded = delivered(&nodes[j]);
+        for (id, (i, long, outcome, message)) in &sent {
             if *i != j && *long && **outcome == Outcome::Acked && !counts.contains_key(*id) {
+                let how = match message {
+                    Some(m) if recorded.contains(m) => {
+                        "recorded in its delivered.log, but its handler never ran"
+                    }
+                    Some(_) => "not recorded as delivered",
+                    None => "message ID unknown",
+                };
                 problems.push(format!(
-                    "{name} never ran {id} (acknowledged, TTL {LONG_TTL})"
+                    "{name} never ran {id} {message:?} (acknowledged, TTL {LONG_TTL}): {how}"
                 ));
             }
         }
