@@ -178,6 +178,13 @@ impl Client {
                 if let Some(stderr) = child.stderr.take() {
                     let _ = BufReader::new(stderr).read_line(&mut err);
                 }
+                if err.trim().is_empty() {
+                    // `--json` reports "not running" on stdout.
+                    err = serde_json::from_str::<Value>(&out)
+                        .ok()
+                        .and_then(|v| Some(v["error"].as_str()?.to_owned()))
+                        .unwrap_or_else(|| format!("({status}, nothing on stderr)"));
+                }
                 return (Outcome::Failed(err.trim().to_owned()), out);
             }
             if Instant::now() >= deadline {
@@ -857,9 +864,6 @@ fn nothing_acknowledged_is_lost_under_chaos() {
         {
             match outcome {
                 Outcome::Acked => {}
-                Outcome::Failed(e) if e.is_empty() => {
-                    *errors.entry("(nothing on stderr)".into()).or_default() += 1
-                }
                 Outcome::Failed(e) => *errors.entry(error_kind(e)).or_default() += 1,
                 Outcome::TimedOut => *errors.entry("timed out".into()).or_default() += 1,
             }
