@@ -107,6 +107,14 @@ impl Files {
                     .create(true)
                     .mode(0o600)
                     .open(&self.delivered)?;
+                // A short write (a full disk: the part that fit in the last page went in) leaves
+                // part of a record at the end. Drop it first, or this record and every one after
+                // it would be read shifted at the next start, and those messages forgotten.
+                let len = file.metadata()?.len();
+                let partial = len % RECORD as u64;
+                if partial != 0 {
+                    file.set_len(len - partial)?;
+                }
                 let mut record = Vec::with_capacity(RECORD);
                 record.extend_from_slice(id);
                 record.extend_from_slice(&until_ms.to_le_bytes());
@@ -310,6 +318,35 @@ mod tests {
         assert_eq!(restored.outbox[0].data.id, [2; 16]);
         assert_eq!(restored.delivered, vec![([3; 16], later), ([4; 16], later)]);
         assert_eq!(fs::read_dir(dir.path().join("outbox")).unwrap().count(), 1);
+    }
+
+    /// The chaos test found `delivered.log` at a length that is not a whole number of records
+    /// after its disk had been full: an append that failed half way. What is appended later
+    /// is still read back.
+    #[test]
+    fn an_append_after_a_short_write_is_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut files, _) = Files::open(dir.path()).unwrap();
+        let later = now_ms() + 60_000;
+        let delivered = |id: u8| PersistOp::Delivered {
+            id: [id; 16],
+            until_ms: later,
+        };
+        files.apply(&delivered(1)).unwrap();
+        // What a write that ran out of space after 10 bytes leaves behind.
+        let mut file = OpenOptions::new()
+            .append(true)
+            .open(dir.path().join(DELIVERED_FILE))
+            .unwrap();
+        file.write_all(&[2; 10]).unwrap();
+        files.apply(&delivered(2)).unwrap();
+        files.apply(&delivered(3)).unwrap();
+        files.sync().unwrap();
+        let (_, restored) = Files::open(dir.path()).unwrap();
+        assert_eq!(
+            restored.delivered,
+            vec![([1; 16], later), ([2; 16], later), ([3; 16], later)]
+        );
     }
 
     #[tokio::test]
