@@ -8,6 +8,7 @@
 //! Only a message that may run at once is recorded and acknowledged, so a device that stops
 //! loses nothing it acknowledged: what it held, its origin sends again, as any message it has no
 //! ack for. Holding is bounded in count and bytes; beyond, a message is dropped the same way.
+//! A message that waits only for its lane is preferred to one that waits for a predecessor.
 
 use std::collections::VecDeque;
 
@@ -45,7 +46,8 @@ impl Holdback {
         self.held.len() < MAX_HELD && self.bytes + data.payload.len() <= MAX_HELD_BYTES
     }
 
-    fn admit(&mut self, data: &Data) -> bool {
+    /// `next_in_lane`: `data` waits only for its lane, its predecessor recorded.
+    fn admit(&mut self, data: &Data, next_in_lane: bool) -> bool {
         if self.held.contains(&data.id) {
             return false;
         }
@@ -54,6 +56,13 @@ impl Holdback {
             // each would wait for the other's resend (30 s); so they go, and come again when
             // their origin learns that this one was recorded.
             self.drop_successors(&data.id);
+        }
+        if next_in_lane {
+            // It runs as soon as its lane's handler ends. Under a flood the hold fills with
+            // messages whose predecessors were dropped and come only with their origin's
+            // resend (30 s); were this one dropped for them, delivery would go at the resends'
+            // pace, not the handlers'. So the last of such a chain goes instead.
+            while !self.has_room(data) && self.drop_last_waiting_for_predecessor() {}
         }
         if !self.has_room(data) {
             return false;
@@ -66,6 +75,32 @@ impl Holdback {
     fn let_go(&mut self, data: &Data) {
         self.held.remove(&data.id);
         self.bytes -= data.payload.len();
+    }
+
+    /// Drops one message that waits for its predecessor and that nothing waits for (the last
+    /// of its chain); false if none waits for a predecessor.
+    fn drop_last_waiting_for_predecessor(&mut self) -> bool {
+        let last = self
+            .for_predecessor
+            .iter()
+            .find_map(|(predecessor, (_, waiting))| {
+                let position = waiting
+                    .iter()
+                    .position(|d| !self.for_predecessor.contains_key(&d.id))?;
+                Some((*predecessor, position))
+            });
+        let Some((predecessor, position)) = last else {
+            return false;
+        };
+        let Some((_, waiting)) = self.for_predecessor.get_mut(&predecessor) else {
+            return false;
+        };
+        let dropped = waiting.remove(position);
+        if waiting.is_empty() {
+            self.for_predecessor.remove(&predecessor);
+        }
+        self.let_go(&dropped);
+        true
     }
 
     /// Drops the messages that wait for `id`, and those that wait for them, and so on.
@@ -90,7 +125,7 @@ impl Holdback {
         after_expires_ms: u64,
         data: Data,
     ) -> bool {
-        if !self.admit(&data) {
+        if !self.admit(&data, false) {
             return false;
         }
         self.for_predecessor
@@ -103,7 +138,7 @@ impl Holdback {
 
     /// Holds `data` until its lane is free. False if it was not held.
     pub fn hold_for_lane(&mut self, data: Data) -> bool {
-        if !self.admit(&data) {
+        if !self.admit(&data, true) {
             return false;
         }
         self.for_lane
@@ -272,12 +307,16 @@ mod tests {
     #[test]
     fn holding_is_bounded_in_count_and_bytes() {
         let mut holdback = Holdback::default();
-        for i in 0..MAX_HELD {
+        let numbered = |i: usize| {
             let mut d = data(0, 1000);
             d.id[..8].copy_from_slice(&(i as u64).to_le_bytes());
-            assert!(holdback.hold_for_predecessor([1; 16], 1000, d));
+            d
+        };
+        for i in 0..MAX_HELD {
+            assert!(holdback.hold_for_lane(numbered(i)));
         }
         assert!(!holdback.hold_for_lane(data(7, 1000)));
+        assert!(!holdback.hold_for_predecessor([1; 16], 1000, data(8, 1000)));
         let mut holdback = Holdback::default();
         let big = |id: u8| Data {
             payload: vec![0u8; MAX_HELD_BYTES / 2].into(),
@@ -300,7 +339,7 @@ mod tests {
         assert!(holdback.hold_for_predecessor([2; 16], 1000, big(3)));
         assert!(holdback.hold_for_predecessor([3; 16], 1000, big(4)));
         assert!(
-            !holdback.hold_for_lane(big(5)),
+            !holdback.hold_for_predecessor([9; 16], 1000, big(5)),
             "full, and nothing waits for 5"
         );
         holdback.occupy(lane_of(&big(1)));
@@ -309,5 +348,36 @@ mod tests {
         assert!(!holdback.is_held(&[3; 16]) && !holdback.is_held(&[4; 16]));
         assert_eq!(holdback.bytes, MAX_HELD_BYTES / 2);
         assert!(holdback.recorded(&[2; 16]).is_empty());
+    }
+
+    /// Under a flood the room fills with messages whose predecessors were dropped; one whose
+    /// predecessor is recorded, waiting only for its lane, takes the place of the last of such
+    /// a chain, so delivery goes on at the handlers' pace.
+    #[test]
+    fn a_message_next_in_its_lane_takes_the_place_of_one_waiting_for_a_missing_predecessor() {
+        let mut holdback = Holdback::default();
+        let numbered = |i: usize| {
+            let mut d = data(0, 1000);
+            d.id[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            d
+        };
+        // A chain 0 ← 1 ← … waiting for a missing message, filling the room.
+        assert!(holdback.hold_for_predecessor([0xee; 16], 1000, numbered(0)));
+        for i in 1..MAX_HELD {
+            assert!(holdback.hold_for_predecessor(numbered(i - 1).id, 1000, numbered(i)));
+        }
+        holdback.occupy(lane_of(&data(7, 1000)));
+        assert!(holdback.hold_for_lane(data(7, 1000)));
+        assert!(holdback.is_held(&[7; 16]));
+        assert!(
+            !holdback.is_held(&numbered(MAX_HELD - 1).id),
+            "the chain's last went"
+        );
+        assert!(holdback.is_held(&numbered(MAX_HELD - 2).id));
+        assert_eq!(holdback.len(), MAX_HELD);
+        assert_eq!(holdback.bytes, MAX_HELD * 10);
+        // What waits for a predecessor never pushes out what waits for its lane.
+        assert!(!holdback.hold_for_predecessor([0xef; 16], 1000, data(8, 1000)));
+        assert!(holdback.is_held(&[7; 16]));
     }
 }
