@@ -14,6 +14,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
     cnsprcy::logging::init("cnspr-serve");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .max_blocking_threads(cnsprcy::service::MAX_BLOCKING_THREADS)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;

@@ -18,6 +18,12 @@ use crate::paths::ensure_private_dir;
 /// How long services get to finish after a stop signal before the process exits anyway.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
+/// Threads for blocking work (store calls, handler look-ups) at most, per process. Tokio's
+/// default (512) let a flood of store writes, each raising an event whose handler is looked up,
+/// start a hundred threads, each with its own stack and malloc arena; beyond this, the work
+/// waits its turn.
+pub const MAX_BLOCKING_THREADS: usize = 16;
+
 /// A started service: the task serving it. It ends when the shutdown token fires.
 pub type Running = JoinHandle<anyhow::Result<()>>;
 
@@ -159,6 +165,7 @@ where
         join_all(vec![(kind, running)]).await
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()
+        .max_blocking_threads(MAX_BLOCKING_THREADS)
         .enable_all()
         .build()
     {
