@@ -66,6 +66,15 @@ pub fn bin(name: &str) -> PathBuf {
     link
 }
 
+/// The lines of a file that a handler appends to; none while it does not exist yet.
+pub fn lines(path: &Path) -> Vec<String> {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }

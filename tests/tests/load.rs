@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use cnsprcy_tests::load::{CallError, Client, Usage, quantile, usage};
 use cnsprcy_tests::netns::Lan;
-use cnsprcy_tests::{Device, is_root, wait_until};
+use cnsprcy_tests::{Device, is_root, lines, wait_until};
 use serde_json::{Value, json};
 
 const PORT: u16 = 7332;
@@ -112,14 +112,6 @@ fn install_handler(device: &Device, log: &Path) {
     )
     .expect("write handler");
     fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).expect("chmod handler");
-}
-
-fn lines(path: &Path) -> Vec<String> {
-    fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(String::from)
-        .collect()
 }
 
 /// What one sending device did.
@@ -427,19 +419,10 @@ fn nine_devices_flood_one_with_messages_and_store_writes() {
     });
     std::thread::sleep(Duration::from_secs(2));
     let after = usage(pid);
-    let peak_rss = probed
-        .usage
-        .iter()
-        .map(|(_, u)| u.rss_kib)
-        .max()
-        .unwrap_or(0);
-    let peak_pss = probed
-        .usage
-        .iter()
-        .map(|(_, u)| u.pss_kib)
-        .max()
-        .unwrap_or(0);
-    let peak_fds = probed.usage.iter().map(|(_, u)| u.fds).max().unwrap_or(0);
+    let peak = |of: fn(&Usage) -> u64| probed.usage.iter().map(|(_, u)| of(u)).max().unwrap_or(0);
+    let peak_rss = peak(|u| u.rss_kib);
+    let peak_pss = peak(|u| u.pss_kib);
+    let peak_fds = peak(|u| u.fds as u64) as usize;
 
     let secs = load.as_secs_f64();
     let send_latency: Vec<f64> = sent.iter().flat_map(|s| s.latencies.clone()).collect();

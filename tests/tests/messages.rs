@@ -10,7 +10,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use cnsprcy_tests::netns::NetNs;
-use cnsprcy_tests::{Device, bin, wait_until};
+use cnsprcy_tests::{Device, bin, lines, wait_until};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 
@@ -41,14 +41,6 @@ fn note_handler(device: &Device, log: &Path) {
             log.display()
         ),
     );
-}
-
-fn lines(path: &Path) -> Vec<String> {
-    fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(String::from)
-        .collect()
 }
 
 /// Devices started on 127.0.0.1:17101... in `ns`, all members of each other, every one with the

@@ -246,6 +246,13 @@ mod tests {
         }
     }
 
+    /// Message number `i` (of many more than 256), alive until 1000.
+    fn numbered(i: usize) -> Data {
+        let mut d = data(0, 1000);
+        d.id[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        d
+    }
+
     fn ids(data: &[Data]) -> Vec<u8> {
         data.iter().map(|d| d.id[0]).collect()
     }
@@ -307,11 +314,6 @@ mod tests {
     #[test]
     fn holding_is_bounded_in_count_and_bytes() {
         let mut holdback = Holdback::default();
-        let numbered = |i: usize| {
-            let mut d = data(0, 1000);
-            d.id[..8].copy_from_slice(&(i as u64).to_le_bytes());
-            d
-        };
         for i in 0..MAX_HELD {
             assert!(holdback.hold_for_lane(numbered(i)));
         }
@@ -356,11 +358,6 @@ mod tests {
     #[test]
     fn a_message_next_in_its_lane_takes_the_place_of_one_waiting_for_a_missing_predecessor() {
         let mut holdback = Holdback::default();
-        let numbered = |i: usize| {
-            let mut d = data(0, 1000);
-            d.id[..8].copy_from_slice(&(i as u64).to_le_bytes());
-            d
-        };
         // A chain 0 ← 1 ← … waiting for a missing message, filling the room.
         assert!(holdback.hold_for_predecessor([0xee; 16], 1000, numbered(0)));
         for i in 1..MAX_HELD {
