@@ -172,17 +172,36 @@ pub enum FromMesh {
 pub enum ToHandlers {
     /// Are you there? Answered by `Pong`.
     Ping,
-    /// Run the handler for a message or a built-in event. Answered by `Done` with the same
-    /// `run_id`, when the handler finished (runs overlap: answers come in any order).
-    Run(Run),
+    /// Run the handler for a message or a built-in event. Answered by `Started` with the same
+    /// `run_id` when the handler process started (if the run asks for it: `report_start`), and
+    /// by `Done` when it finished, or by `NotStarted` (runs overlap: answers come in any
+    /// order).
+    Run(Box<Run>),
 }
 
 /// What the handler service answers on `handlers.sock`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum FromHandlers {
-    Pong { pid: u32, version: String },
-    Done { run_id: u64, result: RunResult },
+    Pong {
+        pid: u32,
+        version: String,
+    },
+    /// The handler process of run `run_id` started. The mesh service then no longer keeps the
+    /// message to run it again after a stop.
+    Started {
+        run_id: u64,
+    },
+    /// Run `run_id` was not started because the service is stopping (sent instead of `Done`
+    /// to a run that asked for `Started`): the mesh service keeps the message to run it later.
+    NotStarted {
+        run_id: u64,
+        reason: String,
+    },
+    Done {
+        run_id: u64,
+        result: RunResult,
+    },
 }
 
 /// The event name of a tagged message; built-in events have names of their own.
@@ -208,6 +227,10 @@ pub struct Run {
     /// The handler's standard input.
     #[serde(with = "base64_bytes")]
     pub payload: Vec<u8>,
+    /// Answer `Started` when the handler process started (older mesh services do not
+    /// understand it, so it is sent only when asked for).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub report_start: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -103,6 +103,7 @@ fn message(tag: &str, from: &str, payload: &[u8]) -> Run {
         device: "desk".to_owned(),
         env: Vec::new(),
         payload: payload.to_vec(),
+        report_start: false,
     }
 }
 
@@ -111,21 +112,31 @@ impl Client {
     async fn send(&mut self, mut run: Run) -> u64 {
         self.next_id += 1;
         run.run_id = self.next_id;
-        self.conn.send(&ToHandlers::Run(run)).await.unwrap();
+        self.conn
+            .send(&ToHandlers::Run(Box::new(run)))
+            .await
+            .unwrap();
         self.next_id
+    }
+
+    /// The next message from the service.
+    async fn next(&mut self) -> FromHandlers {
+        tokio::time::timeout(ANSWER_TIMEOUT, self.conn.recv::<FromHandlers>())
+            .await
+            .expect("an answer in time")
+            .expect("a readable answer")
+            .expect("the connection stays open")
     }
 
     /// The next answer of any run.
     async fn next_done(&mut self) -> (u64, RunResult) {
         loop {
-            let message = tokio::time::timeout(ANSWER_TIMEOUT, self.conn.recv::<FromHandlers>())
-                .await
-                .expect("an answer in time")
-                .expect("a readable answer")
-                .expect("the connection stays open");
-            match message {
+            match self.next().await {
                 FromHandlers::Done { run_id, result } => return (run_id, result),
-                FromHandlers::Pong { .. } => continue,
+                FromHandlers::Pong { .. } | FromHandlers::Started { .. } => continue,
+                FromHandlers::NotStarted { run_id, reason } => {
+                    panic!("run {run_id} not started: {reason}")
+                }
             }
         }
     }
@@ -744,4 +755,38 @@ async fn the_running_limit_queues_runs_and_a_full_queue_refuses_them() {
         "start a/hold\nend a/hold\nstart b/hold\nend b/hold\n"
     );
     assert!(h.log().contains("run not accepted"), "{}", h.log());
+}
+
+/// Asked for it, the service says when the handler process started, before it finishes; a run
+/// that never starts (no handler) gets only its answer.
+#[tokio::test]
+async fn the_start_of_a_handler_is_reported_when_asked_for() {
+    let mut h = Handlers::new("timeout = \"10s\"");
+    h.script("slow", "sleep 1; cat", 0o700);
+    let mut client = h.start().await;
+
+    let mut run = message("slow", "laptop", b"payload");
+    run.report_start = true;
+    let id = client.send(run).await;
+    let asked = Instant::now();
+    assert_eq!(client.next().await, FromHandlers::Started { run_id: id });
+    assert!(asked.elapsed() < Duration::from_secs(1), "{}", h.log());
+    match client.next().await {
+        FromHandlers::Done { run_id, result } => {
+            assert_eq!(run_id, id);
+            assert_eq!(stdout(&result), "payload");
+        }
+        other => panic!("expected the answer, got {other:?}"),
+    }
+
+    let mut run = message("missing", "laptop", b"");
+    run.report_start = true;
+    let id = client.send(run).await;
+    match client.next().await {
+        FromHandlers::Done { run_id, result } => {
+            assert_eq!(run_id, id);
+            assert_eq!(result.outcome, Outcome::NoHandler);
+        }
+        other => panic!("expected the answer, got {other:?}"),
+    }
 }

@@ -549,3 +549,96 @@ fn a_device_runs_its_own_handler_for_a_message_to_itself() {
         .code(2)
         .stderr_has("cannot be used with");
 }
+
+/// `cnspr serve` killed (SIGKILL) while one handler runs and a delivered message waits for a
+/// free handler slot: at the next start the waiting one runs, once; the one that had started
+/// is not run again, and it still reads its whole payload although nobody feeds it any more.
+/// The same for a waiting message when `serve` is stopped in order.
+#[test]
+fn a_kill_loses_no_delivered_run_and_cuts_no_payload_short() {
+    let ns = NetNs::new();
+    let a = Device::started_in(&ns, "a", &addr(0));
+    let mut b = Device::new("b");
+    b.configure(&addr(1));
+    let config = fs::read_to_string(b.config_file()).unwrap();
+    b.write_config(&format!("{config}[handlers]\nmax_running = 1\n"));
+    b.start_in(&ns);
+    let mut devices = vec![a, b];
+    link_all(&devices, &[]);
+    devices[0].wait_status("b", "direct", SOON);
+    let out = shared_dir();
+    let (started, runs) = (out.path().join("started"), out.path().join("runs"));
+    // Reads its payload only after a while: by then the service is gone.
+    handler(
+        &devices[1],
+        "big",
+        &format!(
+            "echo $$ > {started}; sleep 2; printf 'big %s\\n' \"$(wc -c | tr -d ' ')\" >> {runs}",
+            started = started.display(),
+            runs = runs.display()
+        ),
+    );
+    handler(
+        &devices[1],
+        "note",
+        &format!("printf 'note %s\\n' \"$(cat)\" >> {}", runs.display()),
+    );
+
+    let payload = out.path().join("payload");
+    fs::write(&payload, vec![b'x'; 200_000]).unwrap();
+    let sent = devices[0]
+        .command(bin("cnspr"))
+        .args(["send", "--to", "b", "big", "-"])
+        .stdin(fs::File::open(&payload).unwrap())
+        .output()
+        .unwrap();
+    assert!(sent.status.success(), "{sent:?}");
+    assert!(wait_until(SOON, || fs::read_to_string(&started)
+        .is_ok_and(|t| t.ends_with('\n'))));
+    // The only handler slot is taken: this one is delivered and waits.
+    devices[0]
+        .cnspr(&["send", "--to", "b", "note", "waited"])
+        .success();
+    assert!(wait_until(SOON, || {
+        let info = devices[0].cnspr_json(&["messages"]);
+        info["outbox"].as_array().unwrap().is_empty()
+    }));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(lines(&runs).is_empty(), "{:?}", lines(&runs));
+    devices[1].stop_with("serve", Signal::SIGKILL);
+
+    let before = devices[1].log("serve");
+    devices[1].spawn_in(&ns, "again", &bin("cnspr"), &["serve"]);
+    devices[1].wait_ready("again");
+    let logs = |b: &Device| format!("{before}\n----- after the kill -----\n{}", b.log("again"));
+    wait_until(SOON, || lines(&runs).len() >= 2);
+    std::thread::sleep(Duration::from_secs(3));
+    let mut got = lines(&runs);
+    got.sort();
+    assert_eq!(got, ["big 200000", "note waited"], "{}", logs(&devices[1]));
+
+    // Stopped in order (SIGTERM) while a delivered message waits for the slot: it runs after
+    // the next start too.
+    handler(&devices[1], "hold", "sleep 30");
+    devices[0].cnspr(&["send", "--to", "b", "hold"]).success();
+    devices[0]
+        .cnspr(&["send", "--to", "b", "note", "at-stop"])
+        .success();
+    assert!(wait_until(SOON, || {
+        let info = devices[0].cnspr_json(&["messages"]);
+        info["outbox"].as_array().unwrap().is_empty()
+    }));
+    devices[1].stop_with("again", Signal::SIGTERM);
+    devices[1].spawn_in(&ns, "third", &bin("cnspr"), &["serve"]);
+    devices[1].wait_ready("third");
+    wait_until(SOON, || lines(&runs).len() >= 3);
+    std::thread::sleep(Duration::from_secs(1));
+    let mut got = lines(&runs);
+    got.sort();
+    assert_eq!(
+        got,
+        ["big 200000", "note at-stop", "note waited"],
+        "{}",
+        devices[1].log("again")
+    );
+}

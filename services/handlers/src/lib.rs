@@ -284,11 +284,7 @@ async fn serve(
         );
     }
     for job in waiting {
-        let result = failed(
-            None,
-            "the handler service is stopping; the run was not started",
-        );
-        answer(&shared, job.reply, job.run.run_id, result);
+        not_started(&shared, job);
     }
     let grace = tokio::time::sleep(STOP_GRACE);
     tokio::pin!(grace);
@@ -381,7 +377,7 @@ async fn read_requests(shared: &Arc<Shared>, read: OwnedReadHalf, tx: mpsc::Send
                     return;
                 }
             }
-            Ok(ToHandlers::Run(run)) => submit(shared, run, tx.clone()),
+            Ok(ToHandlers::Run(run)) => submit(shared, *run, tx.clone()),
             Err(e) => {
                 // A run this version cannot read still gets an answer, so its sender does not
                 // wait forever: the id is usually readable even when the rest is not.
@@ -455,6 +451,23 @@ fn answer(shared: &Shared, reply: mpsc::Sender<FromHandlers>, run_id: u64, resul
     });
 }
 
+/// Answers a run that was not started because the service is stopping. A mesh service that
+/// asked for `Started` learns it apart from a result: it keeps the message and runs it later.
+fn not_started(shared: &Shared, job: Job) {
+    let run_id = job.run.run_id;
+    if job.run.report_start {
+        let reason = NOT_STARTED.to_owned();
+        shared.tasks.spawn(async move {
+            let _ = job
+                .reply
+                .send(FromHandlers::NotStarted { run_id, reason })
+                .await;
+        });
+    } else {
+        answer(shared, job.reply, run_id, failed(None, NOT_STARTED));
+    }
+}
+
 /// Hands a run to the scheduler: it starts now, waits, or is answered at once.
 fn submit(shared: &Arc<Shared>, run: Run, reply: mpsc::Sender<FromHandlers>) {
     let run_id = run.run_id;
@@ -483,8 +496,7 @@ fn submit(shared: &Arc<Shared>, run: Run, reply: mpsc::Sender<FromHandlers>) {
         Ok(admitted) => admitted,
         Err(job) => {
             tracing::debug!(%tag, "run not started: the service is stopping");
-            let reason = "the handler service is stopping; the run was not started";
-            return answer(shared, job.reply, run_id, failed(None, reason));
+            return not_started(shared, job);
         }
     };
     match admitted {
@@ -575,9 +587,25 @@ fn start_job(shared: Arc<Shared>, key: Key, mut job: Job) {
     let tasks = shared.tasks.clone();
     tasks.spawn(
         async move {
+            if shared.kill.is_cancelled() {
+                let next = shared.state().scheduler.finish(&key);
+                for (key, job) in next {
+                    start_job(shared.clone(), key, job);
+                }
+                return not_started(&shared, job);
+            }
             // Moved, not copied: up to 16 MiB per run.
             let payload = std::mem::take(&mut job.run.payload);
-            let result = execute(&shared, &job.run, payload).await;
+            let (reply, run_id, tasks) = (job.reply.clone(), job.run.run_id, shared.tasks.clone());
+            let report_start = job.run.report_start;
+            let started = move || {
+                if report_start {
+                    tasks.spawn(async move {
+                        let _ = reply.send(FromHandlers::Started { run_id }).await;
+                    });
+                }
+            };
+            let result = execute(&shared, &job.run, payload, started).await;
             let next = shared.state().scheduler.finish(&key);
             for (key, job) in next {
                 start_job(shared.clone(), key, job);
@@ -594,15 +622,17 @@ fn start_job(shared: Arc<Shared>, key: Key, mut job: Job) {
     );
 }
 
+const NOT_STARTED: &str = "the handler service is stopping; the run was not started";
+
 /// Finds the handler, checks it and the sender, and runs it.
-async fn execute(shared: &Shared, run: &Run, payload: Vec<u8>) -> RunResult {
+/// `on_start` is called once the handler process started.
+async fn execute(
+    shared: &Shared,
+    run: &Run,
+    payload: Vec<u8>,
+    on_start: impl FnOnce(),
+) -> RunResult {
     let started = Instant::now();
-    if shared.kill.is_cancelled() {
-        return failed(
-            None,
-            "the handler service is stopping; the run was not started",
-        );
-    }
     let root = shared.handlers_dir.clone();
     let (event, tag) = (run.event.clone(), run.tag.clone());
     // A few stat and readdir calls, but on a hung network home directory they could block: not
@@ -662,7 +692,7 @@ async fn execute(shared: &Shared, run: &Run, payload: Vec<u8>) -> RunResult {
         payload,
         timeout: shared.timeout,
     };
-    let finished = runner::run(spec, &shared.kill).await;
+    let finished = runner::run(spec, &shared.kill, on_start).await;
     RunResult {
         handler: Some(handler.rel),
         outcome: finished.outcome,
@@ -738,6 +768,7 @@ mod tests {
                 ("BAD=NAME".into(), "x".into()),
             ],
             payload: Vec::new(),
+            report_start: false,
         }
     }
 
@@ -941,7 +972,7 @@ mod tests {
             payload: Vec::new(),
             timeout: Duration::from_secs(10),
         };
-        let done = runner::run(spec(&handler), &CancellationToken::new()).await;
+        let done = runner::run(spec(&handler), &CancellationToken::new(), || {}).await;
         assert_eq!(done.outcome, Outcome::Exited { code: 0 });
         let stdout = String::from_utf8_lossy(&done.stdout).into_owned();
         // A script runs as `sh /dev/fd/N`, and learns its path from the environment.
@@ -957,7 +988,7 @@ mod tests {
         write("third", "#!/bin/sh\necho third\n");
         std::fs::remove_file(root.join("h")).unwrap();
         std::os::unix::fs::symlink(root.join("third"), root.join("h")).unwrap();
-        let done = runner::run(spec(&handler), &CancellationToken::new()).await;
+        let done = runner::run(spec(&handler), &CancellationToken::new(), || {}).await;
         assert_eq!(String::from_utf8_lossy(&done.stdout), "swapped\n");
     }
 }

@@ -1,11 +1,16 @@
 //! Running one handler process: payload on stdin, stdout kept as the reply, stderr to the log,
 //! a time-out that kills the whole process group.
 //!
+//! The payload is put whole into an anonymous memory file before the handler starts, and that
+//! file is its stdin. A pipe would be fed while the handler runs, so a handler whose service
+//! is killed a moment after starting it would read a payload cut short (or none) and take it
+//! for the whole: it is better that such a handler never starts than that it runs on half.
+//!
 //! The handler is executed from the descriptor it was checked through (`fexecve`), never by
 //! its path: the path may lead somewhere else by then.
 
 use std::ffi::{CString, OsString};
-use std::io;
+use std::io::{self, Seek, SeekFrom, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::PathBuf;
@@ -14,10 +19,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cnsprcy::ipc::{MAX_REPLY_BYTES, Outcome};
+use nix::fcntl::{FcntlArg, SealFlag, fcntl};
+use nix::sys::memfd::{MFdFlags, memfd_create};
 use nix::sys::signal::{Signal, killpg};
 use nix::sys::wait::{Id, WaitPidFlag, waitid};
 use nix::unistd::Pid;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -67,10 +74,18 @@ enum Stop {
     Shutdown,
 }
 
-/// Runs the handler to its end. `shutdown` stops it early (the service is stopping).
-pub async fn run(spec: Spec, shutdown: &CancellationToken) -> Finished {
+/// Runs the handler to its end. `on_start` is called once its process started; `shutdown`
+/// stops it early (the service is stopping).
+pub async fn run(
+    mut spec: Spec,
+    shutdown: &CancellationToken,
+    on_start: impl FnOnce(),
+) -> Finished {
     let started = Instant::now();
-    let mut child = match spawn(&spec).await {
+    let spawned = spawn(&spec).await;
+    // The handler's stdin holds its own copy now.
+    spec.payload = Vec::new();
+    let mut child = match spawned {
         Ok(child) => child,
         Err(e) => {
             let hint = if e.raw_os_error() == Some(nix::errno::Errno::ENOEXEC as i32) {
@@ -87,10 +102,8 @@ pub async fn run(spec: Spec, shutdown: &CancellationToken) -> Finished {
             };
         }
     };
-    // `spawn` set up all three pipes, so they are there to take.
-    let (Some(stdin), Some(stdout), Some(stderr)) =
-        (child.stdin.take(), child.stdout.take(), child.stderr.take())
-    else {
+    // `spawn` set up both pipes, so they are there to take.
+    let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
         return Finished {
             outcome: Outcome::Failed {
                 reason: "the handler's pipes were not set up".into(),
@@ -100,16 +113,9 @@ pub async fn run(spec: Spec, shutdown: &CancellationToken) -> Finished {
         };
     };
     let pid = child.id();
+    on_start();
     tracing::debug!(handler = %spec.name, tag = %spec.tag, pid, "handler started");
 
-    // The payload is written by a task of its own: a handler that does not read its stdin must
-    // not hold anything up. Its end (EPIPE when the handler exits unread) is not an error.
-    let payload = spec.payload;
-    let writer = tokio::spawn(async move {
-        let mut stdin = stdin;
-        let _ = stdin.write_all(&payload).await;
-        let _ = stdin.shutdown().await;
-    });
     let stop_reading = CancellationToken::new();
     let mut reply = tokio::spawn(read_reply(stdout, stop_reading.clone()));
     // In the service's span, so the lines say whose they are like every other line.
@@ -138,8 +144,6 @@ pub async fn run(spec: Spec, shutdown: &CancellationToken) -> Finished {
         }
     };
     let duration = started.elapsed();
-    // A background process the handler left behind may still have stdin open: stop feeding it.
-    writer.abort();
 
     // Read what is left in the pipes, briefly: the handler has exited, so that is at most one
     // pipe buffer, unless something it started keeps writing.
@@ -200,17 +204,20 @@ pub async fn run(spec: Spec, shutdown: &CancellationToken) -> Finished {
 }
 
 /// Starts the process in a new process group (so the time-out can kill all it started), in its
-/// directory, with the three pipes. A script written a moment ago may still be open for
-/// writing somewhere (ETXTBSY); that clears within milliseconds, so it is retried.
+/// directory, with the payload file as stdin and pipes for stdout and stderr. A script written
+/// a moment ago may still be open for writing somewhere (ETXTBSY); that clears within
+/// milliseconds, so it is retried.
 async fn spawn(spec: &Spec) -> io::Result<Child> {
     let exec = Arc::new(ExecArgs::new(spec)?);
+    let payload = payload_file(&spec.payload)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot hold its payload: {e}")))?;
     let mut attempt = 0;
     loop {
         // The program name is never executed: `pre_exec` below replaces the process first.
         let mut command = Command::new(&spec.path);
         command
             .current_dir(&spec.dir)
-            .stdin(Stdio::piped())
+            .stdin(Stdio::from(payload.try_clone()?))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0)
@@ -235,6 +242,28 @@ async fn spawn(spec: &Spec) -> io::Result<Child> {
             other => return other,
         }
     }
+}
+
+/// The payload in a sealed anonymous memory file, read from its start. Handlers read it like a
+/// pipe (to its end), and cannot change it.
+fn payload_file(payload: &[u8]) -> io::Result<OwnedFd> {
+    let fd = memfd_create(
+        c"cnsprcy-payload",
+        MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+    )?;
+    let mut file = std::fs::File::from(fd);
+    file.write_all(payload)?;
+    file.seek(SeekFrom::Start(0))?;
+    fcntl(
+        &file,
+        FcntlArg::F_ADD_SEALS(
+            SealFlag::F_SEAL_WRITE
+                | SealFlag::F_SEAL_GROW
+                | SealFlag::F_SEAL_SHRINK
+                | SealFlag::F_SEAL_SEAL,
+        ),
+    )?;
+    Ok(file.into())
 }
 
 /// `argv` and `envp` for `fexecve`, built before the fork so that the child allocates nothing.
@@ -509,7 +538,7 @@ mod tests {
     async fn stdin_env_cwd_stdout_and_status() {
         let tmp = tempfile::tempdir().unwrap();
         let spec = script(tmp.path(), "read x; echo \"$GREETING $x $(pwd)\"; exit 3");
-        let done = run(spec, &CancellationToken::new()).await;
+        let done = run(spec, &CancellationToken::new(), || {}).await;
         assert_eq!(done.outcome, Outcome::Exited { code: 3 });
         let cwd = tmp.path().canonicalize().unwrap();
         assert_eq!(
@@ -523,9 +552,25 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let mut spec = script(tmp.path(), "echo done");
         spec.payload = vec![7u8; 4 * 1024 * 1024];
-        let done = run(spec, &CancellationToken::new()).await;
+        let done = run(spec, &CancellationToken::new(), || {}).await;
         assert_eq!(done.outcome, Outcome::Exited { code: 0 });
         assert_eq!(done.stdout, b"done\n");
+    }
+
+    /// The whole payload is in place when the handler starts: a service killed right after
+    /// starting it cannot leave it a payload cut short. And the handler cannot change it.
+    #[tokio::test]
+    async fn the_payload_is_whole_before_the_handler_starts_and_read_only() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut spec = script(
+            tmp.path(),
+            "stat -L -c %s /dev/stdin; if echo x >&0; then echo writable; fi 2>/dev/null; \
+             wc -c | tr -d ' '",
+        );
+        spec.payload = vec![7u8; 3 * 1024 * 1024 + 1];
+        let done = run(spec, &CancellationToken::new(), || {}).await;
+        assert_eq!(done.outcome, Outcome::Exited { code: 0 });
+        assert_eq!(String::from_utf8_lossy(&done.stdout), "3145729\n3145729\n");
     }
 
     #[tokio::test]
@@ -537,7 +582,7 @@ mod tests {
         );
         spec.timeout = Duration::from_millis(300);
         let begun = Instant::now();
-        let done = run(spec, &CancellationToken::new()).await;
+        let done = run(spec, &CancellationToken::new(), || {}).await;
         assert_eq!(done.outcome, Outcome::TimedOut { after_ms: 300 });
         assert_eq!(done.stdout, b"started\n");
         // TERM was ignored, so it took the grace and then SIGKILL.
@@ -560,7 +605,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let spec = script(tmp.path(), "echo quick; sleep 5 & exit 0");
         let begun = Instant::now();
-        let done = run(spec, &CancellationToken::new()).await;
+        let done = run(spec, &CancellationToken::new(), || {}).await;
         assert_eq!(done.outcome, Outcome::Exited { code: 0 });
         assert_eq!(done.stdout, b"quick\n");
         assert!(
@@ -580,7 +625,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(200)).await;
             stopper.cancel();
         });
-        let done = run(spec, &shutdown).await;
+        let done = run(spec, &shutdown, || {}).await;
         assert!(
             matches!(done.outcome, Outcome::Failed { .. }),
             "{:?}",
@@ -594,7 +639,7 @@ mod tests {
         let mut spec = script(tmp.path(), "");
         fs::write(&spec.path, "echo no shebang\n").unwrap();
         spec.script = false;
-        let done = run(spec, &CancellationToken::new()).await;
+        let done = run(spec, &CancellationToken::new(), || {}).await;
         match done.outcome {
             Outcome::Failed { reason } => assert!(reason.contains("#!"), "{reason}"),
             other => panic!("{other:?}"),
@@ -609,7 +654,7 @@ mod tests {
         spec.program = Arc::new(fs::File::open("/bin/sh").unwrap().into());
         spec.script = false;
         spec.payload = b"echo \"from stdin, as $0\"".to_vec();
-        let done = run(spec, &CancellationToken::new()).await;
+        let done = run(spec, &CancellationToken::new(), || {}).await;
         assert_eq!(done.outcome, Outcome::Exited { code: 0 });
         let expected = format!("from stdin, as {}\n", tmp.path().join("h.sh").display());
         assert_eq!(String::from_utf8_lossy(&done.stdout), expected);

@@ -30,7 +30,7 @@ struct Conn {
 /// A request with the way to answer its caller.
 enum Pending {
     Ping(oneshot::Sender<u32>),
-    Run(Box<Run>, oneshot::Sender<RunResult>),
+    Run(Box<Run>, Caller),
 }
 
 impl HandlersLink {
@@ -83,18 +83,33 @@ impl HandlersLink {
         }
     }
 
-    /// Has the handler service run `run` and waits for the result. The run is handed over at
-    /// most once: if the connection breaks afterwards, the result is lost, not the run repeated.
-    pub async fn run(&self, run: Run) -> Result<RunResult, String> {
+    /// Has the handler service run `run` and waits for the result; `started` hears when the
+    /// handler process started. The run is handed over at most once: if the connection breaks
+    /// afterwards, the result is lost, not the run repeated. An error: the run did not end with
+    /// a result (the service could not be reached, the connection broke, or the service was
+    /// stopping and did not start it).
+    pub async fn run(
+        &self,
+        run: Run,
+        started: Option<oneshot::Sender<()>>,
+    ) -> Result<RunResult, String> {
+        let mut run = run;
+        run.report_start = started.is_some();
         let conn = self.conn().await?;
         let (tx, rx) = oneshot::channel();
         conn.requests
-            .send(Pending::Run(Box::new(run), tx))
+            .send(Pending::Run(Box::new(run), Caller { started, done: tx }))
             .await
             .map_err(|_| "the handler service connection closed".to_owned())?;
         rx.await
-            .map_err(|_| "lost the connection to the handler service during the run".into())
+            .map_err(|_| "lost the connection to the handler service during the run".to_owned())?
     }
+}
+
+/// Who waits for a run: to hear that it started, and its result (or why it did not start).
+struct Caller {
+    started: Option<oneshot::Sender<()>>,
+    done: oneshot::Sender<Result<RunResult, String>>,
 }
 
 /// Writes requests, reads answers, and hands each answer to its caller; ends when either side
@@ -104,7 +119,7 @@ async fn own_connection(
     mut requests: mpsc::Receiver<Pending>,
 ) {
     let mut next_run_id = 0u64;
-    let mut runs: HashMap<u64, oneshot::Sender<RunResult>> = HashMap::new();
+    let mut runs: HashMap<u64, Caller> = HashMap::new();
     let mut pings: VecDeque<oneshot::Sender<u32>> = VecDeque::new();
     loop {
         tokio::select! {
@@ -115,11 +130,11 @@ async fn own_connection(
                         pings.push_back(tx);
                         ToHandlers::Ping
                     }
-                    Pending::Run(mut run, tx) => {
+                    Pending::Run(mut run, caller) => {
                         next_run_id += 1;
                         run.run_id = next_run_id;
-                        runs.insert(next_run_id, tx);
-                        ToHandlers::Run(*run)
+                        runs.insert(next_run_id, caller);
+                        ToHandlers::Run(run)
                     }
                 };
                 if let Err(e) = conn.send(&message).await {
@@ -133,9 +148,19 @@ async fn own_connection(
                         let _ = tx.send(pid);
                     }
                 }
+                Ok(Some(FromHandlers::Started { run_id })) => {
+                    if let Some(started) = runs.get_mut(&run_id).and_then(|c| c.started.take()) {
+                        let _ = started.send(());
+                    }
+                }
                 Ok(Some(FromHandlers::Done { run_id, result })) => {
-                    if let Some(tx) = runs.remove(&run_id) {
-                        let _ = tx.send(result);
+                    if let Some(caller) = runs.remove(&run_id) {
+                        let _ = caller.done.send(Ok(result));
+                    }
+                }
+                Ok(Some(FromHandlers::NotStarted { run_id, reason })) => {
+                    if let Some(caller) = runs.remove(&run_id) {
+                        let _ = caller.done.send(Err(reason));
                     }
                 }
                 Ok(None) => return,

@@ -11,6 +11,7 @@ mod det;
 #[cfg(test)]
 mod fuzz;
 mod handlers_link;
+mod inbox;
 mod interfaces;
 mod listener;
 pub mod liveness;

@@ -75,6 +75,9 @@ pub enum Event {
     Writable {
         session: SessionId,
     },
+    HandlerStarted {
+        run: u64,
+    },
     HandlerDone {
         run: u64,
         result: Result<RunResult, String>,
@@ -323,6 +326,7 @@ impl Node {
                 members,
                 outbox: restored.outbox,
                 delivered: restored.delivered,
+                inbox: restored.inbox,
                 seed: rand::random(),
             },
             store,
@@ -386,7 +390,8 @@ impl Node {
         );
         // The daemon-stop handler gets a moment to run before the sessions close.
         for run in stop {
-            let _ = tokio::time::timeout(Duration::from_secs(2), self.handlers.run(run)).await;
+            let _ =
+                tokio::time::timeout(Duration::from_secs(2), self.handlers.run(run, None)).await;
         }
         for live in self.sessions.values() {
             live.cancel.cancel();
@@ -433,6 +438,7 @@ impl Node {
                 Input::SessionDown { session, reason }
             }
             Event::Writable { session } => Input::Writable { session },
+            Event::HandlerStarted { run } => Input::HandlerStarted { run },
             Event::HandlerDone { run, result } => Input::HandlerDone { run, result },
         })
     }
@@ -562,7 +568,15 @@ impl Node {
                 Output::RunHandler { run, handler } => {
                     let (handlers, events) = (self.handlers.clone(), self.handle.events.clone());
                     self.tasks.spawn(async move {
-                        let result = handlers.run(*handler).await;
+                        let (started_tx, started) = oneshot::channel();
+                        // Ends when the handler started, or without a word when it never did.
+                        let tell_started = async {
+                            if started.await.is_ok() {
+                                let _ = events.send(Event::HandlerStarted { run }).await;
+                            }
+                        };
+                        let (result, ()) =
+                            tokio::join!(handlers.run(*handler, Some(started_tx)), tell_started);
                         let _ = events.send(Event::HandlerDone { run, result }).await;
                     });
                 }
@@ -570,7 +584,7 @@ impl Node {
                     let handlers = self.handlers.clone();
                     self.tasks.spawn(async move {
                         let event = run.event.clone();
-                        match handlers.run(*run).await {
+                        match handlers.run(*run, None).await {
                             Ok(RunResult {
                                 outcome: Outcome::NoHandler,
                                 ..

@@ -4,10 +4,12 @@
 //! - `outbox/ID.msg`: one file per message some target has not acknowledged (postcard).
 //! - `delivered.log`: records of 16-byte id and 8-byte forget-after time, appended and synced
 //!   before the ack; rewritten without forgotten ids now and then.
+//! - `inbox.log`: delivered messages whose handler has not started (`inbox.rs`).
 //! - `roster.json`: the members (`roster.rs`).
 //!
 //! The writer runs on a thread of its own and takes the operations in the order the core gave
-//! them. It syncs appends to `delivered.log` once per batch (group commit), and reports each
+//! them. It syncs appends to `inbox.log` and `delivered.log` once per batch (group commit), the
+//! inbox first, so that an id on record always has its message at hand. It reports each
 //! operation with a token when it is durable, so "recorded before acknowledged" holds without
 //! the event loop ever waiting for a disk.
 
@@ -21,10 +23,12 @@ use cnsprcy::wire::MessageId;
 use tokio::sync::mpsc;
 
 use crate::core::{PersistOp, Token};
+use crate::inbox::Inbox;
 use crate::messaging::{OutboxEntry, SEEN_MAX, id_text, now_ms};
 
 const OUTBOX_DIR: &str = "outbox";
 const DELIVERED_FILE: &str = "delivered.log";
+const INBOX_FILE: &str = "inbox.log";
 /// Bytes per record in `delivered.log`: the id and the forget-after time.
 const RECORD: usize = 16 + 8;
 /// `delivered.log` is rewritten without forgotten ids after this many appends.
@@ -35,6 +39,8 @@ pub struct Restored {
     pub outbox: Vec<OutboxEntry>,
     /// Oldest first.
     pub delivered: Vec<(MessageId, u64)>,
+    /// Delivered messages whose handler had not started, oldest first.
+    pub inbox: Vec<cnsprcy::wire::Data>,
 }
 
 /// The state directory's files, as the writer holds them.
@@ -43,6 +49,7 @@ pub struct Files {
     outbox_dir: PathBuf,
     delivered: PathBuf,
     appended: usize,
+    inbox: Inbox,
 }
 
 impl Files {
@@ -75,15 +82,24 @@ impl Files {
         }
         let delivered_path = state_dir.join(DELIVERED_FILE);
         let delivered = read_delivered(&delivered_path)?;
+        let (inbox, inbox_entries) = Inbox::open(&state_dir.join(INBOX_FILE))?;
         let mut files = Self {
             state_dir: state_dir.to_owned(),
             outbox_dir,
             delivered: delivered_path,
             appended: 0,
+            inbox,
         };
         // Rewritten without what was forgotten, so the file does not grow without end.
         files.compact()?;
-        Ok((files, Restored { outbox, delivered }))
+        Ok((
+            files,
+            Restored {
+                outbox,
+                delivered,
+                inbox: inbox_entries,
+            },
+        ))
     }
 
     fn outbox_path(&self, id: &MessageId) -> PathBuf {
@@ -101,7 +117,8 @@ impl Files {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
                 _ => Ok(()),
             },
-            PersistOp::Delivered { id, until_ms } => {
+            PersistOp::Delivered { data, until_ms } => {
+                self.inbox.add(data)?;
                 let mut file = OpenOptions::new()
                     .append(true)
                     .create(true)
@@ -116,20 +133,23 @@ impl Files {
                     file.set_len(len - partial)?;
                 }
                 let mut record = Vec::with_capacity(RECORD);
-                record.extend_from_slice(id);
+                record.extend_from_slice(&data.id);
                 record.extend_from_slice(&until_ms.to_le_bytes());
                 file.write_all(&record)?;
                 self.appended += 1;
                 Ok(())
             }
+            PersistOp::InboxDone(id) => self.inbox.done(id),
             PersistOp::Roster(members) => {
                 crate::roster::save(&self.state_dir, members).map_err(io::Error::other)
             }
         }
     }
 
-    /// Makes the appends to `delivered.log` durable; compacts it now and then.
+    /// Makes the appends to `inbox.log` and `delivered.log` durable, in this order; compacts
+    /// `delivered.log` now and then.
     fn sync(&mut self) -> io::Result<()> {
+        self.inbox.sync()?;
         match fs::File::open(&self.delivered) {
             Ok(file) => file.sync_data()?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -223,7 +243,7 @@ pub fn spawn_writer(
                 }
                 let synced = if appended {
                     files.sync().map_err(|e| {
-                        let e = format!("cannot sync {}: {e}", files.delivered.display());
+                        let e = format!("cannot sync the delivered messages: {e}");
                         tracing::warn!("{e}");
                         e
                     })
@@ -254,6 +274,12 @@ fn describe(op: &PersistOp, e: &io::Error) -> String {
             format!("cannot remove message {} from the outbox: {e}", id_text(id))
         }
         PersistOp::Delivered { .. } => format!("cannot record a delivered message: {e}"),
+        PersistOp::InboxDone(id) => {
+            format!(
+                "cannot mark message {}'s handler as started: {e}",
+                id_text(id)
+            )
+        }
         PersistOp::Roster(_) => e.to_string(),
     }
 }
@@ -282,6 +308,13 @@ mod tests {
         }
     }
 
+    fn delivered(id: u8, until_ms: u64) -> PersistOp {
+        PersistOp::Delivered {
+            data: Box::new(entry(id, 0).data),
+            until_ms,
+        }
+    }
+
     #[test]
     fn the_files_keep_the_outbox_and_the_delivered_ids() {
         let dir = tempfile::tempdir().unwrap();
@@ -297,19 +330,9 @@ mod tests {
         files.apply(&PersistOp::OutboxRemove([9; 16])).unwrap();
         let later = now_ms() + 60_000;
         for id in [3u8, 4, 3] {
-            files
-                .apply(&PersistOp::Delivered {
-                    id: [id; 16],
-                    until_ms: later,
-                })
-                .unwrap();
+            files.apply(&delivered(id, later)).unwrap();
         }
-        files
-            .apply(&PersistOp::Delivered {
-                id: [5; 16],
-                until_ms: 1,
-            })
-            .unwrap();
+        files.apply(&delivered(5, 1)).unwrap();
         files.sync().unwrap();
         fs::write(dir.path().join("outbox/.half.msg.new"), b"x").unwrap();
         fs::write(dir.path().join("outbox/bad.msg"), b"x").unwrap();
@@ -323,24 +346,42 @@ mod tests {
     /// The chaos test found `delivered.log` at a length that is not a whole number of records
     /// after its disk had been full: an append that failed half way. What is appended later
     /// is still read back.
+    /// A message recorded as delivered stays at hand until its handler started.
+    #[test]
+    fn a_delivered_message_is_kept_until_its_handler_started() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut files, _) = Files::open(dir.path()).unwrap();
+        let later = now_ms() + 60_000;
+        for id in [1u8, 2] {
+            files.apply(&delivered(id, later)).unwrap();
+        }
+        files.apply(&PersistOp::InboxDone([1; 16])).unwrap();
+        files.sync().unwrap();
+        let (_, restored) = Files::open(dir.path()).unwrap();
+        assert_eq!(restored.delivered.len(), 2);
+        let kept: Vec<_> = restored
+            .inbox
+            .iter()
+            .map(|d| (d.id, &d.payload[..]))
+            .collect();
+        assert_eq!(kept, [([2; 16], &[1u8, 2, 3][..])]);
+    }
+
     #[test]
     fn an_append_after_a_short_write_is_read_back() {
         let dir = tempfile::tempdir().unwrap();
         let (mut files, _) = Files::open(dir.path()).unwrap();
         let later = now_ms() + 60_000;
-        let delivered = |id: u8| PersistOp::Delivered {
-            id: [id; 16],
-            until_ms: later,
-        };
-        files.apply(&delivered(1)).unwrap();
+        let record = |id: u8| delivered(id, later);
+        files.apply(&record(1)).unwrap();
         // What a write that ran out of space after 10 bytes leaves behind.
         let mut file = OpenOptions::new()
             .append(true)
             .open(dir.path().join(DELIVERED_FILE))
             .unwrap();
         file.write_all(&[2; 10]).unwrap();
-        files.apply(&delivered(2)).unwrap();
-        files.apply(&delivered(3)).unwrap();
+        files.apply(&record(2)).unwrap();
+        files.apply(&record(3)).unwrap();
         files.sync().unwrap();
         let (_, restored) = Files::open(dir.path()).unwrap();
         assert_eq!(
@@ -357,10 +398,7 @@ mod tests {
         let (jobs, thread) = spawn_writer(files, done_tx).unwrap();
         for i in 0..100u8 {
             jobs.send(Job {
-                op: PersistOp::Delivered {
-                    id: [i; 16],
-                    until_ms: now_ms() + 60_000,
-                },
+                op: delivered(i, now_ms() + 60_000),
                 token: Some(u64::from(i)),
             })
             .unwrap();

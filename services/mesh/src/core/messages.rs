@@ -40,6 +40,17 @@ pub struct SendRequest {
     pub include_self: bool,
 }
 
+/// A handler run under way.
+#[derive(Debug)]
+pub(super) struct Running {
+    /// The message, without its payload: what it takes to reply.
+    data: Data,
+    /// Its payload's size, for the `message` event.
+    size: usize,
+    /// The handler service said the handler started.
+    started: bool,
+}
+
 impl<S: StoreAccess> Core<S> {
     /// Takes a message into the outbox (made durable before `send` is answered) and sends the
     /// first copies at once (that need not wait for the disk).
@@ -372,7 +383,7 @@ impl<S: StoreAccess> Core<S> {
         // the origin's resends for good.
         let until = Delivered::until(data, now.wall_ms);
         let op = PersistOp::Delivered {
-            id: data.id,
+            data: Box::new(data.clone()),
             until_ms: until,
         };
         if let Some(token) = self.persist(op, true) {
@@ -412,6 +423,34 @@ impl<S: StoreAccess> Core<S> {
         for next in self.holdback.recorded(&data.id) {
             self.receive(&next, now);
         }
+        self.start_handler(data);
+    }
+
+    /// Handlers that had not started when this device last stopped: their messages are recorded
+    /// as delivered (and acknowledged), so they would never come again. They run now, unless
+    /// their message expired meanwhile.
+    pub(super) fn rerun_inbox(&mut self, inbox: Vec<Data>, now: Now) {
+        for data in inbox {
+            let id = id_text(&data.id);
+            if !self.delivered.contains(&data.id) {
+                // Its record did not make it to disk: it was not acknowledged, so its origin
+                // sends it again.
+                self.persist(PersistOp::InboxDone(data.id), false);
+            } else if now.wall_ms >= expires_ms(&data) {
+                tracing::warn!(%id, tag = %data.tag, "message expired before its handler could start; not run");
+                self.persist(PersistOp::InboxDone(data.id), false);
+            } else {
+                tracing::info!(%id, tag = %data.tag, "running the handler of a message again: the last stop came before it started");
+                self.holdback.occupy(lane_of(&data));
+                self.start_handler(data);
+            }
+        }
+    }
+
+    /// Asks for the handler run of a message recorded as delivered. Its lane is occupied until
+    /// the run is done.
+    fn start_handler(&mut self, data: Data) {
+        let origin = PublicKey::from_bytes(data.origin);
         let from = if origin == self.own {
             Some(Sender {
                 name: self.name.to_string(),
@@ -432,6 +471,7 @@ impl<S: StoreAccess> Core<S> {
             device: self.name.to_string(),
             env: Vec::new(),
             payload: data.payload.to_vec(),
+            report_start: false,
         };
         self.next_run += 1;
         let run: RunId = self.next_run;
@@ -441,11 +481,29 @@ impl<S: StoreAccess> Core<S> {
             payload: Default::default(),
             ..data
         };
-        self.runs.insert(run, (kept, size));
+        self.runs.insert(
+            run,
+            Running {
+                data: kept,
+                size,
+                started: false,
+            },
+        );
         self.outputs.push(Output::RunHandler {
             run,
             handler: Box::new(handler),
         });
+    }
+
+    /// The handler started: a stop from now on must not run it again.
+    pub(super) fn on_handler_started(&mut self, run: RunId) {
+        if let Some(running) = self.runs.get_mut(&run)
+            && !running.started
+        {
+            running.started = true;
+            let id = running.data.id;
+            self.persist(PersistOp::InboxDone(id), false);
+        }
     }
 
     pub(super) fn on_handler_done(
@@ -454,9 +512,28 @@ impl<S: StoreAccess> Core<S> {
         result: Result<RunResult, String>,
         now: Now,
     ) {
-        let Some((data, size)) = self.runs.remove(&run) else {
+        let Some(Running {
+            data,
+            size,
+            started,
+        }) = self.runs.remove(&run)
+        else {
             return;
         };
+        match (&result, started) {
+            (_, true) => {}
+            // Over without starting (no handler, refused, or an older handler service that
+            // does not say when a handler starts).
+            (Ok(_), false) => {
+                self.persist(PersistOp::InboxDone(data.id), false);
+            }
+            // The handler service was out of reach or stopping: the message stays in the
+            // inbox, and the handler runs at the next start. (If the connection broke just after
+            // the handler started, before the service could say so, it runs a second time.)
+            (Err(reason), false) => {
+                tracing::warn!(id = %id_text(&data.id), tag = %data.tag, "the handler did not start ({reason}); it runs when cnsprcy starts next");
+            }
+        }
         let origin = PublicKey::from_bytes(data.origin);
         let result: HandlerResult = result
             .unwrap_or_else(|reason| RunResult {

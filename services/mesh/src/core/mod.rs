@@ -187,6 +187,10 @@ pub enum Input {
         request: RequestId,
         call: ApiCall,
     },
+    /// The handler of a run asked for with `Output::RunHandler` started.
+    HandlerStarted {
+        run: RunId,
+    },
     /// A handler run asked for with `Output::RunHandler` finished (or could not run).
     HandlerDone {
         run: RunId,
@@ -288,11 +292,16 @@ pub enum PersistOp {
     /// Write (or rewrite) a message of the outbox.
     OutboxSave(Box<OutboxEntry>),
     OutboxRemove(MessageId),
-    /// Append a delivered message's id, kept until `until_ms`.
+    /// Record a message as delivered: its id, kept until `until_ms`, and the message itself in
+    /// the inbox until its handler started (`InboxDone`), so that a stop in between does not
+    /// lose the run: the next start runs it (`Setup::inbox`).
     Delivered {
-        id: MessageId,
+        data: Box<cnsprcy::wire::Data>,
         until_ms: u64,
     },
+    /// The handler of a delivered message started (or will never run): its inbox entry can go.
+    /// Need not be durable before the core goes on.
+    InboxDone(MessageId),
     /// Write the roster (every entry).
     Roster(Vec<Member>),
 }
@@ -368,6 +377,8 @@ pub struct Setup {
     pub members: Vec<Member>,
     pub outbox: Vec<OutboxEntry>,
     pub delivered: Vec<(MessageId, u64)>,
+    /// Messages recorded as delivered whose handler had not started, in the order they came.
+    pub inbox: Vec<cnsprcy::wire::Data>,
     pub seed: u64,
 }
 
@@ -444,8 +455,8 @@ pub struct Core<S: StoreAccess> {
     /// Messages for this device that wait for an earlier one from the same origin and tag,
     /// or for its handler to finish.
     holdback: Holdback,
-    /// Handler runs under way: the message (without payload) and its payload size.
-    runs: Map<RunId, (cnsprcy::wire::Data, usize)>,
+    /// Handler runs under way.
+    runs: Map<RunId, messages::Running>,
     /// What became of recent messages from this device.
     recent: RecentOutcomes,
     waits: Map<MessageId, Wait>,
@@ -571,6 +582,7 @@ impl<S: StoreAccess> Core<S> {
         core.outputs.push(Output::Members(core.member_keys()));
         core.outputs.push(Output::Disabled(core.disabled_entries()));
         core.raise_event("daemon-start", Vec::new());
+        core.rerun_inbox(setup.inbox, now);
         core
     }
 
@@ -630,6 +642,7 @@ impl<S: StoreAccess> Core<S> {
             } => self.on_dial_failed(peer, failure, &error, now),
             Input::Knock { peer, addr } => self.on_knock(peer, addr, now),
             Input::Api { request, call } => self.on_api(request, call, now),
+            Input::HandlerStarted { run } => self.on_handler_started(run),
             Input::HandlerDone { run, result } => self.on_handler_done(run, result, now),
             Input::Persisted { token, result } => self.on_persisted(token, result, now),
             Input::Network(interfaces) => self.on_network(interfaces, now),
@@ -815,6 +828,7 @@ impl<S: StoreAccess> Core<S> {
             device: self.name.to_string(),
             env,
             payload: Vec::new(),
+            report_start: false,
         }
     }
 

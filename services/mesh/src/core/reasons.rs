@@ -314,6 +314,7 @@ mod tests {
                 members,
                 outbox: Vec::new(),
                 delivered: Vec::new(),
+                inbox: Vec::new(),
                 seed: 7,
             };
             let now = Now {

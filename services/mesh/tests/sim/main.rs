@@ -577,6 +577,37 @@ fn messages_wait_for_a_device_that_is_down_and_arrive_once() {
     assert_eq!(world.runs.iter().filter(|r| r.device == 3).count(), 2);
 }
 
+/// A target that crashes after recording a message as delivered (and acknowledging it), but
+/// before its handler started, runs it once when it is back; a crash after the start does not
+/// run it again.
+#[test]
+fn a_crash_between_the_record_and_the_handler_start_loses_no_run() {
+    let mut world = World::new(17, 3, |_, _| true);
+    for d in 0..3 {
+        world.start(d);
+    }
+    world.run_for(SECOND * 5);
+    world.send(0, &[1], SECOND * 3600);
+    let deadline = world.now + SECOND;
+    while world.devices[1].disk.inbox.is_empty() {
+        assert!(world.now < deadline, "the message was never recorded");
+        world.run_for(Duration::from_micros(100));
+    }
+    assert!(world.runs.is_empty(), "started before the crash");
+    world.crash(1);
+    world.run_for(SECOND);
+    world.start(1);
+    world.run_for(SECOND * 5);
+    assert_eq!(world.runs.iter().filter(|r| r.device == 1).count(), 1);
+    assert!(world.devices[1].disk.inbox.is_empty());
+    world.crash(1);
+    world.start(1);
+    world.run_for(SECOND * 40);
+    checks::messages(&world).unwrap();
+    checks::outboxes(&world).unwrap();
+    assert_eq!(world.runs.iter().filter(|r| r.device == 1).count(), 1);
+}
+
 /// A message whose TTL runs out while its target is down never runs there, leaves the outbox,
 /// and its `expired` event comes when the TTL ends.
 #[test]

@@ -11,7 +11,7 @@ use cnsprcy::config::MeshConfig;
 use cnsprcy::identity::{DeviceName, Identity, PublicKey};
 use cnsprcy::ipc::{Interface, Outcome, RunResult};
 use cnsprcy::netif::InterfaceFilter;
-use cnsprcy::wire::{Joining, Message, MessageId, StoreEntry};
+use cnsprcy::wire::{Data, Joining, Message, MessageId, StoreEntry};
 use cnsprcy_mesh::core::{
     Answer, ApiCall, Core, DialFailure, Input, Now, Output, PersistOp, SendRequest, SessionId,
     Setup,
@@ -30,6 +30,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const DISK_DELAY: Duration = Duration::from_millis(2);
 /// How long a handler runs.
 const HANDLER_TIME: Duration = Duration::from_millis(5);
+/// From a handler run asked for to its process started (the handler service's queue and
+/// fork): a crash meanwhile leaves the message in the inbox.
+const HANDLER_START: Duration = Duration::from_millis(1);
 /// The wall clock at the start of every run (Unix ms): 2026-12-06.
 const WALL_START_MS: u64 = 1_796_515_200_000;
 
@@ -40,6 +43,8 @@ pub type DeviceIndex = usize;
 pub struct Disk {
     pub outbox: BTreeMap<MessageId, OutboxEntry>,
     pub delivered: Vec<(MessageId, u64)>,
+    /// Delivered messages whose handler has not started.
+    pub inbox: Vec<Data>,
     pub roster: Vec<Member>,
 }
 
@@ -132,6 +137,12 @@ enum Event {
         life: u64,
         op: PersistOp,
         token: Option<u64>,
+    },
+    HandlerStarted {
+        device: DeviceIndex,
+        life: u64,
+        run: u64,
+        record: RunRecord,
     },
     HandlerDone {
         device: DeviceIndex,
@@ -438,6 +449,7 @@ impl World {
             members: d.disk.roster.clone(),
             outbox: d.disk.outbox.values().cloned().collect(),
             delivered: d.disk.delivered.clone(),
+            inbox: d.disk.inbox.clone(),
             seed,
         };
         let mut core = Core::new(setup, d.store.clone(), now);
@@ -465,6 +477,7 @@ impl World {
         let d = &mut self.devices[device];
         d.disk.outbox.clear();
         d.disk.delivered.clear();
+        d.disk.inbox.clear();
         d.store = MemStore::new();
         d.wiped_at = Some(self.now);
     }
@@ -583,12 +596,20 @@ impl World {
                     joining,
                 } => self.dial(device, peer, &addresses, joining),
                 Output::RunHandler { run, handler } => {
-                    self.runs.push(RunRecord {
+                    let record = RunRecord {
                         device,
                         message: handler.message_id.clone().unwrap_or_default(),
                         send: String::from_utf8_lossy(&handler.payload).parse().ok(),
-                    });
-                    self.schedule(HANDLER_TIME, Event::HandlerDone { device, life, run });
+                    };
+                    self.schedule(
+                        HANDLER_START,
+                        Event::HandlerStarted {
+                            device,
+                            life,
+                            run,
+                            record,
+                        },
+                    );
                 }
                 Output::Watch(cnsprcy::api::WatchEvent::Expired { .. }) => {
                     self.expired.push((device, self.now));
@@ -598,6 +619,12 @@ impl World {
                 | Output::Members(_)
                 | Output::Disabled(_)
                 | Output::Invitations(_) => {}
+                // Written at once and kept by a crash of the process (it is not synced, so a
+                // power cut could lose it; the simulated crashes are process crashes).
+                Output::Persist {
+                    op: op @ PersistOp::InboxDone(_),
+                    token,
+                } => self.persisted(device, op, token),
                 Output::Persist { op, token } => {
                     self.schedule(
                         DISK_DELAY,
@@ -926,7 +953,12 @@ impl World {
             PersistOp::OutboxRemove(id) => {
                 disk.outbox.remove(&id);
             }
-            PersistOp::Delivered { id, until_ms } => disk.delivered.push((id, until_ms)),
+            PersistOp::Delivered { data, until_ms } => {
+                disk.delivered.push((data.id, until_ms));
+                disk.inbox.retain(|d| d.id != data.id);
+                disk.inbox.push(*data);
+            }
+            PersistOp::InboxDone(id) => disk.inbox.retain(|d| d.id != id),
             PersistOp::Roster(members) => disk.roster = members,
         }
         if let Some(token) = token {
@@ -1010,6 +1042,18 @@ impl World {
             } => {
                 if self.devices[device].life == life && self.is_up(device) {
                     self.persisted(device, op, token);
+                }
+            }
+            Event::HandlerStarted {
+                device,
+                life,
+                run,
+                record,
+            } => {
+                if self.devices[device].life == life && self.is_up(device) {
+                    self.runs.push(record);
+                    self.input(device, Input::HandlerStarted { run });
+                    self.schedule(HANDLER_TIME, Event::HandlerDone { device, life, run });
                 }
             }
             Event::HandlerDone { device, life, run } => {
