@@ -42,24 +42,26 @@ pub fn detect_target() -> LogTarget {
     }
 }
 
+/// The log filter `RUST_LOG` asks for. Unset, empty or not understood: `info`.
+fn filter_from(rust_log: Option<&str>) -> Targets {
+    // `Targets` rather than `EnvFilter`: the same `target=level` directives without a regular
+    // expression engine (half a megabyte of code that every service process would map).
+    let rust_log = rust_log.filter(|v| !v.trim().is_empty());
+    let filter = rust_log
+        .and_then(|directives| directives.parse::<Targets>().ok())
+        .unwrap_or_else(|| Targets::new().with_default(LevelFilter::INFO));
+    // The store's engine (sled) logs every disk write at debug: only its warnings, unless
+    // RUST_LOG names it.
+    if rust_log.is_some_and(|v| v.contains("sled")) {
+        filter
+    } else {
+        filter.with_target("sled", LevelFilter::WARN)
+    }
+}
+
 /// Installs the global subscriber. `service` names the syslog identifier in the journal.
 pub fn init(service: &str) {
-    let filter = || {
-        // `Targets` rather than `EnvFilter`: the same `target=level` directives without a regular
-        // expression engine (half a megabyte of code that every service process would map).
-        let rust_log = std::env::var("RUST_LOG").ok();
-        let filter = rust_log
-            .as_deref()
-            .and_then(|directives| directives.parse::<Targets>().ok())
-            .unwrap_or_else(|| Targets::new().with_default(LevelFilter::INFO));
-        // The store's engine (sled) logs every disk write at debug: only its warnings, unless
-        // RUST_LOG names it.
-        if rust_log.is_some_and(|v| v.contains("sled")) {
-            filter
-        } else {
-            filter.with_target("sled", LevelFilter::WARN)
-        }
-    };
+    let filter = || filter_from(std::env::var("RUST_LOG").ok().as_deref());
     if detect_target() == LogTarget::Journald {
         match tracing_journald::layer() {
             Ok(layer) => {
@@ -86,4 +88,30 @@ pub fn init(service: &str) {
         .with(filter())
         .with(stderr)
         .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracing::Level;
+
+    #[test]
+    fn rust_log_unset_empty_or_garbled_means_info() {
+        for value in [None, Some(""), Some("  "), Some("=[")] {
+            let filter = filter_from(value);
+            assert!(
+                filter.would_enable("cnsprcy_mesh", &Level::INFO),
+                "{value:?}"
+            );
+            assert!(
+                !filter.would_enable("cnsprcy_mesh", &Level::DEBUG),
+                "{value:?}"
+            );
+            assert!(!filter.would_enable("sled", &Level::INFO), "{value:?}");
+        }
+        let filter = filter_from(Some("debug,sled=info"));
+        assert!(filter.would_enable("cnsprcy_mesh", &Level::DEBUG));
+        assert!(filter.would_enable("sled", &Level::INFO));
+        assert!(!filter_from(Some("warn")).would_enable("x", &Level::INFO));
+    }
 }
