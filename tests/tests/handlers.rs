@@ -779,6 +779,20 @@ async fn the_start_of_a_handler_is_reported_when_asked_for() {
         other => panic!("expected the answer, got {other:?}"),
     }
 
+    // Asked again for the same message (the mesh service restarted before it heard of the
+    // start): not run a second time, also by a handler service killed and started again.
+    let mut again = message("slow", "laptop", b"payload");
+    again.report_start = true;
+    let not_again = |result: &RunResult| matches!(&result.outcome, Outcome::Failed { reason } if reason.contains("not run again"));
+    let result = client.run(again.clone()).await;
+    assert!(not_again(&result), "{result:?}");
+    drop(client);
+    h.device
+        .stop_with("handlers", nix::sys::signal::Signal::SIGKILL);
+    let mut client = h.start().await;
+    let result = client.run(again).await;
+    assert!(not_again(&result), "{result:?}");
+
     let mut run = message("missing", "laptop", b"");
     run.report_start = true;
     let id = client.send(run).await;

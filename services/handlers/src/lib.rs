@@ -14,6 +14,7 @@ pub mod runner;
 pub mod safe_open;
 pub mod scan;
 pub mod sched;
+mod started;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -39,6 +40,7 @@ pub use scan::{Report, scan};
 
 use crate::resolve::{Resolution, resolve};
 use crate::sched::{Admit, Limits, Scheduler};
+use crate::started::Started;
 
 /// Runs waiting behind one sender and tag; more means the sender floods that tag.
 const MAX_QUEUED_PER_KEY: usize = 64;
@@ -88,6 +90,7 @@ pub async fn start(env: DeviceEnv, shutdown: CancellationToken) -> anyhow::Resul
         tasks: TaskTracker::new(),
         kill: CancellationToken::new(),
         queue_full_log: Mutex::new(Throttle::new(REFUSAL_LOG_INTERVAL)),
+        started: Mutex::new(Started::open(&env.paths.runtime_dir.join(started::FILE))),
     });
     if listener.activated {
         tokio::spawn(exit_when_idle(
@@ -183,6 +186,9 @@ struct Shared {
     kill: CancellationToken,
     /// The warnings about runs refused for a full queue.
     queue_full_log: Mutex<Throttle>,
+    /// The messages whose handler started. Its appends go to the runtime directory, a tmpfs:
+    /// quick enough to make under the lock, on the runtime's threads.
+    started: Mutex<Started>,
 }
 
 impl Shared {
@@ -190,6 +196,11 @@ impl Shared {
     /// it was locked leaves nothing half-done: a poisoned lock is used as it is.
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A set and its file; an append cut short by a panic is a line no ID matches.
+    fn started(&self) -> MutexGuard<'_, Started> {
+        self.started.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Plain counting, like `state`.
@@ -692,6 +703,31 @@ async fn execute(
         payload,
         timeout: shared.timeout,
     };
+    // A mesh service that asks for `Started` keeps the message until it hears it, and may ask
+    // again after a restart.
+    if let Some(id) = run.message_id.as_deref().filter(|_| run.report_start) {
+        let mut started = shared.started();
+        if started.contains(id) {
+            // Started before this service or the mesh service was restarted, which did not hear
+            // of it in time and asks again.
+            drop(started);
+            tracing::warn!(handler = %handler.rel, tag = %run.tag, id, "the handler of this message started before the last restart; not run again");
+            return quick(
+                Some(handler.rel),
+                Outcome::Failed {
+                    reason: "the handler started before cnsprcy was restarted; it is not run \
+                             again, and its result is lost"
+                        .into(),
+                },
+            );
+        }
+        if let Err(e) = started.record(id) {
+            tracing::warn!(
+                id,
+                "cannot record that a handler starts (after a crash it may run again): {e}"
+            );
+        }
+    }
     let finished = runner::run(spec, &shared.kill, on_start).await;
     RunResult {
         handler: Some(handler.rel),
@@ -876,6 +912,7 @@ mod tests {
             tasks: TaskTracker::new(),
             kill: CancellationToken::new(),
             queue_full_log: Mutex::new(Throttle::new(REFUSAL_LOG_INTERVAL)),
+            started: Mutex::new(Started::open(&root.join(started::FILE))),
         })
     }
 
