@@ -43,13 +43,20 @@ pub struct SendRequest {
 /// A handler run under way.
 #[derive(Debug)]
 pub(super) struct Running {
-    /// The message, without its payload: what it takes to reply.
+    /// The message: what it takes to reply, and its payload until the handler started (to ask
+    /// again if the handler service cannot start it now).
     data: Data,
     /// Its payload's size, for the `message` event.
     size: usize,
     /// The handler service said the handler started.
     started: bool,
+    /// Asked before, and the handler service could not start it.
+    attempt: u32,
 }
+
+/// How often a handler the handler service could not start is asked for again: at each
+/// housekeeping round.
+const RETRY_EVERY: Duration = super::HOUSEKEEPING;
 
 impl<S: StoreAccess> Core<S> {
     /// Takes a message into the outbox (made durable before `send` is answered) and sends the
@@ -423,7 +430,7 @@ impl<S: StoreAccess> Core<S> {
         for next in self.holdback.recorded(&data.id) {
             self.receive(&next, now);
         }
-        self.start_handler(data);
+        self.start_handler(data, 0);
     }
 
     /// Handlers that had not started when this device last stopped: their messages are recorded
@@ -442,14 +449,14 @@ impl<S: StoreAccess> Core<S> {
             } else {
                 tracing::info!(%id, tag = %data.tag, "running the handler of a message again: the last stop came before it started");
                 self.holdback.occupy(lane_of(&data));
-                self.start_handler(data);
+                self.start_handler(data, 0);
             }
         }
     }
 
     /// Asks for the handler run of a message recorded as delivered. Its lane is occupied until
     /// the run is done.
-    fn start_handler(&mut self, data: Data) {
+    fn start_handler(&mut self, data: Data, attempt: u32) {
         let origin = PublicKey::from_bytes(data.origin);
         let from = if origin == self.own {
             Some(Sender {
@@ -476,17 +483,13 @@ impl<S: StoreAccess> Core<S> {
         self.next_run += 1;
         let run: RunId = self.next_run;
         let size = data.payload.len();
-        // What it takes to reply, not the payload.
-        let kept = Data {
-            payload: Default::default(),
-            ..data
-        };
         self.runs.insert(
             run,
             Running {
-                data: kept,
+                data,
                 size,
                 started: false,
+                attempt,
             },
         );
         self.outputs.push(Output::RunHandler {
@@ -501,8 +504,25 @@ impl<S: StoreAccess> Core<S> {
             && !running.started
         {
             running.started = true;
+            running.data.payload = Default::default();
             let id = running.data.id;
             self.persist(PersistOp::InboxDone(id), false);
+        }
+    }
+
+    /// Asks again for the handlers the handler service could not start (it was out of reach or
+    /// stopping). One whose message expired meanwhile is over, and fails.
+    pub(super) fn retry_unstarted(&mut self, now: Now) {
+        for (data, attempt) in std::mem::take(&mut self.unstarted) {
+            if now.wall_ms < expires_ms(&data) {
+                self.start_handler(data, attempt);
+            } else {
+                self.persist(PersistOp::InboxDone(data.id), false);
+                let size = data.payload.len();
+                let reason =
+                    "the message expired before the handler service could start its handler";
+                self.report_handled(data, size, Err(reason.to_owned()), now);
+            }
         }
     }
 
@@ -516,6 +536,7 @@ impl<S: StoreAccess> Core<S> {
             data,
             size,
             started,
+            attempt,
         }) = self.runs.remove(&run)
         else {
             return;
@@ -527,13 +548,33 @@ impl<S: StoreAccess> Core<S> {
             (Ok(_), false) => {
                 self.persist(PersistOp::InboxDone(data.id), false);
             }
-            // The handler service was out of reach or stopping: the message stays in the
-            // inbox, and the handler runs at the next start. (If the connection broke just after
-            // the handler started, before the service could say so, it runs a second time.)
+            // The handler service was out of reach or stopping: asked again in a moment. The
+            // message stays in the inbox meanwhile, so a stop now does not lose it either. (If
+            // the connection broke just after the handler started, before the service could
+            // say so, the service itself does not start it twice.)
             (Err(reason), false) => {
-                tracing::warn!(id = %id_text(&data.id), tag = %data.tag, "the handler did not start ({reason}); it runs when cnsprcy starts next");
+                let id = id_text(&data.id);
+                if attempt == 0 {
+                    tracing::warn!(%id, tag = %data.tag, "the handler service did not start the handler ({reason}); asking again every {}s", RETRY_EVERY.as_secs());
+                } else {
+                    tracing::debug!(%id, tag = %data.tag, attempt, "the handler service did not start the handler ({reason})");
+                }
+                self.unstarted.push((data, attempt + 1));
+                return;
             }
         }
+        self.report_handled(data, size, result, now);
+    }
+
+    /// A message's handler run is over: tells the log, subscribers and the origin, and lets the
+    /// next message of its lane go.
+    fn report_handled(
+        &mut self,
+        data: Data,
+        size: usize,
+        result: Result<RunResult, String>,
+        now: Now,
+    ) {
         let origin = PublicKey::from_bytes(data.origin);
         let result: HandlerResult = result
             .unwrap_or_else(|reason| RunResult {

@@ -457,6 +457,9 @@ pub struct Core<S: StoreAccess> {
     holdback: Holdback,
     /// Handler runs under way.
     runs: Map<RunId, messages::Running>,
+    /// Messages whose handler the handler service could not start, and how often it was asked:
+    /// asked again at the next housekeeping round.
+    unstarted: Vec<(cnsprcy::wire::Data, u32)>,
     /// What became of recent messages from this device.
     recent: RecentOutcomes,
     waits: Map<MessageId, Wait>,
@@ -544,6 +547,7 @@ impl<S: StoreAccess> Core<S> {
             delivering_ids: Set::default(),
             holdback: Holdback::default(),
             runs: Map::default(),
+            unstarted: Vec::new(),
             recent: RecentOutcomes::default(),
             waits: Map::default(),
             storing: Map::default(),
@@ -728,6 +732,7 @@ impl<S: StoreAccess> Core<S> {
         if now.mono >= self.next_housekeeping {
             self.next_housekeeping = now.mono + HOUSEKEEPING;
             self.release_held(now);
+            self.retry_unstarted(now);
             // Resends fall due with time: considered at least this often.
             self.outbox_dirty = true;
         }
@@ -859,6 +864,7 @@ impl<S: StoreAccess> Core<S> {
             ("delivered", self.delivered.len()),
             ("delivering", self.delivering.len()),
             ("runs", self.runs.len()),
+            ("unstarted", self.unstarted.len()),
             ("held", self.holdback.len()),
             ("recent outcomes", self.recent.len()),
             ("waits", self.waits.len()),

@@ -608,6 +608,32 @@ fn a_crash_between_the_record_and_the_handler_start_loses_no_run() {
     assert_eq!(world.runs.iter().filter(|r| r.device == 1).count(), 1);
 }
 
+/// A handler service out of reach does not lose a delivered message: its handler runs once the
+/// service is back, once; and not at all if the message expires first.
+#[test]
+fn a_handler_service_out_of_reach_delays_the_run_and_loses_nothing() {
+    let mut world = World::new(19, 3, |_, _| true);
+    for d in 0..3 {
+        world.start(d);
+    }
+    world.run_for(SECOND * 5);
+    world.devices[1].handlers_down = true;
+    world.send(0, &[1], SECOND * 3600);
+    world.send(0, &[1], SECOND * 3600);
+    world.send(2, &[1], SECOND * 8);
+    world.run_for(SECOND * 12);
+    assert!(world.runs.is_empty());
+    // The second from d0 waits for the first (same sender and tag), unrecorded; d2's expired.
+    assert_eq!(world.devices[1].disk.inbox.len(), 1);
+    world.devices[1].handlers_down = false;
+    world.run_for(SECOND * 10);
+    assert_eq!(world.runs.iter().filter(|r| r.device == 1).count(), 2);
+    assert!(world.devices[1].disk.inbox.is_empty());
+    checks::messages(&world).unwrap();
+    checks::order(&world).unwrap();
+    checks::outboxes(&world).unwrap();
+}
+
 /// A message whose TTL runs out while its target is down never runs there, leaves the outbox,
 /// and its `expired` event comes when the TTL ends.
 #[test]

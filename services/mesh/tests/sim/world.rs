@@ -68,6 +68,8 @@ pub struct Device {
     pub life: u64,
     /// Wiped (restarted without its state) at this time, if ever.
     pub wiped_at: Option<Duration>,
+    /// Its handler service cannot be reached: runs fail without starting.
+    pub handlers_down: bool,
 }
 
 /// One TCP connection between two devices, each end with its own session number. Like TCP, it
@@ -237,6 +239,7 @@ impl World {
                     next_tick: None,
                     life: 0,
                     wiped_at: None,
+                    handlers_down: false,
                 }
             })
             .collect();
@@ -595,6 +598,10 @@ impl World {
                     addresses,
                     joining,
                 } => self.dial(device, peer, &addresses, joining),
+                Output::RunHandler { run, .. } if self.devices[device].handlers_down => {
+                    let result = Err("cannot reach the handler service".to_owned());
+                    self.input(device, Input::HandlerDone { run, result });
+                }
                 Output::RunHandler { run, handler } => {
                     let record = RunRecord {
                         device,
