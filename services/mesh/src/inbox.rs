@@ -41,14 +41,19 @@ impl Inbox {
     /// Opens the log (creating it if missing) and returns the entries not done, in the order
     /// they were appended. The log is rewritten with only those.
     pub fn open(path: &Path) -> io::Result<(Self, Vec<Data>)> {
-        let entries = read(path)?;
+        let (entries, complete) = read(path)?;
         let mut inbox = Self {
             path: path.to_owned(),
             len: 0,
             open: HashMap::new(),
             unsynced: false,
         };
-        inbox.rewrite(&entries)?;
+        if let Err(e) = inbox.rewrite(&entries) {
+            // A full disk, most likely: go on with the log as it is, its complete records.
+            tracing::warn!(file = %path.display(), "cannot rewrite the inbox ({e}); appending to it as it is");
+            inbox.len = complete;
+            inbox.open = entries.iter().map(|d| (d.id, 0)).collect();
+        }
         Ok((inbox, entries))
     }
 
@@ -116,7 +121,7 @@ impl Inbox {
         if self.len < COMPACT_BYTES || self.len < 2 * open_bytes {
             return Ok(());
         }
-        let entries = read(&self.path)?;
+        let (entries, _) = read(&self.path)?;
         self.rewrite(&entries)
     }
 
@@ -139,9 +144,10 @@ impl Inbox {
     }
 }
 
-/// The entries of the log at `path` that are not done, in the order they were appended. Reading
-/// stops at a record cut short or not understood (with a warning).
-fn read(path: &Path) -> io::Result<Vec<Data>> {
+/// The entries of the log at `path` that are not done, in the order they were appended, and the
+/// length of its complete records. Reading stops at a record cut short or not understood (with a
+/// warning).
+fn read(path: &Path) -> io::Result<(Vec<Data>, u64)> {
     let mut bytes = Vec::new();
     match File::open(path) {
         Ok(mut file) => {
@@ -191,7 +197,8 @@ fn read(path: &Path) -> io::Result<Vec<Data>> {
             }
         }
     }
-    Ok(entries.into_iter().flatten().collect())
+    let complete = (bytes.len() - rest.len()) as u64;
+    Ok((entries.into_iter().flatten().collect(), complete))
 }
 
 #[cfg(test)]

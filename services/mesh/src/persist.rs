@@ -90,8 +90,11 @@ impl Files {
             appended: 0,
             inbox,
         };
-        // Rewritten without what was forgotten, so the file does not grow without end.
-        files.compact()?;
+        // Rewritten without what was forgotten, so the file does not grow without end. On a full
+        // disk that waits for a later compaction: the file as it is serves.
+        if let Err(e) = files.compact() {
+            tracing::warn!(file = %files.delivered.display(), "cannot rewrite the delivered messages ({e}); appending to the file as it is");
+        }
         Ok((
             files,
             Restored {
