@@ -153,9 +153,10 @@ messages sent from it, and peers changing status, one line each, until interrupt
     /// Show the messages still queued here and what became of recent ones
     #[command(
         long_about = "List the messages this device sent that some target has not acknowledged \
-yet (the outbox: tag, size, when they expire, whom they wait for), then the most recent outcomes \
-of messages (delivered to a device, handled there with a status, expired before reaching a \
-device; up to 200, oldest first). A handler's output that came back after `send --wait` stopped \
+yet (the outbox: tag, size, when they expire, whom they wait for), then the messages from other \
+devices whose handler has not finished here (waiting for their turn, running, or waiting for the \
+handler service), then the most recent outcomes of messages (delivered to a device, handled there \
+with a status, expired before reaching a device; up to 200, oldest first). A handler's output that came back after `send --wait` stopped \
 waiting is kept here too (--json shows it)."
     )]
     Messages {

@@ -357,6 +357,23 @@ pub async fn list(env: &DeviceEnv, as_json: bool) -> anyhow::Result<ExitCode> {
             );
         }
     }
+    if !info.handling.is_empty() {
+        println!("handling here ({}):", info.handling.len());
+        for message in &info.handling {
+            let state = match message.state.as_str() {
+                "handed over" => "waiting for its turn in the handler service".to_owned(),
+                "retrying" => format!(
+                    "the handler service could not start it ({} tries); trying again every 5 s",
+                    message.failed_attempts
+                ),
+                other => other.to_owned(),
+            };
+            println!(
+                "  {} {} from {} ({} bytes): {state}",
+                message.id, message.tag, message.from, message.size
+            );
+        }
+    }
     if info.recent.is_empty() {
         println!("recent: none");
     } else {

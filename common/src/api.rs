@@ -508,6 +508,25 @@ pub struct MessagesInfo {
     pub outbox: Vec<OutboxMessage>,
     /// Oldest first; at most `messaging::RECENT_OUTCOMES`.
     pub recent: Vec<RecentOutcome>,
+    /// Messages delivered here whose handler has not finished, in the order they were handed
+    /// over. (Absent from older daemons.)
+    #[serde(default)]
+    pub handling: Vec<HandlingMessage>,
+}
+
+/// A message delivered here whose handler has not finished.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HandlingMessage {
+    pub id: String,
+    pub tag: String,
+    pub from: DeviceName,
+    pub size: usize,
+    /// `handed over` (to the handler service, which has not started it yet: it waits for its
+    /// turn), `running`, or `retrying` (the handler service could not start it; asked again
+    /// every 5 s).
+    pub state: String,
+    /// How often the handler service could not start it.
+    pub failed_attempts: u32,
 }
 
 /// A message in the outbox.

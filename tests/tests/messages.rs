@@ -605,6 +605,23 @@ fn a_kill_loses_no_delivered_run_and_cuts_no_payload_short() {
     }));
     std::thread::sleep(Duration::from_millis(300));
     assert!(lines(&runs).is_empty(), "{:?}", lines(&runs));
+    // b says what it is handling.
+    let info = devices[1].cnspr_json(&["messages"]);
+    let handling: Vec<(&str, &str)> = info["handling"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["tag"].as_str().unwrap(), m["state"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        handling,
+        [("big", "running"), ("note", "handed over")],
+        "{info}"
+    );
+    devices[1]
+        .cnspr(&["messages"])
+        .success()
+        .stdout_has("note from a (6 bytes): waiting for its turn in the handler service");
     devices[1].stop_with("serve", Signal::SIGKILL);
 
     let before = devices[1].log("serve");

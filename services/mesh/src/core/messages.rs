@@ -5,7 +5,8 @@
 use std::time::Duration;
 
 use cnsprcy::api::{
-    Bytes, HandlerReply, MessagesInfo, OutboxMessage, RecentOutcome, SendResult, WatchEvent,
+    Bytes, HandlerReply, HandlingMessage, MessagesInfo, OutboxMessage, RecentOutcome, SendResult,
+    WatchEvent,
 };
 use cnsprcy::identity::{DeviceName, PublicKey};
 use cnsprcy::ipc::{EVENT_MESSAGE, MAX_PAYLOAD_BYTES, Outcome, Run, RunResult, Sender};
@@ -682,9 +683,35 @@ impl<S: StoreAccess> Core<S> {
                     .collect(),
             })
             .collect();
+        let mut running: Vec<(&RunId, &Running)> = self.runs.iter().collect();
+        running.sort_by_key(|(run, _)| **run);
+        let mut handling: Vec<HandlingMessage> = running
+            .into_iter()
+            .map(|(_, r)| {
+                let state = if r.started { "running" } else { "handed over" };
+                self.handling(&r.data, r.size, state, r.attempt)
+            })
+            .collect();
+        handling.extend(
+            (self.unstarted.iter()).map(|(data, attempt)| {
+                self.handling(data, data.payload.len(), "retrying", *attempt)
+            }),
+        );
         MessagesInfo {
             outbox,
             recent: self.recent.list(),
+            handling,
+        }
+    }
+
+    fn handling(&self, data: &Data, size: usize, state: &str, attempts: u32) -> HandlingMessage {
+        HandlingMessage {
+            id: id_text(&data.id),
+            tag: data.tag.clone(),
+            from: self.device_label(&PublicKey::from_bytes(data.origin)).0,
+            size,
+            state: state.to_owned(),
+            failed_attempts: attempts,
         }
     }
 

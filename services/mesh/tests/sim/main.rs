@@ -12,6 +12,7 @@ mod world;
 
 use std::time::Duration;
 
+use cnsprcy_mesh::core::Answer;
 use cnsprcy_mesh::peers::Reach;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -625,6 +626,15 @@ fn a_handler_service_out_of_reach_delays_the_run_and_loses_nothing() {
     assert!(world.runs.is_empty());
     // The second from d0 waits for the first (same sender and tag), unrecorded; d2's expired.
     assert_eq!(world.devices[1].disk.inbox.len(), 1);
+    let request = world.call(1, cnsprcy_mesh::core::ApiCall::Messages);
+    let Some(Answer::Messages(info)) = world.answer(1, request) else {
+        panic!("no messages answer")
+    };
+    let states: Vec<(&str, &str)> = (info.handling.iter())
+        .map(|m| (m.from.as_str(), m.state.as_str()))
+        .collect();
+    assert_eq!(states, [("d0", "retrying")], "{info:?}");
+    assert!(info.handling[0].failed_attempts >= 2, "{info:?}");
     world.devices[1].handlers_down = false;
     world.run_for(SECOND * 10);
     assert_eq!(world.runs.iter().filter(|r| r.device == 1).count(), 2);
