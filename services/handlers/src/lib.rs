@@ -692,19 +692,9 @@ async fn execute(
         return quick(Some(handler.rel), Outcome::Refused { reason });
     }
     tracing::debug!(handler = %handler.rel, tag = %run.tag, kind = handler.kind.describe(), "running the handler for {what}");
-    let spec = runner::Spec {
-        env: handler_env(run, &handler.rel, &handler.path),
-        program: handler.file.fd.clone(),
-        script: handler.file.format == safe_open::Format::Script,
-        path: handler.path,
-        dir: handler.dir,
-        name: handler.rel.clone(),
-        tag: run.tag.clone(),
-        payload,
-        timeout: shared.timeout,
-    };
     // A mesh service that asks for `Started` keeps the message until it hears it, and may ask
     // again after a restart.
+    let mut start_note = None;
     if let Some(id) = run.message_id.as_deref().filter(|_| run.report_start) {
         let mut started = shared.started();
         if started.contains(id) {
@@ -721,13 +711,26 @@ async fn execute(
                 },
             );
         }
-        if let Err(e) = started.record(id) {
-            tracing::warn!(
+        match started.record(id) {
+            Ok(note) => start_note = Some(Arc::new(note)),
+            Err(e) => tracing::warn!(
                 id,
                 "cannot record that a handler starts (after a crash it may run again): {e}"
-            );
+            ),
         }
     }
+    let spec = runner::Spec {
+        env: handler_env(run, &handler.rel, &handler.path),
+        program: handler.file.fd.clone(),
+        script: handler.file.format == safe_open::Format::Script,
+        path: handler.path,
+        dir: handler.dir,
+        name: handler.rel.clone(),
+        tag: run.tag.clone(),
+        payload,
+        timeout: shared.timeout,
+        note: start_note,
+    };
     let finished = runner::run(spec, &shared.kill, on_start).await;
     RunResult {
         handler: Some(handler.rel),
@@ -1008,6 +1011,7 @@ mod tests {
             tag: "h".into(),
             payload: Vec::new(),
             timeout: Duration::from_secs(10),
+            note: None,
         };
         let done = runner::run(spec(&handler), &CancellationToken::new(), || {}).await;
         assert_eq!(done.outcome, Outcome::Exited { code: 0 });

@@ -58,6 +58,33 @@ pub struct Spec {
     pub env: Vec<(String, String)>,
     pub payload: Vec<u8>,
     pub timeout: Duration,
+    /// Appended by the handler's process before its exec (`started.rs`).
+    pub note: Option<Arc<StartNote>>,
+}
+
+/// A line the handler's process writes to a file between its fork and its exec: written by the
+/// child, it is there exactly when the handler's process exists, whatever happens to this
+/// service meanwhile.
+#[derive(Debug)]
+pub struct StartNote {
+    /// Open for appending, close-on-exec.
+    pub file: OwnedFd,
+    pub line: Vec<u8>,
+}
+
+impl StartNote {
+    /// Appends the line. Async-signal-safe: one `write`, no allocation. A failure is ignored:
+    /// the handler runs anyway.
+    pub fn write(&self) {
+        // SAFETY: writes from a buffer this value owns, of its length, to a descriptor it owns.
+        unsafe {
+            libc::write(
+                self.file.as_raw_fd(),
+                self.line.as_ptr().cast(),
+                self.line.len(),
+            )
+        };
+    }
 }
 
 /// How the run went.
@@ -226,13 +253,19 @@ async fn spawn(spec: &Spec) -> io::Result<Child> {
         let program = spec.program.clone();
         let script = spec.script;
         let exec = exec.clone();
+        let note = spec.note.clone();
         // SAFETY: the closure runs in the child between fork and exec, where only
-        // async-signal-safe calls are allowed: it calls fcntl and fexecve with values prepared
-        // before the fork (a descriptor kept open by `program`, pointer arrays into `exec`),
-        // and allocates nothing. std has set up the pipes, the directory and the process
+        // async-signal-safe calls are allowed: it calls write, fcntl and fexecve with values
+        // prepared before the fork (descriptors kept open by `note` and `program`, a buffer of
+        // `note`, pointer arrays into `exec`), and allocates nothing. std has set up the pipes, the directory and the process
         // group by then.
         unsafe {
-            command.pre_exec(move || exec_from_fd(program.as_raw_fd(), script, &exec));
+            command.pre_exec(move || {
+                if let Some(note) = &note {
+                    note.write();
+                }
+                exec_from_fd(program.as_raw_fd(), script, &exec)
+            });
         }
         match command.spawn() {
             Err(e) if e.kind() == io::ErrorKind::ExecutableFileBusy && attempt < BUSY_RETRIES => {
@@ -531,6 +564,7 @@ mod tests {
             env: vec![("GREETING".into(), "hi".into())],
             payload: b"payload".to_vec(),
             timeout: Duration::from_secs(10),
+            note: None,
         }
     }
 
@@ -571,6 +605,26 @@ mod tests {
         let done = run(spec, &CancellationToken::new(), || {}).await;
         assert_eq!(done.outcome, Outcome::Exited { code: 0 });
         assert_eq!(String::from_utf8_lossy(&done.stdout), "3145729\n3145729\n");
+    }
+
+    /// The handler's process writes the start note itself, before its exec.
+    #[tokio::test]
+    async fn the_start_note_is_written_by_the_started_process() {
+        let tmp = tempfile::tempdir().unwrap();
+        let notes = tmp.path().join("notes");
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&notes)
+            .unwrap();
+        let mut spec = script(tmp.path(), "cat \"$0.notes\" 2>/dev/null; exit 0");
+        spec.note = Some(Arc::new(StartNote {
+            file: file.into(),
+            line: b"an-id\n".to_vec(),
+        }));
+        let done = run(spec, &CancellationToken::new(), || {}).await;
+        assert_eq!(done.outcome, Outcome::Exited { code: 0 });
+        assert_eq!(std::fs::read_to_string(&notes).unwrap(), "an-id\n");
     }
 
     #[tokio::test]

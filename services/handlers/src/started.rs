@@ -1,22 +1,25 @@
 //! The messages whose handler this service started, in `handlers-started.log` in the runtime
-//! directory: one message ID per line, appended (not synced) just before the handler's process
-//! starts.
+//! directory: one message ID per line, appended (not synced) by the handler's process itself,
+//! between its fork and its exec (`runner::StartNote`).
 //!
 //! The mesh service keeps a delivered message until it hears that its handler started, and runs
 //! it again at its next start if it did not hear it. Between the start and the mesh service
 //! hearing of it lie a few hops (tens of milliseconds on a busy machine); a kill in between
 //! would run the handler twice. This record closes that gap: a message whose handler started
-//! before is not started again. What is left is the moment between the record and the start (a
-//! few system calls), in which a kill loses the run.
+//! before is not started again. Written by the child, it is there exactly when the handler's
+//! process exists: a kill of the service before the fork leaves no record (and the mesh service
+//! asks again), one after it cannot stop the record.
 //!
 //! The runtime directory is a tmpfs, emptied at logout: the record outlives a crash of the
 //! services, which is all it is for.
 
 use std::collections::{HashSet, VecDeque};
 use std::fs::{self, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+
+use crate::runner::StartNote;
 
 pub const FILE: &str = "handlers-started.log";
 /// How many IDs are remembered: far more than can wait in the mesh service's inbox at once.
@@ -61,8 +64,9 @@ impl Started {
         self.ids.contains(id)
     }
 
-    /// Records that the handler of message `id` is about to start.
-    pub fn record(&mut self, id: &str) -> io::Result<()> {
+    /// Remembers that the handler of message `id` is about to start, and returns what its
+    /// process appends to the file before its exec.
+    pub fn record(&mut self, id: &str) -> io::Result<StartNote> {
         self.remember(id.to_owned());
         self.lines += 1;
         if self.lines >= 2 * KEEP {
@@ -70,15 +74,18 @@ impl Started {
             // end.
             let text: String = self.order.iter().map(|id| format!("{id}\n")).collect();
             self.lines = self.order.len();
-            return cnsprcy::fsutil::write_private(&self.path, text.as_bytes());
+            cnsprcy::fsutil::write_private(&self.path, text.as_bytes())?;
         }
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .append(true)
             .create(true)
             .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&self.path)?;
-        file.write_all(format!("{id}\n").as_bytes())
+        Ok(StartNote {
+            file: file.into(),
+            line: format!("{id}\n").into_bytes(),
+        })
     }
 
     fn remember(&mut self, id: String) {
@@ -103,15 +110,15 @@ mod tests {
         let path = dir.path().join(FILE);
         let mut started = Started::open(&path);
         assert!(!started.contains("a"));
-        started.record("a").unwrap();
-        started.record("b").unwrap();
+        started.record("a").unwrap().write();
+        started.record("b").unwrap().write();
         assert!(started.contains("a"));
         let started = Started::open(&path);
         assert!(started.contains("a") && started.contains("b") && !started.contains("c"));
 
         let mut started = Started::open(&path);
         for i in 0..3 * KEEP {
-            started.record(&format!("id-{i}")).unwrap();
+            started.record(&format!("id-{i}")).unwrap().write();
         }
         let lines = fs::read_to_string(&path).unwrap().lines().count();
         assert!(lines <= 2 * KEEP, "{lines} lines");
