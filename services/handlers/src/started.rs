@@ -67,15 +67,15 @@ impl Started {
     /// Remembers that the handler of message `id` is about to start, and returns what its
     /// process appends to the file before its exec.
     pub fn record(&mut self, id: &str) -> io::Result<StartNote> {
-        self.remember(id.to_owned());
-        self.lines += 1;
         if self.lines >= 2 * KEEP {
             // Rewritten with what is remembered now and then, so that it does not grow without
-            // end.
+            // end; before `id` is remembered, which only its process may write.
             let text: String = self.order.iter().map(|id| format!("{id}\n")).collect();
             self.lines = self.order.len();
             cnsprcy::fsutil::write_private(&self.path, text.as_bytes())?;
         }
+        self.remember(id.to_owned());
+        self.lines += 1;
         let file = OpenOptions::new()
             .append(true)
             .create(true)
