@@ -59,13 +59,7 @@ impl Inbox {
 
     /// Appends `data` as an entry. Durable after `sync`.
     pub fn add(&mut self, data: &Data) -> io::Result<()> {
-        let message = postcard::to_stdvec(data).map_err(io::Error::other)?;
-        let len = u32::try_from(message.len())
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "message too large"))?;
-        let mut record = Vec::with_capacity(5 + message.len());
-        record.push(ENTRY);
-        record.extend_from_slice(&len.to_le_bytes());
-        record.extend_from_slice(&message);
+        let record = entry_record(data)?;
         self.append(&record)?;
         self.open.insert(data.id, record.len() as u64);
         Ok(())
@@ -130,18 +124,27 @@ impl Inbox {
         let mut bytes = Vec::new();
         self.open.clear();
         for data in entries {
-            let message = postcard::to_stdvec(data).map_err(io::Error::other)?;
-            let start = bytes.len();
-            bytes.push(ENTRY);
-            bytes.extend_from_slice(&(message.len() as u32).to_le_bytes());
-            bytes.extend_from_slice(&message);
-            self.open.insert(data.id, (bytes.len() - start) as u64);
+            let record = entry_record(data)?;
+            self.open.insert(data.id, record.len() as u64);
+            bytes.extend_from_slice(&record);
         }
         cnsprcy::fsutil::write_private(&self.path, &bytes)?;
         self.len = bytes.len() as u64;
         self.unsynced = false;
         Ok(())
     }
+}
+
+/// The `E` record of `data`.
+fn entry_record(data: &Data) -> io::Result<Vec<u8>> {
+    let message = postcard::to_stdvec(data).map_err(io::Error::other)?;
+    let len = u32::try_from(message.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "message too large"))?;
+    let mut record = Vec::with_capacity(5 + message.len());
+    record.push(ENTRY);
+    record.extend_from_slice(&len.to_le_bytes());
+    record.extend_from_slice(&message);
+    Ok(record)
 }
 
 /// The entries of the log at `path` that are not done, in the order they were appended, and the
