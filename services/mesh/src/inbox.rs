@@ -2,16 +2,18 @@
 //!
 //! A message is acknowledged once recorded, so its origin never sends it again. Without the
 //! inbox, a stop between the record and the handler's start (the handler service busy, or the
-//! process killed) would lose the run for good. The entry is appended and synced with the
-//! `delivered.log` record; a second record marks it done when the handler started. At the next
-//! start, what is not done runs.
+//! process killed) would lose the run for good. The entry is appended and synced before the
+//! ack, and is itself the durable record of the delivery: the `delivered.log` record appended
+//! with it is synced later (`persist.rs`). A second record marks the entry done when the handler
+//! started. At the next start, what is not done runs.
 //!
 //! Records, appended:
 //! - `E`, the length (u32, little-endian), the message (postcard): an entry.
 //! - `D`, the 16-byte message id: the entry with that id is done.
 //!
 //! A record cut short at the end (a crash, a full disk) is dropped. The log is rewritten with
-//! what is not done at every start, and when it has grown large and is mostly done records.
+//! what is not done at every start, and when it has grown large and is mostly done records;
+//! both only once `delivered.log` holds the IDs of the done entries durably.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -21,10 +23,21 @@ use std::path::{Path, PathBuf};
 
 use cnsprcy::wire::{Data, MessageId};
 
+use crate::messaging::expires_ms;
+
 const ENTRY: u8 = b'E';
 const DONE: u8 = b'D';
 /// The log is rewritten once it is at least this long and at least twice what is not done.
 const COMPACT_BYTES: u64 = 4 << 20;
+
+/// What [`Inbox::open`] found in the log.
+pub struct Opened {
+    pub inbox: Inbox,
+    /// The entries not done, in the order they were appended.
+    pub entries: Vec<Data>,
+    /// Every message with an entry, done or not, and when it expires.
+    pub recorded: Vec<(MessageId, u64)>,
+}
 
 pub struct Inbox {
     path: PathBuf,
@@ -38,23 +51,23 @@ pub struct Inbox {
 }
 
 impl Inbox {
-    /// Opens the log (creating it if missing) and returns the entries not done, in the order
-    /// they were appended. The log is rewritten with only those.
-    pub fn open(path: &Path) -> io::Result<(Self, Vec<Data>)> {
-        let (entries, complete) = read(path)?;
-        let mut inbox = Self {
-            path: path.to_owned(),
-            len: 0,
-            open: HashMap::new(),
-            unsynced: false,
-        };
-        if let Err(e) = inbox.rewrite(&entries) {
-            // A full disk, most likely: go on with the log as it is, its complete records.
-            tracing::warn!(file = %path.display(), "cannot rewrite the inbox ({e}); appending to it as it is");
-            inbox.len = complete;
-            inbox.open = entries.iter().map(|d| (d.id, 0)).collect();
-        }
-        Ok((inbox, entries))
+    /// Reads the log as it is (a missing one is empty). Appends go after its complete records;
+    /// [`Inbox::compact`] drops its done entries.
+    pub fn open(path: &Path) -> io::Result<Opened> {
+        let read = read(path)?;
+        let open = (read.entries.iter())
+            .map(|d| (d.id, record_len(d)))
+            .collect();
+        Ok(Opened {
+            inbox: Self {
+                path: path.to_owned(),
+                len: read.complete,
+                open,
+                unsynced: false,
+            },
+            entries: read.entries,
+            recorded: read.recorded,
+        })
     }
 
     /// Appends `data` as an entry. Durable after `sync`.
@@ -74,8 +87,7 @@ impl Inbox {
         let mut record = Vec::with_capacity(17);
         record.push(DONE);
         record.extend_from_slice(id);
-        self.append(&record)?;
-        self.compact_if_large()
+        self.append(&record)
     }
 
     /// Makes the entries added so far durable.
@@ -110,20 +122,19 @@ impl Inbox {
         }
     }
 
-    fn compact_if_large(&mut self) -> io::Result<()> {
+    /// The log has grown large, and is mostly done records.
+    pub fn wants_compaction(&self) -> bool {
         let open_bytes: u64 = self.open.values().sum();
-        if self.len < COMPACT_BYTES || self.len < 2 * open_bytes {
-            return Ok(());
-        }
-        let (entries, _) = read(&self.path)?;
-        self.rewrite(&entries)
+        self.len >= COMPACT_BYTES && self.len >= 2 * open_bytes
     }
 
-    /// Replaces the log with `entries` (synced).
-    fn rewrite(&mut self, entries: &[Data]) -> io::Result<()> {
+    /// Replaces the log with its entries not done (synced). The done entries' IDs must be
+    /// durable in `delivered.log` first: the log is their record until then.
+    pub fn compact(&mut self) -> io::Result<()> {
+        let entries = read(&self.path)?.entries;
         let mut bytes = Vec::new();
         self.open.clear();
-        for data in entries {
+        for data in &entries {
             let record = entry_record(data)?;
             self.open.insert(data.id, record.len() as u64);
             bytes.extend_from_slice(&record);
@@ -133,6 +144,11 @@ impl Inbox {
         self.unsynced = false;
         Ok(())
     }
+}
+
+/// The length of `data`'s `E` record.
+fn record_len(data: &Data) -> u64 {
+    (5 + cnsprcy::wire::encoded_len(data)) as u64
 }
 
 /// The `E` record of `data`.
@@ -147,10 +163,19 @@ fn entry_record(data: &Data) -> io::Result<Vec<u8>> {
     Ok(record)
 }
 
-/// The entries of the log at `path` that are not done, in the order they were appended, and the
-/// length of its complete records. Reading stops at a record cut short or not understood (with a
+/// What the log holds.
+struct Contents {
+    /// The entries not done, in the order they were appended.
+    entries: Vec<Data>,
+    /// Every message with an entry, done or not, and when it expires.
+    recorded: Vec<(MessageId, u64)>,
+    /// The length of the complete records.
+    complete: u64,
+}
+
+/// Reads the log at `path`. Reading stops at a record cut short or not understood (with a
 /// warning).
-fn read(path: &Path) -> io::Result<(Vec<Data>, u64)> {
+fn read(path: &Path) -> io::Result<Contents> {
     let mut bytes = Vec::new();
     match File::open(path) {
         Ok(mut file) => {
@@ -162,6 +187,7 @@ fn read(path: &Path) -> io::Result<(Vec<Data>, u64)> {
     // In append order; a done entry leaves a hole.
     let mut entries: Vec<Option<Data>> = Vec::new();
     let mut at: HashMap<MessageId, usize> = HashMap::new();
+    let mut recorded = Vec::new();
     let mut rest = bytes.as_slice();
     while let Some((&kind, after)) = rest.split_first() {
         match kind {
@@ -174,6 +200,7 @@ fn read(path: &Path) -> io::Result<(Vec<Data>, u64)> {
                 let (message, after) = after.split_at(len);
                 match postcard::from_bytes::<Data>(message) {
                     Ok(data) => {
+                        recorded.push((data.id, expires_ms(&data)));
                         // The same message a second time (its first record failed): one entry.
                         if let Some(old) = at.insert(data.id, entries.len()) {
                             entries[old] = None;
@@ -201,7 +228,11 @@ fn read(path: &Path) -> io::Result<(Vec<Data>, u64)> {
         }
     }
     let complete = (bytes.len() - rest.len()) as u64;
-    Ok((entries.into_iter().flatten().collect(), complete))
+    Ok(Contents {
+        entries: entries.into_iter().flatten().collect(),
+        recorded,
+        complete,
+    })
 }
 
 #[cfg(test)]
@@ -227,11 +258,16 @@ mod tests {
         entries.iter().map(|d| d.id[0]).collect()
     }
 
+    fn open(path: &Path) -> (Inbox, Vec<Data>) {
+        let opened = Inbox::open(path).unwrap();
+        (opened.inbox, opened.entries)
+    }
+
     #[test]
     fn what_is_not_done_comes_back_in_order_with_its_payload() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("inbox.log");
-        let (mut inbox, entries) = Inbox::open(&path).unwrap();
+        let (mut inbox, entries) = open(&path);
         assert!(entries.is_empty());
         for id in 1..=4 {
             inbox.add(&message(id, 100)).unwrap();
@@ -240,15 +276,20 @@ mod tests {
         inbox.done(&[9; 16]).unwrap();
         inbox.sync().unwrap();
         drop(inbox);
-        let (mut inbox, entries) = Inbox::open(&path).unwrap();
-        assert_eq!(ids(&entries), vec![1, 3, 4]);
-        assert_eq!(entries[1], message(3, 100));
-        // Rewritten with only those: done records are gone.
+        let opened = Inbox::open(&path).unwrap();
+        assert_eq!(ids(&opened.entries), vec![1, 3, 4]);
+        assert_eq!(opened.entries[1], message(3, 100));
+        // The done entry is still on record, until a rewrite.
+        let recorded: Vec<u8> = opened.recorded.iter().map(|(id, _)| id[0]).collect();
+        assert_eq!(recorded, vec![1, 2, 3, 4]);
+        assert_eq!(opened.recorded[0].1, expires_ms(&message(1, 100)));
+        let mut inbox = opened.inbox;
         inbox.done(&[1; 16]).unwrap();
         inbox.done(&[3; 16]).unwrap();
         inbox.done(&[4; 16]).unwrap();
-        let (_, entries) = Inbox::open(&path).unwrap();
-        assert!(entries.is_empty());
+        inbox.compact().unwrap();
+        let opened = Inbox::open(&path).unwrap();
+        assert!(opened.entries.is_empty() && opened.recorded.is_empty());
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
     }
 
@@ -256,21 +297,21 @@ mod tests {
     fn a_record_cut_short_is_dropped_and_the_next_append_is_read_whole() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("inbox.log");
-        let (mut inbox, _) = Inbox::open(&path).unwrap();
+        let (mut inbox, _) = open(&path);
         inbox.add(&message(1, 10)).unwrap();
         // What a short write on a full disk leaves: part of a record.
         let mut file = OpenOptions::new().append(true).open(&path).unwrap();
         file.write_all(&[ENTRY, 200, 0, 0, 0, 1, 2, 3]).unwrap();
         drop(file);
-        let (_, entries) = Inbox::open(&path).unwrap();
+        let (_, entries) = open(&path);
         assert_eq!(ids(&entries), vec![1]);
         // And within one life: the cut part is removed before the next append.
-        let (mut inbox, _) = Inbox::open(&path).unwrap();
+        let (mut inbox, _) = open(&path);
         let mut file = OpenOptions::new().append(true).open(&path).unwrap();
         file.write_all(&[DONE, 1, 1]).unwrap();
         drop(file);
         inbox.add(&message(2, 10)).unwrap();
-        let (_, entries) = Inbox::open(&path).unwrap();
+        let (_, entries) = open(&path);
         assert_eq!(ids(&entries), vec![1, 2]);
     }
 
@@ -278,15 +319,21 @@ mod tests {
     fn a_large_log_of_done_entries_is_rewritten() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("inbox.log");
-        let (mut inbox, _) = Inbox::open(&path).unwrap();
+        let (mut inbox, _) = open(&path);
         inbox.add(&message(200, 10)).unwrap();
         for round in 0..6u8 {
             inbox.add(&message(round, 1 << 20)).unwrap();
             inbox.done(&[round; 16]).unwrap();
+            if inbox.wants_compaction() {
+                inbox.compact().unwrap();
+            }
         }
         let len = std::fs::metadata(&path).unwrap().len();
         assert!(len < COMPACT_BYTES, "{len} bytes");
-        let (_, entries) = Inbox::open(&path).unwrap();
-        assert_eq!(ids(&entries), vec![200]);
+        // Mostly open entries: not worth a rewrite, however large.
+        inbox.add(&message(201, 5 << 20)).unwrap();
+        assert!(!inbox.wants_compaction());
+        let (_, entries) = open(&path);
+        assert_eq!(ids(&entries), vec![200, 201]);
     }
 }

@@ -343,7 +343,12 @@ impl Delivered {
 
     /// Until when a delivered `data` must be remembered.
     pub fn until(data: &Data, now_ms: u64) -> u64 {
-        expires_ms(data).max(now_ms + SEEN_MIN.as_millis() as u64)
+        Self::until_expiry(expires_ms(data), now_ms)
+    }
+
+    /// Until when a delivered message that expires at `expires_ms` must be remembered.
+    pub fn until_expiry(expires_ms: u64, now_ms: u64) -> u64 {
+        expires_ms.max(now_ms + SEEN_MIN.as_millis() as u64)
     }
 
     /// Records `id`; false if it was already there.

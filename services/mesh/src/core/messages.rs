@@ -435,16 +435,12 @@ impl<S: StoreAccess> Core<S> {
     }
 
     /// Handlers that had not started when this device last stopped: their messages are recorded
-    /// as delivered (and acknowledged), so they would never come again. They run now, unless
-    /// their message expired meanwhile.
+    /// as delivered (an inbox entry is that record), so they would never come again. They run
+    /// now, unless their message expired meanwhile.
     pub(super) fn rerun_inbox(&mut self, inbox: Vec<Data>, now: Now) {
         for data in inbox {
             let id = id_text(&data.id);
-            if !self.delivered.contains(&data.id) {
-                // Its record did not make it to disk: it was not acknowledged, so its origin
-                // sends it again.
-                self.persist(PersistOp::InboxDone(data.id), false);
-            } else if now.wall_ms >= expires_ms(&data) {
+            if now.wall_ms >= expires_ms(&data) {
                 tracing::warn!(%id, tag = %data.tag, "message expired before its handler could start; not run");
                 self.persist(PersistOp::InboxDone(data.id), false);
             } else {
