@@ -98,12 +98,12 @@ impl Files {
         };
         // What the inbox has on record and `delivered.log` lacks (its append had not reached
         // the disk at a power cut) goes there, before the inbox drops its done entries.
-        let known: std::collections::HashSet<MessageId> =
+        let mut known: std::collections::HashSet<MessageId> =
             delivered.iter().map(|(id, _)| *id).collect();
         let now = now_ms();
         let mut missing: Vec<(MessageId, u64)> = Vec::new();
         for (id, expires) in opened.recorded {
-            if !known.contains(&id) && !missing.iter().any(|(m, _)| *m == id) {
+            if known.insert(id) {
                 missing.push((id, Delivered::until_expiry(expires, now)));
             }
         }
