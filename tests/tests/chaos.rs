@@ -916,19 +916,33 @@ fn nothing_acknowledged_is_lost_under_chaos() {
 
 /// An error message without its details (IDs, paths), to count errors by kind.
 fn error_kind(error: &str) -> String {
-    let words: Vec<&str> = error
+    let words: Vec<String> = error
         .split_whitespace()
         .map(|w| {
-            if w.len() >= 16 && w.chars().all(|c| c.is_ascii_hexdigit()) {
-                "ID"
+            // An ID may end a clause: `message 0a1b…: No space left on device`.
+            let bare = w.trim_end_matches(|c: char| c.is_ascii_punctuation());
+            if bare.len() >= 16 && bare.chars().all(|c| c.is_ascii_hexdigit()) {
+                format!("ID{}", &w[bare.len()..])
             } else if w.starts_with('/') {
-                "PATH"
+                "PATH".to_owned()
             } else {
-                w
+                w.to_owned()
             }
         })
         .collect();
     words.join(" ").chars().take(120).collect()
+}
+
+#[test]
+fn errors_are_counted_by_kind() {
+    assert_eq!(
+        error_kind("cnspr: cannot store message 00926a3f13523d10c60cd00cb82da1ae: No space left"),
+        "cnspr: cannot store message ID: No space left"
+    );
+    assert_eq!(
+        error_kind("nothing answers at /run/x/api.sock"),
+        "nothing answers at PATH"
+    );
 }
 
 /// A fault to start now and how long it lasts, if one can start (at most one fault on a
