@@ -401,17 +401,24 @@ mod tests {
         assert_eq!(fs::read_dir(dir.path().join("outbox")).unwrap().count(), 1);
     }
 
-    /// A message recorded as delivered stays at hand until its handler started.
-    #[test]
-    fn a_delivered_message_is_kept_until_its_handler_started() {
-        let dir = tempfile::tempdir().unwrap();
-        let (mut files, _) = Files::open(dir.path()).unwrap();
+    /// Records messages 1 and 2 as delivered in `dir`, and 1's handler as started; returns
+    /// until when they are to be remembered.
+    fn one_started_one_waiting(dir: &Path) -> u64 {
+        let (mut files, _) = Files::open(dir).unwrap();
         let later = now_ms() + 60_000;
         for id in [1u8, 2] {
             files.apply(&delivered(id, later)).unwrap();
         }
         files.apply(&PersistOp::InboxDone([1; 16])).unwrap();
         files.sync().unwrap();
+        later
+    }
+
+    /// A message recorded as delivered stays at hand until its handler started.
+    #[test]
+    fn a_delivered_message_is_kept_until_its_handler_started() {
+        let dir = tempfile::tempdir().unwrap();
+        one_started_one_waiting(dir.path());
         let (_, restored) = Files::open(dir.path()).unwrap();
         assert_eq!(restored.delivered.len(), 2);
         let kept: Vec<_> = restored
@@ -428,13 +435,7 @@ mod tests {
     #[test]
     fn the_inbox_entry_is_the_record_until_delivered_log_holds_it() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut files, _) = Files::open(dir.path()).unwrap();
-        let later = now_ms() + 60_000;
-        for id in [1u8, 2] {
-            files.apply(&delivered(id, later)).unwrap();
-        }
-        files.apply(&PersistOp::InboxDone([1; 16])).unwrap();
-        files.sync().unwrap();
+        let later = one_started_one_waiting(dir.path());
         // The power cut: the unsynced appends to delivered.log did not reach the disk.
         fs::write(dir.path().join(DELIVERED_FILE), b"").unwrap();
         let (_, restored) = Files::open(dir.path()).unwrap();
