@@ -257,8 +257,8 @@ async fn spawn(spec: &Spec) -> io::Result<Child> {
         // SAFETY: the closure runs in the child between fork and exec, where only
         // async-signal-safe calls are allowed: it calls write, fcntl and fexecve with values
         // prepared before the fork (descriptors kept open by `note` and `program`, a buffer of
-        // `note`, pointer arrays into `exec`), and allocates nothing. std has set up the pipes, the directory and the process
-        // group by then.
+        // `note`, pointer arrays into `exec`), and allocates nothing. std has set up the pipes,
+        // the directory and the process group by then.
         unsafe {
             command.pre_exec(move || {
                 if let Some(note) = &note {

@@ -101,19 +101,18 @@ impl Files {
         let mut known: std::collections::HashSet<MessageId> =
             delivered.iter().map(|(id, _)| *id).collect();
         let now = now_ms();
-        let mut missing: Vec<(MessageId, u64)> = Vec::new();
-        for (id, expires) in opened.recorded {
-            if known.insert(id) {
-                missing.push((id, Delivered::until_expiry(expires, now)));
-            }
-        }
-        let recorded = files.append_delivered(&missing).and_then(|()| {
-            // Rewritten without what was forgotten, so the file does not grow without end. On a
-            // full disk that waits for a later compaction: the file as it is serves, synced.
-            files.compact().or_else(|e| {
-                tracing::warn!(file = %files.delivered.display(), "cannot rewrite the delivered messages ({e}); appending to the file as it is");
-                files.sync_delivered()
-            })
+        let missing: Vec<(MessageId, u64)> = (opened.recorded.into_iter())
+            .filter(|(id, _)| known.insert(*id))
+            .map(|(id, expires)| (id, Delivered::until_expiry(expires, now)))
+            .collect();
+        delivered.extend_from_slice(&missing);
+        // Rewritten without what was forgotten, so the file does not grow without end. On a full
+        // disk that waits for a later compaction: the file as it is serves, with what was
+        // missing appended and synced.
+        let recorded = files.rewrite_delivered(&delivered).or_else(|e| {
+            tracing::warn!(file = %files.delivered.display(), "cannot rewrite the delivered messages ({e}); appending to the file as it is");
+            files.append_delivered(&missing)?;
+            files.sync_delivered()
         });
         match recorded {
             Ok(()) => {
@@ -127,7 +126,6 @@ impl Files {
                 );
             }
         }
-        delivered.extend(missing);
         Ok((
             files,
             Restored {
@@ -221,6 +219,11 @@ impl Files {
     /// Rewrites `delivered.log` with the ids still to be remembered, at most `SEEN_MAX`.
     fn compact(&mut self) -> io::Result<()> {
         let records = read_delivered(&self.delivered)?;
+        self.rewrite_delivered(&records)
+    }
+
+    /// Replaces `delivered.log` with the last `SEEN_MAX` of `records` (synced).
+    fn rewrite_delivered(&mut self, records: &[(MessageId, u64)]) -> io::Result<()> {
         let keep = records.len().saturating_sub(SEEN_MAX);
         let mut out = Vec::with_capacity((records.len() - keep) * RECORD);
         for (id, until) in &records[keep..] {
