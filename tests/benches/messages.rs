@@ -1,7 +1,8 @@
 //! Benchmarks of tagged messages (issue 4) with real daemons in one network namespace (10, or
 //! `CNSPRCY_BENCH_DEVICES`):
 //! - `broadcast`: time from `send` to every other device's handler starting, over 100
-//!   broadcasts;
+//!   broadcasts; and, without the handlers, to the sender's `delivered` event of the last
+//!   recipient (every one recorded the message and its acknowledgement came back);
 //! - `unicast`: messages per second from one device to another, handlers included;
 //! - `bytes`: bytes the sender itself puts on the wire per broadcast, against N-1 direct copies;
 //! - `flood`: round trips of pings from a third device to one that another device floods with
@@ -15,9 +16,13 @@
 //! Needs root (network namespaces). Uses the release binaries next to this executable, or the
 //! `cnspr` named by `CNSPRCY_BENCH_CNSPR` (to compare with another version).
 
+use std::collections::HashMap;
 use std::fs;
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
@@ -56,6 +61,43 @@ fn install_handler(device: &Device, log: &Path) {
     )
     .expect("write handler");
     fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).expect("chmod");
+}
+
+/// When each `delivered` event reached a subscriber of `socket`, stamped as read, by message ID.
+fn watch_deliveries(socket: &Path) -> Arc<Mutex<HashMap<String, Vec<u128>>>> {
+    let delivered = Arc::new(Mutex::new(HashMap::<String, Vec<u128>>::new()));
+    let mut stream = UnixStream::connect(socket).expect("connect to the API");
+    writeln!(
+        stream,
+        "{}",
+        json!({"jsonrpc": "2.0", "id": 1, "method": "subscribe"})
+    )
+    .expect("subscribe");
+    let mut reader = BufReader::new(stream);
+    let mut first = String::new();
+    reader.read_line(&mut first).expect("subscribe answer");
+    assert!(first.contains("\"subscribed\":true"), "subscribe: {first}");
+    let seen = Arc::clone(&delivered);
+    std::thread::spawn(move || {
+        for line in reader.lines() {
+            let Ok(line) = line else { break };
+            let at_ns = now_ns();
+            let Ok(message) = serde_json::from_str::<Value>(&line) else {
+                continue;
+            };
+            let event = &message["params"];
+            if event["event"] == "delivered"
+                && let Some(id) = event["id"].as_str()
+            {
+                seen.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entry(id.to_owned())
+                    .or_default()
+                    .push(at_ns);
+            }
+        }
+    });
+    delivered
 }
 
 fn main() {
@@ -114,8 +156,11 @@ fn main() {
             .unwrap_or(0)
     };
 
-    // 1. Broadcast latency: send, then wait for every handler's start stamp.
+    // 1. Broadcast latency: send, then wait for every handler's start stamp, and for the
+    // sender's `delivered` event of every recipient.
+    let delivered = watch_deliveries(&devices[0].socket());
     let mut latencies = Vec::new();
+    let mut acknowledged = Vec::new();
     for round in 0..BROADCASTS * usize::from(run("broadcast")) {
         let sent_at = now_ns();
         let result = apis[0].call(
@@ -138,7 +183,21 @@ fn main() {
         });
         assert!(complete, "broadcast {round} did not reach everyone");
         latencies.push((last.saturating_sub(sent_at)) as f64 / 1e6);
+        let mut last_ack = 0u128;
+        let all_acknowledged = wait_until(SOON, || {
+            let delivered = delivered.lock().unwrap_or_else(|e| e.into_inner());
+            delivered.get(&id).is_some_and(|stamps| {
+                last_ack = stamps.iter().copied().max().unwrap_or(0);
+                stamps.len() >= count - 1
+            })
+        });
+        assert!(
+            all_acknowledged,
+            "broadcast {round}: not every recipient's acknowledgement came back"
+        );
+        acknowledged.push((last_ack.saturating_sub(sent_at)) as f64 / 1e6);
     }
+    acknowledged.sort_by(f64::total_cmp);
     latencies.sort_by(f64::total_cmp);
     if !latencies.is_empty() {
         println!(
@@ -146,6 +205,12 @@ fn main() {
             count - 1,
             percentile(&latencies, 0.5),
             percentile(&latencies, 0.99)
+        );
+        println!(
+            "broadcast to {} devices, send → last acknowledgement back at the sender (no handler): median {:.1} ms, p99 {:.1} ms",
+            count - 1,
+            percentile(&acknowledged, 0.5),
+            percentile(&acknowledged, 0.99)
         );
     }
 
