@@ -18,15 +18,14 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
+use std::io::BufRead;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
-use cnsprcy_tests::bench::{Api, bytes_sent, percentile, release_cnspr};
+use cnsprcy_tests::bench::{Api, bytes_sent, percentile, release_cnspr, subscribe};
 use cnsprcy_tests::netns::NetNs;
 use cnsprcy_tests::{Device, wait_until};
 use serde_json::{Value, json};
@@ -66,17 +65,7 @@ fn install_handler(device: &Device, log: &Path) {
 /// When each `delivered` event reached a subscriber of `socket`, stamped as read, by message ID.
 fn watch_deliveries(socket: &Path) -> Arc<Mutex<HashMap<String, Vec<u128>>>> {
     let delivered = Arc::new(Mutex::new(HashMap::<String, Vec<u128>>::new()));
-    let mut stream = UnixStream::connect(socket).expect("connect to the API");
-    writeln!(
-        stream,
-        "{}",
-        json!({"jsonrpc": "2.0", "id": 1, "method": "subscribe"})
-    )
-    .expect("subscribe");
-    let mut reader = BufReader::new(stream);
-    let mut first = String::new();
-    reader.read_line(&mut first).expect("subscribe answer");
-    assert!(first.contains("\"subscribed\":true"), "subscribe: {first}");
+    let reader = subscribe(socket);
     let seen = Arc::clone(&delivered);
     std::thread::spawn(move || {
         for line in reader.lines() {

@@ -1,5 +1,6 @@
 //! What the benchmarks in `tests/benches/` share: a plain JSON-RPC client for a device's socket,
-//! the release binaries' directory, percentiles, and the bytes a daemon sent on its sessions.
+//! a subscription to its events, the release binaries' directory, percentiles, and the bytes a
+//! daemon sent on its sessions.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -42,6 +43,24 @@ impl Api {
         assert!(answer["error"].is_null(), "{method} failed: {answer}");
         answer["result"].clone()
     }
+}
+
+/// Subscribes to the events of the device whose API socket is `socket`: the connection, past
+/// the subscription's answer, one event notification per line.
+pub fn subscribe(socket: &Path) -> BufReader<UnixStream> {
+    let mut stream = UnixStream::connect(socket)
+        .unwrap_or_else(|e| panic!("connect to {}: {e}", socket.display()));
+    writeln!(
+        stream,
+        "{}",
+        json!({"jsonrpc": "2.0", "id": 1, "method": "subscribe"})
+    )
+    .expect("subscribe");
+    let mut reader = BufReader::new(stream);
+    let mut first = String::new();
+    reader.read_line(&mut first).expect("subscribe answer");
+    assert!(first.contains("\"subscribed\":true"), "subscribe: {first}");
+    reader
 }
 
 /// The `cnspr` the benchmarks run, after checking what every benchmark needs: root (for network

@@ -29,7 +29,6 @@ use std::fmt::Write as _;
 use std::fs;
 use std::io::{BufRead, BufReader, Write as _};
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -935,20 +934,8 @@ impl<'a> CnsprcyGroup<'a> {
 
     /// Follows device `i`'s event stream on a thread of its own, until the device stops.
     fn subscribe(&self, observer: usize) {
-        let socket = self.devices[observer].socket();
         let events = Arc::clone(&self.events);
-        let mut stream = UnixStream::connect(&socket)
-            .unwrap_or_else(|e| panic!("connect to {}: {e}", socket.display()));
-        writeln!(
-            stream,
-            "{}",
-            json!({"jsonrpc": "2.0", "id": 1, "method": "subscribe"})
-        )
-        .expect("subscribe");
-        let mut reader = BufReader::new(stream);
-        let mut first = String::new();
-        reader.read_line(&mut first).expect("subscribe answer");
-        assert!(first.contains("\"subscribed\":true"), "subscribe: {first}");
+        let reader = crate::bench::subscribe(&self.devices[observer].socket());
         std::thread::spawn(move || {
             for line in reader.lines() {
                 let Ok(line) = line else { break };
