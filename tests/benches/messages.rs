@@ -18,14 +18,13 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::BufRead;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
-use cnsprcy_tests::bench::{Api, bytes_sent, percentile, release_cnspr, subscribe};
+use cnsprcy_tests::bench::{Api, bytes_sent, follow_events, percentile, release_cnspr};
 use cnsprcy_tests::netns::NetNs;
 use cnsprcy_tests::{Device, wait_until};
 use serde_json::{Value, json};
@@ -65,25 +64,16 @@ fn install_handler(device: &Device, log: &Path) {
 /// When each `delivered` event reached a subscriber of `socket`, stamped as read, by message ID.
 fn watch_deliveries(socket: &Path) -> Arc<Mutex<HashMap<String, Vec<u128>>>> {
     let delivered = Arc::new(Mutex::new(HashMap::<String, Vec<u128>>::new()));
-    let reader = subscribe(socket);
     let seen = Arc::clone(&delivered);
-    std::thread::spawn(move || {
-        for line in reader.lines() {
-            let Ok(line) = line else { break };
-            let at_ns = now_ns();
-            let Ok(message) = serde_json::from_str::<Value>(&line) else {
-                continue;
-            };
-            let event = &message["params"];
-            if event["event"] == "delivered"
-                && let Some(id) = event["id"].as_str()
-            {
-                seen.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .entry(id.to_owned())
-                    .or_default()
-                    .push(at_ns);
-            }
+    follow_events(socket, move |at_ns, event| {
+        if event["event"] == "delivered"
+            && let Some(id) = event["id"].as_str()
+        {
+            seen.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(id.to_owned())
+                .or_default()
+                .push(at_ns);
         }
     });
     delivered

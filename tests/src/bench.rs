@@ -5,6 +5,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 
@@ -45,9 +46,10 @@ impl Api {
     }
 }
 
-/// Subscribes to the events of the device whose API socket is `socket`: the connection, past
-/// the subscription's answer, one event notification per line.
-pub fn subscribe(socket: &Path) -> BufReader<UnixStream> {
+/// Follows the events of the device whose API socket is `socket` on a thread of its own, until
+/// the device stops: `on_event` gets each event (`params` of the notification) and when it was
+/// read, in nanoseconds since the epoch.
+pub fn follow_events(socket: &Path, mut on_event: impl FnMut(u128, &Value) + Send + 'static) {
     let mut stream = UnixStream::connect(socket)
         .unwrap_or_else(|e| panic!("connect to {}: {e}", socket.display()));
     writeln!(
@@ -60,7 +62,18 @@ pub fn subscribe(socket: &Path) -> BufReader<UnixStream> {
     let mut first = String::new();
     reader.read_line(&mut first).expect("subscribe answer");
     assert!(first.contains("\"subscribed\":true"), "subscribe: {first}");
-    reader
+    std::thread::spawn(move || {
+        for line in reader.lines() {
+            let Ok(line) = line else { break };
+            let at_ns = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0);
+            if let Ok(message) = serde_json::from_str::<Value>(&line) {
+                on_event(at_ns, &message["params"]);
+            }
+        }
+    });
 }
 
 /// The `cnspr` the benchmarks run, after checking what every benchmark needs: root (for network

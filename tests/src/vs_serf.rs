@@ -935,26 +935,17 @@ impl<'a> CnsprcyGroup<'a> {
     /// Follows device `i`'s event stream on a thread of its own, until the device stops.
     fn subscribe(&self, observer: usize) {
         let events = Arc::clone(&self.events);
-        let reader = crate::bench::subscribe(&self.devices[observer].socket());
-        std::thread::spawn(move || {
-            for line in reader.lines() {
-                let Ok(line) = line else { break };
-                let at_ns = now_ns();
-                let Ok(message) = serde_json::from_str::<Value>(&line) else {
-                    continue;
-                };
-                let event = &message["params"];
-                if event["event"] == "peer"
-                    && let (Some(target), Some(status)) =
-                        (event["name"].as_str(), event["status"].as_str())
-                {
-                    events.lock().unwrap_or_else(|e| e.into_inner()).push(Seen {
-                        at_ns,
-                        observer,
-                        target: target.to_owned(),
-                        up: status != "unreachable",
-                    });
-                }
+        crate::bench::follow_events(&self.devices[observer].socket(), move |at_ns, event| {
+            if event["event"] == "peer"
+                && let (Some(target), Some(status)) =
+                    (event["name"].as_str(), event["status"].as_str())
+            {
+                events.lock().unwrap_or_else(|e| e.into_inner()).push(Seen {
+                    at_ns,
+                    observer,
+                    target: target.to_owned(),
+                    up: status != "unreachable",
+                });
             }
         });
     }
