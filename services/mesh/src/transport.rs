@@ -217,13 +217,13 @@ impl Session {
                 noise: noise.clone(),
                 nonce: 0,
                 reassembler: Reassembler::default(),
-                buffer: vec![0u8; MAX_NOISE_MESSAGE],
+                buffer: Vec::new(),
             },
             writer: SessionWriter {
                 frames: FramedWrite::new(write, parts.codec),
                 noise,
                 nonce: 0,
-                buffer: vec![0u8; MAX_NOISE_MESSAGE],
+                buffer: Vec::new(),
             },
             remote_key,
             remote,
@@ -255,6 +255,7 @@ impl SessionWriter {
     /// Encrypts one transport message as it is (flag byte included) and queues it: a test's
     /// broken peer sends any chunk this way, then `flush`es.
     pub async fn send_chunk(&mut self, chunk: &[u8]) -> Result<(), TransportError> {
+        grow_to(&mut self.buffer, chunk.len() + TAG_LEN);
         let len = self
             .noise
             .write_message(self.nonce, chunk, &mut self.buffer)?;
@@ -264,6 +265,16 @@ impl SessionWriter {
             .feed(Bytes::copy_from_slice(&self.buffer[..len]))
             .await?;
         Ok(())
+    }
+}
+
+/// Makes `buffer` at least `len` bytes long. A session's buffers grow with the largest frame it
+/// has carried, not to the largest one possible: an idle mesh's sessions carry frames of tens of
+/// bytes, and two 64 KiB buffers for each were 0.9 MB of the mesh service's memory with 9 peers
+/// (docs/performance.md).
+fn grow_to(buffer: &mut Vec<u8>, len: usize) {
+    if buffer.len() < len {
+        buffer.resize(len.min(MAX_NOISE_MESSAGE), 0);
     }
 }
 
@@ -288,6 +299,7 @@ impl SessionReader {
                 None => return Err(TransportError::Closed),
             },
         };
+        grow_to(&mut self.buffer, frame.len().saturating_sub(TAG_LEN));
         let len = self
             .noise
             .read_message(self.nonce, &frame, &mut self.buffer)?;
@@ -375,6 +387,54 @@ mod tests {
             ra.reader.recv().await.unwrap(),
             Some(Message::Pong { nonce: 5 })
         );
+    }
+
+    #[tokio::test]
+    async fn a_session_s_buffers_grow_with_the_frames_it_carries() {
+        let (a, b) = (Identity::generate(), Identity::generate());
+        let (sa, sb) = pair().await;
+        let (b_key, a_key) = (b.public_key(), a.public_key());
+        let (ra, rb) = tokio::join!(
+            initiate(sa, &a, &b_key, &P1),
+            respond(sb, &b, |k| *k == a_key, &P2),
+        );
+        let (mut ra, mut rb) = (ra.unwrap(), rb.unwrap());
+        ra.writer
+            .send(&Message::Ping {
+                nonce: 1,
+                rtt_us: None,
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            rb.reader.recv().await.unwrap(),
+            Some(Message::Ping {
+                nonce: 1,
+                rtt_us: None
+            })
+        );
+        // An idle session's frames are tens of bytes: so are its buffers.
+        assert!(
+            ra.writer.buffer.capacity() < 1024,
+            "{}",
+            ra.writer.buffer.capacity()
+        );
+        assert!(
+            rb.reader.buffer.capacity() < 1024,
+            "{}",
+            rb.reader.buffer.capacity()
+        );
+        let big = Message::Hello(wire::Hello {
+            name: "x".repeat(200_000),
+            listen: vec![],
+            addresses: vec![],
+        });
+        let (sent, got) = tokio::join!(ra.writer.send(&big), rb.reader.recv());
+        sent.unwrap();
+        assert_eq!(got.unwrap(), Some(big));
+        // A large message needs the largest frame, and no more.
+        assert_eq!(ra.writer.buffer.len(), MAX_NOISE_MESSAGE);
+        assert_eq!(rb.reader.buffer.len(), MAX_NOISE_MESSAGE - TAG_LEN);
     }
 
     #[tokio::test]
