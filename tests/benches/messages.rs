@@ -21,10 +21,10 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use base64::Engine;
-use cnsprcy_tests::bench::{Api, bytes_sent, follow_events, percentile, release_cnspr};
+use cnsprcy_tests::bench::{Api, bytes_sent, follow_events, now_ns, percentile, release_cnspr};
 use cnsprcy_tests::netns::NetNs;
 use cnsprcy_tests::{Device, wait_until};
 use serde_json::{Value, json};
@@ -37,13 +37,6 @@ const UNICASTS: usize = 500;
 const BYTE_ROUNDS: usize = 20;
 const PAYLOAD: usize = 1000;
 const SOON: Duration = Duration::from_secs(60);
-
-fn now_ns() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0)
-}
 
 /// A handler that records, first thing, when it started: one line per run in `log`.
 fn install_handler(device: &Device, log: &Path) {

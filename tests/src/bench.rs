@@ -46,6 +46,14 @@ impl Api {
     }
 }
 
+/// Wall-clock nanoseconds, the clock of the handler scripts' `date +%s%N`.
+pub fn now_ns() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
 /// Follows the events of the device whose API socket is `socket` on a thread of its own, until
 /// the device stops: `on_event` gets each event (`params` of the notification) and when it was
 /// read, in nanoseconds since the epoch.
@@ -65,10 +73,7 @@ pub fn follow_events(socket: &Path, mut on_event: impl FnMut(u128, &Value) + Sen
     std::thread::spawn(move || {
         for line in reader.lines() {
             let Ok(line) = line else { break };
-            let at_ns = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0);
+            let at_ns = now_ns();
             if let Ok(message) = serde_json::from_str::<Value>(&line) {
                 on_event(at_ns, &message["params"]);
             }

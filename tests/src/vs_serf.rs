@@ -33,13 +33,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::{SigHandler, Signal, kill, signal};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
 
-use crate::bench::{Api, percentile};
+use crate::bench::{Api, follow_events, now_ns, percentile};
 use crate::netns::Lan;
 
 /// Port of every serf agent (memberlist's default), on its namespace's address.
@@ -244,14 +244,6 @@ fn poll<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T>
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-/// Wall-clock nanoseconds, the clock of the handler scripts' `date +%s%N`.
-fn now_ns() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -935,7 +927,7 @@ impl<'a> CnsprcyGroup<'a> {
     /// Follows device `i`'s event stream on a thread of its own, until the device stops.
     fn subscribe(&self, observer: usize) {
         let events = Arc::clone(&self.events);
-        crate::bench::follow_events(&self.devices[observer].socket(), move |at_ns, event| {
+        follow_events(&self.devices[observer].socket(), move |at_ns, event| {
             if event["event"] == "peer"
                 && let (Some(target), Some(status)) =
                     (event["name"].as_str(), event["status"].as_str())
