@@ -145,6 +145,32 @@ pub enum Message {
         secret: [u8; 16],
         addresses: Vec<std::net::SocketAddr>,
     },
+    /// From a device that watches the sender's heartbeats: "send them to me over UDP as this
+    /// offer says" (`Some`), or "over the session again" (`None`: they went missing over UDP).
+    /// A heartbeat over UDP costs one packet, where one over TCP costs two (the segment and its
+    /// acknowledgement).
+    UdpHeartbeats(Option<UdpHeartbeatOffer>),
+}
+
+/// Where and how to send heartbeats over UDP: to the port named, at the address of the session
+/// the offer came over, each one sealed with `key` (ChaCha20-Poly1305, see
+/// `docs/protocol.md`) and marked with `tag`, so that the receiver finds the key without trying
+/// every one. Made afresh for every session, and valid for its life only.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UdpHeartbeatOffer {
+    pub port: u16,
+    pub tag: u64,
+    pub key: [u8; 32],
+}
+
+impl std::fmt::Debug for UdpHeartbeatOffer {
+    // The key stays out of logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UdpHeartbeatOffer")
+            .field("port", &self.port)
+            .field("tag", &self.tag)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why an inviter refused a joining device.
@@ -568,6 +594,12 @@ mod tests {
                 secret: [5; 16],
                 addresses: vec!["192.168.1.20:7332".parse().unwrap()],
             },
+            Message::UdpHeartbeats(Some(UdpHeartbeatOffer {
+                port: 7332,
+                tag: u64::MAX,
+                key: [6; 32],
+            })),
+            Message::UdpHeartbeats(None),
         ];
         let routed = RoutedBody::Store(StoreBody::Want(vec!["k".into()]));
         assert_eq!(
@@ -585,6 +617,8 @@ mod tests {
             assert_eq!(message.encoded_len(), bytes.len());
             assert_eq!(Message::decode(&bytes).unwrap(), message);
         }
+        // Variants are only appended: the index is the first byte.
+        assert_eq!(Message::UdpHeartbeats(None).encode(), [15, 0]);
         assert!(Message::decode(&[200, 1, 2]).is_err());
         assert!(Message::decode(&[]).is_err());
     }

@@ -280,6 +280,8 @@ struct Faults {
     partitions: BTreeSet<(usize, usize)>,
     /// Node -> percent of its frames lost in each direction.
     loss: BTreeMap<usize, u8>,
+    /// Nodes whose UDP datagrams are dropped, both ways.
+    udp_blocked: BTreeSet<usize>,
 }
 
 /// The nftables table on the bridge that holds partitions and loss.
@@ -412,6 +414,19 @@ impl Lan {
         });
     }
 
+    /// Drops every IPv4 UDP datagram node `i` sends or receives (`false`: lets them through
+    /// again), as a firewall that passes TCP only would.
+    pub fn block_udp(&self, i: usize, blocked: bool) {
+        self.check(i);
+        self.update(|faults| {
+            if blocked {
+                faults.udp_blocked.insert(i);
+            } else {
+                faults.udp_blocked.remove(&i);
+            }
+        });
+    }
+
     fn check(&self, i: usize) {
         assert!(
             i < self.nodes.len(),
@@ -439,7 +454,10 @@ impl Lan {
         let mut faults = self.faults.lock().unwrap_or_else(|e| e.into_inner());
         change(&mut faults);
         let mut script = format!("add table {NFT_TABLE}\ndelete table {NFT_TABLE}\n");
-        if !faults.partitions.is_empty() || !faults.loss.is_empty() {
+        if !faults.partitions.is_empty()
+            || !faults.loss.is_empty()
+            || !faults.udp_blocked.is_empty()
+        {
             // The bridge family's forward hook sees every frame once per output port, flooded
             // ones too, with the ingress and egress bridge ports as iifname/oifname.
             let _ = writeln!(
@@ -465,6 +483,12 @@ impl Lan {
                 };
                 for dir in ["iifname", "oifname"] {
                     let _ = writeln!(script, "  {dir} \"{port}\" {chance}drop");
+                }
+            }
+            for i in &faults.udp_blocked {
+                let port = format!("{}p{i}", self.prefix);
+                for dir in ["iifname", "oifname"] {
+                    let _ = writeln!(script, "  {dir} \"{port}\" ip protocol udp drop");
                 }
             }
             script.push_str(" }\n}\n");

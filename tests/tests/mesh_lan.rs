@@ -180,3 +180,102 @@ fn heartbeats_notice_a_silent_cut_within_seconds_and_ride_out_loss() {
         devices[i].wait_status(peer, "direct", RECOVERY);
     }
 }
+
+/// `Udp: InDatagrams` and `Tcp: InSegs` of node `i`'s namespace (`/proc/net/snmp`).
+fn datagrams_and_segments(lan: &Lan, i: usize) -> (u64, u64) {
+    let snmp = lan.node(i).run(&["cat", "/proc/net/snmp"]);
+    let counter = |protocol: &str, name: &str| -> u64 {
+        let mut lines = snmp.lines().filter(|l| l.starts_with(protocol));
+        let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+            panic!("no {protocol} counters in /proc/net/snmp:\n{snmp}");
+        };
+        let at = names
+            .split_whitespace()
+            .position(|n| n == name)
+            .unwrap_or_else(|| panic!("no {protocol} {name}:\n{snmp}"));
+        values.split_whitespace().nth(at).unwrap().parse().unwrap()
+    };
+    (counter("Udp:", "InDatagrams"), counter("Tcp:", "InSegs"))
+}
+
+/// What node `i` received over `window`: UDP datagrams and TCP segments.
+fn received_over(lan: &Lan, i: usize, window: Duration) -> (u64, u64) {
+    let (udp, tcp) = datagrams_and_segments(lan, i);
+    std::thread::sleep(window);
+    let (udp_after, tcp_after) = datagrams_and_segments(lan, i);
+    (udp_after - udp, tcp_after - tcp)
+}
+
+/// Heartbeats travel as single UDP datagrams where UDP gets through; where a firewall drops
+/// it, the first heartbeat that goes missing moves them back into the TCP session, and nobody
+/// loses a peer on the way.
+#[test]
+fn heartbeats_go_over_udp_and_back_to_tcp_where_udp_is_dropped() {
+    let lan = Lan::new(3);
+    // The product's timers (heartbeat every 2 s, keepalive 60 s), without discovery, whose
+    // mDNS is UDP too.
+    let mut devices = full_mesh_with(&lan, &["a", "b", "c"], |device, listen| {
+        device.write_config(&format!(
+            "name = \"{}\"\n[mesh]\nlisten = [\"{listen}\"]\n[discovery]\nenabled = false\n",
+            device.name
+        ));
+    });
+    for (i, device) in devices.iter_mut().enumerate() {
+        let cnspr = cnsprcy_tests::bin("cnspr");
+        device.spawn_in(lan.node(i), "watch", &cnspr, &["watch", "--json"]);
+    }
+
+    // Every device receives one heartbeat per 2 s from its predecessor: 5 in 10 s, as
+    // datagrams; over TCP they would be 5 segments and 5 acknowledgements of its own.
+    // (Other traffic, a keepalive say, may fall in the window: the segments are counted for
+    // all three together.)
+    std::thread::sleep(Duration::from_secs(3));
+    let before: Vec<(u64, u64)> = (0..3).map(|i| datagrams_and_segments(&lan, i)).collect();
+    std::thread::sleep(Duration::from_secs(10));
+    let mut segments = 0;
+    let mut datagrams = 0;
+    for (i, (udp_before, tcp_before)) in before.into_iter().enumerate() {
+        let (udp, tcp) = datagrams_and_segments(&lan, i);
+        let (udp, tcp) = (udp - udp_before, tcp - tcp_before);
+        eprintln!(
+            "{}: {udp} datagrams, {tcp} segments in 10 s",
+            devices[i].name
+        );
+        assert!(udp >= 3, "{} got {udp} datagrams", devices[i].name);
+        segments += tcp;
+        datagrams += udp;
+    }
+    assert!(
+        segments < datagrams,
+        "{segments} TCP segments, {datagrams} datagrams"
+    );
+
+    lan.block_udp(1, true);
+    // b's watcher misses b's next heartbeat, and b its predecessor's: both ask for TCP.
+    let asked = |device: &Device| {
+        device
+            .log("serve")
+            .contains("its heartbeats come over TCP from now on")
+    };
+    assert!(
+        cnsprcy_tests::wait_until(SOON, || asked(&devices[1])),
+        "b did not move its predecessor's heartbeats to TCP:\n{}",
+        devices[1].log("serve")
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let (_, tcp) = received_over(&lan, 1, Duration::from_secs(10));
+    assert!(tcp >= 3, "b got {tcp} TCP segments in 10 s: no heartbeats");
+    for (i, j) in [(0, 1), (1, 0), (1, 2), (2, 1), (0, 2), (2, 0)] {
+        let name = devices[j].name.clone();
+        devices[i].wait_status(&name, "direct", Duration::from_secs(5));
+    }
+    for device in &devices {
+        for line in device.log("watch").lines() {
+            let Ok(event) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            let lost = event["event"] == "peer" && event["status"] == "unreachable";
+            assert!(!lost, "{} lost a peer: {line}", device.name);
+        }
+    }
+}

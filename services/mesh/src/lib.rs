@@ -28,6 +28,7 @@ pub mod routing;
 mod session;
 pub mod store;
 pub mod transport;
+mod udp_heartbeats;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -83,6 +84,13 @@ pub async fn start(env: DeviceEnv, shutdown: CancellationToken) -> anyhow::Resul
     let members = roster::load(&env.paths.state_dir)?;
     let tcp = listener::bind_all(&env.config.mesh.listen)?;
     let listening: Vec<SocketAddr> = tcp.iter().filter_map(|l| l.local_addr().ok()).collect();
+    // Heartbeats over UDP leave by whatever route the kernel picks, so not where sessions are
+    // kept to some interfaces.
+    let udp = if env.config.mesh.interfaces.is_empty() {
+        udp_heartbeats::Sockets::bind(&listening)
+    } else {
+        udp_heartbeats::Sockets::none()
+    };
     // Under systemd the sockets come from cnsprcy-mesh.socket, named there.
     let public = listen("public", &env.paths.public_socket())?;
     let internal = listen("internal", &env.paths.mesh_socket())?;
@@ -104,6 +112,7 @@ pub async fn start(env: DeviceEnv, shutdown: CancellationToken) -> anyhow::Resul
         files,
         restored,
         store,
+        udp,
     })
     .map_err(|e| anyhow::anyhow!("cannot start the writer thread: {e}"))?;
     tracing::info!(

@@ -33,6 +33,7 @@ use crate::roster::Member;
 use crate::session::{Outbound, SessionTask};
 use crate::store::Store;
 use crate::transport::{self, Session};
+use crate::udp_heartbeats::{self, Offered, Targets};
 
 /// How long one TCP connect may take before that address counts as failed.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -235,6 +236,23 @@ impl StoreAccess for Arc<Store> {
 struct Live {
     tx: Outbound,
     cancel: CancellationToken,
+    /// The peer's address, where heartbeats over UDP go (at the port it offers).
+    addr: SocketAddr,
+}
+
+/// Heartbeats over UDP: the sockets, the offers this device made (shared with the tasks that
+/// receive), and those it took.
+struct Udp {
+    sockets: udp_heartbeats::Sockets,
+    offered: Arc<std::sync::Mutex<Offered>>,
+    targets: Targets,
+}
+
+impl Udp {
+    fn offered(&self) -> std::sync::MutexGuard<'_, Offered> {
+        // Every change to the offers is whole at the end of a statement.
+        self.offered.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// A call waiting for the core's answer.
@@ -259,6 +277,7 @@ pub struct Node {
     local: VecDeque<Input>,
     tasks: TaskTracker,
     handlers: Arc<HandlersLink>,
+    udp: Udp,
 }
 
 /// What the node is started with.
@@ -272,6 +291,8 @@ pub struct NodeSetup {
     pub files: Files,
     pub restored: crate::persist::Restored,
     pub store: Arc<Store>,
+    /// Where heartbeats over UDP come in (none: they all go over the sessions).
+    pub udp: udp_heartbeats::Sockets,
 }
 
 impl Node {
@@ -286,6 +307,7 @@ impl Node {
             files,
             restored,
             store,
+            udp,
         } = setup;
         let (events_tx, events) = mpsc::channel(1024);
         let (requests_tx, requests) = mpsc::channel(64);
@@ -347,11 +369,25 @@ impl Node {
             local: VecDeque::new(),
             tasks: TaskTracker::new(),
             handlers,
+            udp: Udp {
+                sockets: udp,
+                offered: Arc::default(),
+                targets: Targets::default(),
+            },
         };
         Ok((node, handle))
     }
 
     pub async fn run(mut self, shutdown: CancellationToken) {
+        let receiving = CancellationToken::new();
+        for socket in self.udp.sockets.all() {
+            self.tasks.spawn(udp_heartbeats::receive(
+                socket.clone(),
+                self.udp.offered.clone(),
+                self.handle.events.clone(),
+                receiving.clone(),
+            ));
+        }
         let outputs = self.core.start(Now::system());
         self.execute(outputs);
         loop {
@@ -396,6 +432,7 @@ impl Node {
         for live in self.sessions.values() {
             live.cancel.cancel();
         }
+        receiving.cancel();
         // The writer finishes what it was given, then ends.
         drop(std::mem::replace(
             &mut self.jobs,
@@ -431,10 +468,19 @@ impl Node {
                 error,
             },
             Event::Knock { key, addr } => Input::Knock { peer: key, addr },
+            Event::Frame {
+                session,
+                message: Message::UdpHeartbeats(offer),
+            } => {
+                self.take_udp_offer(session, offer);
+                return None;
+            }
             Event::Frame { session, message } => Input::Frame { session, message },
             Event::Activity { session } => Input::Activity { session },
             Event::Closed { session, reason } => {
                 self.sessions.remove(&session);
+                self.udp.targets.forget(session);
+                self.udp.offered().forget(session);
                 Input::SessionDown { session, reason }
             }
             Event::Writable { session } => Input::Writable { session },
@@ -468,12 +514,21 @@ impl Node {
             cancel: cancel.clone(),
         };
         self.tasks.spawn(task.run());
-        self.sessions.insert(id, Live { tx, cancel });
-        if let Some(message) = first {
-            self.local.push_back(Input::Frame {
+        // Heartbeats from this peer may come over UDP: one packet each instead of two.
+        if let Some(port) = local.and_then(|local| self.udp.sockets.port_for(local)) {
+            let offer = self.udp.offered().offer(id, port);
+            if tx.try_send(Message::UdpHeartbeats(Some(offer))).is_err() {
+                self.udp.offered().forget(id);
+            }
+        }
+        self.sessions.insert(id, Live { tx, cancel, addr });
+        match first {
+            Some(Message::UdpHeartbeats(offer)) => self.take_udp_offer(id, offer),
+            Some(message) => self.local.push_back(Input::Frame {
                 session: id,
                 message,
-            });
+            }),
+            None => {}
         }
         Some(Input::SessionUp {
             session: id,
@@ -517,6 +572,14 @@ impl Node {
         for output in outputs {
             match output {
                 Output::Send { session, message } => {
+                    if let Message::Heartbeat { next_ms, .. } = message
+                        && self.send_heartbeat_over_udp(session, &message)
+                        // "No more follow" goes over the session as well: it must not be lost,
+                        // and whichever comes second is the same news.
+                        && next_ms.is_some()
+                    {
+                        continue;
+                    }
                     let refused = match self.sessions.get(&session) {
                         Some(live) => live.tx.try_send(message).err(),
                         // Ended already; the core hears of it from the session task.
@@ -634,8 +697,59 @@ impl Node {
                 Output::Browse(browse) => {
                     self.handle.browse.send_replace(browse);
                 }
+                Output::HeartbeatMissed { session } => self.withdraw_udp_offer(session),
             }
         }
+    }
+}
+
+impl Node {
+    /// A peer's offer (or withdrawal) of heartbeats over UDP, for a session of this device.
+    fn take_udp_offer(&mut self, session: SessionId, offer: Option<wire::UdpHeartbeatOffer>) {
+        let Some(live) = self.sessions.get(&session) else {
+            return;
+        };
+        match offer {
+            // Without a UDP socket of our own (`[mesh] interfaces` set, or none could be
+            // bound), heartbeats stay on the session: an unbound socket would not keep to the
+            // allowed interfaces.
+            Some(offer) if self.udp.sockets.all().next().is_some() => {
+                tracing::debug!(session, "heartbeats on this session go over UDP");
+                self.udp.targets.take(session, live.addr, &offer);
+            }
+            _ => self.udp.targets.forget(session),
+        }
+    }
+
+    /// Sends a heartbeat over UDP if the peer asked for that; false when it must go over the
+    /// session.
+    fn send_heartbeat_over_udp(&mut self, session: SessionId, message: &Message) -> bool {
+        self.udp
+            .targets
+            .seal(session, message)
+            .is_some_and(|(to, datagram)| self.udp.sockets.send(to, &datagram))
+    }
+
+    /// A heartbeat over UDP from this session's peer went missing, yet the peer is there:
+    /// have it send them over the session from now on.
+    fn withdraw_udp_offer(&mut self, session: SessionId) {
+        let Some(live) = self.sessions.get(&session) else {
+            return;
+        };
+        if !self.udp.offered().is_live(session) {
+            return;
+        }
+        if live.tx.try_send(Message::UdpHeartbeats(None)).is_err() {
+            // The queue is full: the next heartbeat that goes missing asks again.
+            return;
+        }
+        self.udp.offered().withdraw(session);
+        tracing::info!(
+            session,
+            peer = %live.addr,
+            "a heartbeat over UDP from {} went missing while it was there; its heartbeats come over TCP from now on",
+            live.addr.ip()
+        );
     }
 }
 

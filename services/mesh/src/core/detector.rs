@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use cnsprcy::identity::PublicKey;
 use cnsprcy::wire::Message;
 
-use super::{Core, Now, StoreAccess};
+use super::{Core, Now, Output, StoreAccess};
 
 /// The least grace after an overdue heartbeat: a busy device's scheduling noise stays below it.
 pub const MIN_GRACE: Duration = Duration::from_millis(500);
@@ -229,10 +229,14 @@ impl<S: StoreAccess> Core<S> {
         };
         live.probe = None;
         live.probe_answered = Some(now.mono);
+        let session = live.id;
         live.liveness
             .on_probe_answer(now.mono.saturating_duration_since(probe.sent));
         if let Some(rtt) = live.liveness.rtt() {
             self.table.set_rtt(peer, rtt);
+        }
+        if probe.cause == ProbeCause::Heartbeat {
+            self.outputs.push(Output::HeartbeatMissed { session });
         }
         if let ProbeCause::Suspected(by) = probe.cause {
             // Whatever failed may be the link between the two: let the suspect check it too.
@@ -249,6 +253,7 @@ impl<S: StoreAccess> Core<S> {
     pub(super) fn detect_failures(&mut self, now: Now) {
         let mut overdue = Vec::new();
         let mut failed = Vec::new();
+        let mut missed = Vec::new();
         for (peer, live) in &mut self.sessions {
             if let Some(probe) = live.probe {
                 if now.mono < probe.deadline {
@@ -259,6 +264,9 @@ impl<S: StoreAccess> Core<S> {
                     // the pong queues behind): it is alive.
                     live.probe = None;
                     live.probe_answered = Some(now.mono);
+                    if probe.cause == ProbeCause::Heartbeat {
+                        missed.push(live.id);
+                    }
                 } else {
                     failed.push((*peer, probe));
                 }
@@ -271,6 +279,11 @@ impl<S: StoreAccess> Core<S> {
                 overdue.push(*peer);
             }
         }
+        self.outputs.extend(
+            missed
+                .into_iter()
+                .map(|session| Output::HeartbeatMissed { session }),
+        );
         for peer in overdue {
             self.tell_all_to_probe(&peer);
             self.start_probe(&peer, ProbeCause::Heartbeat, now);

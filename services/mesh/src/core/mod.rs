@@ -359,6 +359,12 @@ pub enum Output {
     Disabled(std::collections::HashMap<PublicKey, cnsprcy::wire::RosterEntry>),
     /// This device's incarnation (sent in handshakes) changed.
     Incarnation(u64),
+    /// A heartbeat from this session's peer was overdue, yet the peer answered the probe that
+    /// followed: the way heartbeats take from it lost one (UDP blocked or lossy on that path;
+    /// the driver then has them sent over the session).
+    HeartbeatMissed {
+        session: SessionId,
+    },
     /// Whether discovery should look for members on the local network changed: it should while
     /// there is no member yet or some member is not `direct`. A whole mesh then sends no mDNS
     /// queries and gets no answers (docs/performance.md).

@@ -275,6 +275,8 @@ impl<S: StoreAccess> Core<S> {
                 self.on_roster_entries(session, &peer, entries, answer, now)
             }
             Message::JoinRefused(refusal) => self.on_join_refused(&peer, refusal, now),
+            // The driver's: it chooses the way heartbeats travel (`udp_heartbeats.rs`).
+            Message::UdpHeartbeats(_) => {}
             // Pairing connections are not sessions; a member has no business sending these.
             Message::PairNonce(_) | Message::PairConfirm(_) | Message::PairInvitation { .. } => {
                 tracing::debug!(peer = %self.member_name(&peer), "ignored a pairing message in a member's session");

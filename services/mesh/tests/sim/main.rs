@@ -554,6 +554,21 @@ fn a_lossy_slow_link_is_not_a_dead_one() {
     }
 }
 
+/// Heartbeats from a device that are lost on their way (UDP dropped by a firewall) cost one
+/// false alarm: its watcher probes, gets an answer, and says the heartbeat went missing, so the
+/// driver moves them into the session; nobody loses a peer, and no alarm follows.
+#[test]
+fn heartbeats_lost_on_their_way_cost_one_false_alarm() {
+    let mut world = formed(61, 5);
+    world.heartbeats_dropped.insert(2);
+    for _ in 0..60 {
+        world.run_for(SECOND);
+        assert_nobody_unreachable(&world);
+    }
+    assert_eq!(world.heartbeats_missed, vec![(watcher_of(&world, 2), 2)]);
+    assert!(world.heartbeats_dropped.is_empty());
+}
+
 /// A target that is down when the message is sent gets it once after it returns, also when the
 /// sender restarted meanwhile (the outbox is on its disk).
 #[test]

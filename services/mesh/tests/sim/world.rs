@@ -209,6 +209,12 @@ pub struct World {
     pub expired: Vec<(DeviceIndex, Duration)>,
     /// Answers to API calls other than the workload's sends.
     pub answers: Vec<(DeviceIndex, u64, Answer)>,
+    /// Devices whose heartbeats are lost on the way, as over UDP through a firewall that drops
+    /// it; a device leaves the set when its watcher says a heartbeat went missing
+    /// (`HeartbeatMissed`), as the driver then has them sent over the session.
+    pub heartbeats_dropped: std::collections::BTreeSet<DeviceIndex>,
+    /// Every `HeartbeatMissed`: the device that said it, and the peer it was about.
+    pub heartbeats_missed: Vec<(DeviceIndex, DeviceIndex)>,
 }
 
 impl World {
@@ -264,6 +270,8 @@ impl World {
             events_handled: 0,
             expired: Vec::new(),
             answers: Vec::new(),
+            heartbeats_dropped: Default::default(),
+            heartbeats_missed: Vec::new(),
             trace: std::env::var_os("CNSPRCY_SIM_TRACE").is_some(),
         };
         for i in 0..n {
@@ -586,7 +594,21 @@ impl World {
                 );
             }
             match output {
+                Output::Send {
+                    message:
+                        Message::Heartbeat {
+                            next_ms: Some(_), ..
+                        },
+                    ..
+                } if self.heartbeats_dropped.contains(&device) => {}
                 Output::Send { session, message } => self.send_frame(device, session, message),
+                Output::HeartbeatMissed { session } => {
+                    if let Some((c, end)) = self.find_end(device, session) {
+                        let peer = self.connections[c].ends[1 - end].0;
+                        self.heartbeats_dropped.remove(&peer);
+                        self.heartbeats_missed.push((device, peer));
+                    }
+                }
                 // A FIN follows the frames queued before it here, as the driver's flush does.
                 Output::Close { session, .. } | Output::CloseAfterFlush { session, .. } => {
                     if let Some((c, end)) = self.find_end(device, session) {
