@@ -246,6 +246,9 @@ struct Udp {
     sockets: udp_heartbeats::Sockets,
     offered: Arc<std::sync::Mutex<Offered>>,
     targets: Targets,
+    /// New sessions to offer heartbeats over UDP on, once the core's first messages on them
+    /// (`Hello` first) are queued.
+    to_offer: Vec<(SessionId, u16)>,
 }
 
 impl Udp {
@@ -373,6 +376,7 @@ impl Node {
                 sockets: udp,
                 offered: Arc::default(),
                 targets: Targets::default(),
+                to_offer: Vec::new(),
             },
         };
         Ok((node, handle))
@@ -409,6 +413,7 @@ impl Node {
             };
             let outputs = self.core.handle(input, Now::system());
             self.execute(outputs);
+            self.offer_udp_heartbeats();
         }
         let outputs = self.core.stop(Now::system());
         let stop: Vec<Run> = outputs
@@ -516,10 +521,7 @@ impl Node {
         self.tasks.spawn(task.run());
         // Heartbeats from this peer may come over UDP: one packet each instead of two.
         if let Some(port) = local.and_then(|local| self.udp.sockets.port_for(local)) {
-            let offer = self.udp.offered().offer(id, port);
-            if tx.try_send(Message::UdpHeartbeats(Some(offer))).is_err() {
-                self.udp.offered().forget(id);
-            }
+            self.udp.to_offer.push((id, port));
         }
         self.sessions.insert(id, Live { tx, cancel, addr });
         match first {
@@ -704,6 +706,24 @@ impl Node {
 }
 
 impl Node {
+    /// Offers heartbeats over UDP on the sessions that came up, behind what the core sent on
+    /// them first (the peer learns where this device listens from that `Hello`).
+    fn offer_udp_heartbeats(&mut self) {
+        for (session, port) in std::mem::take(&mut self.udp.to_offer) {
+            let Some(live) = self.sessions.get(&session) else {
+                continue;
+            };
+            let offer = self.udp.offered().offer(session, port);
+            if live
+                .tx
+                .try_send(Message::UdpHeartbeats(Some(offer)))
+                .is_err()
+            {
+                self.udp.offered().forget(session);
+            }
+        }
+    }
+
     /// A peer's offer (or withdrawal) of heartbeats over UDP, for a session of this device.
     fn take_udp_offer(&mut self, session: SessionId, offer: Option<wire::UdpHeartbeatOffer>) {
         let Some(live) = self.sessions.get(&session) else {
