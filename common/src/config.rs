@@ -46,6 +46,10 @@ const SCHEMA: &[(&str, &[&str])] = &[
     ("paths", &["state_dir", "runtime_dir", "handlers_dir"]),
 ];
 
+/// The longest `[mesh] keepalive_interval` and `keepalive_timeout`, and the longest keepalive
+/// interval a peer may ask a session to be kept at.
+pub const MAX_KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(3600);
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -272,7 +276,7 @@ mod duration_text {
         pub fn deserialize<'de, D: serde::Deserializer<'de>>(
             d: D,
         ) -> Result<std::time::Duration, D::Error> {
-            super::deserialize_within(d, std::time::Duration::from_secs(3600))
+            super::deserialize_within(d, crate::config::MAX_KEEPALIVE_INTERVAL)
         }
     }
 

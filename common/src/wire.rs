@@ -150,6 +150,10 @@ pub enum Message {
     /// A heartbeat over UDP costs one packet, where one over TCP costs two (the segment and its
     /// acknowledgement).
     UdpHeartbeats(Option<UdpHeartbeatOffer>),
+    /// The keepalive interval the sender wants on this session, in milliseconds: longer than
+    /// `[mesh] keepalive_interval` when it has many sessions. Both sides keep the session alive
+    /// at the larger of the two; a side that never sent one is kept at its own setting.
+    KeepaliveInterval(u32),
 }
 
 /// Where and how to send heartbeats over UDP: to the port named, at the address of the session
@@ -600,6 +604,7 @@ mod tests {
                 key: [6; 32],
             })),
             Message::UdpHeartbeats(None),
+            Message::KeepaliveInterval(120_000),
         ];
         let routed = RoutedBody::Store(StoreBody::Want(vec!["k".into()]));
         assert_eq!(

@@ -6,7 +6,8 @@
 //! then only when it heard nothing for `interval + timeout / 2` (later than the initiator's next
 //! ping is due, so the two do not race). Each side declares the session dead when it has
 //! received nothing for `interval + timeout`. An idle session so costs one ping and one pong per
-//! interval.
+//! interval. Both sides must use the same interval (the core agrees on one with the peer); it
+//! may change while the session runs, and every deadline follows at once.
 
 use std::time::{Duration, Instant};
 
@@ -48,6 +49,14 @@ impl Liveness {
             outstanding: None,
             srtt: None,
         }
+    }
+
+    pub fn interval(&self) -> Duration {
+        self.interval
+    }
+
+    pub fn set_interval(&mut self, interval: Duration) {
+        self.interval = interval;
     }
 
     /// Anything at all arrived from the peer at `at` (never moves backwards).

@@ -410,6 +410,9 @@ pub(crate) struct Live {
     probe_answered: Option<Instant>,
     /// The store root in its last heartbeat differed from this device's.
     root_differed: bool,
+    /// The keepalive interval the peer wants (`KeepaliveInterval`); `None` from a peer that
+    /// never said, whose sessions stay at `[mesh] keepalive_interval`.
+    peer_keepalive: Option<Duration>,
 }
 
 impl Live {
@@ -506,6 +509,9 @@ pub struct Core<S: StoreAccess> {
     browsing: Option<bool>,
     /// Devices that are not members and sent handshakes lately (for `status`).
     knocks: reasons::Knocks,
+    /// How many times `[mesh] keepalive_interval` this device wants its sessions kept alive
+    /// at, as last told to its peers (`sessions::keepalive_step`).
+    keepalive_step: u32,
     /// The peer this device sends heartbeats to, and when the next is due.
     heartbeat_to: Option<PublicKey>,
     next_heartbeat: Instant,
@@ -576,6 +582,7 @@ impl<S: StoreAccess> Core<S> {
             problems: Map::default(),
             browsing: None,
             knocks: reasons::Knocks::default(),
+            keepalive_step: 1,
             heartbeat_to: None,
             next_heartbeat: now.mono,
             next_housekeeping: now.mono + HOUSEKEEPING,
@@ -751,6 +758,7 @@ impl<S: StoreAccess> Core<S> {
     /// After every input: dial who is due, tell peers and subscribers what changed, send what
     /// the outbox owes, answer finished waits.
     fn after(&mut self, now: Now) {
+        self.stretch_keepalives();
         self.dial_due(now);
         self.send_heartbeats(now);
         self.mark_suspects(now);

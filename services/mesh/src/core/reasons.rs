@@ -199,7 +199,7 @@ impl<S: StoreAccess> Core<S> {
             if let Some(why) = self.probe_reason(key) {
                 return Some((PeerReason::Probed, why));
             }
-            let interval = humantime::format_duration(self.config.keepalive_interval);
+            let interval = humantime::format_duration(live.liveness.interval());
             return Some((
                 PeerReason::KeepaliveOverdue,
                 format!(

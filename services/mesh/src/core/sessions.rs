@@ -30,6 +30,24 @@ fn discovery_epochs(now: Now) -> [u64; 3] {
 const RTT_ANNOUNCE_CHANGE: f64 = 0.25;
 /// ... and by more than this.
 const RTT_ANNOUNCE_FLOOR: Duration = Duration::from_millis(2);
+/// Sessions a device keeps alive at `[mesh] keepalive_interval`; with more, it wants twice the
+/// interval, with more than twice as many three times, and so on (`keepalive_step`).
+const KEEPALIVE_SESSIONS: usize = 10;
+/// The longest a device stretches its keepalive interval to (unless set longer): NAT mappings
+/// and firewalls forget idle TCP connections after minutes to hours.
+const MAX_STRETCHED_KEEPALIVE: Duration = Duration::from_secs(300);
+
+/// How many times `[mesh] keepalive_interval` a device with `sessions` sessions wants them
+/// kept alive at: so that it sends about as many keepalive pings in a mesh of forty as in one
+/// of ten. Heartbeats watch every device at a cost that does not grow with the mesh; the
+/// keepalive only measures round trips and ends a dead link between two devices that do not
+/// watch each other. In steps, so that a mesh that grows by one device does not make every
+/// device tell every peer.
+fn keepalive_step(sessions: usize) -> u32 {
+    u32::try_from(sessions.div_ceil(KEEPALIVE_SESSIONS))
+        .unwrap_or(u32::MAX)
+        .max(1)
+}
 
 /// Decides which of two sessions with the same peer survives, the same way on both sides:
 /// - a session from a new incarnation of the peer replaces one from the old (it restarted);
@@ -118,12 +136,14 @@ impl<S: StoreAccess> Core<S> {
                 probe: None,
                 probe_answered: None,
                 root_differed: false,
+                peer_keepalive: None,
             },
         );
         self.session_peers.insert(session, peer);
         self.send(session, self.hello());
         self.send(session, self.neighbors_message());
         self.send_roster_digest(session);
+        self.send(session, self.keepalive_message());
         // For an accepted session, show the address the member listens on at that IP, if known,
         // until its Hello says for sure.
         let shown = if initiator {
@@ -237,6 +257,18 @@ impl<S: StoreAccess> Core<S> {
                 }
             }
             Message::Heartbeat { next_ms, root } => self.on_heartbeat(&peer, next_ms, root),
+            Message::KeepaliveInterval(ms) => {
+                // A member's word, but bounded as the setting is.
+                let wanted = Duration::from_millis(ms.into()).clamp(
+                    self.config.keepalive_interval,
+                    cnsprcy::config::MAX_KEEPALIVE_INTERVAL,
+                );
+                let interval = self.session_keepalive(Some(wanted));
+                if let Some(live) = self.live_mut(session) {
+                    live.peer_keepalive = Some(wanted);
+                    live.liveness.set_interval(interval);
+                }
+            }
             Message::Suspect { peer: suspect } => {
                 self.on_suspect(&peer, PublicKey::from_bytes(suspect), now);
             }
@@ -284,6 +316,49 @@ impl<S: StoreAccess> Core<S> {
         }
     }
 
+    /// The keepalive interval this device wants on its sessions now.
+    fn wanted_keepalive(&self) -> Duration {
+        let interval = self.config.keepalive_interval;
+        interval
+            .saturating_mul(self.keepalive_step)
+            .min(MAX_STRETCHED_KEEPALIVE.max(interval))
+    }
+
+    fn keepalive_message(&self) -> Message {
+        let ms = self.wanted_keepalive().as_millis();
+        Message::KeepaliveInterval(u32::try_from(ms).unwrap_or(u32::MAX))
+    }
+
+    /// The keepalive interval of a session whose peer wants `peer` (both sides come to the
+    /// same: the larger of the two).
+    fn session_keepalive(&self, peer: Option<Duration>) -> Duration {
+        peer.map_or(self.config.keepalive_interval, |peer| {
+            peer.max(self.wanted_keepalive())
+        })
+    }
+
+    /// When the number of sessions crossed a step, tells every peer the keepalive interval
+    /// this device wants now, and applies it.
+    pub(super) fn stretch_keepalives(&mut self) {
+        let step = keepalive_step(self.sessions.len());
+        if step == self.keepalive_step {
+            return;
+        }
+        self.keepalive_step = step;
+        let message = self.keepalive_message();
+        let sessions: Vec<(SessionId, Duration)> = self
+            .sessions
+            .values()
+            .map(|live| (live.id, self.session_keepalive(live.peer_keepalive)))
+            .collect();
+        for (session, interval) in sessions {
+            self.send(session, message.clone());
+            if let Some(live) = self.live_mut(session) {
+                live.liveness.set_interval(interval);
+            }
+        }
+    }
+
     /// Keepalive for every session: pings due, sessions silent too long.
     pub(super) fn poll_sessions(&mut self, now: Now) {
         let peers: Vec<PublicKey> = self.sessions.keys().copied().collect();
@@ -310,7 +385,7 @@ impl<S: StoreAccess> Core<S> {
                 let reason = format!(
                     "nothing received for {}",
                     humantime::format_duration(
-                        self.config.keepalive_interval + self.config.keepalive_timeout
+                        live.liveness.interval() + self.config.keepalive_timeout
                     )
                 );
                 self.close_session(peer, &reason, now);
@@ -704,7 +779,11 @@ impl<S: StoreAccess> Core<S> {
         let (status, via, address) = match reach {
             Reach::Direct { .. } if shown == PeerStatus::Suspect => {
                 let why = self.probe_reason(&member.public_key).unwrap_or_else(|| {
-                    let interval = humantime::format_duration(self.config.keepalive_interval);
+                    let interval = self
+                        .sessions
+                        .get(&member.public_key)
+                        .map_or(self.config.keepalive_interval, |l| l.liveness.interval());
+                    let interval = humantime::format_duration(interval);
                     format!("its keepalive (every {interval}) is overdue")
                 });
                 tracing::info!(peer = %name, status = "suspect", "{name} is suspect: {why}");
@@ -797,6 +876,15 @@ mod tests {
 
     fn key(seed: u8) -> PublicKey {
         Identity::from_secret([seed; 32]).public_key()
+    }
+
+    #[test]
+    fn the_keepalive_stretches_in_steps_of_ten_sessions() {
+        let steps: Vec<u32> = [0, 1, 10, 11, 20, 21, 39, 40, 41]
+            .into_iter()
+            .map(keepalive_step)
+            .collect();
+        assert_eq!(steps, [1, 1, 1, 2, 2, 3, 4, 4, 5]);
     }
 
     #[test]

@@ -569,6 +569,28 @@ fn heartbeats_lost_on_their_way_cost_one_false_alarm() {
     assert!(world.heartbeats_dropped.is_empty());
 }
 
+/// An idle device pings about as often in a mesh of 40 as in one of 10: with more than ten
+/// sessions, the devices agree on a longer keepalive interval, in steps. Nobody is shown
+/// `suspect` meanwhile (a side that kept the shorter interval would find the keepalive late).
+#[test]
+fn keepalive_pings_do_not_grow_with_the_mesh() {
+    let per_device_minute = |n: usize| {
+        let mut world = formed(67, n);
+        world.pings_sent.clear();
+        world.suspect_events = 0;
+        world.run_for(SECOND * 600);
+        assert_eq!(world.suspect_events, 0, "suspects in a mesh of {n}");
+        world.pings_sent.values().sum::<u64>() as f64 / n as f64 / 10.0
+    };
+    let (ten, forty) = (per_device_minute(10), per_device_minute(40));
+    // About 4.5 a minute each: half of nine sessions' keepalives (the side that dialled pings).
+    assert!(ten > 2.0, "{ten} pings a minute in a mesh of 10");
+    assert!(
+        forty < ten * 1.5,
+        "{forty} pings a minute in a mesh of 40, {ten} in one of 10"
+    );
+}
+
 /// A target that is down when the message is sent gets it once after it returns, also when the
 /// sender restarted meanwhile (the outbox is on its disk).
 #[test]

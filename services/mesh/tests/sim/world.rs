@@ -215,6 +215,10 @@ pub struct World {
     pub heartbeats_dropped: std::collections::BTreeSet<DeviceIndex>,
     /// Every `HeartbeatMissed`: the device that said it, and the peer it was about.
     pub heartbeats_missed: Vec<(DeviceIndex, DeviceIndex)>,
+    /// `Ping`s each device sent (keepalives and probes).
+    pub pings_sent: BTreeMap<DeviceIndex, u64>,
+    /// `peer` events that said `suspect`.
+    pub suspect_events: u64,
 }
 
 impl World {
@@ -272,6 +276,8 @@ impl World {
             answers: Vec::new(),
             heartbeats_dropped: Default::default(),
             heartbeats_missed: Vec::new(),
+            pings_sent: BTreeMap::new(),
+            suspect_events: 0,
             trace: std::env::var_os("CNSPRCY_SIM_TRACE").is_some(),
         };
         for i in 0..n {
@@ -601,7 +607,12 @@ impl World {
                         },
                     ..
                 } if self.heartbeats_dropped.contains(&device) => {}
-                Output::Send { session, message } => self.send_frame(device, session, message),
+                Output::Send { session, message } => {
+                    if matches!(message, Message::Ping { .. }) {
+                        *self.pings_sent.entry(device).or_default() += 1;
+                    }
+                    self.send_frame(device, session, message)
+                }
                 Output::HeartbeatMissed { session } => {
                     if let Some((c, end)) = self.find_end(device, session) {
                         let peer = self.connections[c].ends[1 - end].0;
@@ -643,6 +654,10 @@ impl World {
                 Output::Watch(cnsprcy::api::WatchEvent::Expired { .. }) => {
                     self.expired.push((device, self.now));
                 }
+                Output::Watch(cnsprcy::api::WatchEvent::Peer {
+                    status: cnsprcy::api::PeerStatus::Suspect,
+                    ..
+                }) => self.suspect_events += 1,
                 Output::RaiseEvent(_)
                 | Output::Watch(_)
                 | Output::Members(_)
