@@ -255,7 +255,7 @@ fn heartbeats_go_over_udp_and_back_to_tcp_where_udp_is_dropped() {
     let asked = |device: &Device| {
         device
             .log("serve")
-            .contains("its heartbeats come over TCP from now on")
+            .contains("its heartbeats come over TCP for a while")
     };
     assert!(
         cnsprcy_tests::wait_until(SOON, || asked(&devices[1])),
@@ -278,4 +278,46 @@ fn heartbeats_go_over_udp_and_back_to_tcp_where_udp_is_dropped() {
             assert!(!lost, "{} lost a peer: {line}", device.name);
         }
     }
+}
+
+/// A session whose heartbeats moved to TCP because UDP was dropped offers UDP again after 300
+/// heartbeat intervals (here 100 ms: 30 s), and datagrams flow again once UDP gets through.
+#[test]
+fn udp_is_offered_again_after_a_while() {
+    let lan = Lan::new(3);
+    let devices = full_mesh_with(&lan, &["a", "b", "c"], |device, listen| {
+        device.write_config(&format!(
+            "name = \"{}\"\n[mesh]\nlisten = [\"{listen}\"]\nheartbeat_interval = \"100ms\"\n\
+             [discovery]\nenabled = false\n",
+            device.name
+        ));
+    });
+    lan.block_udp(1, true);
+    assert!(
+        cnsprcy_tests::wait_until(SOON, || devices[1]
+            .log("serve")
+            .contains("its heartbeats come over TCP for a while")),
+        "b did not move its predecessor's heartbeats to TCP:\n{}",
+        devices[1].log("serve")
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    lan.block_udp(1, false);
+    // Ten heartbeats a second: once offered again, b gets some datagrams every second.
+    let started = Instant::now();
+    let back = cnsprcy_tests::wait_until(Duration::from_secs(90), || {
+        received_over(&lan, 1, Duration::from_secs(1)).0 >= 5
+    });
+    assert!(
+        back,
+        "no datagrams at b 90 s after UDP was let through again"
+    );
+    eprintln!(
+        "datagrams again {:?} after UDP was let through",
+        started.elapsed()
+    );
+    assert!(
+        devices[1]
+            .log("serve")
+            .contains("offering heartbeats over UDP again")
+    );
 }

@@ -238,6 +238,10 @@ struct Live {
     cancel: CancellationToken,
     /// The peer's address, where heartbeats over UDP go (at the port it offers).
     addr: SocketAddr,
+    /// The port of this device's UDP socket that the peer can reach, if there is one.
+    udp_port: Option<u16>,
+    /// When to offer heartbeats over UDP again, after the peer was told to stop.
+    udp_retry: udp_heartbeats::Retry,
 }
 
 /// Heartbeats over UDP: the sockets, the offers this device made (shared with the tasks that
@@ -249,6 +253,8 @@ struct Udp {
     /// New sessions to offer heartbeats over UDP on, once the core's first messages on them
     /// (`Hello` first) are queued.
     to_offer: Vec<(SessionId, u16)>,
+    /// `[mesh] heartbeat_interval`, which sets when a withdrawn offer is made again.
+    heartbeat_interval: Duration,
 }
 
 impl Udp {
@@ -314,6 +320,7 @@ impl Node {
         } = setup;
         let (events_tx, events) = mpsc::channel(1024);
         let (requests_tx, requests) = mpsc::channel(64);
+        let heartbeat_interval = config.heartbeat_interval;
         let filter = InterfaceFilter::mesh(&config.interfaces);
         let interfaces = Arc::new(Interfaces::new(filter.clone()));
         let handle = NodeHandle {
@@ -377,6 +384,7 @@ impl Node {
                 offered: Arc::default(),
                 targets: Targets::default(),
                 to_offer: Vec::new(),
+                heartbeat_interval,
             },
         };
         Ok((node, handle))
@@ -480,7 +488,12 @@ impl Node {
                 self.take_udp_offer(session, offer);
                 return None;
             }
-            Event::Frame { session, message } => Input::Frame { session, message },
+            Event::Frame { session, message } => {
+                if matches!(message, Message::Heartbeat { .. }) {
+                    self.offer_udp_again_if_due(session);
+                }
+                Input::Frame { session, message }
+            }
             Event::Activity { session } => Input::Activity { session },
             Event::Closed { session, reason } => {
                 self.sessions.remove(&session);
@@ -520,10 +533,20 @@ impl Node {
         };
         self.tasks.spawn(task.run());
         // Heartbeats from this peer may come over UDP: one packet each instead of two.
-        if let Some(port) = local.and_then(|local| self.udp.sockets.port_for(local)) {
+        let udp_port = local.and_then(|local| self.udp.sockets.port_for(local));
+        if let Some(port) = udp_port {
             self.udp.to_offer.push((id, port));
         }
-        self.sessions.insert(id, Live { tx, cancel, addr });
+        self.sessions.insert(
+            id,
+            Live {
+                tx,
+                cancel,
+                addr,
+                udp_port,
+                udp_retry: udp_heartbeats::Retry::new(self.udp.heartbeat_interval),
+            },
+        );
         match first {
             Some(Message::UdpHeartbeats(offer)) => self.take_udp_offer(id, offer),
             Some(message) => self.local.push_back(Input::Frame {
@@ -753,7 +776,7 @@ impl Node {
     /// A heartbeat over UDP from this session's peer went missing, yet the peer is there:
     /// have it send them over the session from now on.
     fn withdraw_udp_offer(&mut self, session: SessionId) {
-        let Some(live) = self.sessions.get(&session) else {
+        let Some(live) = self.sessions.get_mut(&session) else {
             return;
         };
         if !self.udp.offered().is_live(session) {
@@ -763,13 +786,28 @@ impl Node {
             // The queue is full: the next heartbeat that goes missing asks again.
             return;
         }
-        self.udp.offered().withdraw(session);
+        live.udp_retry.withdrawn(std::time::Instant::now());
         tracing::info!(
             session,
             peer = %live.addr,
-            "a heartbeat over UDP from {} went missing while it was there; its heartbeats come over TCP from now on",
+            "a heartbeat over UDP from {} went missing while it was there; its heartbeats come over TCP for a while",
             live.addr.ip()
         );
+        self.udp.offered().withdraw(session);
+    }
+
+    /// A heartbeat came on a session whose peer was told to stop sending them over UDP: when
+    /// the wait is over, offer UDP again.
+    fn offer_udp_again_if_due(&mut self, session: SessionId) {
+        let Some(live) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        if let Some(port) = live.udp_port
+            && live.udp_retry.due(std::time::Instant::now())
+        {
+            tracing::debug!(session, "offering heartbeats over UDP again");
+            self.udp.to_offer.push((session, port));
+        }
     }
 }
 

@@ -7,7 +7,9 @@
 //! whose sequence number is not above every one seen before, is dropped without a word.
 //! When a heartbeat went missing yet the peer answered the probe that followed, the offer is
 //! withdrawn: UDP is blocked or lossy on that path, and heartbeats go over the session again
-//! (TCP resends what it loses).
+//! (TCP resends what it loses). The session offers UDP again after a while (a passing loss, or
+//! a peer that stalled for a moment, should not cost it UDP for good), waiting twice as long
+//! after each withdrawal.
 //!
 //! The way heartbeats travel is the driver's business, like the sessions' encryption: the core
 //! asks to send a `Heartbeat` and hears of one as a frame of the session, whichever way it came.
@@ -15,7 +17,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chacha20poly1305::aead::AeadInPlace;
 use chacha20poly1305::{ChaCha20Poly1305, KeyInit, Nonce, Tag};
@@ -158,6 +160,47 @@ impl Offered {
         }
         accepting.last_seq = seq;
         Some((accepting.session, message))
+    }
+}
+
+/// UDP is offered again this many heartbeat intervals after the first withdrawal on a session
+/// (10 minutes with the default interval of 2 s).
+const FIRST_RETRY_HEARTBEATS: u32 = 300;
+/// The longest wait before offering again: where UDP is blocked for good, a false alarm (one
+/// probe per device) about twice a day.
+const LAST_RETRY: Duration = Duration::from_secs(12 * 3600);
+
+/// When a session whose offer was withdrawn offers UDP again.
+#[derive(Debug, Clone, Copy)]
+pub struct Retry {
+    /// When to offer again; `None` while an offer is out.
+    at: Option<Instant>,
+    /// The wait after the next withdrawal.
+    next_wait: Duration,
+}
+
+impl Retry {
+    /// For a session whose heartbeats come every `heartbeat_interval`.
+    pub fn new(heartbeat_interval: Duration) -> Self {
+        Self {
+            at: None,
+            next_wait: (heartbeat_interval * FIRST_RETRY_HEARTBEATS).min(LAST_RETRY),
+        }
+    }
+
+    /// The offer was withdrawn at `now`.
+    pub fn withdrawn(&mut self, now: Instant) {
+        self.at = Some(now + self.next_wait);
+        self.next_wait = (self.next_wait * 2).min(LAST_RETRY);
+    }
+
+    /// Whether to offer again at `now` (then it counts as offered).
+    pub fn due(&mut self, now: Instant) -> bool {
+        if self.at.is_some_and(|at| now >= at) {
+            self.at = None;
+            return true;
+        }
+        false
     }
 }
 
@@ -383,6 +426,26 @@ mod tests {
         assert_eq!(offered.open(&datagram), None);
 
         assert!(offered.open(&third).is_some(), "the real one still opens");
+    }
+
+    #[test]
+    fn an_offer_comes_again_later_each_time_it_was_withdrawn() {
+        let t0 = Instant::now();
+        let minute = Duration::from_secs(60);
+        let mut retry = Retry::new(Duration::from_secs(2));
+        assert!(!retry.due(t0 + minute * 1000), "nothing withdrawn yet");
+        retry.withdrawn(t0);
+        assert!(!retry.due(t0 + minute * 9));
+        assert!(retry.due(t0 + minute * 10));
+        assert!(!retry.due(t0 + minute * 11), "offered again already");
+        let t1 = t0 + minute * 12;
+        retry.withdrawn(t1);
+        assert!(!retry.due(t1 + minute * 19));
+        assert!(retry.due(t1 + minute * 20));
+        for _ in 0..20 {
+            retry.withdrawn(t1);
+            assert!(retry.due(t1 + LAST_RETRY));
+        }
     }
 
     #[test]
