@@ -159,7 +159,8 @@ pub enum Message {
 /// Where and how to send heartbeats over UDP: to the port named, at the address of the session
 /// the offer came over, each one sealed with `key` (ChaCha20-Poly1305, see
 /// `docs/protocol.md`) and marked with `tag`, so that the receiver finds the key without trying
-/// every one. Made afresh for every session, and valid for its life only.
+/// every one. Made afresh for every session, and valid until the session ends or another offer
+/// on it replaces this one.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UdpHeartbeatOffer {
     pub port: u16,
