@@ -18,6 +18,23 @@ fn full_mesh(lan: &Lan, names: &[&str]) -> Vec<Device> {
     full_mesh_with(lan, names, |device, listen| device.configure(listen))
 }
 
+/// As `full_mesh`, with the product's own timers: the configuration names the device and its
+/// listen address, then says `settings` (lines for `[mesh]`, then other sections); each device
+/// also runs `cnspr watch --json` (its log `watch`).
+fn product_mesh(lan: &Lan, names: &[&str], settings: &str) -> Vec<Device> {
+    let mut devices = full_mesh_with(lan, names, |device, listen| {
+        device.write_config(&format!(
+            "name = \"{}\"\n[mesh]\nlisten = [\"{listen}\"]\n{settings}",
+            device.name
+        ));
+    });
+    for (i, device) in devices.iter_mut().enumerate() {
+        let cnspr = cnsprcy_tests::bin("cnspr");
+        device.spawn_in(lan.node(i), "watch", &cnspr, &["watch", "--json"]);
+    }
+    devices
+}
+
 /// As `full_mesh`, each device's configuration written by `configure(device, listen)`.
 fn full_mesh_with(lan: &Lan, names: &[&str], configure: impl Fn(&Device, &str)) -> Vec<Device> {
     let mut devices: Vec<Device> = names
@@ -127,16 +144,7 @@ fn packet_loss_does_not_break_sessions() {
 fn heartbeats_notice_a_silent_cut_within_seconds_and_ride_out_loss() {
     let lan = Lan::new(4);
     // The product's timers: only the name and the listen address are set.
-    let mut devices = full_mesh_with(&lan, &["a", "b", "c", "d"], |device, listen| {
-        device.write_config(&format!(
-            "name = \"{}\"\n[mesh]\nlisten = [\"{listen}\"]\n",
-            device.name
-        ));
-    });
-    for (i, device) in devices.iter_mut().enumerate() {
-        let cnspr = cnsprcy_tests::bin("cnspr");
-        device.spawn_in(lan.node(i), "watch", &cnspr, &["watch", "--json"]);
-    }
+    let mut devices = product_mesh(&lan, &["a", "b", "c", "d"], "");
 
     // 20 s in the suite; `CNSPRCY_LOSSY_SECS=600` for the ten minutes of docs/performance.md.
     let lossy = std::env::var("CNSPRCY_LOSSY_SECS")
@@ -214,16 +222,7 @@ fn heartbeats_go_over_udp_and_back_to_tcp_where_udp_is_dropped() {
     let lan = Lan::new(3);
     // The product's timers (heartbeat every 2 s, keepalive 60 s), without discovery, whose
     // mDNS is UDP too.
-    let mut devices = full_mesh_with(&lan, &["a", "b", "c"], |device, listen| {
-        device.write_config(&format!(
-            "name = \"{}\"\n[mesh]\nlisten = [\"{listen}\"]\n[discovery]\nenabled = false\n",
-            device.name
-        ));
-    });
-    for (i, device) in devices.iter_mut().enumerate() {
-        let cnspr = cnsprcy_tests::bin("cnspr");
-        device.spawn_in(lan.node(i), "watch", &cnspr, &["watch", "--json"]);
-    }
+    let mut devices = product_mesh(&lan, &["a", "b", "c"], "[discovery]\nenabled = false\n");
 
     // Every device receives one heartbeat per 2 s from its predecessor: 5 in 10 s, as
     // datagrams; over TCP they would be 5 segments and 5 acknowledgements of its own.
@@ -285,13 +284,11 @@ fn heartbeats_go_over_udp_and_back_to_tcp_where_udp_is_dropped() {
 #[test]
 fn udp_is_offered_again_after_a_while() {
     let lan = Lan::new(3);
-    let devices = full_mesh_with(&lan, &["a", "b", "c"], |device, listen| {
-        device.write_config(&format!(
-            "name = \"{}\"\n[mesh]\nlisten = [\"{listen}\"]\nheartbeat_interval = \"100ms\"\n\
-             [discovery]\nenabled = false\n",
-            device.name
-        ));
-    });
+    let devices = product_mesh(
+        &lan,
+        &["a", "b", "c"],
+        "heartbeat_interval = \"100ms\"\n[discovery]\nenabled = false\n",
+    );
     lan.block_udp(1, true);
     assert!(
         cnsprcy_tests::wait_until(SOON, || devices[1]
