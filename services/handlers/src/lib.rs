@@ -14,6 +14,7 @@ pub mod runner;
 pub mod safe_open;
 pub mod scan;
 pub mod sched;
+mod spawn;
 mod started;
 
 use std::path::{Path, PathBuf};

@@ -9,12 +9,12 @@
 //! The handler is executed from the descriptor it was checked through (`fexecve`), never by
 //! its path: the path may lead somewhere else by then.
 
-use std::ffi::{CString, OsString};
+use std::ffi::CString;
 use std::io::{self, Seek, SeekFrom, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
-use std::process::{ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,9 +25,10 @@ use nix::sys::signal::{Signal, killpg};
 use nix::sys::wait::{Id, WaitPidFlag, waitid};
 use nix::unistd::Pid;
 use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
+
+use crate::spawn::{ExecArgs, Launch, StartNote, Started};
 
 /// After SIGTERM, how long a timed-out handler gets to exit before its group gets SIGKILL.
 pub const KILL_GRACE: Duration = Duration::from_secs(2);
@@ -62,31 +63,6 @@ pub struct Spec {
     pub note: Option<Arc<StartNote>>,
 }
 
-/// A line the handler's process writes to a file between its fork and its exec: written by the
-/// child, it is there exactly when the handler's process exists, whatever happens to this
-/// service meanwhile.
-#[derive(Debug)]
-pub struct StartNote {
-    /// Open for appending, close-on-exec.
-    pub file: OwnedFd,
-    pub line: Vec<u8>,
-}
-
-impl StartNote {
-    /// Appends the line. Async-signal-safe: one `write`, no allocation. A failure is ignored:
-    /// the handler runs anyway.
-    pub fn write(&self) {
-        // SAFETY: writes from a buffer this value owns, of its length, to a descriptor it owns.
-        unsafe {
-            libc::write(
-                self.file.as_raw_fd(),
-                self.line.as_ptr().cast(),
-                self.line.len(),
-            )
-        };
-    }
-}
-
 /// How the run went.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Finished {
@@ -112,8 +88,12 @@ pub async fn run(
     let spawned = spawn(&spec).await;
     // The handler's stdin holds its own copy now.
     spec.payload = Vec::new();
-    let mut child = match spawned {
-        Ok(child) => child,
+    let Started {
+        process: mut child,
+        stdout,
+        stderr,
+    } = match spawned {
+        Ok(started) => started,
         Err(e) => {
             let hint = if e.raw_os_error() == Some(nix::errno::Errno::ENOEXEC as i32) {
                 " (is it a script starting with a #! line, or a program for this machine?)"
@@ -128,16 +108,6 @@ pub async fn run(
                 duration: started.elapsed(),
             };
         }
-    };
-    // `spawn` set up both pipes, so they are there to take.
-    let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
-        return Finished {
-            outcome: Outcome::Failed {
-                reason: "the handler's pipes were not set up".into(),
-            },
-            stdout: Vec::new(),
-            duration: started.elapsed(),
-        };
     };
     let pid = child.id();
     on_start();
@@ -164,9 +134,7 @@ pub async fn run(
     let (stop, status) = match stopped {
         Ok(status) => (None, status),
         Err(stop) => {
-            if let Some(pid) = pid {
-                kill_group(pid).await;
-            }
+            kill_group(pid).await;
             (Some(stop), child.wait().await)
         }
     };
@@ -234,40 +202,27 @@ pub async fn run(
 /// directory, with the payload file as stdin and pipes for stdout and stderr. A script written
 /// a moment ago may still be open for writing somewhere (ETXTBSY); that clears within
 /// milliseconds, so it is retried.
-async fn spawn(spec: &Spec) -> io::Result<Child> {
-    let exec = Arc::new(ExecArgs::new(spec)?);
+async fn spawn(spec: &Spec) -> io::Result<Started> {
+    let exec = ExecArgs::new(&spec.path, &spec.env)?;
+    let dir = CString::new(spec.dir.as_os_str().as_bytes()).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the handler's directory holds a NUL byte",
+        )
+    })?;
     let payload = payload_file(&spec.payload)
         .map_err(|e| io::Error::new(e.kind(), format!("cannot hold its payload: {e}")))?;
+    let launch = Launch {
+        program: spec.program.as_fd(),
+        script: spec.script,
+        dir: &dir,
+        stdin: payload.as_fd(),
+        exec: &exec,
+        note: spec.note.as_deref(),
+    };
     let mut attempt = 0;
     loop {
-        // The program name is never executed: `pre_exec` below replaces the process first.
-        let mut command = Command::new(&spec.path);
-        command
-            .current_dir(&spec.dir)
-            .stdin(Stdio::from(payload.try_clone()?))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            // Killing is done on purpose, to the whole group; a dropped child is left alone.
-            .kill_on_drop(false);
-        let program = spec.program.clone();
-        let script = spec.script;
-        let exec = exec.clone();
-        let note = spec.note.clone();
-        // SAFETY: the closure runs in the child between fork and exec, where only
-        // async-signal-safe calls are allowed: it calls write, fcntl and fexecve with values
-        // prepared before the fork (descriptors kept open by `note` and `program`, a buffer of
-        // `note`, pointer arrays into `exec`), and allocates nothing. std has set up the pipes,
-        // the directory and the process group by then.
-        unsafe {
-            command.pre_exec(move || {
-                if let Some(note) = &note {
-                    note.write();
-                }
-                exec_from_fd(program.as_raw_fd(), script, &exec)
-            });
-        }
-        match command.spawn() {
+        match crate::spawn::spawn(&launch) {
             Err(e) if e.kind() == io::ErrorKind::ExecutableFileBusy && attempt < BUSY_RETRIES => {
                 attempt += 1;
                 tokio::time::sleep(Duration::from_millis(20 << attempt)).await;
@@ -297,80 +252,6 @@ fn payload_file(payload: &[u8]) -> io::Result<OwnedFd> {
         ),
     )?;
     Ok(file.into())
-}
-
-/// `argv` and `envp` for `fexecve`, built before the fork so that the child allocates nothing.
-struct ExecArgs {
-    /// Owns the strings the pointers below point into.
-    _strings: Vec<CString>,
-    /// NULL-terminated.
-    argv: Vec<*const libc::c_char>,
-    /// NULL-terminated.
-    envp: Vec<*const libc::c_char>,
-}
-
-// SAFETY: the pointers point into the heap buffers of `_strings`, which the same value owns and
-// never changes after `new`; they are only read (by `fexecve`). Moving an `ExecArgs` moves the
-// vectors, not the buffers they point to.
-unsafe impl Send for ExecArgs {}
-// SAFETY: as above: nothing is ever written through the pointers.
-unsafe impl Sync for ExecArgs {}
-
-impl ExecArgs {
-    /// `argv[0]` is the handler's path; the environment is the service's own with the run's
-    /// variables set on top (later ones win). std applies its own environment changes only at
-    /// its own exec, which never happens here, so the whole environment is built here.
-    fn new(spec: &Spec) -> io::Result<Self> {
-        let mut vars: Vec<(OsString, OsString)> = std::env::vars_os().collect();
-        for (name, value) in &spec.env {
-            vars.retain(|(existing, _)| existing.as_os_str() != name.as_str());
-            vars.push((name.into(), value.into()));
-        }
-        let c_string = |bytes: Vec<u8>| {
-            CString::new(bytes).map_err(|_| {
-                io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    "an argument or environment variable holds a NUL byte",
-                )
-            })
-        };
-        let argv0 = c_string(spec.path.as_os_str().as_bytes().to_vec())?;
-        let mut env_strings = Vec::with_capacity(vars.len());
-        for (name, value) in vars {
-            let mut entry = name.into_vec();
-            entry.push(b'=');
-            entry.extend_from_slice(value.as_bytes());
-            env_strings.push(c_string(entry)?);
-        }
-        let argv = vec![argv0.as_ptr(), std::ptr::null()];
-        let mut envp: Vec<*const libc::c_char> = env_strings.iter().map(|s| s.as_ptr()).collect();
-        envp.push(std::ptr::null());
-        let mut strings = env_strings;
-        strings.push(argv0);
-        Ok(Self {
-            _strings: strings,
-            argv,
-            envp,
-        })
-    }
-}
-
-/// In the child: keeps a script's descriptor open across exec, then executes the descriptor.
-/// Returns only on failure, with the error std reports from `spawn`.
-fn exec_from_fd(fd: libc::c_int, script: bool, exec: &ExecArgs) -> io::Result<()> {
-    if script {
-        // SAFETY: fcntl on a descriptor this process holds open, no pointers involved.
-        let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
-        // SAFETY: as above.
-        if flags == -1 || unsafe { libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) } == -1
-        {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    // SAFETY: `argv` and `envp` are NULL-terminated arrays of pointers to NUL-terminated strings
-    // that `exec` keeps alive (see `ExecArgs`).
-    unsafe { libc::fexecve(fd, exec.argv.as_ptr(), exec.envp.as_ptr()) };
-    Err(io::Error::last_os_error())
 }
 
 /// SIGTERM to the group, then SIGKILL once the handler exited or `KILL_GRACE` passed. The

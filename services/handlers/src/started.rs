@@ -1,6 +1,6 @@
 //! The messages whose handler this service started, in `handlers-started.log` in the runtime
 //! directory: one message ID per line, appended (not synced) by the handler's process itself,
-//! between its fork and its exec (`runner::StartNote`).
+//! between its start and its exec (`spawn::StartNote`).
 //!
 //! The mesh service keeps a delivered message until it hears that its handler started, and runs
 //! it again at its next start if it did not hear it. Between the start and the mesh service
@@ -19,7 +19,7 @@ use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use crate::runner::StartNote;
+use crate::spawn::StartNote;
 
 pub const FILE: &str = "handlers-started.log";
 /// How many IDs are remembered: far more than can wait in the mesh service's inbox at once.
