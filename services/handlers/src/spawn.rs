@@ -376,9 +376,8 @@ mod tests {
         fs::set_permissions(&path, fs::Permissions::from_mode(0o700)).unwrap();
     }
 
-    /// Starts the script `write_script` wrote in `dir`, there, with `stdin`; returns its stdout
-    /// and status.
-    async fn run_script(dir: &Path, stdin: &fs::File) -> (String, ExitStatus) {
+    /// Starts the script `write_script` wrote in `dir`, there, with `stdin`.
+    async fn start_script(dir: &Path, stdin: &fs::File) -> Started {
         let path = dir.join("s.sh");
         let program = fs::File::open(&path).unwrap();
         let exec = ExecArgs::new(&path, &[("GREETING".into(), "hi".into())]).unwrap();
@@ -393,17 +392,41 @@ mod tests {
         };
         // Another test's child may hold a script open for writing until its exec (as the
         // runner, this retries).
-        let mut started = loop {
+        loop {
             match spawn(&launch) {
                 Err(e) if e.kind() == io::ErrorKind::ExecutableFileBusy => {
                     tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                 }
-                started => break started.unwrap(),
+                started => return started.unwrap(),
             }
-        };
+        }
+    }
+
+    /// Runs the script `write_script` wrote in `dir`, there, with `stdin`; returns its stdout
+    /// and status.
+    async fn run_script(dir: &Path, stdin: &fs::File) -> (String, ExitStatus) {
+        let mut started = start_script(dir, stdin).await;
         let mut out = String::new();
         started.stdout.read_to_string(&mut out).await.unwrap();
         (out, started.process.wait().await.unwrap())
+    }
+
+    /// A process dropped before it exited is waited for all the same: no zombie is left.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_process_dropped_before_it_exits_is_reaped() {
+        let tmp = tempfile::tempdir().unwrap();
+        write_script(tmp.path(), "sleep 0.3");
+        let stdin = fs::File::open("/dev/null").unwrap();
+        let started = start_script(tmp.path(), &stdin).await;
+        let proc_dir = std::path::PathBuf::from(format!("/proc/{}", started.process.id()));
+        drop(started);
+        assert!(proc_dir.exists(), "it ran for less than 0.3 s");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while proc_dir.exists() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        // A zombie keeps its /proc entry until it is reaped.
+        assert!(!proc_dir.exists(), "{} was not reaped", proc_dir.display());
     }
 
     /// The handler starts as std's `Command` would start it: no signal blocked, none ignored
