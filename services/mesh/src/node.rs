@@ -259,8 +259,7 @@ struct Udp {
 
 impl Udp {
     fn offered(&self) -> std::sync::MutexGuard<'_, Offered> {
-        // Every change to the offers is whole at the end of a statement.
-        self.offered.lock().unwrap_or_else(|p| p.into_inner())
+        udp_heartbeats::lock(&self.offered)
     }
 }
 

@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use chacha20poly1305::aead::AeadInPlace;
@@ -73,6 +73,12 @@ fn header(datagram: &[u8]) -> Option<(u64, u64)> {
     let tag = u64::from_le_bytes(datagram[1..9].try_into().ok()?);
     let seq = u64::from_le_bytes(datagram[9..HEADER].try_into().ok()?);
     Some((tag, seq))
+}
+
+/// The offers, shared between the node and the tasks that receive.
+pub fn lock(offered: &Mutex<Offered>) -> MutexGuard<'_, Offered> {
+    // Every change to the offers is whole at the end of a statement.
+    offered.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The offers this device made: whose heartbeats it takes over UDP, and with which key.
@@ -350,11 +356,7 @@ pub async fn receive(
                 continue;
             }
         };
-        let opened = offered
-            .lock()
-            // Every change to the offers is whole at the end of a statement.
-            .unwrap_or_else(|p| p.into_inner())
-            .open(&buf[..len]);
+        let opened = lock(&offered).open(&buf[..len]);
         if let Some((session, message)) = opened
             && events
                 .send(Event::Frame { session, message })
