@@ -95,10 +95,18 @@ pub async fn run(
     } = match spawned {
         Ok(started) => started,
         Err(e) => {
-            let hint = if e.raw_os_error() == Some(nix::errno::Errno::ENOEXEC as i32) {
-                " (is it a script starting with a #! line, or a program for this machine?)"
-            } else {
-                ""
+            let hint = match nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0)) {
+                nix::errno::Errno::ENOEXEC => {
+                    " (is it a script starting with a #! line, or a program for this machine?)"
+                }
+                // The file was there a moment ago: what is missing is what the exec needs next.
+                nix::errno::Errno::ENOENT if spec.script => {
+                    " (is the interpreter its #! line names installed?)"
+                }
+                nix::errno::Errno::ENOENT => {
+                    " (is it a program for another system, whose dynamic loader is missing here?)"
+                }
+                _ => "",
             };
             let reason = format!("cannot start {}: {e}{hint}", spec.name);
             tracing::warn!(handler = %spec.name, tag = %spec.tag, "{reason}");
@@ -577,6 +585,20 @@ mod tests {
         let done = run(spec, &CancellationToken::new(), || {}).await;
         match done.outcome {
             Outcome::Failed { reason } => assert!(reason.contains("#!"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_missing_interpreter_is_named_as_the_cause() {
+        let tmp = tempfile::tempdir().unwrap();
+        let spec = script(tmp.path(), "");
+        fs::write(&spec.path, "#!/nonexistent/interpreter\necho x\n").unwrap();
+        let done = run(spec, &CancellationToken::new(), || {}).await;
+        match done.outcome {
+            Outcome::Failed { reason } => {
+                assert!(reason.contains("interpreter its #! line names"), "{reason}")
+            }
             other => panic!("{other:?}"),
         }
     }
