@@ -23,7 +23,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::core::{
     Answer, ApiCall, Core, DialFailure, Input, Now, Output, RequestId, SessionId, Setup,
-    StoreAccess, Token,
+    StoreAccess,
 };
 use crate::handlers_link::HandlersLink;
 use crate::interfaces::{self, Interfaces};
@@ -279,7 +279,8 @@ pub struct Node {
     events: mpsc::Receiver<Event>,
     requests: mpsc::Receiver<Request>,
     jobs: mpsc::UnboundedSender<Job>,
-    persisted: mpsc::UnboundedReceiver<(Token, Result<(), String>)>,
+    /// What the writer reports: `Written` and `Persisted`.
+    persisted: mpsc::UnboundedReceiver<Input>,
     writer: Option<std::thread::JoinHandle<()>>,
     /// Inputs the driver itself raised while carrying out outputs (a queue that was full).
     local: VecDeque<Input>,
@@ -413,7 +414,7 @@ impl Node {
                             None => continue,
                         },
                         Some(request) = self.requests.recv() => self.request_input(request),
-                        Some((token, result)) = self.persisted.recv() => Input::Persisted { token, result },
+                        Some(input) = self.persisted.recv() => input,
                         _ = tokio::time::sleep_until(wake) => Input::Tick,
                     }
                 }

@@ -11,15 +11,15 @@
 //! is synced before the ack: its entry, done or not, is the durable record of the delivery
 //! until `delivered.log` holds the id durably, which the inbox's rewrites wait for (at the
 //! start, and when it has grown large). One sync per delivery where two would be needed, which
-//! is what a target's handler waits for; `delivered.log` reaches the disk with the kernel's
-//! writeback, or at its own rewrite.
+//! the ack waits for (the handler does not: `Input::Written`); `delivered.log` reaches the disk
+//! with the kernel's writeback, or at its own rewrite.
 //!
 //! The writer runs on a thread of its own and takes the operations in the order the core gave
 //! them. It syncs the inbox once per batch (group commit) and reports each operation with a
 //! token when it is durable, so "recorded before acknowledged" holds without the event loop ever
-//! waiting for a disk.
+//! waiting for a disk. A delivery is also reported as soon as it is written, before the sync,
+//! so that its handler need not wait for the disk (`Input::Written`).
 
-use std::collections::VecDeque;
 use std::fs::{self, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use cnsprcy::wire::MessageId;
 use tokio::sync::mpsc;
 
-use crate::core::{PersistOp, Token};
+use crate::core::{Input, PersistOp, Token};
 use crate::inbox::Inbox;
 use crate::messaging::{Delivered, OutboxEntry, SEEN_MAX, id_text, now_ms};
 
@@ -268,36 +268,38 @@ pub struct Job {
     pub token: Option<Token>,
 }
 
-/// Starts the writer thread. It reports `(token, result)` for every job with a token; it ends
-/// when the sender is dropped, after the jobs already given.
+/// Starts the writer thread. It reports every job with a token as `Input::Persisted`, and a
+/// delivery written without error first as `Input::Written`; it ends when the sender is
+/// dropped, after the jobs already given.
 pub fn spawn_writer(
     mut files: Files,
-    done: mpsc::UnboundedSender<(Token, Result<(), String>)>,
+    done: mpsc::UnboundedSender<Input>,
 ) -> io::Result<(mpsc::UnboundedSender<Job>, std::thread::JoinHandle<()>)> {
     let (jobs, mut rx) = mpsc::unbounded_channel::<Job>();
     let thread = std::thread::Builder::new()
         .name("cnsprcy-writer".into())
         .spawn(move || {
-            let mut batch: VecDeque<Job> = VecDeque::new();
+            let mut batch: Vec<Job> = Vec::new();
             while let Some(job) = rx.blocking_recv() {
-                batch.push_back(job);
+                batch.push(job);
                 while let Ok(job) = rx.try_recv() {
-                    batch.push_back(job);
+                    batch.push(job);
                 }
+                let last = last_writes(&batch);
                 let mut results = Vec::new();
                 let mut appended = false;
-                while let Some(job) = batch.pop_front() {
-                    // A roster written again later in the same batch need not be written now.
-                    if matches!(job.op, PersistOp::Roster(_))
-                        && job.token.is_none()
-                        && batch.iter().any(|j| matches!(j.op, PersistOp::Roster(_)))
-                    {
+                for (at, job) in batch.drain(..).enumerate() {
+                    if job.token.is_none() && superseded(&job.op, at, &last) {
                         continue;
                     }
                     appended |= matches!(job.op, PersistOp::Delivered { .. });
                     let result = files.apply(&job.op).map_err(|e| describe(&job.op, &e));
                     if let Err(e) = &result {
                         tracing::warn!("{e}");
+                    } else if let (PersistOp::Delivered { .. }, Some(token)) = (&job.op, job.token)
+                        && done.send(Input::Written { token }).is_err()
+                    {
+                        return;
                     }
                     results.push((job, result));
                 }
@@ -316,13 +318,49 @@ pub fn spawn_writer(
                         (PersistOp::Delivered { .. }, Ok(())) => synced.clone(),
                         (_, result) => result,
                     };
-                    if done.send((token, result)).is_err() {
+                    if done.send(Input::Persisted { token, result }).is_err() {
                         return;
                     }
                 }
             }
         })?;
     Ok((jobs, thread))
+}
+
+/// A roster or outbox entry written again (or removed) later in the same batch need not be
+/// written now: a crash before the later write leaves the earlier state on disk, which the
+/// later one only narrows (fewer members to wait for, acks that came). At a broadcast to a
+/// large group the acks come in bursts, one rewrite of the entry (and two syncs) each.
+fn superseded(op: &PersistOp, at: usize, last: &LastWrites) -> bool {
+    match op {
+        PersistOp::Roster(_) => last.roster > Some(at),
+        PersistOp::OutboxSave(entry) => last.outbox.get(&entry.data.id) > Some(&at),
+        _ => false,
+    }
+}
+
+/// Where in a batch the roster and each outbox entry are written last.
+#[derive(Default)]
+struct LastWrites {
+    roster: Option<usize>,
+    outbox: std::collections::HashMap<MessageId, usize>,
+}
+
+fn last_writes(batch: &[Job]) -> LastWrites {
+    let mut last = LastWrites::default();
+    for (at, job) in batch.iter().enumerate() {
+        match &job.op {
+            PersistOp::Roster(_) => last.roster = Some(at),
+            PersistOp::OutboxSave(entry) => {
+                last.outbox.insert(entry.data.id, at);
+            }
+            PersistOp::OutboxRemove(id) => {
+                last.outbox.insert(*id, at);
+            }
+            _ => {}
+        }
+    }
+    last
 }
 
 fn describe(op: &PersistOp, e: &io::Error) -> String {
@@ -480,6 +518,33 @@ mod tests {
         );
     }
 
+    /// A roster or outbox entry written again, or removed, later in a batch is not written
+    /// before; one with a token always is.
+    #[test]
+    fn a_write_superseded_later_in_the_batch_is_left_out() {
+        let save = |id, seq| PersistOp::OutboxSave(Box::new(entry(id, seq)));
+        let job = |op, token| Job { op, token };
+        let batch = vec![
+            job(save(1, 0), None),
+            job(save(2, 1), None),
+            job(save(1, 0), None),
+            job(PersistOp::Roster(Vec::new()), None),
+            job(save(3, 2), Some(7)),
+            job(PersistOp::OutboxRemove([2; 16]), None),
+            job(PersistOp::Roster(Vec::new()), None),
+            job(delivered(4, 0), Some(8)),
+            job(PersistOp::OutboxRemove([3; 16]), None),
+        ];
+        let last = last_writes(&batch);
+        let left_out: Vec<usize> = (batch.iter().enumerate())
+            .filter(|(at, j)| j.token.is_none() && superseded(&j.op, *at, &last))
+            .map(|(at, _)| at)
+            .collect();
+        assert_eq!(left_out, vec![0, 1, 3]);
+    }
+
+    /// Every job with a token is reported once durable, in order; a delivery also once written,
+    /// before that.
     #[tokio::test]
     async fn the_writer_reports_each_job_with_a_token_once_durable() {
         let dir = tempfile::tempdir().unwrap();
@@ -493,9 +558,30 @@ mod tests {
             })
             .unwrap();
         }
-        for i in 0..100u64 {
-            assert_eq!(done.recv().await, Some((i, Ok(()))));
+        let saved = Job {
+            op: PersistOp::OutboxSave(Box::new(entry(200, 0))),
+            token: Some(100),
+        };
+        jobs.send(saved).unwrap();
+        let (mut written, mut persisted) = (Vec::new(), Vec::new());
+        while persisted.len() < 101 {
+            match done.recv().await.unwrap() {
+                Input::Written { token } => {
+                    assert!(
+                        !persisted.contains(&token),
+                        "{token} written after persisted"
+                    );
+                    written.push(token);
+                }
+                Input::Persisted { token, result } => {
+                    assert_eq!(result, Ok(()));
+                    persisted.push(token);
+                }
+                other => panic!("{other:?}"),
+            }
         }
+        assert_eq!(written, (0..100).collect::<Vec<_>>());
+        assert_eq!(persisted, (0..101).collect::<Vec<_>>());
         drop(jobs);
         thread.join().unwrap();
         let (_, restored) = Files::open(dir.path()).unwrap();

@@ -41,6 +41,23 @@ pub struct SendRequest {
     pub include_self: bool,
 }
 
+/// A message for this device whose record is being written and synced.
+#[derive(Debug)]
+pub(super) struct Delivering {
+    data: Data,
+    /// Its handler was asked for once the record was written, before the sync: the payload went
+    /// with it.
+    run_asked: bool,
+}
+
+/// A handler run that ended before its message's record was durable, to report after the ack.
+#[derive(Debug)]
+pub(super) struct Finished {
+    data: Data,
+    size: usize,
+    result: Result<RunResult, String>,
+}
+
 /// A handler run under way.
 #[derive(Debug)]
 pub(super) struct Running {
@@ -396,7 +413,11 @@ impl<S: StoreAccess> Core<S> {
         };
         if let Some(token) = self.persist(op, true) {
             self.delivering_ids.insert(data.id);
-            self.delivering.insert(token, data.clone());
+            let delivering = Delivering {
+                data: data.clone(),
+                run_asked: false,
+            };
+            self.delivering.insert(token, delivering);
             self.holdback.occupy(lane);
         }
     }
@@ -415,14 +436,50 @@ impl<S: StoreAccess> Core<S> {
         }
     }
 
-    /// A message for this device is recorded as delivered (or could not be): acknowledge it and
-    /// run its handler (after the one before it from the same origin with the same tag).
-    pub(super) fn delivery_recorded(&mut self, data: Data, recorded: Result<(), String>, now: Now) {
-        self.delivering_ids.remove(&data.id);
-        if let Err(e) = recorded {
-            tracing::warn!("{e} (the sender will send the message again)");
-            self.free_lane(&lane_of(&data), now);
+    /// A delivery's record is written, not yet synced: its handler may start. A crash of the
+    /// process from here on keeps the record (and the handler service's own record keeps a
+    /// started handler from starting again); only a power cut before the sync can lose it, and
+    /// then the origin, never acknowledged, sends the message again and the handler runs a
+    /// second time, as after a power cut at other moments (protocol.md#the-inbox). The sync is
+    /// then off the way to the handler: on a phone's flash it can take tens of milliseconds.
+    pub(super) fn delivery_written(&mut self, token: super::Token) {
+        let Some(delivering) = self.delivering.get_mut(&token) else {
             return;
+        };
+        if delivering.run_asked {
+            return;
+        }
+        delivering.run_asked = true;
+        let data = delivering.data.clone();
+        // The run holds the payload from now on.
+        delivering.data.payload = Default::default();
+        self.start_handler(data, 0);
+    }
+
+    /// A message for this device is recorded as delivered (or could not be): acknowledge it and
+    /// run its handler (after the one before it from the same origin with the same tag), unless
+    /// it was asked for once the record was written.
+    pub(super) fn delivery_recorded(
+        &mut self,
+        delivering: Delivering,
+        recorded: Result<(), String>,
+        now: Now,
+    ) {
+        let Delivering { data, run_asked } = delivering;
+        self.delivering_ids.remove(&data.id);
+        match recorded {
+            Err(e) if !run_asked => {
+                tracing::warn!("{e} (the sender will send the message again)");
+                self.free_lane(&lane_of(&data), now);
+                return;
+            }
+            // The record is written (a crash of the process keeps it) and the handler asked
+            // for; unacknowledged, the message would come again and be refused as a repeat.
+            Err(e) => tracing::warn!(
+                id = %id_text(&data.id),
+                "{e}; its handler was started already, and a power cut before the next sync may run it again"
+            ),
+            Ok(()) => {}
         }
         let until = Delivered::until(&data, now.wall_ms);
         self.delivered.insert(data.id, until);
@@ -431,7 +488,11 @@ impl<S: StoreAccess> Core<S> {
         for next in self.holdback.recorded(&data.id) {
             self.receive(&next, now);
         }
-        self.start_handler(data, 0);
+        if !run_asked {
+            self.start_handler(data, 0);
+        } else if let Some(Finished { data, size, result }) = self.unreported.remove(&data.id) {
+            self.report_handled(data, size, result, now);
+        }
     }
 
     /// Handlers that had not started when this device last stopped: their messages are recorded
@@ -559,6 +620,13 @@ impl<S: StoreAccess> Core<S> {
                 self.unstarted.push((data, attempt + 1));
                 return;
             }
+        }
+        // The reply goes after the ack: the origin hears of a run only for a message it knows
+        // was delivered.
+        if self.delivering_ids.contains(&data.id) {
+            let finished = Finished { data, size, result };
+            self.unreported.insert(finished.data.id, finished);
+            return;
         }
         self.report_handled(data, size, result, now);
     }

@@ -196,6 +196,13 @@ pub enum Input {
         run: RunId,
         result: Result<RunResult, String>,
     },
+    /// The records of a `Persist` with a token are written, not yet synced: a crash of the
+    /// process keeps them (they are in the page cache), a power cut may not. Only a delivery's
+    /// is told (its handler may start now; its ack waits for `Persisted`); a driver that never
+    /// tells it is correct too, only slower.
+    Written {
+        token: Token,
+    },
     /// A `Persist` with a token was carried out.
     Persisted {
         token: Token,
@@ -458,9 +465,12 @@ pub struct Core<S: StoreAccess> {
     outbox: Outbox,
     delivered: Delivered,
     /// Messages for this device whose id is being made durable, by persistence token.
-    delivering: Map<Token, cnsprcy::wire::Data>,
+    delivering: Map<Token, messages::Delivering>,
     /// Ids in `delivering`, so that a second copy meanwhile is neither recorded nor run twice.
     delivering_ids: Set<MessageId>,
+    /// Handler runs that ended before their message's record was durable: reported to its
+    /// origin after the ack, by message id.
+    unreported: Map<MessageId, messages::Finished>,
     /// Messages for this device that wait for an earlier one from the same origin and tag,
     /// or for its handler to finish.
     holdback: Holdback,
@@ -557,6 +567,7 @@ impl<S: StoreAccess> Core<S> {
             delivered: Delivered::restore(setup.delivered, now.wall_ms),
             delivering: Map::default(),
             delivering_ids: Set::default(),
+            unreported: Map::default(),
             holdback: Holdback::default(),
             runs: Map::default(),
             unstarted: Vec::new(),
@@ -661,6 +672,7 @@ impl<S: StoreAccess> Core<S> {
             Input::Api { request, call } => self.on_api(request, call, now),
             Input::HandlerStarted { run } => self.on_handler_started(run),
             Input::HandlerDone { run, result } => self.on_handler_done(run, result, now),
+            Input::Written { token } => self.delivery_written(token),
             Input::Persisted { token, result } => self.on_persisted(token, result, now),
             Input::Network(interfaces) => self.on_network(interfaces, now),
             Input::Discovered {
@@ -822,8 +834,8 @@ impl<S: StoreAccess> Core<S> {
     }
 
     fn on_persisted(&mut self, token: Token, result: Result<(), String>, now: Now) {
-        if let Some(data) = self.delivering.remove(&token) {
-            self.delivery_recorded(data, result, now);
+        if let Some(delivering) = self.delivering.remove(&token) {
+            self.delivery_recorded(delivering, result, now);
         } else if let Some((request, id, send)) = self.storing.remove(&token) {
             self.send_stored(request, id, send, result, now);
         } else if let Some((request, answer)) = self.roster_changes.remove(&token) {
@@ -877,6 +889,7 @@ impl<S: StoreAccess> Core<S> {
             ("outbox", self.outbox.len()),
             ("delivered", self.delivered.len()),
             ("delivering", self.delivering.len()),
+            ("unreported", self.unreported.len()),
             ("runs", self.runs.len()),
             ("unstarted", self.unstarted.len()),
             ("held", self.holdback.len()),

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use cnsprcy::identity::PublicKey;
 use cnsprcy_mesh::messaging::MAX_OUTBOX_MESSAGES;
 use cnsprcy_mesh::peers::Reach;
 
@@ -110,6 +111,26 @@ pub fn messages(world: &World) -> Result<(), String> {
                     send.from, send.at
                 ));
             }
+        }
+    }
+    Ok(())
+}
+
+/// Every target acknowledged a message before it sent the reply of its handler run: the origin
+/// hears of a run only for a message it knows was delivered. Holds only where every target had
+/// a way to the origin all along: an ack that finds none is dropped and sent again when the
+/// origin sends the message again, which can be after the reply found a way.
+pub fn acks_before_replies(world: &World) -> Result<(), String> {
+    for ((id, target), sent) in &world.acked_replied {
+        let (acked, Some(replied)) = (sent.acked, sent.replied) else {
+            continue;
+        };
+        if acked.is_none_or(|acked| acked > replied) {
+            return Err(format!(
+                "{} replied to message {} at {replied:?}, before it acknowledged it ({acked:?})",
+                PublicKey::from_bytes(*target).device_id(),
+                cnsprcy_mesh::messaging::id_text(id),
+            ));
         }
     }
     Ok(())

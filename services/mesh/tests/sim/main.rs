@@ -615,6 +615,46 @@ fn messages_wait_for_a_device_that_is_down_and_arrive_once() {
     assert_eq!(world.runs.iter().filter(|r| r.device == 3).count(), 2);
 }
 
+/// A target starts a message's handler once its record is written, without waiting for the
+/// sync (which takes 1 to 20 ms here); a run that ends before the sync is reported to the origin
+/// after the ack.
+#[test]
+fn handlers_start_before_the_record_is_synced_and_reply_after_the_ack() {
+    let mut world = World::new(23, 3, |_, _| true);
+    for d in 0..3 {
+        world.start(d);
+    }
+    world.run_for(SECOND * 5);
+    let (mut started_unsynced, mut ended_unsynced) = (0, 0);
+    for _ in 0..10 {
+        world.send(0, &[1], SECOND * 3600);
+        let send = world.sends.len() - 1;
+        let (mut started, mut ended) = (false, false);
+        for _ in 0..1000 {
+            world.run_for(Duration::from_micros(100));
+            let queues = world.devices[1].core.as_ref().expect("up").queue_sizes();
+            let unsynced = queues["delivering"] > 0;
+            started |= unsynced && world.runs.iter().any(|r| r.send == Some(send));
+            ended |= queues["unreported"] > 0;
+        }
+        started_unsynced += usize::from(started);
+        ended_unsynced += usize::from(ended);
+    }
+    world.run_for(SECOND * 40);
+    checks::messages(&world).unwrap();
+    checks::acks_before_replies(&world).unwrap();
+    checks::outboxes(&world).unwrap();
+    assert!(
+        started_unsynced >= 5,
+        "{started_unsynced} of 10 handlers started before the sync"
+    );
+    assert!(
+        ended_unsynced >= 2,
+        "{ended_unsynced} of 10 handlers ended before the sync"
+    );
+    assert_eq!(world.runs.iter().filter(|r| r.device == 1).count(), 10);
+}
+
 /// A target that crashes after recording a message as delivered (and acknowledging it), but
 /// before its handler started, runs it once when it is back; a crash after the start does not
 /// run it again.

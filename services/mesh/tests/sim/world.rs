@@ -11,7 +11,7 @@ use cnsprcy::config::MeshConfig;
 use cnsprcy::identity::{DeviceName, Identity, PublicKey};
 use cnsprcy::ipc::{Interface, Outcome, RunResult};
 use cnsprcy::netif::InterfaceFilter;
-use cnsprcy::wire::{Data, Joining, Message, MessageId, StoreEntry};
+use cnsprcy::wire::{Data, Joining, Message, MessageId, Routed, RoutedBody, StoreEntry};
 use cnsprcy_mesh::core::{
     Answer, ApiCall, Core, DialFailure, Input, Now, Output, PersistOp, SendRequest, SessionId,
     Setup,
@@ -28,6 +28,12 @@ pub const PORT: u16 = 7332;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the writer takes to make something durable.
 const DISK_DELAY: Duration = Duration::from_millis(2);
+/// How long the writer takes to write a delivery's records (then `Input::Written`; a crash of
+/// the process from then on keeps them) ...
+const DISK_WRITE: Duration = Duration::from_micros(200);
+/// ... and to sync them after that, in milliseconds: from a quick disk's to a phone's slow
+/// flash, so that handlers also end before their message's record is durable.
+const SYNC_MS: std::ops::RangeInclusive<u64> = 1..=20;
 /// How long a handler runs.
 const HANDLER_TIME: Duration = Duration::from_millis(5);
 /// From a handler run asked for to its process started (the handler service's queue and
@@ -140,6 +146,18 @@ enum Event {
         op: PersistOp,
         token: Option<u64>,
     },
+    /// A delivery's records are written; their sync follows (`Synced`).
+    Written {
+        device: DeviceIndex,
+        life: u64,
+        op: PersistOp,
+        token: u64,
+    },
+    Synced {
+        device: DeviceIndex,
+        life: u64,
+        token: u64,
+    },
     HandlerStarted {
         device: DeviceIndex,
         life: u64,
@@ -151,6 +169,13 @@ enum Event {
         life: u64,
         run: u64,
     },
+}
+
+/// When a target first sent its ack of a message, and its reply.
+#[derive(Debug, Default)]
+pub struct AckedReplied {
+    pub acked: Option<Duration>,
+    pub replied: Option<Duration>,
 }
 
 /// A handler run, as the checks see it.
@@ -203,6 +228,8 @@ pub struct World {
     next_request: u64,
     /// The largest of each core queue seen, for the bound checks.
     pub peak_queues: BTreeMap<&'static str, usize>,
+    /// Per message and target: when the target first sent its ack and its reply.
+    pub acked_replied: BTreeMap<(MessageId, [u8; 32]), AckedReplied>,
     pub events_handled: u64,
     pub trace: bool,
     /// `expired` events: the device that told it, and when.
@@ -271,6 +298,7 @@ impl World {
             pending_sends: BTreeMap::new(),
             next_request: 0,
             peak_queues: BTreeMap::new(),
+            acked_replied: BTreeMap::new(),
             events_handled: 0,
             expired: Vec::new(),
             answers: Vec::new(),
@@ -611,6 +639,7 @@ impl World {
                     if matches!(message, Message::Ping { .. }) {
                         *self.pings_sent.entry(device).or_default() += 1;
                     }
+                    self.note_ack_or_reply(device, &message);
                     self.send_frame(device, session, message)
                 }
                 Output::HeartbeatMissed { session } => {
@@ -669,6 +698,18 @@ impl World {
                     op: op @ PersistOp::InboxDone(_),
                     token,
                 } => self.persisted(device, op, token),
+                Output::Persist {
+                    op: op @ PersistOp::Delivered { .. },
+                    token: Some(token),
+                } => {
+                    let event = Event::Written {
+                        device,
+                        life,
+                        op,
+                        token,
+                    };
+                    self.schedule(DISK_WRITE, event);
+                }
                 Output::Persist { op, token } => {
                     self.schedule(
                         DISK_DELAY,
@@ -693,6 +734,29 @@ impl World {
             self.note_queues(device);
         }
         self.schedule_tick(device);
+    }
+
+    /// Notes when `device` first sent an ack or a reply of its own (relayed ones aside).
+    fn note_ack_or_reply(&mut self, device: DeviceIndex, message: &Message) {
+        let Message::Routed(Routed { from, body, .. }) = message else {
+            return;
+        };
+        if *from != *self.devices[device].key.as_bytes() {
+            return;
+        }
+        let (id, ack) = match body {
+            RoutedBody::Ack { id } => (*id, true),
+            RoutedBody::Reply { id, .. } => (*id, false),
+            _ => return,
+        };
+        let now = self.now;
+        let sent = self.acked_replied.entry((id, *from)).or_default();
+        let first = if ack {
+            &mut sent.acked
+        } else {
+            &mut sent.replied
+        };
+        first.get_or_insert(now);
     }
 
     fn note_queues(&mut self, device: DeviceIndex) {
@@ -989,6 +1053,19 @@ impl World {
     }
 
     fn persisted(&mut self, device: DeviceIndex, op: PersistOp, token: Option<u64>) {
+        self.write_to_disk(device, op);
+        if let Some(token) = token {
+            self.input(
+                device,
+                Input::Persisted {
+                    token,
+                    result: Ok(()),
+                },
+            );
+        }
+    }
+
+    fn write_to_disk(&mut self, device: DeviceIndex, op: PersistOp) {
         let disk = &mut self.devices[device].disk;
         match op {
             PersistOp::OutboxSave(entry) => {
@@ -1004,15 +1081,6 @@ impl World {
             }
             PersistOp::InboxDone(id) => disk.inbox.retain(|d| d.id != id),
             PersistOp::Roster(members) => disk.roster = members,
-        }
-        if let Some(token) = token {
-            self.input(
-                device,
-                Input::Persisted {
-                    token,
-                    result: Ok(()),
-                },
-            );
         }
     }
 
@@ -1086,6 +1154,36 @@ impl World {
             } => {
                 if self.devices[device].life == life && self.is_up(device) {
                     self.persisted(device, op, token);
+                }
+            }
+            Event::Written {
+                device,
+                life,
+                op,
+                token,
+            } => {
+                if self.devices[device].life == life && self.is_up(device) {
+                    self.write_to_disk(device, op);
+                    self.input(device, Input::Written { token });
+                    let sync = Duration::from_millis(self.rng.random_range(SYNC_MS));
+                    self.schedule(
+                        sync,
+                        Event::Synced {
+                            device,
+                            life,
+                            token,
+                        },
+                    );
+                }
+            }
+            Event::Synced {
+                device,
+                life,
+                token,
+            } => {
+                if self.devices[device].life == life && self.is_up(device) {
+                    let result = Ok(());
+                    self.input(device, Input::Persisted { token, result });
                 }
             }
             Event::HandlerStarted {
