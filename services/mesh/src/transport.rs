@@ -238,6 +238,15 @@ impl SessionWriter {
         self.send_bytes(&message.encode()).await
     }
 
+    /// Encrypts one message and queues its chunks; they go with the next `flush` (or before,
+    /// once the queued bytes pass the codec's buffer).
+    pub async fn feed(&mut self, message: &Message) -> Result<(), TransportError> {
+        for chunk in wire::chunks(&message.encode()) {
+            self.send_chunk(&chunk).await?;
+        }
+        Ok(())
+    }
+
     /// Sends an already encoded message; also lets tests send what a broken peer would.
     pub async fn send_bytes(&mut self, encoded: &[u8]) -> Result<(), TransportError> {
         for chunk in wire::chunks(encoded) {
