@@ -75,7 +75,11 @@ pub enum OutboxError {
 /// What became of an outbox entry, for the files that keep it.
 #[derive(Debug, PartialEq)]
 pub enum OutboxChange {
-    Saved(Box<OutboxEntry>),
+    /// `target` acknowledged it; others still wait.
+    Acked {
+        id: MessageId,
+        target: KeyBytes,
+    },
     Removed(MessageId),
 }
 
@@ -223,7 +227,10 @@ impl Outbox {
             self.remove(id);
             Some(OutboxChange::Removed(*id))
         } else {
-            Some(OutboxChange::Saved(Box::new(entry.clone())))
+            Some(OutboxChange::Acked {
+                id: *id,
+                target: *from,
+            })
         }
     }
 
@@ -482,11 +489,13 @@ mod tests {
         outbox.add(data(2, 1), vec![[7; 32]]).unwrap();
         assert_eq!(
             outbox.acked(&[1; 16], &[7; 32]),
-            Some(OutboxChange::Saved(Box::new(OutboxEntry {
-                pending: vec![[8; 32]],
-                ..first
-            })))
+            Some(OutboxChange::Acked {
+                id: [1; 16],
+                target: [7; 32]
+            })
         );
+        assert_eq!(outbox.get(&[1; 16]).unwrap().pending, vec![[8; 32]]);
+        assert_eq!(outbox.get(&[1; 16]).unwrap().data, first.data);
         assert_eq!(outbox.acked(&[1; 16], &[7; 32]), None, "once");
         let expired = outbox.expire(1_000_001);
         assert_eq!(expired.len(), 1);

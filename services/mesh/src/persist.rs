@@ -1,7 +1,10 @@
 //! The files that keep the core's state across restarts, and the writer that makes the core's
 //! `Persist` outputs durable off the event loop.
 //!
-//! - `outbox/ID.msg`: one file per message some target has not acknowledged (postcard).
+//! - `outbox/ID.msg`: one file per message some target has not acknowledged (postcard), as it
+//!   was accepted; `outbox/ID.acked`: the 32-byte keys of the targets that acknowledged it
+//!   since, appended and not synced (what a crash loses of them is sent again, and refused
+//!   there as a repeat). A message's payload is written once, not again at every ack.
 //! - `delivered.log`: records of 16-byte id and 8-byte forget-after time; rewritten without
 //!   forgotten ids now and then.
 //! - `inbox.log`: delivered messages whose handler has not started (`inbox.rs`).
@@ -25,14 +28,18 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use cnsprcy::wire::MessageId;
+use cnsprcy::wire::{KeyBytes, MessageId};
 use tokio::sync::mpsc;
 
 use crate::core::{Input, PersistOp, Token};
 use crate::inbox::Inbox;
-use crate::messaging::{Delivered, OutboxEntry, SEEN_MAX, id_text, now_ms};
+use crate::messaging::{Delivered, OutboxEntry, SEEN_MAX, expires_ms, id_text, now_ms};
 
 const OUTBOX_DIR: &str = "outbox";
+const ENTRY_EXT: &str = "msg";
+const ACKED_EXT: &str = "acked";
+/// Bytes per record in an `.acked` file: a target's key.
+const ACKED_RECORD: usize = 32;
 const DELIVERED_FILE: &str = "delivered.log";
 const INBOX_FILE: &str = "inbox.log";
 /// Bytes per record in `delivered.log`: the id and the forget-after time.
@@ -67,25 +74,7 @@ impl Files {
             .recursive(true)
             .mode(0o700)
             .create(&outbox_dir)?;
-        let mut outbox = Vec::new();
-        for file in fs::read_dir(&outbox_dir)? {
-            let path = file?.path();
-            // A half-written entry from a crash: the complete one, if any, has the .msg name.
-            if path.extension().is_none_or(|e| e != "msg") {
-                let _ = fs::remove_file(&path);
-                continue;
-            }
-            let entry: Option<OutboxEntry> = fs::read(&path)
-                .ok()
-                .and_then(|bytes| postcard::from_bytes(&bytes).ok());
-            match entry {
-                Some(entry) => outbox.push(entry),
-                None => {
-                    tracing::warn!(file = %path.display(), "unreadable outbox entry; removing it");
-                    let _ = fs::remove_file(&path);
-                }
-            }
-        }
+        let outbox = read_outbox(&outbox_dir)?;
         let delivered_path = state_dir.join(DELIVERED_FILE);
         let mut delivered = read_delivered(&delivered_path)?;
         let opened = Inbox::open(&state_dir.join(INBOX_FILE))?;
@@ -137,7 +126,11 @@ impl Files {
     }
 
     fn outbox_path(&self, id: &MessageId) -> PathBuf {
-        self.outbox_dir.join(format!("{}.msg", id_text(id)))
+        self.outbox_dir.join(format!("{}.{ENTRY_EXT}", id_text(id)))
+    }
+
+    fn acked_path(&self, id: &MessageId) -> PathBuf {
+        self.outbox_dir.join(format!("{}.{ACKED_EXT}", id_text(id)))
     }
 
     /// Carries out `op`. Appends to `delivered.log` are durable only after `sync`.
@@ -147,10 +140,14 @@ impl Files {
                 let bytes = postcard::to_stdvec(entry.as_ref()).map_err(io::Error::other)?;
                 cnsprcy::fsutil::write_private(&self.outbox_path(&entry.data.id), &bytes)
             }
-            PersistOp::OutboxRemove(id) => match fs::remove_file(self.outbox_path(id)) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-                _ => Ok(()),
-            },
+            PersistOp::OutboxAcked { id, target } => {
+                append_records(&self.acked_path(id), ACKED_RECORD, target)
+            }
+            // The entry first: an `.acked` file left alone by a crash is removed at the start.
+            PersistOp::OutboxRemove(id) => {
+                remove_if_there(&self.outbox_path(id))?;
+                remove_if_there(&self.acked_path(id))
+            }
             PersistOp::Delivered { data, until_ms } => {
                 self.inbox.add(data)?;
                 self.append_delivered(&[(data.id, *until_ms)])
@@ -175,25 +172,12 @@ impl Files {
         if records.is_empty() {
             return Ok(());
         }
-        let mut file = OpenOptions::new()
-            .append(true)
-            .create(true)
-            .mode(0o600)
-            .open(&self.delivered)?;
-        // A short write (a full disk: the part that fit in the last page went in) leaves part of
-        // a record at the end. Drop it first, or this record and every one after it would be
-        // read shifted at the next start, and those messages forgotten.
-        let len = file.metadata()?.len();
-        let partial = len % RECORD as u64;
-        if partial != 0 {
-            file.set_len(len - partial)?;
-        }
         let mut bytes = Vec::with_capacity(records.len() * RECORD);
         for (id, until_ms) in records {
             bytes.extend_from_slice(id);
             bytes.extend_from_slice(&until_ms.to_le_bytes());
         }
-        file.write_all(&bytes)?;
+        append_records(&self.delivered, RECORD, &bytes)?;
         self.appended += records.len();
         Ok(())
     }
@@ -234,6 +218,90 @@ impl Files {
         self.appended = 0;
         Ok(())
     }
+}
+
+/// Appends `bytes`, whole records of `record` bytes, to the file at `path` (created private).
+fn append_records(path: &Path, record: usize, bytes: &[u8]) -> io::Result<()> {
+    let mut file = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?;
+    // A short write (a full disk: the part that fit in the last page went in) leaves part of
+    // a record at the end. Drop it first, or this record and every one after it would be
+    // read shifted.
+    let len = file.metadata()?.len();
+    let partial = len % record as u64;
+    if partial != 0 {
+        file.set_len(len - partial)?;
+    }
+    file.write_all(bytes)
+}
+
+fn remove_if_there(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// The outbox as it was left: each entry without the targets its `.acked` file names. Removes
+/// what is of no use any more: half-written entries, unreadable ones (with a warning), entries
+/// every target acknowledged or that expired, and `.acked` files without their entry.
+fn read_outbox(outbox_dir: &Path) -> io::Result<Vec<OutboxEntry>> {
+    let mut entries = Vec::new();
+    let mut acked: std::collections::HashMap<String, Vec<KeyBytes>> = Default::default();
+    for file in fs::read_dir(outbox_dir)? {
+        let path = file?.path();
+        let stem = (path.file_stem()).map_or_else(String::new, |s| s.to_string_lossy().into());
+        match path.extension().and_then(|e| e.to_str()) {
+            Some(ENTRY_EXT) => {
+                let entry: Option<OutboxEntry> = fs::read(&path)
+                    .ok()
+                    .and_then(|bytes| postcard::from_bytes(&bytes).ok());
+                match entry {
+                    Some(entry) => entries.push(entry),
+                    None => {
+                        tracing::warn!(file = %path.display(), "unreadable outbox entry; removing it");
+                        let _ = fs::remove_file(&path);
+                    }
+                }
+            }
+            Some(ACKED_EXT) => {
+                // Unreadable: as if nobody had acknowledged; those targets refuse the copy.
+                let bytes = fs::read(&path).unwrap_or_default();
+                let keys = bytes.chunks_exact(ACKED_RECORD).map(|k| {
+                    let mut key = [0u8; ACKED_RECORD];
+                    key.copy_from_slice(k);
+                    key
+                });
+                acked.entry(stem).or_default().extend(keys);
+            }
+            // A half-written entry from a crash: the complete one, if any, has the .msg name.
+            _ => {
+                let _ = fs::remove_file(&path);
+            }
+        }
+    }
+    let now = now_ms();
+    let mut kept = Vec::with_capacity(entries.len());
+    for mut entry in entries {
+        let id = id_text(&entry.data.id);
+        if let Some(keys) = acked.remove(&id) {
+            entry.pending.retain(|k| !keys.contains(k));
+        }
+        if entry.pending.is_empty() || expires_ms(&entry.data) <= now {
+            let _ = fs::remove_file(outbox_dir.join(format!("{id}.{ENTRY_EXT}")));
+            let _ = fs::remove_file(outbox_dir.join(format!("{id}.{ACKED_EXT}")));
+        } else {
+            kept.push(entry);
+        }
+    }
+    for orphan in acked.keys() {
+        let _ = fs::remove_file(outbox_dir.join(format!("{orphan}.{ACKED_EXT}")));
+    }
+    Ok(kept)
 }
 
 /// The records of `delivered.log` still to be remembered, oldest first, each id once.
@@ -327,23 +395,23 @@ pub fn spawn_writer(
     Ok((jobs, thread))
 }
 
-/// A roster or outbox entry written again (or removed) later in the same batch need not be
-/// written now: a crash before the later write leaves the earlier state on disk, which the
-/// later one only narrows (fewer members to wait for, acks that came). At a broadcast to a
-/// large group the acks come in bursts, one rewrite of the entry (and two syncs) each.
+/// A roster written again later in the same batch need not be written now, nor an outbox
+/// message's acknowledgement when the message is removed later in it: a crash before the
+/// later write leaves the earlier state on disk, which the later one only narrows (fewer
+/// members to wait for, acks that came).
 fn superseded(op: &PersistOp, at: usize, last: &LastWrites) -> bool {
     match op {
         PersistOp::Roster(_) => last.roster > Some(at),
-        PersistOp::OutboxSave(entry) => last.outbox.get(&entry.data.id) > Some(&at),
+        PersistOp::OutboxAcked { id, .. } => last.outbox_removed.get(id) > Some(&at),
         _ => false,
     }
 }
 
-/// Where in a batch the roster and each outbox entry are written last.
+/// Where in a batch the roster is written last, and each outbox entry removed.
 #[derive(Default)]
 struct LastWrites {
     roster: Option<usize>,
-    outbox: std::collections::HashMap<MessageId, usize>,
+    outbox_removed: std::collections::HashMap<MessageId, usize>,
 }
 
 fn last_writes(batch: &[Job]) -> LastWrites {
@@ -351,11 +419,8 @@ fn last_writes(batch: &[Job]) -> LastWrites {
     for (at, job) in batch.iter().enumerate() {
         match &job.op {
             PersistOp::Roster(_) => last.roster = Some(at),
-            PersistOp::OutboxSave(entry) => {
-                last.outbox.insert(entry.data.id, at);
-            }
             PersistOp::OutboxRemove(id) => {
-                last.outbox.insert(*id, at);
+                last.outbox_removed.insert(*id, at);
             }
             _ => {}
         }
@@ -368,6 +433,10 @@ fn describe(op: &PersistOp, e: &io::Error) -> String {
         PersistOp::OutboxSave(entry) => {
             format!("cannot store message {}: {e}", id_text(&entry.data.id))
         }
+        PersistOp::OutboxAcked { id, .. } => format!(
+            "cannot record an acknowledgement of message {} (after a restart it is sent there again, and refused as a repeat): {e}",
+            id_text(id)
+        ),
         PersistOp::OutboxRemove(id) => {
             format!("cannot remove message {} from the outbox: {e}", id_text(id))
         }
@@ -440,6 +509,61 @@ mod tests {
         assert_eq!(restored.outbox[0].data.id, [2; 16]);
         assert_eq!(restored.delivered, vec![([3; 16], later), ([4; 16], later)]);
         assert_eq!(fs::read_dir(dir.path().join("outbox")).unwrap().count(), 1);
+    }
+
+    /// Acknowledgements are appended next to the entry, which is not written again; a start
+    /// reads them back, and cleans up what is of no use.
+    #[test]
+    fn acknowledgements_narrow_the_entry_at_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = dir.path().join("outbox");
+        let (mut files, _) = Files::open(dir.path()).unwrap();
+        let targets = vec![[7; 32], [8; 32], [9; 32]];
+        let mut three = entry(1, 0);
+        three.pending = targets.clone();
+        files
+            .apply(&PersistOp::OutboxSave(Box::new(three)))
+            .unwrap();
+        let written = fs::read(outbox.join(format!("{}.msg", id_text(&[1; 16])))).unwrap();
+        let acked = |target| PersistOp::OutboxAcked {
+            id: [1; 16],
+            target,
+        };
+        files.apply(&acked([7; 32])).unwrap();
+        // A short write at a full disk left part of a record; the next append drops it.
+        let acked_file = outbox.join(format!("{}.acked", id_text(&[1; 16])));
+        let mut file = OpenOptions::new().append(true).open(&acked_file).unwrap();
+        file.write_all(&[9; 5]).unwrap();
+        files.apply(&acked([9; 32])).unwrap();
+        assert_eq!(
+            fs::read(outbox.join(format!("{}.msg", id_text(&[1; 16])))).unwrap(),
+            written,
+            "the entry is not rewritten"
+        );
+        // Every target acknowledged; the removal did not happen (a crash).
+        let mut two = entry(2, 1);
+        two.pending = vec![[7; 32]];
+        files.apply(&PersistOp::OutboxSave(Box::new(two))).unwrap();
+        files
+            .apply(&PersistOp::OutboxAcked {
+                id: [2; 16],
+                target: [7; 32],
+            })
+            .unwrap();
+        // An acknowledgement file whose entry was removed (a crash in between).
+        fs::write(outbox.join(format!("{}.acked", id_text(&[3; 16]))), [7; 32]).unwrap();
+        let (mut files, restored) = Files::open(dir.path()).unwrap();
+        assert_eq!(restored.outbox.len(), 1);
+        assert_eq!(restored.outbox[0].data.id, [1; 16]);
+        assert_eq!(restored.outbox[0].pending, vec![[8; 32]]);
+        let mut left: Vec<String> = (fs::read_dir(&outbox).unwrap())
+            .map(|f| f.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        let one = id_text(&[1; 16]);
+        assert_eq!(left, vec![format!("{one}.acked"), format!("{one}.msg")]);
+        files.apply(&PersistOp::OutboxRemove([1; 16])).unwrap();
+        assert_eq!(fs::read_dir(&outbox).unwrap().count(), 0);
     }
 
     /// Records messages 1 and 2 as delivered in `dir`, and 1's handler as started; returns
@@ -518,29 +642,33 @@ mod tests {
         );
     }
 
-    /// A roster or outbox entry written again, or removed, later in a batch is not written
-    /// before; one with a token always is.
+    /// A roster written again later in a batch is not written before, nor the acks of an
+    /// outbox entry removed later in it; a job with a token always is.
     #[test]
     fn a_write_superseded_later_in_the_batch_is_left_out() {
-        let save = |id, seq| PersistOp::OutboxSave(Box::new(entry(id, seq)));
+        let acked = |id, key| PersistOp::OutboxAcked {
+            id: [id; 16],
+            target: [key; 32],
+        };
         let job = |op, token| Job { op, token };
         let batch = vec![
-            job(save(1, 0), None),
-            job(save(2, 1), None),
-            job(save(1, 0), None),
+            job(acked(1, 7), None),
+            job(acked(2, 7), None),
+            job(acked(1, 8), None),
             job(PersistOp::Roster(Vec::new()), None),
-            job(save(3, 2), Some(7)),
+            job(PersistOp::OutboxSave(Box::new(entry(3, 2))), Some(7)),
             job(PersistOp::OutboxRemove([2; 16]), None),
             job(PersistOp::Roster(Vec::new()), None),
             job(delivered(4, 0), Some(8)),
             job(PersistOp::OutboxRemove([3; 16]), None),
+            job(acked(2, 8), None),
         ];
         let last = last_writes(&batch);
         let left_out: Vec<usize> = (batch.iter().enumerate())
             .filter(|(at, j)| j.token.is_none() && superseded(&j.op, *at, &last))
             .map(|(at, _)| at)
             .collect();
-        assert_eq!(left_out, vec![0, 1, 3]);
+        assert_eq!(left_out, vec![1, 3]);
     }
 
     /// Every job with a token is reported once durable, in order; a delivery also once written,

@@ -261,7 +261,7 @@ impl<S: StoreAccess> Core<S> {
 
     fn outbox_changed(&mut self, change: OutboxChange) {
         let op = match change {
-            OutboxChange::Saved(entry) => PersistOp::OutboxSave(entry),
+            OutboxChange::Acked { id, target } => PersistOp::OutboxAcked { id, target },
             OutboxChange::Removed(id) => PersistOp::OutboxRemove(id),
         };
         self.persist(op, false);

@@ -296,8 +296,14 @@ pub struct RetryOutcome {
 /// What to make durable. The driver's writer carries these out in order.
 #[derive(Debug, Clone)]
 pub enum PersistOp {
-    /// Write (or rewrite) a message of the outbox.
+    /// Write a message of the outbox, as it was accepted (synced).
     OutboxSave(Box<OutboxEntry>),
+    /// `target` acknowledged an outbox message. Need not be durable: what a crash loses of
+    /// these is sent again, and refused there as a repeat (and acknowledged again).
+    OutboxAcked {
+        id: MessageId,
+        target: KeyBytes,
+    },
     OutboxRemove(MessageId),
     /// Record a message as delivered: its id, kept until `until_ms`, and the message itself in
     /// the inbox until its handler started (`InboxDone`), so that a stop in between does not

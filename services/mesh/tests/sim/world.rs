@@ -1071,6 +1071,11 @@ impl World {
             PersistOp::OutboxSave(entry) => {
                 disk.outbox.insert(entry.data.id, *entry);
             }
+            PersistOp::OutboxAcked { id, target } => {
+                if let Some(entry) = disk.outbox.get_mut(&id) {
+                    entry.pending.retain(|k| *k != target);
+                }
+            }
             PersistOp::OutboxRemove(id) => {
                 disk.outbox.remove(&id);
             }
