@@ -24,7 +24,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use cnsprcy_tests::bench::{Api, bytes_sent, follow_events, now_ns, percentile, release_cnspr};
+use cnsprcy_tests::bench::{
+    Api, HANDLER_DRAIN, HANDLER_STAMP, bytes_sent, follow_events, now_ns, percentile, release_cnspr,
+};
 use cnsprcy_tests::netns::NetNs;
 use cnsprcy_tests::{Device, wait_until};
 use serde_json::{Value, json};
@@ -49,7 +51,7 @@ fn install_handler(device: &Device, log: &Path) {
     fs::write(
         &path,
         format!(
-            "#!/bin/sh\nt=$(date +%s%N)\necho \"$CNSPRCY_MESSAGE_ID $t\" >> {}\ncat > /dev/null\n",
+            "{HANDLER_STAMP}echo \"$CNSPRCY_MESSAGE_ID $t\" >> {}\n{HANDLER_DRAIN}",
             log.display()
         ),
     )

@@ -41,7 +41,7 @@ use nix::sys::signal::{SigHandler, Signal, kill, signal};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
 
-use crate::bench::{Api, follow_events, now_ns, percentile};
+use crate::bench::{Api, HANDLER_DRAIN, HANDLER_STAMP, follow_events, now_ns, percentile};
 use crate::netns::Lan;
 
 /// Port of every serf agent (memberlist's default), on its namespace's address.
@@ -534,17 +534,6 @@ struct SerfGroup<'a> {
     /// Event names of the broadcasts, `b<round>`.
     serf: PathBuf,
 }
-
-/// The first lines of both products' handlers: the time, taken first thing, without starting
-/// another process (bash's `EPOCHREALTIME`, microseconds, its decimal point dropped whatever
-/// the locale), in nanoseconds. Until 2026-12-08 it was `t=$(date +%s%N)` in `sh`, then
-/// `cat` read the input: three processes a run, about 2.4 ms of CPU here, against about 0.9 ms
-/// now. At 40 devices on two cores those runs' CPU time was a third of what was measured, and
-/// the stamp came a `fork` and `exec` after the handler's start.
-const HANDLER_STAMP: &str = "#!/bin/bash\nt=${EPOCHREALTIME//[!0-9]/}000\n";
-
-/// Reads the rest of the handler's input without another process.
-const HANDLER_DRAIN: &str = "while read -r _; do :; done\n";
 
 /// The event handler of every agent: the first thing it does is take the time; one line per
 /// user event (`user NAME NS`) and per member of a member event (`member-failed NAME NS`).
