@@ -165,17 +165,29 @@ pub(crate) fn is_candidate_name<'a>(file_name: &'a str, stem: &str) -> Option<Op
     }
 }
 
-/// The candidates for `stem` in `dir`, sorted by name. A missing directory has none.
-fn candidates(dir: &Path, stem: &str) -> io::Result<Vec<Candidate>> {
+/// What a directory holds for one stem.
+#[derive(Debug, Default)]
+struct Listing {
+    /// Sorted by name.
+    candidates: Vec<Candidate>,
+    /// Whether `stem.from` is there (of whatever kind: `AllowList::load` checks it).
+    allow_list: bool,
+}
+
+/// The candidates for `stem` in `dir`, and whether its allow list is there. A missing
+/// directory has neither.
+fn candidates(dir: &Path, stem: &str) -> io::Result<Listing> {
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e)
             if e.kind() == io::ErrorKind::NotFound || e.kind() == io::ErrorKind::NotADirectory =>
         {
-            return Ok(Vec::new());
+            return Ok(Listing::default());
         }
         Err(e) => return Err(e),
     };
+    let allow_name = format!("{stem}.{ALLOW_LIST_EXTENSION}");
+    let mut allow_list = false;
     let mut found = Vec::new();
     for entry in entries {
         let entry = entry?;
@@ -183,6 +195,7 @@ fn candidates(dir: &Path, stem: &str) -> io::Result<Vec<Candidate>> {
         let Ok(file_name) = entry.file_name().into_string() else {
             continue;
         };
+        allow_list |= file_name == allow_name;
         let Some(extension) = is_candidate_name(&file_name, stem) else {
             continue;
         };
@@ -196,7 +209,10 @@ fn candidates(dir: &Path, stem: &str) -> io::Result<Vec<Candidate>> {
         });
     }
     found.sort_by(|a, b| a.file_name.cmp(&b.file_name));
-    Ok(found)
+    Ok(Listing {
+        candidates: found,
+        allow_list,
+    })
 }
 
 /// What may be wrong with a handler file, its allow list or a directory above it.
@@ -523,8 +539,8 @@ pub(crate) fn resolve_as(root: &Path, event: &str, tag: &str, trust: &Trust) -> 
     };
     for level in levels {
         let dir = level.dir.iter().fold(root.to_owned(), |d, s| d.join(s));
-        let found = match candidates(&dir, &level.stem) {
-            Ok(found) => found,
+        let listing = match candidates(&dir, &level.stem) {
+            Ok(listing) => listing,
             Err(e) => {
                 return Resolution::Refused {
                     handler: None,
@@ -532,7 +548,7 @@ pub(crate) fn resolve_as(root: &Path, event: &str, tag: &str, trust: &Trust) -> 
                 };
             }
         };
-        let candidate = match found.as_slice() {
+        let candidate = match listing.candidates.as_slice() {
             [] => continue,
             [one] => one,
             [first, second, ..] => {
@@ -561,8 +577,10 @@ pub(crate) fn resolve_as(root: &Path, event: &str, tag: &str, trust: &Trust) -> 
             Ok(None) => return refuse(Vec::new()),
             Err(findings) => return refuse(findings),
         };
-        // Built-in events have no sender, so an allow list has nothing to limit there.
-        let allow = if event == EVENT_MESSAGE {
+        // Built-in events have no sender, so an allow list has nothing to limit there. Where
+        // the listing has none, it is not looked for again (a walk of the whole path): one
+        // made since could as well have been made a moment after the run started.
+        let allow = if event == EVENT_MESSAGE && listing.allow_list {
             let allow_name = format!("{}.{ALLOW_LIST_EXTENSION}", level.stem);
             match AllowList::load(root, &level.dir, &allow_name, trust) {
                 Ok(allow) => allow,
@@ -602,7 +620,7 @@ pub fn has_candidate(root: &Path, event: &str, tag: &str) -> bool {
     };
     levels.iter().any(|level| {
         let dir = level.dir.iter().fold(root.to_owned(), |d, s| d.join(s));
-        candidates(&dir, &level.stem).map_or(true, |found| !found.is_empty())
+        candidates(&dir, &level.stem).map_or(true, |found| !found.candidates.is_empty())
     })
 }
 
