@@ -363,7 +363,10 @@ pub fn spawn_writer(
                     appended |= matches!(job.op, PersistOp::Delivered { .. });
                     let result = files.apply(&job.op).map_err(|e| describe(&job.op, &e));
                     if let Err(e) = &result {
-                        tracing::warn!("{e}");
+                        // The core logs a delivery's failure, saying what follows from it.
+                        if !reported_to_core(&job) {
+                            tracing::warn!("{e}");
+                        }
                     } else if let (PersistOp::Delivered { .. }, Some(token)) = (&job.op, job.token)
                         && done.send(Input::Written { token }).is_err()
                     {
@@ -374,7 +377,9 @@ pub fn spawn_writer(
                 let synced = if appended {
                     files.sync().map_err(|e| {
                         let e = format!("cannot sync the delivered messages: {e}");
-                        tracing::warn!("{e}");
+                        if !results.iter().any(|(job, _)| reported_to_core(job)) {
+                            tracing::warn!("{e}");
+                        }
                         e
                     })
                 } else {
@@ -393,6 +398,12 @@ pub fn spawn_writer(
             }
         })?;
     Ok((jobs, thread))
+}
+
+/// Whether the core hears of this job's failure and logs it itself: a delivery, whose
+/// warning says what happens next (the sender sends it again, or the run may repeat).
+fn reported_to_core(job: &Job) -> bool {
+    matches!(job.op, PersistOp::Delivered { .. }) && job.token.is_some()
 }
 
 /// A roster written again later in the same batch need not be written now, nor an outbox
