@@ -226,7 +226,6 @@ fn append_records(path: &Path, record: usize, bytes: &[u8]) -> io::Result<()> {
         .append(true)
         .create(true)
         .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(path)?;
     // A short write (a full disk: the part that fit in the last page went in) leaves part of
     // a record at the end. Drop it first, or this record and every one after it would be
