@@ -126,11 +126,11 @@ impl Files {
     }
 
     fn outbox_path(&self, id: &MessageId) -> PathBuf {
-        self.outbox_dir.join(format!("{}.{ENTRY_EXT}", id_text(id)))
+        outbox_file(&self.outbox_dir, &id_text(id), ENTRY_EXT)
     }
 
     fn acked_path(&self, id: &MessageId) -> PathBuf {
-        self.outbox_dir.join(format!("{}.{ACKED_EXT}", id_text(id)))
+        outbox_file(&self.outbox_dir, &id_text(id), ACKED_EXT)
     }
 
     /// Carries out `op`. Appends to `delivered.log` are durable only after `sync`.
@@ -245,6 +245,11 @@ fn remove_if_there(path: &Path) -> io::Result<()> {
     }
 }
 
+/// `outbox/ID.EXT`, for the message whose ID reads `id`.
+fn outbox_file(outbox_dir: &Path, id: &str, ext: &str) -> PathBuf {
+    outbox_dir.join(format!("{id}.{ext}"))
+}
+
 /// The outbox as it was left: each entry without the targets its `.acked` file names. Removes
 /// what is of no use any more: half-written entries, unreadable ones (with a warning), entries
 /// every target acknowledged or that expired, and `.acked` files without their entry.
@@ -291,14 +296,14 @@ fn read_outbox(outbox_dir: &Path) -> io::Result<Vec<OutboxEntry>> {
             entry.pending.retain(|k| !keys.contains(k));
         }
         if entry.pending.is_empty() || expires_ms(&entry.data) <= now {
-            let _ = fs::remove_file(outbox_dir.join(format!("{id}.{ENTRY_EXT}")));
-            let _ = fs::remove_file(outbox_dir.join(format!("{id}.{ACKED_EXT}")));
+            let _ = fs::remove_file(outbox_file(outbox_dir, &id, ENTRY_EXT));
+            let _ = fs::remove_file(outbox_file(outbox_dir, &id, ACKED_EXT));
         } else {
             kept.push(entry);
         }
     }
     for orphan in acked.keys() {
-        let _ = fs::remove_file(outbox_dir.join(format!("{orphan}.{ACKED_EXT}")));
+        let _ = fs::remove_file(outbox_file(outbox_dir, orphan, ACKED_EXT));
     }
     Ok(kept)
 }
